@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` runs the main job, `make test` runs every test.
+# Both create the virtual environment, install pvcore and every in-tree plugin
+# editable, and install the Debian packages the tests need when missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup debian-packages hooks-doc clean
+
+demo: setup
+	$(VENV)/bin/pvcore demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS) tests $(wildcard plugins/*/tests)
+
+setup: debian-packages $(VENV)/.installed
+
+debian-packages:
+	@scripts/ensure-debian-packages
+
+$(VENV)/.installed: pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $@
+
+hooks-doc: setup
+	$(PY) -m pvcore.hookdoc > docs/hooks.md
+
+clean:
+	rm -rf $(VENV)

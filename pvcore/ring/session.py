@@ -1,0 +1,359 @@
+"""A ring session: one device as one frontend configured it, running its queues.
+
+Transports (the kvm plugin's vhost-user, the xen plugin's grant-mapped virtio,
+the in-process loopback) translate their own messages into calls on
+:class:`VirtioSession`: negotiate features, install guest memory, configure and
+start queues with kick/call notifiers, stop them. The session owns what is the
+same for all of them: validating that configuration, running each queue on the
+event loop when it is kicked, batching completions into few interrupts, and
+failing only this device when the guest breaks the ring.
+
+Interrupt policy (per queue): completions made while a kick is being processed
+are published together at the end of that pass; completions that arrive later
+(asynchronous I/O) are published when no request is left in flight, or when
+the oldest unpublished completion has waited ``max_interrupt_delay`` seconds,
+whichever comes first. With EVENT_IDX the driver's ``used_event`` then decides
+whether the publication raises an interrupt at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import attrs
+
+from pvcore.ring.memory import GuestMemory, GuestMemoryError, gather, scatter
+from pvcore.ring.notify import Notifier
+from pvcore.ring.virtqueue import DescriptorChain, Virtqueue, VirtqueueError
+from pvcore.virtio import (
+    TRANSPORT_FEATURES,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VirtioDevice,
+)
+
+log = logging.getLogger("pvcore.ring")
+
+DEFAULT_INTERRUPT_DELAY = 0.0002
+
+
+class SessionError(Exception):
+    """The frontend asked for something the session cannot do; the message says what."""
+
+
+@attrs.define
+class QueueSetup:
+    """What the frontend has told us about one queue so far."""
+
+    size: int = 0
+    desc_addr: int | None = None
+    avail_addr: int | None = None
+    used_addr: int | None = None
+    base: int = 0
+    kick: Notifier | None = None
+    call: Notifier | None = None
+    err: Notifier | None = None
+    enabled: bool = True
+
+
+class RunningQueue:
+    """A started queue: the device's handle for reading, writing and completing chains."""
+
+    def __init__(self, session: VirtioSession, index: int, vq: Virtqueue, setup: QueueSetup) -> None:
+        self.session = session
+        self.index = index
+        self.vq = vq
+        self.kick = setup.kick
+        self.call = setup.call
+        self.in_flight = 0
+        self.completions = 0
+        self.interrupts = 0
+        self.kicks = 0
+        self._processing = False
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flush_immediate = False
+        self._stopped = False
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory this queue's buffers live in."""
+        return self.vq.memory
+
+    def read(self, chain: DescriptorChain) -> bytes:
+        """All readable bytes of ``chain``, concatenated."""
+        return gather(self.vq.memory, chain.readable)
+
+    def write(self, chain: DescriptorChain, data: bytes | memoryview) -> int:
+        """Write ``data`` into the writable buffers of ``chain``; return the bytes written."""
+        return scatter(self.vq.memory, chain.writable, data)
+
+    def on_kick(self) -> None:
+        """The driver kicked: drain the available ring."""
+        if self.kick is not None:
+            self.kick.consume()
+        self.kicks += 1
+        self.process()
+
+    def process(self) -> None:
+        """Pop and hand every available chain to the device, then publish."""
+        if self._stopped or self.session.broken:
+            return
+        device = self.session.device
+        self._processing = True
+        try:
+            while True:
+                self.vq.disable_kicks()
+                while (chain := self.vq.pop()) is not None:
+                    self.in_flight += 1
+                    device.handle(self, chain)
+                if not self.vq.enable_kicks():
+                    break
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.session.fail(f"queue {self.index}: {exc}")
+            return
+        finally:
+            self._processing = False
+        self.flush()
+
+    def complete(self, chain: DescriptorChain, written: int) -> None:
+        """The device finished ``chain`` having written ``written`` bytes to it."""
+        if self.session.broken:
+            return
+        try:
+            self.vq.push_used(chain.head, written)
+        except GuestMemoryError as exc:
+            self.session.fail(f"queue {self.index}: {exc}")
+            return
+        self.in_flight -= 1
+        self.completions += 1
+        if self._processing:
+            return
+        if self.in_flight <= 0 or self._stopped:
+            self._schedule_flush(0.0)
+            return
+        self._schedule_flush(self.session.max_interrupt_delay)
+
+    def _schedule_flush(self, delay: float) -> None:
+        loop = self.session.loop
+        if self._flush_handle is not None:
+            if delay > 0 or self._flush_immediate:
+                return  # a flush is already due at least as soon
+            self._flush_handle.cancel()
+        self._flush_immediate = delay <= 0
+        if delay > 0:
+            self._flush_handle = loop.call_later(delay, self.flush)
+        else:
+            self._flush_handle = loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Publish every pushed completion and interrupt the driver if it wants one."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self.session.broken:
+            return
+        try:
+            if self.vq.publish() and self.vq.needs_interrupt() and self.call is not None:
+                self.interrupts += 1
+                self.call.signal()
+        except GuestMemoryError as exc:
+            self.session.fail(f"queue {self.index}: {exc}")
+            return
+        if self._idle is not None and self.in_flight <= 0:
+            self._idle.set()
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """Stop taking kicks, let in-flight requests finish, publish; return the next avail index."""
+        self._stopped = True
+        if self.kick is not None and self.kick.fileno() >= 0:
+            self.session.loop.remove_reader(self.kick.fileno())
+        self.session.device.queue_stopping(self)
+        if self.in_flight > 0:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("%s: queue %d stopped with %d requests unfinished", self.session.name, self.index, self.in_flight)
+        self.flush()
+        return self.vq.next_avail
+
+    def detach(self) -> None:
+        """Stop at once without waiting (the session is going away)."""
+        self._stopped = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self.kick is not None and self.kick.fileno() >= 0:
+            self.session.loop.remove_reader(self.kick.fileno())
+
+
+class VirtioSession:
+    """One device's state as its frontend set it up, and its running queues."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        name: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_interrupt_delay: float = DEFAULT_INTERRUPT_DELAY,
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.loop = loop or asyncio.get_running_loop()
+        self.max_interrupt_delay = max_interrupt_delay
+        self.offered_features = TRANSPORT_FEATURES | device.features()
+        self.features = 0
+        self.memory: GuestMemory | None = None
+        self.setups = [QueueSetup() for _ in range(device.num_queues())]
+        self.running: dict[int, RunningQueue] = {}
+        self.broken: str | None = None
+
+    def __repr__(self) -> str:
+        return f"VirtioSession({self.name!r})"
+
+    def negotiate(self, features: int) -> None:
+        """Accept the driver's feature set; it must be a subset of what was offered."""
+        extra = features & ~self.offered_features
+        if extra:
+            raise SessionError(f"{self.name}: driver accepted features never offered: {extra:#x}")
+        self.features = features
+        self.device.activate(features)
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """Install (or replace) the guest memory the rings and buffers live in."""
+        self.memory = memory
+        for queue in self.running.values():
+            queue.vq.memory = memory
+
+    def queue_setup(self, index: int) -> QueueSetup:
+        """The setup record of queue ``index``; an out-of-range index is a :class:`SessionError`."""
+        if not 0 <= index < len(self.setups):
+            raise SessionError(f"{self.name}: queue index {index} out of range (device has {len(self.setups)})")
+        return self.setups[index]
+
+    def set_queue_size(self, index: int, size: int) -> None:
+        """The driver chose a queue size."""
+        limit = self.device.max_queue_size
+        if size < 1 or size > limit or size & (size - 1):
+            raise SessionError(f"{self.name}: queue {index} size {size} is not a power of two up to {limit}")
+        self.queue_setup(index).size = size
+
+    def set_queue_addresses(self, index: int, desc: int, avail: int, used: int) -> None:
+        """Guest addresses of a queue's descriptor table, available and used rings."""
+        setup = self.queue_setup(index)
+        setup.desc_addr, setup.avail_addr, setup.used_addr = desc, avail, used
+
+    def set_queue_base(self, index: int, base: int) -> None:
+        """The available index the queue resumes from."""
+        self.queue_setup(index).base = base & 0xFFFF
+
+    def set_notifiers(
+        self, index: int, *, kick: Notifier | None = None, call: Notifier | None = None, err: Notifier | None = None
+    ) -> None:
+        """Install the kick, call or error notifier of a queue (replacing and closing old ones)."""
+        setup = self.queue_setup(index)
+        for attr, new in (("kick", kick), ("call", call), ("err", err)):
+            if new is None:
+                continue
+            old = getattr(setup, attr)
+            if old is not None and old is not new:
+                if attr == "kick" and index in self.running:
+                    self.loop.remove_reader(old.fileno())
+                old.close()
+            setattr(setup, attr, new)
+            queue = self.running.get(index)
+            if queue is not None and attr in ("kick", "call"):
+                setattr(queue, attr, new)
+                if attr == "kick":
+                    self.loop.add_reader(new.fileno(), queue.on_kick)
+
+    def start_queue(self, index: int) -> RunningQueue:
+        """Start serving queue ``index``; every part of its setup must be present."""
+        if self.broken:
+            raise SessionError(f"{self.name}: device needs reset ({self.broken})")
+        setup = self.queue_setup(index)
+        if index in self.running:
+            return self.running[index]
+        missing = [
+            what
+            for what, value in (
+                ("memory", self.memory),
+                ("size", setup.size or None),
+                ("ring addresses", setup.desc_addr),
+                ("kick notifier", setup.kick),
+            )
+            if value is None
+        ]
+        if missing:
+            raise SessionError(f"{self.name}: queue {index} cannot start, missing: {', '.join(missing)}")
+        assert self.memory is not None and setup.desc_addr is not None
+        try:
+            vq = Virtqueue(
+                self.memory,
+                setup.size,
+                setup.desc_addr,
+                setup.avail_addr or 0,
+                setup.used_addr or 0,
+                event_idx=bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
+                indirect=bool(self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
+                next_avail=setup.base,
+            )
+        except (VirtqueueError, GuestMemoryError) as exc:
+            raise SessionError(f"{self.name}: queue {index}: {exc}") from None
+        queue = RunningQueue(self, index, vq, setup)
+        self.running[index] = queue
+        self.device.queue_started(queue)
+        assert setup.kick is not None
+        self.loop.add_reader(setup.kick.fileno(), queue.on_kick)
+        queue.process()
+        return queue
+
+    async def stop_queue(self, index: int) -> int:
+        """Stop queue ``index`` after its in-flight requests; return where it stopped."""
+        setup = self.queue_setup(index)
+        queue = self.running.pop(index, None)
+        if queue is None:
+            return setup.base
+        base = await queue.stop()
+        setup.base = base
+        return base
+
+    def fail(self, reason: str) -> None:
+        """The guest broke the protocol: stop every queue of this device and report it.
+
+        This is VIRTIO's DEVICE_NEEDS_RESET: the frontend is told through each
+        queue's error notifier; other devices and sessions are untouched.
+        """
+        if self.broken:
+            return
+        self.broken = reason
+        log.error("%s: device needs reset: %s", self.name, reason)
+        for queue in self.running.values():
+            queue.detach()
+        for setup in self.setups:
+            if setup.err is not None:
+                setup.err.signal()
+
+    def close(self) -> None:
+        """End the session: detach queues, close notifiers, reset the device."""
+        for queue in self.running.values():
+            queue.detach()
+        self.running.clear()
+        for setup in self.setups:
+            for notifier in (setup.kick, setup.call, setup.err):
+                if notifier is not None:
+                    notifier.close()
+        self.setups = [QueueSetup() for _ in self.setups]
+        self.device.reset()
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over running queues: kicks, completions, interrupts."""
+        totals = {"kicks": 0, "completions": 0, "interrupts": 0}
+        for queue in self.running.values():
+            totals["kicks"] += queue.kicks
+            totals["completions"] += queue.completions
+            totals["interrupts"] += queue.interrupts
+        return totals
