@@ -121,6 +121,9 @@ class DeviceInstance(Protocol):
     virtio: Any
     engine: Any
 
+    async def start(self) -> None:
+        """Start what the engine needs besides its front door (e.g. a console's attach point)."""
+
     async def close(self) -> None:
         """Finish in-flight work, flush and release the engine's resources."""
 

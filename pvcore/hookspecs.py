@@ -131,7 +131,7 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
 
     Called by the daemon once per configured device, after the device engine
     was built. ``device.config`` holds the user's options (``socket=`` and
-    friends). A plugin returns a :class:`~pvcore.contract.FrontDoor` — its own
+    friends). Returns a :class:`~pvcore.contract.FrontDoor` — the plugin's own
     ring transport (vhost-user, xenbus) around ``device.virtio``, or one of the
     core's stream front doors (:mod:`pvcore.streams`) around ``device.engine`` —
     or None if ``hypervisor`` is not its own. firstresult. A device class the

@@ -170,7 +170,7 @@ class RunningQueue:
         if self.kick is not None and self.kick.fileno() >= 0:
             self.session.loop.remove_reader(self.kick.fileno())
         self.session.device.queue_stopping(self)
-        if self.in_flight > 0:
+        if self.in_flight > 0 and not self.session.broken:
             self._idle = asyncio.Event()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)

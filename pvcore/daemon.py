@@ -1,0 +1,122 @@
+"""The daemon: one event loop that runs many devices for many guests.
+
+For each configured device the daemon asks the device class's factory for the
+engine, asks the chosen hypervisor plugin (``pvcore_front_door``) for the front
+door that reaches it, and starts that door. Network devices that name the same
+switch share one :class:`~pvcore.devices.net.Switch`, whatever their
+hypervisor. SIGTERM (and SIGINT) stop every door — finishing in-flight
+requests — then close the engines, which flushes block devices, and remove
+the sockets; SIGHUP reopens log files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from pvcore.contract import DaemonContext, DeviceConfig, DeviceInstance, FrontDoor
+from pvcore.registry import Registry
+
+log = logging.getLogger("pvcore.daemon")
+
+
+class DaemonError(Exception):
+    """The daemon cannot serve what it was asked to; the message says why."""
+
+
+def default_run_dir() -> Path:
+    """``$PVCORE_RUN_DIR``, else /run/pvcore for root, else a per-user runtime directory."""
+    configured = os.environ.get("PVCORE_RUN_DIR")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/run/pvcore")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "pvcore" if runtime else Path(f"/tmp/pvcore-{os.getuid()}")
+
+
+class Daemon:
+    """Serves a set of devices through one hypervisor plugin's front doors."""
+
+    def __init__(self, registry: Registry, hypervisor: str, configs: Sequence[DeviceConfig], *, run_dir: Path) -> None:
+        self.registry = registry
+        self.hypervisor = hypervisor
+        self.configs = list(configs)
+        self.run_dir = run_dir
+        self.served: list[tuple[DeviceInstance, FrontDoor]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        """Build and start every device; on any failure stop those already started."""
+        if self.hypervisor not in self.registry.hypervisors():
+            available = ", ".join(sorted(self.registry.hypervisors())) or "none installed"
+            raise DaemonError(f"no plugin serves hypervisor {self.hypervisor!r} (available: {available})")
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from pvcore.devices.net import get_switch
+
+        context = DaemonContext(
+            hook=self.registry.hook, run_dir=self.run_dir, loop=asyncio.get_running_loop(), switch=get_switch
+        )
+        classes = self.registry.device_classes()
+        try:
+            for config in self.configs:
+                await self._start_device(classes[config.device_class], config, context)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_device(self, device_class: Any, config: DeviceConfig, context: DaemonContext) -> None:
+        instance = device_class.create(config, context)
+        try:
+            await instance.start()
+            door = self.registry.hook.pvcore_front_door(hypervisor=self.hypervisor, device=instance, context=context)
+            if door is None:
+                raise DaemonError(f"{config.name}: plugin {self.hypervisor} has no front door for {config.device_class}")
+            await door.start()
+        except BaseException:
+            await instance.close()
+            raise
+        self.served.append((instance, door))
+        log.info("device %s (%s) up: %s", config.name, config.device_class, door.description)
+
+    async def stop(self) -> None:
+        """Stop every front door, then close every engine (flushing block devices)."""
+        while self.served:
+            instance, door = self.served.pop()
+            try:
+                await door.stop()
+            finally:
+                await instance.close()
+            log.info("device %s (%s) down", instance.config.name, instance.config.device_class)
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: reopen every log file a device writes (after log rotation)."""
+        for instance, _ in self.served:
+            reopen = getattr(instance.engine, "reopen_log", None)
+            if reopen is not None:
+                reopen()
+        log.info("log files reopened")
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
+        log.info("serving %d device(s) for hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir)
+        try:
+            await self._stop.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            log.info("stopping")
+            await self.stop()

@@ -1,0 +1,156 @@
+"""The core's four device classes, registered as plugins like any third party's.
+
+Each of :data:`block`, :data:`net`, :data:`console` and :data:`rng` is a plugin
+object named by an entry point in the ``pvcore.plugins`` group (see
+pyproject.toml). It answers ``pvcore_plugin_info`` and
+``pvcore_device_classes``; the class's factory builds a :class:`ServedDevice`
+holding the ring form of the device (``virtio``) and its transport-independent
+engine (``engine``), which is what stream front doors use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+
+from pvcore.contract import CONTRACT_VERSION, DaemonContext, DeviceClass, DeviceConfig, OptionSpec, PluginInfo
+from pvcore.hookspecs import hookimpl
+
+
+async def _nothing() -> None:
+    return None
+
+
+@attrs.define(eq=False)
+class ServedDevice:
+    """A built device: its config, ring device, engine, and how to start and close it."""
+
+    config: DeviceConfig
+    virtio: Any
+    engine: Any
+    starter: Callable[[], Awaitable[None]] = _nothing
+    closer: Callable[[], Awaitable[None]] = _nothing
+
+    async def start(self) -> None:
+        """Start what the engine needs besides its front door (e.g. a console's attach point)."""
+        await self.starter()
+
+    async def close(self) -> None:
+        """Finish in-flight work, flush and release the engine."""
+        await self.closer()
+
+
+def _engine_options(config: DeviceConfig, table: Mapping[str, str]) -> dict[str, str]:
+    return {key: str(value) for key, value in config.options.items() if key in table and value is not None}
+
+
+def _option_table(table: Mapping[str, str]) -> dict[str, OptionSpec]:
+    return {key: OptionSpec(help) for key, help in table.items()}
+
+
+def _create_block(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
+    from pvcore.devices.block import OPTIONS, create_block_device
+
+    backend, virtio = create_block_device(_engine_options(config, OPTIONS), name=config.name)
+
+    async def close() -> None:
+        await context.loop.run_in_executor(None, backend.close)
+
+    return ServedDevice(config, virtio, backend, closer=close)
+
+
+def _create_net(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
+    from pvcore.devices.net import create_net_device
+
+    virtio = create_net_device(_engine_options(config, NET_OPTIONS), name=config.name)
+
+    async def close() -> None:
+        virtio.close()
+
+    return ServedDevice(config, virtio, virtio, closer=close)
+
+
+def _create_console(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
+    from pvcore.devices.console import OPTIONS, create_console_device
+
+    virtio = create_console_device(_engine_options(config, OPTIONS), name=config.name, run_dir=context.run_dir)
+
+    async def start() -> None:
+        if virtio.attach_point is not None:
+            await virtio.attach_point.start()
+
+    async def close() -> None:
+        if virtio.attach_point is not None:
+            await virtio.attach_point.close()
+        virtio.stream.close()
+
+    return ServedDevice(config, virtio, virtio.stream, starter=start, closer=close)
+
+
+def _create_rng(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
+    from pvcore.devices.rng import OPTIONS, create_rng_device
+
+    virtio = create_rng_device(_engine_options(config, OPTIONS), name=config.name)
+
+    async def close() -> None:
+        virtio.source.close()
+
+    return ServedDevice(config, virtio, virtio.source, closer=close)
+
+
+NET_OPTIONS = {
+    "mac": "the guest NIC's MAC, the only source address it may send from (required)",
+    "switch": "name of the switch to plug into (default: default); NICs naming one switch share it",
+    "mtu": "largest frame payload (default 1500)",
+}
+
+
+class BuiltinDeviceClass:
+    """A plugin offering one of the core's device classes."""
+
+    def __init__(self, name: str, summary: str, options: Callable[[], Mapping[str, str]], create: Any) -> None:
+        self.name = name
+        self.summary = summary
+        self._options = options
+        self._create = create
+
+    def __repr__(self) -> str:
+        return f"<pvcore device class {self.name}>"
+
+    @hookimpl
+    def pvcore_plugin_info(self) -> PluginInfo:
+        """This device class, as a plugin that supplies no hypervisor primitive."""
+        return PluginInfo(
+            name=self.name, contract=CONTRACT_VERSION, device_classes={self.name}, description=self.summary
+        )
+
+    @hookimpl
+    def pvcore_device_classes(self) -> list[DeviceClass]:
+        """The one device class this plugin offers."""
+        return [DeviceClass(self.name, self.summary, _option_table(self._options()), self._create)]
+
+
+def _block_options() -> Mapping[str, str]:
+    from pvcore.devices.block import OPTIONS
+
+    return OPTIONS
+
+
+def _console_options() -> Mapping[str, str]:
+    from pvcore.devices.console import OPTIONS
+
+    return OPTIONS
+
+
+def _rng_options() -> Mapping[str, str]:
+    from pvcore.devices.rng import OPTIONS
+
+    return OPTIONS
+
+
+block = BuiltinDeviceClass("block", "a raw disk image served as virtio-blk or NBD", _block_options, _create_block)
+net = BuiltinDeviceClass("net", "a NIC on one of the daemon's L2 switches", lambda: NET_OPTIONS, _create_net)
+console = BuiltinDeviceClass("console", "a guest console: log, scrollback, attach point", _console_options, _create_console)
+rng = BuiltinDeviceClass("rng", "entropy from the host's getrandom, rate-limited per guest", _rng_options, _create_rng)

@@ -1,0 +1,36 @@
+"""Networking: the daemon's L2 switch and the guest NICs that are its ports.
+
+:mod:`.switch` holds the switch, the :class:`Port` interface and the switch
+registry; :mod:`.virtio_net` the virtio-net device and its factory.
+"""
+
+from pvcore.devices.net.switch import (
+    MAX_FRAME_LEN,
+    MIN_FRAME_LEN,
+    Port,
+    PortCounters,
+    Switch,
+    SwitchRegistry,
+    format_mac,
+    get_switch,
+    parse_mac,
+    switches,
+)
+from pvcore.devices.net.virtio_net import VirtioNet, VirtioNetPort, VirtioNetStats, create_net_device
+
+__all__ = [
+    "MAX_FRAME_LEN",
+    "MIN_FRAME_LEN",
+    "Port",
+    "PortCounters",
+    "Switch",
+    "SwitchRegistry",
+    "VirtioNet",
+    "VirtioNetPort",
+    "VirtioNetStats",
+    "create_net_device",
+    "format_mac",
+    "get_switch",
+    "parse_mac",
+    "switches",
+]

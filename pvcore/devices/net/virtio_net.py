@@ -1,0 +1,322 @@
+"""virtio-net (VIRTIO 1.x section 5.1): a guest NIC as a port on a :class:`Switch`.
+
+One queue pair: receiveq0 (index 0, the device writes frames for the guest)
+and transmitq0 (index 1, the guest's frames for the switch). There is no
+control queue, so neither CTRL_VQ nor MQ is offered. No checksum or
+segmentation offload is offered either, so every frame either way is a
+complete Ethernet frame and the virtio-net header carries nothing but
+``num_buffers``. Offered: MAC, STATUS (the link is always up), MRG_RXBUF and
+MTU.
+
+Transmit: each chain is a virtio-net header followed by one frame. A header
+that asks for an offload that was never offered, a frame longer than the MTU
+allows (when MTU was negotiated) or a chain too short for a header is dropped
+and counted as ``dropped_malformed`` on the port; everything else goes to the
+switch, which applies the source MAC filter.
+
+Receive: the switch calls the port's ``deliver`` (on the loop thread), which
+queues the frame in a bounded backlog and refuses it when the backlog is full.
+Receive chains the guest posts are held (they count as in flight) until a
+frame arrives for them. With MRG_RXBUF a frame is spread over as many held
+chains as it needs and ``num_buffers`` says how many; without it one chain
+must hold header and frame, or the frame is dropped (``stats.rx_too_big``).
+When the receive queue stops, the chains still held are completed with
+nothing written, which hands every buffer back to the driver and lets the
+stop finish at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import struct
+
+import attrs
+
+from pvcore.devices.net.switch import (
+    ETH_HEADER_LEN,
+    MAX_FRAME_LEN,
+    Port,
+    Switch,
+    check_station_mac,
+    format_mac,
+    get_switch,
+    parse_mac,
+)
+from pvcore.ring.memory import GuestMemoryError
+from pvcore.ring.session import RunningQueue
+from pvcore.ring.virtqueue import DescriptorChain
+from pvcore.virtio import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, DeviceError, VirtioDevice, bit
+
+log = logging.getLogger("pvcore.net")
+
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+
+NET_HDR = struct.Struct("<BBHHHHH")
+"""struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers."""
+LEGACY_HDR_LEN = 10
+"""A legacy driver that negotiated neither VERSION_1 nor MRG_RXBUF omits num_buffers."""
+NET_CONFIG = struct.Struct("<6sHHH")
+"""struct virtio_net_config up to mtu: mac, status, max_virtqueue_pairs, mtu."""
+
+VLAN_TAG_LEN = 4
+MIN_MTU = 68
+MAX_MTU = MAX_FRAME_LEN - ETH_HEADER_LEN
+DEFAULT_MTU = 1500
+DEFAULT_RX_BACKLOG = 256
+DEFAULT_SWITCH = "default"
+
+_SWITCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@attrs.define
+class VirtioNetStats:
+    """Receive-side events of one virtio-net device that the switch cannot see."""
+
+    rx_too_big: int = 0
+    """Frames dropped because the guest's receive buffers could never hold them."""
+    rx_bad_buffers: int = 0
+    """Receive chains returned unused because they could not even hold a header."""
+
+
+class VirtioNetPort(Port):
+    """The switch port of a :class:`VirtioNet`: delivers into the guest's receive queue."""
+
+    def __init__(self, device: VirtioNet, name: str, mac: bytes) -> None:
+        super().__init__(name, mac)
+        self.device = device
+
+    def deliver(self, frame: bytes) -> bool:
+        """Queue ``frame`` for the guest; False if it is not receiving or its backlog is full."""
+        return self.device.receive(frame)
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net device whose NIC is a port on ``switch``.
+
+    The port attaches on construction (a name or MAC already on the switch
+    is a :class:`DeviceError`) and stays attached until :meth:`close`.
+    ``rx_backlog`` bounds the frames waiting for receive buffers.
+    """
+
+    device_id = VIRTIO_ID_NET
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        mac: bytes,
+        switch: Switch,
+        mtu: int = DEFAULT_MTU,
+        rx_backlog: int = DEFAULT_RX_BACKLOG,
+    ) -> None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise DeviceError(f"net device {name}: mtu {mtu} is outside {MIN_MTU}..{MAX_MTU}")
+        self.name = name
+        self.mtu = mtu
+        self.rx_backlog = rx_backlog
+        self.stats = VirtioNetStats()
+        self.port = VirtioNetPort(self, name, mac)
+        self._hdr_len = NET_HDR.size
+        self._mergeable = False
+        self._max_tx_frame = MAX_FRAME_LEN
+        self._rx: RunningQueue | None = None
+        self._held: collections.deque[tuple[DescriptorChain, int]] = collections.deque()
+        self._backlog: collections.deque[bytes] = collections.deque()
+        switch.attach(self.port)
+
+    def __repr__(self) -> str:
+        return f"VirtioNet({self.name!r}, {format_mac(self.mac)})"
+
+    @property
+    def mac(self) -> bytes:
+        """The NIC's MAC address (the only source address it may send from)."""
+        assert self.port.mac is not None
+        return self.port.mac
+
+    def close(self) -> None:
+        """Detach from the switch; the device takes no more frames."""
+        if self.port.switch is not None:
+            self.port.switch.detach(self.port)
+
+    def num_queues(self) -> int:
+        """receiveq0 and transmitq0."""
+        return 2
+
+    def features(self) -> int:
+        """MAC, STATUS, MRG_RXBUF and MTU; no offloads, no control queue."""
+        return bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_MTU)
+
+    def config(self) -> bytes:
+        """mac, status (link up), max_virtqueue_pairs (1), mtu."""
+        return NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu)
+
+    def activate(self, features: int) -> None:
+        """Fix the header length, receive buffer merging and the transmit size limit."""
+        self._mergeable = bool(features & bit(VIRTIO_NET_F_MRG_RXBUF))
+        modern = bool(features & bit(VIRTIO_F_VERSION_1))
+        self._hdr_len = NET_HDR.size if modern or self._mergeable else LEGACY_HDR_LEN
+        if features & bit(VIRTIO_NET_F_MTU):
+            self._max_tx_frame = self.mtu + ETH_HEADER_LEN + VLAN_TAG_LEN
+        else:
+            self._max_tx_frame = MAX_FRAME_LEN
+
+    def queue_started(self, queue: RunningQueue) -> None:
+        """Remember the receive queue; frames for the guest flow from now on."""
+        if queue.index == RX_QUEUE:
+            self._rx = queue
+            self._held.clear()
+
+    def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+        """Hold a receive buffer, or send a transmitted frame to the switch."""
+        if queue.index == RX_QUEUE:
+            self._post_rx_buffer(queue, chain)
+        else:
+            self._transmit(queue, chain)
+
+    def queue_stopping(self, queue: RunningQueue) -> None:
+        """Receive queue: give every held buffer back unused and drop the backlog."""
+        if queue.index != RX_QUEUE:
+            return
+        held = list(self._held)
+        self._held.clear()
+        self._backlog.clear()
+        if self._rx is queue:
+            self._rx = None
+        for chain, _ in held:
+            queue.complete(chain, 0)
+
+    def reset(self) -> None:
+        """Forget the session: held buffers, backlog and negotiated features."""
+        self._rx = None
+        self._held.clear()
+        self._backlog.clear()
+        self._hdr_len = NET_HDR.size
+        self._mergeable = False
+        self._max_tx_frame = MAX_FRAME_LEN
+
+    def receive(self, frame: bytes) -> bool:
+        """Queue a frame from the switch for the guest and write what fits now."""
+        queue = self._rx
+        if queue is None or queue.session.broken or len(self._backlog) >= self.rx_backlog:
+            return False
+        self._backlog.append(frame)
+        self._fill_rx(queue)
+        return True
+
+    def _transmit(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+        length = sum(size for _, size in chain.readable)
+        if not self._hdr_len + ETH_HEADER_LEN <= length <= self._hdr_len + self._max_tx_frame:
+            self.port.counters.dropped_malformed += 1
+            queue.complete(chain, 0)
+            return
+        data = queue.read(chain)
+        flags, gso_type = data[0], data[1]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            self.port.counters.dropped_malformed += 1
+        else:
+            self.port.send(data[self._hdr_len :])
+        queue.complete(chain, 0)
+
+    def _post_rx_buffer(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+        capacity = sum(size for _, size in chain.writable)
+        if capacity < self._hdr_len:
+            self.stats.rx_bad_buffers += 1
+            queue.complete(chain, 0)
+            return
+        self._held.append((chain, capacity))
+        if self._backlog and queue is self._rx:
+            self._fill_rx(queue)
+
+    def _fill_rx(self, queue: RunningQueue) -> None:
+        """Write backlog frames into held buffers, oldest first, while they fit."""
+        try:
+            while self._backlog and self._held:
+                if not self._place(queue, self._backlog[0]):
+                    return
+                self._backlog.popleft()
+        except GuestMemoryError as exc:
+            queue.session.fail(f"queue {RX_QUEUE}: {exc}")
+
+    def _place(self, queue: RunningQueue, frame: bytes) -> bool:
+        """Write (or drop) one frame; False if it must wait for more receive buffers."""
+        needed = self._hdr_len + len(frame)
+        held = self._held
+        if not self._mergeable:
+            chain, capacity = held[0]
+            if capacity < needed:
+                self.stats.rx_too_big += 1
+                return True
+            held.popleft()
+            queue.write(chain, NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, 1)[: self._hdr_len] + frame)
+            queue.complete(chain, needed)
+            return True
+        count, room = 0, 0
+        for _, capacity in held:
+            count += 1
+            room += capacity
+            if room >= needed:
+                break
+        else:
+            if len(held) >= queue.vq.size:
+                self.stats.rx_too_big += 1
+                return True
+            return False
+        packet = memoryview(NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, count) + frame)
+        offset = 0
+        for _ in range(count):
+            chain, _ = held.popleft()
+            written = queue.write(chain, packet[offset:])
+            offset += written
+            queue.complete(chain, written)
+        return True
+
+
+def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
+    """A :class:`VirtioNet` from configuration options.
+
+    ``mac=52:54:00:12:34:56`` (required; it must be the MAC the guest's NIC
+    uses, e.g. QEMU's ``-device virtio-net-pci,mac=...``, since the switch
+    drops frames from any other source), ``switch=NAME`` (default
+    ``default``; devices naming the same switch share it), ``mtu=N``
+    (default 1500).
+    """
+    known = {"mac", "switch", "mtu"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DeviceError(
+            f"net device {name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    text = options.get("mac")
+    if not text:
+        raise DeviceError(
+            f"net device {name}: mac=... is required and must match the guest NIC's MAC "
+            "(e.g. mac=52:54:00:12:34:56, as in QEMU's -device virtio-net-pci,mac=...)"
+        )
+    try:
+        mac = parse_mac(text)
+        check_station_mac(mac)
+    except ValueError as exc:
+        raise DeviceError(f"net device {name}: mac={text}: {exc}") from None
+    switch_name = options.get("switch", DEFAULT_SWITCH)
+    if not _SWITCH_NAME.fullmatch(switch_name):
+        raise DeviceError(
+            f"net device {name}: switch={switch_name!r}: a switch name is 1-64 letters, digits, '_', '.' or '-'"
+        )
+    mtu_text = options.get("mtu", str(DEFAULT_MTU))
+    try:
+        mtu = int(mtu_text, 10)
+    except ValueError:
+        raise DeviceError(f"net device {name}: mtu={mtu_text}: not a number (e.g. mtu=1500)") from None
+    return VirtioNet(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu)
