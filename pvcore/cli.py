@@ -74,7 +74,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     console.add_argument("--send", metavar="TEXT", help="send TEXT (with \\n escapes) instead of attaching a terminal")
     console.add_argument("--read-for", type=float, default=1.0, metavar="SECONDS", help="with --send: how long to collect output")
 
-    commands.add_parser("demo", help="run the four device engines through the reference driver and show what the guest saw")
+    demo = commands.add_parser("demo", help="serve a guest's disk, NIC, console and entropy and show what it saw")
+    demo.add_argument("--loopback", action="store_true", help="use the in-process reference driver instead of a real guest")
     return parser
 
 
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "console":
             return cmd_console(args)
         if args.command == "demo":
-            from pvcore.demo import run_demo
+            from pvcore.demo import run_loopback_demo
 
-            return run_demo()
+            return run_loopback_demo()
     except (UsageError, ConfigError, DeviceError, DaemonError, ContractError) as exc:
         print(f"pvcore: error: {exc}", file=sys.stderr)
         return 2

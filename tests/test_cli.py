@@ -1,0 +1,41 @@
+"""The `pvcore` command: demo, serve argument errors, help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def pvcore(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pvcore.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_loopback_demo_shows_what_the_guest_saw() -> None:
+    done = pvcore("demo", "--loopback")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    md5_line = next(line for line in out.splitlines() if "read 1 MiB" in line)
+    guest_md5, host_md5 = md5_line.split("md5 ")[1].split(" (host file ")
+    assert guest_md5 == host_md5.rstrip(")")
+    assert "in host file: True" in out
+    assert "guest b received b'hello from guest a'" in out
+    assert "(1 dropped)" in out
+    assert "busybox login" in out
+    assert "distinct: True" in out
+
+
+def test_serve_errors_are_one_line_with_the_fix() -> None:
+    done = pvcore("serve", "--hypervisor", "kvm", "disk:path=x")
+    assert done.returncode == 2
+    assert "unknown device class 'disk'; known classes: block, console, net, rng" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = pvcore("serve", "--hypervisor", "nosuch", "rng:socket=/tmp/pvcore-test-none.sock")
+    assert done.returncode == 2 and "no plugin serves hypervisor 'nosuch'" in done.stderr
+    done = pvcore("serve", "--hypervisor", "kvm")
+    assert done.returncode == 2 and "no devices given" in done.stderr
+
+
+def test_serve_help_lists_device_keys() -> None:
+    out = pvcore("serve", "--help").stdout
+    for text in ("CLASS:key=value", "block:", "path (", "net:", "mac (", "rng:", "rate (", "console:", "log (", "SIGTERM"):
+        assert text in out
