@@ -46,6 +46,8 @@ class MemoryRegion:
     def __attrs_post_init__(self) -> None:
         if self.view.ndim != 1 or self.view.itemsize != 1:
             self.view = self.view.cast("B")
+        if self.view.readonly:
+            self.readonly = True
         if self.guest_addr + len(self.view) > ADDRESS_LIMIT:
             raise GuestMemoryError(f"region at {self.guest_addr:#x} wraps the address space")
 

@@ -107,7 +107,12 @@ class RunningQueue:
                 self.vq.disable_kicks()
                 while (chain := self.vq.pop()) is not None:
                     self.in_flight += 1
-                    device.handle(self, chain)
+                    try:
+                        device.handle(self, chain)
+                    except Exception as exc:  # a device bug fails this device, not the daemon
+                        log.exception("%s: device error on queue %d", self.session.name, self.index)
+                        self.session.fail(f"queue {self.index}: device error: {exc}")
+                        return
                 if not self.vq.enable_kicks():
                     break
         except (VirtqueueError, GuestMemoryError) as exc:
