@@ -1,0 +1,386 @@
+"""The block engine every front door shares: requests, priorities, barriers, I/O threads.
+
+:class:`BlockBackend` knows nothing of virtio or NBD. A front door builds a
+:class:`BlockRequest` (guest buffers as memoryviews, so reads and writes go
+between the backing store and guest memory without a copy) and calls
+:meth:`BlockBackend.submit` from its event loop; the callback gets a
+:class:`BlockResult` back on that same loop.
+
+Scheduling: a bounded pool of worker threads takes requests from one priority
+queue, the highest Linux I/O priority first (RT, then BE by level, then IDLE),
+first come first served within equal priority. A FLUSH is a barrier: it waits
+until every request submitted before it has finished, then ``fdatasync``\\ s;
+requests submitted after it do not wait for it. In writethrough mode, and for
+a write with ``fua``, the data is durable before the request completes.
+
+Guest-chosen offsets and lengths are checked here before any I/O: a bad one
+produces an error result, never an exception in the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from pvcore.devices.block.store import RawFileStore
+
+log = logging.getLogger("pvcore.block")
+
+SECTOR_SIZE = 512
+MAX_WORKERS = 64
+
+IOPRIO_CLASS_NONE = 0
+IOPRIO_CLASS_RT = 1
+IOPRIO_CLASS_BE = 2
+IOPRIO_CLASS_IDLE = 3
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_LEVEL_MASK = (1 << IOPRIO_CLASS_SHIFT) - 1
+IOPRIO_BE_DEFAULT_LEVEL = 4
+IOPRIO_LOWEST_LEVEL = 7
+
+
+class BlockOp(enum.Enum):
+    """What a request does."""
+
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    WRITE_ZEROES = "write-zeroes"
+
+
+MODIFYING_OPS = frozenset({BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES})
+
+
+class CacheMode(enum.Enum):
+    """Whether a completed write is durable at once (writethrough) or after a FLUSH (writeback)."""
+
+    WRITEBACK = "writeback"
+    WRITETHROUGH = "writethrough"
+
+
+class BlockStatus(enum.Enum):
+    """How a request ended; front doors map these to their wire codes."""
+
+    OK = "ok"
+    IO_ERROR = "I/O error"
+    UNSUPPORTED = "unsupported"
+    READ_ONLY = "read-only"
+    OUT_OF_RANGE = "out of range"
+    INVALID = "invalid"
+
+
+def ioprio(klass: int, level: int = 0) -> int:
+    """The Linux ioprio value ``class << 13 | level``."""
+    return (klass << IOPRIO_CLASS_SHIFT) | (level & IOPRIO_LEVEL_MASK)
+
+
+def ioprio_rank(value: int) -> tuple[int, int]:
+    """Sort key of a Linux ioprio value: smaller runs first.
+
+    RT levels 0-7 come first, then BE levels 0-7, then IDLE. Class NONE (0) is
+    BE level 4, as in Linux; an unknown class is treated as NONE and a level
+    above 7 as 7, because the value comes from the guest.
+    """
+    klass = (value >> IOPRIO_CLASS_SHIFT) & 0x7
+    level = min(value & IOPRIO_LEVEL_MASK, IOPRIO_LOWEST_LEVEL)
+    if klass == IOPRIO_CLASS_RT:
+        return (0, level)
+    if klass == IOPRIO_CLASS_BE:
+        return (1, level)
+    if klass == IOPRIO_CLASS_IDLE:
+        return (2, 0)
+    return (1, IOPRIO_BE_DEFAULT_LEVEL)
+
+
+@attrs.frozen(eq=False)
+class BlockRequest:
+    """One I/O request.
+
+    ``buffers`` are filled (READ) or written out (WRITE) in order; their total
+    length must equal ``length``. ``priority`` is a Linux ioprio value.
+    ``fua`` makes a write durable before completion; ``may_unmap`` lets
+    WRITE_ZEROES deallocate the range.
+    """
+
+    op: BlockOp
+    offset: int = 0
+    length: int = 0
+    buffers: Sequence[memoryview] = ()
+    priority: int = 0
+    fua: bool = False
+    may_unmap: bool = False
+
+
+@attrs.frozen
+class BlockResult:
+    """The outcome of a request: a status, bytes moved, and a reason when it failed."""
+
+    status: BlockStatus
+    transferred: int = 0
+    message: str = ""
+    errno: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request succeeded."""
+        return self.status is BlockStatus.OK
+
+
+Callback = Callable[[BlockResult], None]
+
+
+@attrs.define
+class BlockCounters:
+    """Totals since the backend was created; ``in_flight`` is submitted but not yet completed."""
+
+    requests: int = 0
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    in_flight: int = 0
+
+
+_OP_COUNTER = {
+    BlockOp.READ: "reads",
+    BlockOp.WRITE: "writes",
+    BlockOp.FLUSH: "flushes",
+    BlockOp.DISCARD: "discards",
+    BlockOp.WRITE_ZEROES: "write_zeroes",
+}
+
+
+@attrs.define(eq=False)
+class _Job:
+    request: BlockRequest
+    callback: Callback
+    loop: asyncio.AbstractEventLoop
+    seq: int
+    rank: tuple[int, int]
+
+
+class BlockBackend:
+    """A backing store served by a pool of I/O threads with priorities and flush barriers."""
+
+    def __init__(
+        self,
+        store: RawFileStore,
+        *,
+        cache: CacheMode = CacheMode.WRITEBACK,
+        workers: int = 4,
+        name: str = "block",
+    ) -> None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"{name}: workers={workers} must be between 1 and {MAX_WORKERS}")
+        self.store = store
+        self.cache = cache
+        self.name = name
+        self._cond = threading.Condition()
+        self._ready: list[tuple[tuple[int, int], int, _Job]] = []
+        self._unfinished: list[int] = []
+        self._finished: set[int] = set()
+        self._barriers: list[_Job] = []
+        self._completed: dict[asyncio.AbstractEventLoop, list[tuple[Callback, BlockResult]]] = {}
+        self._seq = itertools.count()
+        self._counters = BlockCounters()
+        self._closing = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-io{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def __repr__(self) -> str:
+        return f"BlockBackend({self.name!r}, {self.store!r}, cache={self.cache.value})"
+
+    @property
+    def size(self) -> int:
+        """Bytes of the backing store."""
+        return self.store.size
+
+    @property
+    def readonly(self) -> bool:
+        """Whether writes, discards and write-zeroes are refused."""
+        return self.store.readonly
+
+    def counters(self) -> BlockCounters:
+        """A snapshot of the counters."""
+        with self._cond:
+            return attrs.evolve(self._counters)
+
+    def submit(self, request: BlockRequest, callback: Callback) -> None:
+        """Queue ``request``; ``callback(result)`` runs later on the calling event loop.
+
+        Must be called from a running event loop. A request that fails its
+        checks completes (through the loop, never inline) with an error result.
+        """
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            self._counters.requests += 1
+            self._counters.in_flight += 1
+            op_counter = _OP_COUNTER[request.op]
+            setattr(self._counters, op_counter, getattr(self._counters, op_counter) + 1)
+            rejection = self._check(request)
+            if rejection is not None:
+                self._counters.errors += 1
+                self._counters.in_flight -= 1
+            else:
+                job = _Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority))
+                self._enqueue(job)
+        if rejection is not None:
+            log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
+            loop.call_soon(self._run_callback, callback, rejection)
+
+    def _check(self, request: BlockRequest) -> BlockResult | None:
+        if self._closing:
+            return BlockResult(BlockStatus.IO_ERROR, message=f"{self.name}: backend is closed")
+        if request.op is BlockOp.FLUSH:
+            return None
+        if request.op in MODIFYING_OPS and self.readonly:
+            return BlockResult(BlockStatus.READ_ONLY, message=f"{self.name}: {request.op.value} on a read-only device")
+        offset, length = request.offset, request.length
+        if offset < 0 or length < 0:
+            return BlockResult(BlockStatus.INVALID, message=f"negative offset {offset} or length {length}")
+        if offset + length > self.size:
+            return BlockResult(
+                BlockStatus.OUT_OF_RANGE,
+                message=f"range {offset}+{length} ends past the device end ({self.size} bytes)",
+            )
+        if request.op in (BlockOp.READ, BlockOp.WRITE):
+            buffered = sum(len(b) for b in request.buffers)
+            if buffered != length:
+                return BlockResult(BlockStatus.INVALID, message=f"buffers hold {buffered} bytes, request is {length}")
+            if request.op is BlockOp.READ and any(b.readonly for b in request.buffers):
+                return BlockResult(BlockStatus.INVALID, message="read into a read-only buffer")
+        return None
+
+    def _enqueue(self, job: _Job) -> None:
+        """Put a checked job where it belongs (caller holds the lock)."""
+        if job.request.op is BlockOp.FLUSH:
+            if self._oldest_unfinished() < job.seq:
+                self._barriers.append(job)
+                return
+        else:
+            heapq.heappush(self._unfinished, job.seq)
+        heapq.heappush(self._ready, (job.rank, job.seq, job))
+        self._cond.notify()
+
+    def _oldest_unfinished(self) -> float:
+        while self._unfinished and self._unfinished[0] in self._finished:
+            self._finished.discard(heapq.heappop(self._unfinished))
+        return self._unfinished[0] if self._unfinished else float("inf")
+
+    def _finish(self, job: _Job, result: BlockResult) -> None:
+        """Account for a job that ran and release flushes it held back (caller holds the lock)."""
+        counters = self._counters
+        counters.in_flight -= 1
+        if not result.ok:
+            counters.errors += 1
+        elif job.request.op is BlockOp.READ:
+            counters.bytes_read += result.transferred
+        elif job.request.op is BlockOp.WRITE:
+            counters.bytes_written += result.transferred
+        if job.request.op is BlockOp.FLUSH:
+            return
+        self._finished.add(job.seq)
+        oldest = self._oldest_unfinished()
+        while self._barriers and self._barriers[0].seq < oldest:
+            barrier = self._barriers.pop(0)
+            heapq.heappush(self._ready, (barrier.rank, barrier.seq, barrier))
+            self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready and not (self._closing and not self._barriers):
+                    self._cond.wait()
+                if not self._ready:
+                    return
+                _, _, job = heapq.heappop(self._ready)
+            try:
+                result = self._execute(job.request)
+            except Exception as exc:
+                log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
+                result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
+            with self._cond:
+                self._finish(job, result)
+                if self._closing:
+                    self._cond.notify_all()
+                batch = self._completed.setdefault(job.loop, [])
+                batch.append((job.callback, result))
+                wake_loop = len(batch) == 1
+            if wake_loop:
+                try:
+                    job.loop.call_soon_threadsafe(self._deliver, job.loop)
+                except RuntimeError:
+                    log.debug("%s: event loop closed; %s result dropped", self.name, job.request.op.value)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run, on ``loop``, the callbacks of every result completed for it since the last wake-up."""
+        with self._cond:
+            batch = self._completed.pop(loop, [])
+        for callback, result in batch:
+            self._run_callback(callback, result)
+
+    def _run_callback(self, callback: Callback, result: BlockResult) -> None:
+        try:
+            callback(result)
+        except Exception:
+            log.exception("%s: completion callback failed", self.name)
+
+    def _execute(self, request: BlockRequest) -> BlockResult:
+        """Do the I/O of one checked request (on a worker thread)."""
+        op, offset, length = request.op, request.offset, request.length
+        store = self.store
+        durable = request.fua or self.cache is CacheMode.WRITETHROUGH
+        try:
+            if op is BlockOp.READ:
+                done = store.readv(request.buffers, offset)
+                if done < length:
+                    return BlockResult(
+                        BlockStatus.IO_ERROR, done, f"read at {offset}: end of file after {done} of {length} bytes"
+                    )
+                return BlockResult(BlockStatus.OK, done)
+            if op is BlockOp.WRITE:
+                return BlockResult(BlockStatus.OK, store.writev(request.buffers, offset, durable=durable))
+            if op is BlockOp.FLUSH:
+                store.sync()
+                return BlockResult(BlockStatus.OK)
+            if op is BlockOp.DISCARD:
+                store.discard(offset, length)
+            else:
+                store.write_zeroes(offset, length, may_unmap=request.may_unmap)
+            if durable:
+                store.sync()
+            return BlockResult(BlockStatus.OK, length)
+        except OSError as exc:
+            log.warning("%s: %s at %d+%d failed: %s", self.name, op.value, offset, length, exc.strerror or exc)
+            return BlockResult(
+                BlockStatus.IO_ERROR, message=f"{op.value} at {offset}: {exc.strerror or exc}", errno=exc.errno or 0
+            )
+        except (ValueError, BufferError) as exc:
+            log.warning("%s: %s at %d+%d: buffer unusable: %s", self.name, op.value, offset, length, exc)
+            return BlockResult(BlockStatus.IO_ERROR, message=f"{op.value} at {offset}: buffer unusable: {exc}")
+
+    def close(self) -> None:
+        """Finish every queued request, stop the I/O threads and close the store."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self.store.close()

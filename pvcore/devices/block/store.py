@@ -1,0 +1,171 @@
+"""Backing stores: where a block device's bytes live.
+
+A store does the blocking I/O; :class:`~pvcore.devices.block.backend.BlockBackend`
+calls it from its worker threads only. :class:`RawFileStore` is a raw image file
+(or a host block device): reads and writes go straight between the file and the
+caller's buffers with ``preadv``/``pwritev`` (for a guest, those buffers are
+views of guest memory, so no byte is copied in Python).
+
+Discard punches a hole and write-zeroes zeroes a range with Linux ``fallocate``
+(through libc, because :func:`os.posix_fallocate` only allocates); where the
+file system cannot, both fall back to writing zeros, so a discarded or zeroed
+range always reads back as zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Sequence
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+ZERO_CHUNK = 1 << 20
+
+_FALLOCATE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class StoreError(Exception):
+    """A backing store could not be opened or used; the message names the file."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Linux ``fallocate(2)``; raises :class:`OSError` on failure."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _advance(buffers: list[memoryview], done: int) -> list[memoryview]:
+    """The part of ``buffers`` left after the first ``done`` bytes."""
+    index = 0
+    while index < len(buffers) and done >= len(buffers[index]):
+        done -= len(buffers[index])
+        index += 1
+    rest = buffers[index:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
+
+
+class RawFileStore:
+    """A raw image file or block device opened for I/O.
+
+    ``size`` is the byte length at open time. Every method blocks and is meant
+    to run on an I/O thread; each may raise :class:`OSError`.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise StoreError(f"path={path}: no such file") from None
+        except PermissionError:
+            hint = "" if readonly else "; use readonly=on or fix its permissions"
+            raise StoreError(f"path={path}: permission denied{hint}") from None
+        except IsADirectoryError:
+            raise StoreError(f"path={path}: is a directory, not an image file") from None
+        except OSError as exc:
+            raise StoreError(f"path={path}: cannot open: {exc.strerror}") from None
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as exc:
+            os.close(self.fd)
+            raise StoreError(f"path={path}: cannot find its size: {exc.strerror}") from None
+        self.path = path
+        self.readonly = readonly
+        self._dsync_writes = True
+        self._punch_hole = True
+        self._zero_range = True
+
+    def __repr__(self) -> str:
+        return f"RawFileStore({self.path!r}, size={self.size}, readonly={self.readonly})"
+
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        """Fill ``buffers`` from ``offset``; returns the bytes read (short only at end of file)."""
+        pending = [b for b in buffers if len(b)]
+        total = 0
+        while pending:
+            count = os.preadv(self.fd, pending[:IOV_MAX], offset + total)
+            if count == 0:
+                break
+            total += count
+            pending = _advance(pending, count)
+        return total
+
+    def writev(self, buffers: Sequence[memoryview], offset: int, *, durable: bool = False) -> int:
+        """Write ``buffers`` at ``offset``; with ``durable`` the data is on stable storage on return."""
+        pending = [b for b in buffers if len(b)]
+        total = 0
+        dsync = durable and self._dsync_writes
+        while pending:
+            try:
+                count = os.pwritev(self.fd, pending[:IOV_MAX], offset + total, os.RWF_DSYNC if dsync else 0)
+            except OSError as exc:
+                if dsync and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._dsync_writes = dsync = False
+                    continue
+                raise
+            if count == 0:
+                raise OSError(errno.EIO, f"write at {offset + total} made no progress")
+            total += count
+            pending = _advance(pending, count)
+        if durable and not dsync:
+            os.fdatasync(self.fd)
+        return total
+
+    def sync(self) -> None:
+        """Make every completed write durable (``fdatasync``)."""
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeros afterwards."""
+        if self._punch_hole and length:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in _FALLOCATE_UNSUPPORTED:
+                    raise
+                self._punch_hole = False
+        self._write_zeros(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """Zero a range, deallocating it if ``may_unmap`` and the file system can."""
+        if may_unmap and self._punch_hole:
+            self.discard(offset, length)
+            return
+        if self._zero_range and length:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in _FALLOCATE_UNSUPPORTED:
+                    raise
+                self._zero_range = False
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            count = os.pwrite(self.fd, zeros[: end - offset], offset)
+            if count == 0:
+                raise OSError(errno.EIO, f"write at {offset} made no progress")
+            offset += count
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
