@@ -81,6 +81,10 @@ class GatedStore(RawFileStore):
             self.entered.set()
             assert self.opened.wait(5), "test never opened the gate"
 
+    def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
+        # a gated store models slow storage: nothing can be served without waiting
+        return False
+
     def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
         self._gate(offset)
         done = super().readv(buffers, offset)
@@ -626,3 +630,37 @@ def test_virtio_partial_last_sector_is_hidden(tmp_path: Path) -> None:
     finally:
         backend.close()
     assert os.path.getsize(path) == 2 * SECTOR + 100
+
+
+def test_idle_device_serves_cached_reads_and_writes_without_a_worker(disk: Path) -> None:
+    """At queue depth 1 a page-cache hit is served on the loop thread (RWF_NOWAIT), correctly."""
+    store = RawFileStore(str(disk))
+    backend = BlockBackend(store, workers=1)
+    calls: list[str] = []
+    original = store.transfer_nowait
+
+    def spy(buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
+        done = original(buffers, offset, write=write)
+        calls.append(("write" if write else "read") + (" inline" if done else " deferred"))
+        return done
+
+    store.transfer_nowait = spy  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[BlockResult, BlockResult, bytes]:
+        loop = asyncio.get_running_loop()
+        data = memoryview(bytearray(b"\xa5" * 4096))
+        written: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(BlockRequest(BlockOp.WRITE, 8192, 4096, [data]), written.set_result)
+        wrote = await written
+        target = memoryview(bytearray(4096))
+        read: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(BlockRequest(BlockOp.READ, 8192, 4096, [target]), read.set_result)
+        return wrote, await read, bytes(target)
+
+    try:
+        wrote, read, data = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert wrote.ok and read.ok and data == b"\xa5" * 4096
+    assert disk.read_bytes()[8192 : 8192 + 4096] == b"\xa5" * 4096
+    assert "read inline" in calls, calls

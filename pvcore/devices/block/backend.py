@@ -236,6 +236,14 @@ class BlockBackend:
             if rejection is not None:
                 self._counters.errors += 1
                 self._counters.in_flight -= 1
+            elif self._try_inline(request):
+                self._counters.in_flight -= 1
+                if request.op is BlockOp.READ:
+                    self._counters.bytes_read += request.length
+                else:
+                    self._counters.bytes_written += request.length
+                loop.call_soon(self._run_callback, callback, BlockResult(BlockStatus.OK, request.length))
+                return
             else:
                 job = _Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority))
                 self._enqueue(job)
@@ -265,6 +273,22 @@ class BlockBackend:
             if request.op is BlockOp.READ and any(b.readonly for b in request.buffers):
                 return BlockResult(BlockStatus.INVALID, message="read into a read-only buffer")
         return None
+
+    def _try_inline(self, request: BlockRequest) -> bool:
+        """Serve a read or write from the page cache on the spot when nothing waits for a worker.
+
+        Only when the device is otherwise idle (this is the one request in
+        flight, so no request of any priority is overtaken and priorities keep
+        their meaning under load), never for durable writes, and only if the
+        kernel can do it without blocking (RWF_NOWAIT); otherwise the request
+        takes the worker path. Saves two thread hand-offs per request at low
+        queue depth. Caller holds the lock.
+        """
+        if self._counters.in_flight != 1 or request.op not in (BlockOp.READ, BlockOp.WRITE):
+            return False
+        if request.op is BlockOp.WRITE and (request.fua or self.cache is CacheMode.WRITETHROUGH):
+            return False
+        return self.store.transfer_nowait(request.buffers, request.offset, write=request.op is BlockOp.WRITE)
 
     def _enqueue(self, job: _Job) -> None:
         """Put a checked job where it belongs (caller holds the lock)."""

@@ -85,6 +85,7 @@ class RawFileStore:
         self.path = path
         self.readonly = readonly
         self._dsync_writes = True
+        self._nowait = {False: hasattr(os, "RWF_NOWAIT"), True: hasattr(os, "RWF_NOWAIT")}
         self._punch_hole = True
         self._zero_range = True
 
@@ -102,6 +103,33 @@ class RawFileStore:
             total += count
             pending = _advance(pending, count)
         return total
+
+    def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
+        """Do a whole read or (non-durable) write at once if it needs no waiting.
+
+        Uses ``RWF_NOWAIT``: the kernel does the transfer only if it can without
+        blocking (the data is in the page cache). Returns True if every byte
+        moved; False means nothing is known to have moved for certain and the
+        caller must do the transfer the ordinary way (it is idempotent).
+        """
+        if not self._nowait[write]:
+            return False
+        views = [b for b in buffers if len(b)]
+        if not views or len(views) > IOV_MAX:
+            return False
+        wanted = sum(len(b) for b in views)
+        try:
+            if write:
+                count = os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
+            else:
+                count = os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait[write] = False  # e.g. buffered NOWAIT writes on this filesystem
+            return False
+        return count == wanted
 
     def writev(self, buffers: Sequence[memoryview], offset: int, *, durable: bool = False) -> int:
         """Write ``buffers`` at ``offset``; with ``durable`` the data is on stable storage on return."""
