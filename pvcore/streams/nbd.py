@@ -1,0 +1,509 @@
+"""The NBD front door: a block engine exported over the Network Block Device protocol.
+
+For hypervisors whose own device model owns the ring (QEMU pseries serving a
+PAPR guest's v-scsi disk, or any QEMU ``-drive file=nbd+unix://...``),
+:class:`NbdFrontDoor` serves one :class:`~pvcore.devices.block.backend.BlockBackend`
+as one export on a Unix socket. It speaks the fixed newstyle handshake and
+the transmission phase with simple replies, as described in the protocol
+document of the NetworkBlockDevice project (doc/proto.md):
+
+* handshake: ``NBD_FLAG_FIXED_NEWSTYLE`` and ``NBD_FLAG_NO_ZEROES``; options
+  ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_GO``, ``NBD_OPT_INFO`` (answering
+  ``NBD_INFO_EXPORT``, ``NBD_INFO_NAME`` when asked, and always
+  ``NBD_INFO_BLOCK_SIZE`` with a minimum of 1 byte), ``NBD_OPT_LIST`` and
+  ``NBD_OPT_ABORT``. Every other option, structured replies and TLS
+  included, is refused with ``NBD_REP_ERR_UNSUP``, so clients fall back to
+  simple replies. The empty export name means the default (the only) export.
+* transmission: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (``NO_HOLE`` keeps the
+  range allocated) and DISC; the ``FUA`` flag makes a write durable before
+  its reply. Many requests are in flight per connection and replies go out
+  as each finishes, matched by the client's handle. Transmission flags:
+  HAS_FLAGS, SEND_FLUSH, SEND_FUA and CAN_MULTI_CONN (every connection uses
+  the same backend and a flush syncs the whole file, so a flush on one
+  connection covers writes completed on any), plus READ_ONLY for a
+  read-only export, or SEND_TRIM and SEND_WRITE_ZEROES for a writable one.
+
+Clients are hostile until proven otherwise:
+
+* a wrong magic number, unknown client flags, an option longer than
+  :data:`MAX_OPTION_LEN`, too many options, or a handshake slower than
+  :data:`HANDSHAKE_TIMEOUT` end that connection (logged with the reason);
+* a READ longer than :data:`MAX_REQUEST_LEN` gets ``EINVAL`` and the
+  connection goes on; a WRITE longer than that gets ``EINVAL`` and the
+  connection is then closed, because its payload cannot be skipped without
+  reading up to 4 GiB the client should never have sent;
+* a request past the end of the export gets ``ENOSPC`` for WRITE and
+  WRITE_ZEROES (as the protocol asks) and ``EINVAL`` for anything else; a
+  WRITE's payload is read and dropped first so the stream stays in step;
+* an unknown command, or a flag not valid for the command, gets ``EINVAL``;
+  a write on a read-only export gets ``EPERM``;
+* per connection at most :data:`MAX_IN_FLIGHT` requests and
+  :data:`MAX_IN_FLIGHT_BYTES` of buffers are in flight; beyond that the
+  connection's next request is not read until earlier ones finish.
+
+Each connection is served by its own task, so a misbehaving client affects
+no other. Stopping the door closes the socket, lets in-flight requests finish
+and send their replies, then closes every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from pvcore.devices.block.backend import BlockBackend, BlockOp, BlockRequest, BlockResult, BlockStatus
+from pvcore.streams.unix import UnixListener, peer_description
+
+log = logging.getLogger("pvcore.nbd")
+
+NBD_MAGIC = 0x4E42444D41474943
+"""``NBDMAGIC``: the first 8 bytes a server sends."""
+NBD_OPTS_MAGIC = 0x49484156454F5054
+"""``IHAVEOPT``: newstyle handshake magic, also the start of every option."""
+NBD_REP_MAGIC = 0x3E889045565A9
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+KNOWN_CLIENT_FLAGS = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_ERR_UNSUP = (1 << 31) + 1
+NBD_REP_ERR_INVALID = (1 << 31) + 3
+NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
+
+NBD_INFO_EXPORT = 0
+NBD_INFO_NAME = 1
+NBD_INFO_BLOCK_SIZE = 3
+
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_WRITE_ZEROES = 6
+
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+
+MAX_REQUEST_LEN = 32 * 1024 * 1024
+"""The largest READ or WRITE payload accepted (the protocol's default maximum)."""
+PREFERRED_BLOCK_SIZE = 4096
+MAX_EXPORT_NAME_LEN = 4096
+MAX_OPTION_LEN = 64 * 1024
+MAX_OPTIONS = 256
+"""Options one connection may send before it must choose an export."""
+HANDSHAKE_TIMEOUT = 60.0
+MAX_IN_FLIGHT = 128
+MAX_IN_FLIGHT_BYTES = 2 * MAX_REQUEST_LEN
+MAX_CONNECTIONS = 16
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+MAX_LOGGED_REFUSALS = 10
+"""Refused or failed requests logged per connection, so a hostile client cannot flood the log."""
+
+_HANDSHAKE_START = struct.Struct(">QQH")
+_OPTION_HEADER = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
+_EXPORT_REPLY = struct.Struct(">QH")
+_REQUEST = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+_COMMAND_OPS = {
+    NBD_CMD_READ: BlockOp.READ,
+    NBD_CMD_WRITE: BlockOp.WRITE,
+    NBD_CMD_FLUSH: BlockOp.FLUSH,
+    NBD_CMD_TRIM: BlockOp.DISCARD,
+    NBD_CMD_WRITE_ZEROES: BlockOp.WRITE_ZEROES,
+}
+_ALLOWED_FLAGS = {
+    NBD_CMD_READ: NBD_CMD_FLAG_FUA,
+    NBD_CMD_WRITE: NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLUSH: NBD_CMD_FLAG_FUA,
+    NBD_CMD_TRIM: NBD_CMD_FLAG_FUA,
+    NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
+}
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class ProtocolViolation(Exception):
+    """A client broke the protocol in a way that ends its connection; the message says how."""
+
+
+@attrs.frozen
+class NbdRequest:
+    """One transmission-phase request header as the client sent it."""
+
+    flags: int
+    command: int
+    handle: int
+    offset: int
+    length: int
+
+
+def nbd_error(result: BlockResult, command: int) -> int:
+    """The NBD error value for a block engine result (0 when it succeeded)."""
+    status = result.status
+    if status is BlockStatus.OK:
+        return 0
+    if status is BlockStatus.READ_ONLY:
+        return NBD_EPERM
+    if status is BlockStatus.OUT_OF_RANGE:
+        return NBD_ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
+    if status in (BlockStatus.INVALID, BlockStatus.UNSUPPORTED):
+        return NBD_EINVAL
+    if result.errno in _SPACE_ERRNOS:
+        return NBD_ENOSPC
+    return NBD_EIO
+
+
+def _check_export_name(name: str) -> bytes:
+    encoded = name.encode()
+    if len(encoded) > MAX_EXPORT_NAME_LEN or "\0" in name:
+        raise ValueError(f"export name {name!r}: at most {MAX_EXPORT_NAME_LEN} bytes of UTF-8 without NUL")
+    return encoded
+
+
+class NbdFrontDoor:
+    """Serves ``backend`` as the NBD export ``export_name`` on the Unix socket ``socket_path``.
+
+    The export is read-only if ``readonly`` is set or the backend is
+    read-only. The door does not close the backend; the device instance that
+    owns it does.
+    """
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        socket_path: Path | str,
+        export_name: str = "",
+        readonly: bool = False,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.backend = backend
+        self.socket_path = Path(socket_path)
+        self.export_name = export_name
+        self.encoded_export_name = _check_export_name(export_name)
+        self.readonly = readonly or backend.readonly
+        self.max_connections = max_connections
+        mode = "read-only" if self.readonly else "read-write"
+        self.description = f"nbd export {export_name!r} of {backend.name} ({mode}) on {self.socket_path}"
+        self.log_name = f"nbd {backend.name}"
+        self._listener = UnixListener(self.socket_path, self._serve_connection, what=self.log_name)
+        self._next_id = 0
+
+    def __repr__(self) -> str:
+        return f"NbdFrontDoor({self.description})"
+
+    @property
+    def transmission_flags(self) -> int:
+        """The transmission flags every client of this export is given."""
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_CAN_MULTI_CONN
+        if self.readonly:
+            return flags | NBD_FLAG_READ_ONLY
+        return flags | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES
+
+    @property
+    def connection_count(self) -> int:
+        """How many clients are connected now."""
+        return self._listener.connection_count
+
+    async def start(self) -> None:
+        """Listen on the socket."""
+        await self._listener.start()
+        log.info("%s: serving %s", self.log_name, self.description)
+
+    async def stop(self) -> None:
+        """Stop listening, let in-flight requests finish and reply, close every connection."""
+        await self._listener.stop()
+
+    def export_matches(self, name: bytes) -> bool:
+        """Whether a client asking for export ``name`` gets this export (the empty name is the default)."""
+        return name in (b"", self.encoded_export_name)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._next_id += 1
+        client = f"client {self._next_id} ({peer_description(writer)})"
+        if self._listener.connection_count > self.max_connections:
+            log.warning("%s: %s refused: already %d connections", self.log_name, client, self.max_connections)
+            return
+        log.info("%s: %s connected", self.log_name, client)
+        connection = _Connection(self, reader, writer, client)
+        reason = "closed by the client"
+        try:
+            reason = await connection.serve()
+        except asyncio.CancelledError:
+            reason = "server stopping"
+            raise
+        finally:
+            await connection.close()
+            log.info("%s: %s disconnected: %s", self.log_name, client, reason)
+
+
+class _Connection:
+    """One client: its handshake, then its requests."""
+
+    def __init__(
+        self, door: NbdFrontDoor, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str
+    ) -> None:
+        self.door = door
+        self.backend = door.backend
+        self.reader = reader
+        self.writer = writer
+        self.client = client
+        self.what = f"{door.log_name}: {client}"
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.refusals = 0
+        self._changed = asyncio.Event()
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+
+    async def serve(self) -> str:
+        """Run the connection to its end; returns why it ended."""
+        try:
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                    chosen = await self._handshake()
+            except TimeoutError:
+                log.warning("%s: handshake not finished within %gs", self.what, HANDSHAKE_TIMEOUT)
+                return "handshake timed out"
+            if not chosen:
+                return "handshake aborted by the client"
+            return await self._transmission()
+        except ProtocolViolation as exc:
+            log.warning("%s: %s; closing the connection", self.what, exc)
+            return str(exc)
+        except asyncio.IncompleteReadError:
+            return "closed by the client"
+        except ConnectionError as exc:
+            return f"connection lost: {exc.strerror or exc}"
+
+    async def close(self) -> None:
+        """Wait for in-flight requests to reply, then close the socket."""
+        try:
+            await self._wait_until(lambda: self.in_flight == 0)
+        finally:
+            self.writer.close()
+
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
+
+    # handshake
+
+    async def _handshake(self) -> bool:
+        """Negotiate; True once an export is chosen, False if the client aborted."""
+        handshake_flags = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
+        self.writer.write(_HANDSHAKE_START.pack(NBD_MAGIC, NBD_OPTS_MAGIC, handshake_flags))
+        (client_flags,) = _U32.unpack(await self.reader.readexactly(4))
+        if client_flags & ~KNOWN_CLIENT_FLAGS:
+            raise ProtocolViolation(f"unknown client flags {client_flags:#x}")
+        no_zeroes = bool(client_flags & NBD_FLAG_C_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            magic, option, length = _OPTION_HEADER.unpack(await self.reader.readexactly(_OPTION_HEADER.size))
+            if magic != NBD_OPTS_MAGIC:
+                raise ProtocolViolation(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION_LEN:
+                raise ProtocolViolation(f"option {option} of {length} bytes (limit {MAX_OPTION_LEN})")
+            data = await self.reader.readexactly(length)
+            if option == NBD_OPT_EXPORT_NAME:
+                if not self.door.export_matches(data):
+                    raise ProtocolViolation(f"asked for unknown export {data[:256]!r}")
+                reply = _EXPORT_REPLY.pack(self.backend.size, self.door.transmission_flags)
+                self.writer.write(reply if no_zeroes else reply + bytes(124))
+                return True
+            if option == NBD_OPT_ABORT:
+                self._option_reply(option, NBD_REP_ACK)
+                return False
+            if option == NBD_OPT_LIST:
+                self._list(data)
+            elif option in (NBD_OPT_INFO, NBD_OPT_GO):
+                if self._info(option, data) and option == NBD_OPT_GO:
+                    return True
+            elif option == NBD_OPT_STRUCTURED_REPLY:
+                self._option_error(option, NBD_REP_ERR_UNSUP, "structured replies are not supported")
+            else:
+                self._option_error(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported")
+            await self.writer.drain()
+        raise ProtocolViolation(f"more than {MAX_OPTIONS} options without choosing an export")
+
+    def _option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.writer.write(_OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply, len(data)) + data)
+
+    def _option_error(self, option: int, reply: int, message: str) -> None:
+        self._option_reply(option, reply, message.encode())
+
+    def _list(self, data: bytes) -> None:
+        if data:
+            self._option_error(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+            return
+        name = self.door.encoded_export_name
+        self._option_reply(NBD_OPT_LIST, NBD_REP_SERVER, _U32.pack(len(name)) + name)
+        self._option_reply(NBD_OPT_LIST, NBD_REP_ACK)
+
+    def _info(self, option: int, data: bytes) -> bool:
+        """Answer NBD_OPT_INFO or NBD_OPT_GO; True if the export was described (and acknowledged)."""
+        parsed = _parse_info_request(data)
+        if parsed is None:
+            self._option_error(option, NBD_REP_ERR_INVALID, "malformed export name or information request list")
+            return False
+        name, requests = parsed
+        if not self.door.export_matches(name):
+            self._option_error(
+                option, NBD_REP_ERR_UNKNOWN, f"no export {name[:256]!r}; this server exports {self.door.export_name!r}"
+            )
+            return False
+        export = _U16.pack(NBD_INFO_EXPORT) + _EXPORT_REPLY.pack(self.backend.size, self.door.transmission_flags)
+        self._option_reply(option, NBD_REP_INFO, export)
+        if NBD_INFO_NAME in requests:
+            self._option_reply(option, NBD_REP_INFO, _U16.pack(NBD_INFO_NAME) + self.door.encoded_export_name)
+        sizes = struct.pack(">HIII", NBD_INFO_BLOCK_SIZE, 1, PREFERRED_BLOCK_SIZE, MAX_REQUEST_LEN)
+        self._option_reply(option, NBD_REP_INFO, sizes)
+        self._option_reply(option, NBD_REP_ACK)
+        return True
+
+    # transmission
+
+    async def _transmission(self) -> str:
+        """Read and dispatch requests until DISC, a violation, or the client goes away."""
+        reader = self.reader
+        while True:
+            header = await reader.readexactly(_REQUEST.size)
+            magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
+            if magic != NBD_REQUEST_MAGIC:
+                raise ProtocolViolation(f"bad request magic {magic:#x}")
+            request = NbdRequest(flags, command, handle, offset, length)
+            if command == NBD_CMD_DISC:
+                return "disconnect requested by the client"
+            await self._dispatch(request)
+            await self.writer.drain()
+
+    async def _dispatch(self, request: NbdRequest) -> None:
+        command, length = request.command, request.length
+        if command == NBD_CMD_WRITE and length > MAX_REQUEST_LEN:
+            self._reply(request, NBD_EINVAL)
+            raise ProtocolViolation(f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped")
+        payload = await self.reader.readexactly(length) if command == NBD_CMD_WRITE else b""
+        error, reason = self._validate(request)
+        if error:
+            where = f"command {command}, {request.offset}+{length}"
+            self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
+            self._reply(request, error)
+            return
+        buffer = bytearray(length) if command == NBD_CMD_READ else None
+        cost = length if command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
+        await self._wait_until(
+            lambda: self.in_flight == 0
+            or (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES)
+        )
+        if buffer is not None:
+            buffers: tuple[memoryview, ...] = (memoryview(buffer),)
+        elif command == NBD_CMD_WRITE:
+            buffers = (memoryview(payload),)
+        else:
+            buffers = ()
+        block_request = BlockRequest(
+            _COMMAND_OPS[command],
+            offset=request.offset,
+            length=length,
+            buffers=buffers,
+            fua=bool(request.flags & NBD_CMD_FLAG_FUA) and command != NBD_CMD_READ,
+            may_unmap=not request.flags & NBD_CMD_FLAG_NO_HOLE,
+        )
+        self.in_flight += 1
+        self.in_flight_bytes += cost
+        self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
+
+    def _log_refusal(self, message: str) -> None:
+        """Log a refused or failed request, up to :data:`MAX_LOGGED_REFUSALS` per connection."""
+        self.refusals += 1
+        if self.refusals <= MAX_LOGGED_REFUSALS:
+            last = self.refusals == MAX_LOGGED_REFUSALS
+            suffix = "; further refusals on this connection are not logged" if last else ""
+            log.warning("%s: %s%s", self.what, message, suffix)
+
+    def _validate(self, request: NbdRequest) -> tuple[int, str]:
+        """The error value and reason a request is refused with before any I/O, or (0, "")."""
+        command = request.command
+        allowed = _ALLOWED_FLAGS.get(command)
+        if allowed is None:
+            return NBD_EINVAL, "unknown command"
+        if request.flags & ~allowed:
+            return NBD_EINVAL, f"flags {request.flags:#x} not valid for this command"
+        if command == NBD_CMD_FLUSH:
+            if request.offset or request.length:
+                return NBD_EINVAL, "flush with a nonzero offset or length"
+            return 0, ""
+        if command == NBD_CMD_READ and request.length > MAX_REQUEST_LEN:
+            return NBD_EINVAL, f"read longer than {MAX_REQUEST_LEN} bytes"
+        if command != NBD_CMD_READ and self.door.readonly:
+            return NBD_EPERM, "the export is read-only"
+        if request.offset + request.length > self.backend.size:
+            error = NBD_ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
+            return error, f"past the end of the export ({self.backend.size} bytes)"
+        return 0, ""
+
+    def _complete(self, request: NbdRequest, cost: int, buffer: bytearray | None, result: BlockResult) -> None:
+        self.in_flight -= 1
+        self.in_flight_bytes -= cost
+        self._changed.set()
+        error = nbd_error(result, request.command)
+        if error:
+            self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
+        self._reply(request, error, buffer if not error else None)
+
+    def _reply(self, request: NbdRequest, error: int, data: bytearray | None = None) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.write(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
+        if data:
+            self.writer.write(data)
+
+
+def _parse_info_request(data: bytes) -> tuple[bytes, set[int]] | None:
+    """The export name and requested information types of an INFO/GO option, or None if malformed."""
+    if len(data) < 4:
+        return None
+    (name_len,) = _U32.unpack_from(data)
+    if name_len > MAX_EXPORT_NAME_LEN or len(data) < 4 + name_len + 2:
+        return None
+    name = data[4 : 4 + name_len]
+    (count,) = _U16.unpack_from(data, 4 + name_len)
+    rest = data[4 + name_len + 2 :]
+    if len(rest) != 2 * count:
+        return None
+    return name, {value for (value,) in struct.iter_unpack(">H", rest)}

@@ -1,0 +1,233 @@
+"""The rng stream front doors: the EGD server (driven by a raw client speaking what
+QEMU's rng-egd sends) and the entropy FIFO (read as QEMU's rng-random reads it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from pvcore.devices.rng import EntropySource, RateLimit
+from pvcore.streams.egd import EgdFrontDoor
+from pvcore.streams.fifo import FifoError, RngFifoFrontDoor
+
+TIMEOUT = 5
+
+
+class EgdClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: Path) -> EgdClient:
+        return cls(*await asyncio.open_unix_connection(str(path)))
+
+    async def receive(self, count: int) -> bytes:
+        async with asyncio.timeout(TIMEOUT):
+            return await self.reader.readexactly(count)
+
+    async def blocking_read(self, count: int) -> bytes:
+        self.writer.write(bytes((0x02, count)))
+        return await self.receive(count)
+
+    async def nonblocking_read(self, count: int) -> bytes:
+        self.writer.write(bytes((0x01, count)))
+        (length,) = await self.receive(1)
+        assert length <= count
+        return await self.receive(length)
+
+    async def closed_by_peer(self) -> bool:
+        async with asyncio.timeout(TIMEOUT):
+            return await self.reader.read(1) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def egd_door(tmp_path: Path, rate: RateLimit | None = None) -> EgdFrontDoor:
+    door = EgdFrontDoor(EntropySource("dom1", rate), tmp_path / "egd.sock")
+    await door.start()
+    return door
+
+
+def test_egd_reads_level_and_write(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario():
+        door = await egd_door(tmp_path)
+        assert stat.S_IMODE(door.socket_path.stat().st_mode) == 0o600
+        client = await EgdClient.connect(door.socket_path)
+        first, second = await client.blocking_read(200), await client.blocking_read(200)
+        assert len(first) == len(second) == 200 and first != second
+        assert await client.blocking_read(0) == b""
+        # QEMU sends its requests back to back; answers come in order
+        client.writer.write(bytes((0x02, 255)) * 3)
+        assert len(await client.receive(765)) == 765
+        assert len(await client.nonblocking_read(32)) == 32
+        client.writer.write(b"\x00")
+        assert struct.unpack(">I", await client.receive(4))[0] == door.entropy_level_bits > 0
+        client.writer.write(b"\x03" + struct.pack(">HB", 64, 8) + b"guestbuf")
+        assert len(await client.blocking_read(4)) == 4
+        client.close()
+        await door.stop()
+        assert not door.socket_path.exists()
+        return first
+
+    first = asyncio.run(scenario())
+    assert first.hex() not in caplog.text and repr(first) not in caplog.text
+    assert "client 1" in caplog.text and "disconnected" in caplog.text
+
+
+def test_egd_unsupported_command_closes_only_that_connection(tmp_path, caplog):
+    async def scenario():
+        door = await egd_door(tmp_path)
+        good = await EgdClient.connect(door.socket_path)
+        for command in (0x04, 0x7F):
+            bad = await EgdClient.connect(door.socket_path)
+            bad.writer.write(bytes((command,)))
+            assert await bad.closed_by_peer()
+            bad.close()
+        assert len(await good.blocking_read(16)) == 16
+        good.close()
+        await door.stop()
+
+    asyncio.run(scenario())
+    assert "command 0x04 is not supported" in caplog.text
+
+
+def test_egd_nonblocking_read_takes_only_what_the_rate_allows_now(tmp_path):
+    async def scenario():
+        door = await egd_door(tmp_path, RateLimit(256, 60.0))
+        client = await EgdClient.connect(door.socket_path)
+        other = await EgdClient.connect(door.socket_path)
+        assert len(await client.blocking_read(255)) == 255
+        assert len(await other.nonblocking_read(255)) == 1  # one byte of the window was left
+        assert await other.nonblocking_read(255) == b""  # quota spent: nothing, at once
+        assert door.source.held == 0
+        client.close()
+        other.close()
+        await door.stop()
+
+    asyncio.run(scenario())
+
+
+def test_egd_blocking_reads_wait_for_the_rate_limit(tmp_path):
+    rate = RateLimit(256, 0.1)
+
+    async def scenario():
+        door = await egd_door(tmp_path, rate)
+        client = await EgdClient.connect(door.socket_path)
+        started = time.monotonic()
+        client.writer.write(bytes((0x02, 255)) * 4)
+        assert len(await client.receive(1020)) == 1020
+        elapsed = time.monotonic() - started
+        # 1020 bytes at 256 per 100 ms window need four windows
+        assert 0.29 <= elapsed < 2
+        assert door.source.bytes_delivered == 1020
+        client.close()
+        await door.stop()
+
+    asyncio.run(scenario())
+
+
+def test_egd_stop_cancels_a_held_read(tmp_path):
+    async def scenario():
+        door = await egd_door(tmp_path, RateLimit(16, 60.0))
+        client = await EgdClient.connect(door.socket_path)
+        assert len(await client.blocking_read(16)) == 16
+        client.writer.write(bytes((0x02, 100)))
+        async with asyncio.timeout(TIMEOUT):
+            while door.source.held == 0:
+                await asyncio.sleep(0.001)
+        async with asyncio.timeout(1):
+            await door.stop()
+        assert door.source.held == 0
+        assert await client.closed_by_peer()
+        client.close()
+
+    asyncio.run(scenario())
+
+
+# FIFO
+
+
+async def read_for(path: Path, seconds: float) -> bytes:
+    """Read the FIFO as QEMU's rng-random does (non-blocking, whenever there is data)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    data = bytearray()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data += os.read(fd, 65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+    finally:
+        os.close(fd)
+    return bytes(data)
+
+
+def test_fifo_reader_gets_entropy(tmp_path):
+    path = tmp_path / "rng.fifo"
+
+    async def scenario():
+        door = RngFifoFrontDoor(EntropySource("dom1"), path)
+        await door.start()
+        info = path.lstat()
+        assert stat.S_ISFIFO(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert door.capacity == 4096
+        data = await read_for(path, 0.1)
+        assert len(data) > 2 * door.capacity
+        assert len(set(data[:4096])) > 200
+        assert door.bytes_written >= len(data)
+        await door.stop()
+        assert not path.exists()
+
+    asyncio.run(scenario())
+
+
+def test_fifo_rate_limit_holds(tmp_path):
+    path = tmp_path / "rng.fifo"
+    rate = RateLimit(1024, 0.1)
+
+    async def scenario():
+        door = RngFifoFrontDoor(EntropySource("dom1", rate), path)
+        await door.start()
+        started = time.monotonic()
+        data = await read_for(path, 0.35)
+        elapsed = time.monotonic() - started
+        windows = int(elapsed / rate.period) + 2
+        assert 2 * rate.max_bytes <= len(data) <= windows * rate.max_bytes
+        assert door.source.bytes_delivered <= windows * rate.max_bytes
+        await door.stop()
+
+    asyncio.run(scenario())
+
+
+def test_fifo_replaces_a_stale_fifo_and_refuses_other_files(tmp_path):
+    stale = tmp_path / "stale.fifo"
+    os.mkfifo(stale)
+    os.chmod(stale, 0o666)
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+
+    async def scenario():
+        door = RngFifoFrontDoor(EntropySource("dom1"), stale)
+        await door.start()
+        assert stat.S_IMODE(stale.lstat().st_mode) == 0o600
+        assert len(await read_for(stale, 0.02)) > 0
+        await door.stop()
+        with pytest.raises(FifoError, match="not a FIFO"):
+            await RngFifoFrontDoor(EntropySource("dom2"), regular).start()
+        with pytest.raises(FifoError, match="does not exist"):
+            await RngFifoFrontDoor(EntropySource("dom3"), tmp_path / "no" / "fifo").start()
+
+    asyncio.run(scenario())
+    assert regular.read_text() == "keep me"
+    assert not stale.exists()
