@@ -53,6 +53,14 @@ class TrackingMemory(GuestMemory):
             cursor = region.end
         return True
 
+    def _span(self, addr: int, length: int, write: bool) -> tuple[memoryview, int] | None:
+        span = super()._span(addr, length, write)
+        if span is not None:
+            assert self._covered(addr, length, write), f"access {addr:#x}+{length:#x} escapes guest memory"
+            assert span[1] + length <= len(span[0])
+            self.accesses.append((addr, length, write))
+        return span
+
     def views(self, addr: int, length: int, *, write: bool = False) -> list[memoryview]:
         pieces = super().views(addr, length, write=write)
         assert self._covered(addr, length, write), f"access {addr:#x}+{length:#x} escapes guest memory"

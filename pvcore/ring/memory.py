@@ -79,6 +79,7 @@ class GuestMemory:
                 )
         self.regions: tuple[MemoryRegion, ...] = tuple(ordered)
         self._starts = [r.guest_addr for r in ordered]
+        self._spans = tuple((r.guest_addr, r.end, r.view, r.readonly) for r in ordered)
 
     def __repr__(self) -> str:
         spans = ", ".join(f"[{r.guest_addr:#x}+{r.size:#x}]" for r in self.regions)
@@ -95,6 +96,22 @@ class GuestMemory:
             return None
         region = self.regions[i]
         return region if addr < region.end else None
+
+    def _span(self, addr: int, length: int, write: bool) -> tuple[memoryview, int] | None:
+        """The region view and offset holding the whole range, or None if no single region does.
+
+        This is the hot path of every ring access (a linear scan: guests have
+        a handful of regions); None sends the caller to :meth:`views`, which
+        splits a range across regions or raises.
+        """
+        if length < 0:
+            return None
+        for start, end, view, readonly in self._spans:
+            if start <= addr and addr + length <= end:
+                if write and readonly:
+                    return None
+                return view, addr - start
+        return None
 
     def views(self, addr: int, length: int, *, write: bool = False) -> list[memoryview]:
         """Return memoryviews covering ``[addr, addr+length)``, one per region piece.
@@ -123,7 +140,8 @@ class GuestMemory:
 
     def check(self, addr: int, length: int, *, write: bool = False) -> None:
         """Raise :class:`GuestMemoryError` unless the whole range is guest memory."""
-        self.views(addr, length, write=write)
+        if self._span(addr, length, write) is None:
+            self.views(addr, length, write=write)
 
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
         """One contiguous memoryview of the range; it must lie within one region."""
@@ -134,6 +152,10 @@ class GuestMemory:
 
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes out of guest memory."""
+        span = self._span(addr, length, False)
+        if span is not None:
+            view, offset = span
+            return view[offset : offset + length].tobytes()
         pieces = self.views(addr, length)
         if len(pieces) == 1:
             return pieces[0].tobytes()
@@ -142,6 +164,11 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest memory at ``addr``."""
         data = memoryview(data).cast("B")
+        span = self._span(addr, len(data), True)
+        if span is not None:
+            view, start = span
+            view[start : start + len(data)] = data
+            return
         offset = 0
         for piece in self.views(addr, len(data), write=True):
             piece[:] = data[offset : offset + len(piece)]
@@ -154,14 +181,23 @@ class GuestMemory:
 
     def read_u16(self, addr: int) -> int:
         """Read a little-endian 16-bit value."""
+        span = self._span(addr, 2, False)
+        if span is not None:
+            return _U16.unpack_from(span[0], span[1])[0]
         return _U16.unpack(self.read(addr, 2))[0]
 
     def read_u32(self, addr: int) -> int:
         """Read a little-endian 32-bit value."""
+        span = self._span(addr, 4, False)
+        if span is not None:
+            return _U32.unpack_from(span[0], span[1])[0]
         return _U32.unpack(self.read(addr, 4))[0]
 
     def read_u64(self, addr: int) -> int:
         """Read a little-endian 64-bit value."""
+        span = self._span(addr, 8, False)
+        if span is not None:
+            return _U64.unpack_from(span[0], span[1])[0]
         return _U64.unpack(self.read(addr, 8))[0]
 
     def write_u16(self, addr: int, value: int) -> None:
