@@ -35,7 +35,8 @@ class ConfigError(Exception):
 
 COMMON_OPTIONS: Mapping[str, OptionSpec] = {
     "name": OptionSpec("unique name of the device within the daemon (default: derived from the socket or class)"),
-    "socket": OptionSpec("Unix socket the guest's hypervisor connects to"),
+    "socket": OptionSpec("Unix socket the guest's hypervisor connects to (for an lpar rng: the FIFO QEMU reads)"),
+    "hypervisor": OptionSpec("serve this device through another hypervisor plugin than --hypervisor (one daemon, many hypervisors)"),
     "domain": OptionSpec("name of the guest the device belongs to (default: derived from the socket name)"),
 }
 
@@ -98,7 +99,7 @@ def build_config(
 
 def _derive_name(device_class: str, socket: str | None, index: int) -> str:
     if socket:
-        return Path(socket).name.removesuffix(".sock")
+        return Path(socket).stem
     return f"{device_class}{index}"
 
 

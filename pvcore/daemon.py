@@ -18,7 +18,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from pvcore.contract import DaemonContext, DeviceConfig, DeviceInstance, FrontDoor
+from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
 from pvcore.registry import Registry
 
 log = logging.getLogger("pvcore.daemon")
@@ -40,7 +40,11 @@ def default_run_dir() -> Path:
 
 
 class Daemon:
-    """Serves a set of devices through one hypervisor plugin's front doors."""
+    """Serves a set of devices through hypervisor plugins' front doors.
+
+    ``hypervisor`` is the default; a device's ``hypervisor=`` option picks
+    another, so one daemon serves kvm and lpar guests on one switch.
+    """
 
     def __init__(self, registry: Registry, hypervisor: str, configs: Sequence[DeviceConfig], *, run_dir: Path) -> None:
         self.registry = registry
@@ -52,9 +56,10 @@ class Daemon:
 
     async def start(self) -> None:
         """Build and start every device; on any failure stop those already started."""
-        if self.hypervisor not in self.registry.hypervisors():
-            available = ", ".join(sorted(self.registry.hypervisors())) or "none installed"
-            raise DaemonError(f"no plugin serves hypervisor {self.hypervisor!r} (available: {available})")
+        for hypervisor in {self.hypervisor, *(c.get("hypervisor") for c in self.configs)} - {None}:
+            if hypervisor not in self.registry.hypervisors():
+                available = ", ".join(sorted(self.registry.hypervisors())) or "none installed"
+                raise DaemonError(f"no plugin serves hypervisor {hypervisor!r} (available: {available})")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         from pvcore.devices.net import get_switch
 
@@ -69,13 +74,14 @@ class Daemon:
             await self.stop()
             raise
 
-    async def _start_device(self, device_class: Any, config: DeviceConfig, context: DaemonContext) -> None:
+    async def _start_device(self, device_class: DeviceClass, config: DeviceConfig, context: DaemonContext) -> None:
         instance = device_class.create(config, context)
         try:
             await instance.start()
-            door = self.registry.hook.pvcore_front_door(hypervisor=self.hypervisor, device=instance, context=context)
+            hypervisor = config.get("hypervisor") or self.hypervisor
+            door = self.registry.hook.pvcore_front_door(hypervisor=hypervisor, device=instance, context=context)
             if door is None:
-                raise DaemonError(f"{config.name}: plugin {self.hypervisor} has no front door for {config.device_class}")
+                raise DaemonError(f"{config.name}: plugin {hypervisor} has no front door for {config.device_class}")
             await door.start()
         except BaseException:
             await instance.close()
@@ -112,7 +118,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
-        log.info("serving %d device(s) for hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir)
+        log.info("serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir)
         try:
             await self._stop.wait()
         finally:

@@ -61,15 +61,37 @@ def _create_block(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
     return ServedDevice(config, virtio, backend, closer=close)
 
 
+@attrs.define(eq=False)
+class NetServedDevice:
+    """A NIC: its engine is a :class:`~pvcore.devices.net.NetEndpoint`; the virtio
+    device (and with it a switch port) exists only once a ring front door asks
+    for it, so a stream front door can take the same MAC instead."""
+
+    config: DeviceConfig
+    engine: Any
+    _virtio: Any = None
+
+    @property
+    def virtio(self) -> Any:
+        """The :class:`~pvcore.devices.net.VirtioNet`, built on first use."""
+        if self._virtio is None:
+            self._virtio = self.engine.virtio_device()
+        return self._virtio
+
+    async def start(self) -> None:
+        """Nothing to start: the front door attaches the NIC's port."""
+
+    async def close(self) -> None:
+        """Take the NIC's port off the switch, if a ring front door made one."""
+        if self._virtio is not None:
+            self._virtio.close()
+
+
 def _create_net(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
-    from pvcore.devices.net import create_net_device
+    from pvcore.devices.net import parse_net_options
 
-    virtio = create_net_device(_engine_options(config, NET_OPTIONS), name=config.name)
-
-    async def close() -> None:
-        virtio.close()
-
-    return ServedDevice(config, virtio, virtio, closer=close)
+    endpoint = parse_net_options(_engine_options(config, NET_OPTIONS), name=config.name)
+    return NetServedDevice(config, endpoint)
 
 
 def _create_console(config: DeviceConfig, context: DaemonContext) -> ServedDevice:

@@ -16,11 +16,19 @@ from pvcore.devices.net.switch import (
     parse_mac,
     switches,
 )
-from pvcore.devices.net.virtio_net import VirtioNet, VirtioNetPort, VirtioNetStats, create_net_device
+from pvcore.devices.net.virtio_net import (
+    NetEndpoint,
+    VirtioNet,
+    VirtioNetPort,
+    VirtioNetStats,
+    create_net_device,
+    parse_net_options,
+)
 
 __all__ = [
     "MAX_FRAME_LEN",
     "MIN_FRAME_LEN",
+    "NetEndpoint",
     "Port",
     "PortCounters",
     "Switch",
@@ -32,5 +40,6 @@ __all__ = [
     "format_mac",
     "get_switch",
     "parse_mac",
+    "parse_net_options",
     "switches",
 ]

@@ -283,8 +283,27 @@ class VirtioNet(VirtioDevice):
         return True
 
 
-def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
-    """A :class:`VirtioNet` from configuration options.
+@attrs.frozen
+class NetEndpoint:
+    """Where one NIC plugs in: its switch, and the one MAC it may send from.
+
+    This is the net class's transport-independent engine: a ring front door
+    builds a :class:`VirtioNet` from it (:meth:`virtio_device`), a stream front
+    door (QEMU ``-netdev stream``) attaches its own port with the same MAC.
+    """
+
+    name: str
+    mac: bytes
+    switch: Switch
+    mtu: int = DEFAULT_MTU
+
+    def virtio_device(self) -> VirtioNet:
+        """A :class:`VirtioNet` on this endpoint (its port attaches now)."""
+        return VirtioNet(name=self.name, mac=self.mac, switch=self.switch, mtu=self.mtu)
+
+
+def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
+    """A :class:`NetEndpoint` from configuration options.
 
     ``mac=52:54:00:12:34:56`` (required; it must be the MAC the guest's NIC
     uses, e.g. QEMU's ``-device virtio-net-pci,mac=...``, since the switch
@@ -319,4 +338,11 @@ def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
         mtu = int(mtu_text, 10)
     except ValueError:
         raise DeviceError(f"net device {name}: mtu={mtu_text}: not a number (e.g. mtu=1500)") from None
-    return VirtioNet(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu)
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise DeviceError(f"net device {name}: mtu {mtu} is outside {MIN_MTU}..{MAX_MTU}")
+    return NetEndpoint(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu)
+
+
+def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
+    """A :class:`VirtioNet` from configuration options (see :func:`parse_net_options`)."""
+    return parse_net_options(options, name=name).virtio_device()
