@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 from pvcore.config import COMMON_OPTIONS, ConfigError, check_unique, load_config_file, parse_devices
-from pvcore.contract import ContractError, HostContext
+from pvcore.contract import ContractError, DeviceConfig, HostContext
 from pvcore.daemon import Daemon, DaemonError, default_run_dir
 from pvcore.registry import Registry, default_registry
 from pvcore.virtio import DeviceError
@@ -64,6 +65,9 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     serve.add_argument("--hypervisor", metavar="NAME", help="plugin to serve through (default: detected)")
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming devices ([[device]] tables)")
     serve.add_argument("--run-dir", type=Path, metavar="DIR", help="directory for sockets (default: /run/pvcore)")
+    serve.add_argument(
+        "--print-qemu-args", action="store_true", help="print, per guest, the QEMU arguments that attach it, and exit"
+    )
     serve.add_argument("devices", nargs="*", metavar="DEVICE", help="CLASS:key=value,...")
 
     commands.add_parser("plugins", help="list plugins: name, version, distribution, what they supply, state")
@@ -117,9 +121,29 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
     if not configs:
         raise UsageError("no devices given: pvcore serve [--hypervisor NAME] CLASS:key=value,... (see --help)")
     hypervisor = choose_hypervisor(registry, args.hypervisor or settings.get("hypervisor"))
+    if args.print_qemu_args:
+        return print_qemu_args(registry, hypervisor, configs)
     run_dir = args.run_dir or Path(str(settings.get("run_dir", default_run_dir())))
     daemon = Daemon(registry, hypervisor, configs, run_dir=run_dir)
     asyncio.run(daemon.serve_forever())
+    return 0
+
+
+def print_qemu_args(registry: Registry, hypervisor: str, configs: list[DeviceConfig]) -> int:
+    """Print the QEMU arguments of each guest, grouped by the hypervisor serving its devices."""
+    by_hypervisor: dict[str, list[DeviceConfig]] = {}
+    for config in configs:
+        by_hypervisor.setdefault(config.get("hypervisor") or hypervisor, []).append(config)
+    for name, group in by_hypervisor.items():
+        try:
+            per_domain = registry.hook.pvcore_qemu_args(hypervisor=name, configs=group)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if per_domain is None:
+            raise UsageError(f"plugin {name!r} cannot print QEMU arguments (is it installed? see pvcore plugins)")
+        for domain, arguments in per_domain.items():
+            print(f"# {domain} ({name})")
+            print(shlex.join(arguments))
     return 0
 
 

@@ -10,7 +10,8 @@ core. A hypervisor plugin supplies only what is really hypervisor specific:
 * **stream / transport** — the front door a device is served through
   (:func:`pvcore_front_door`): a ring transport (vhost-user, grant-mapped
   virtio) or one of the core's stream front doors (chardev, EGD, FIFO,
-  netdev stream, NBD).
+  netdev stream, NBD); and how a guest is pointed at it
+  (:func:`pvcore_qemu_args`).
 
 Device classes are registered through the same contract
 (:func:`pvcore_device_classes`): the core's own block, net, console and rng
@@ -30,9 +31,12 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pvcore.contract import (
         DaemonContext,
         DeviceClass,
+        DeviceConfig,
         DeviceInstance,
         DeviceSlot,
         Detection,
@@ -136,4 +140,16 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
     core's stream front doors (:mod:`pvcore.streams`) around ``device.engine`` —
     or None if ``hypervisor`` is not its own. firstresult. A device class the
     hypervisor cannot serve raises ``ValueError`` saying which classes it can.
+    """
+
+
+@hookspec(firstresult=True)
+def pvcore_qemu_args(hypervisor: str, configs: Sequence[DeviceConfig]) -> dict[str, list[str]] | None:
+    """The QEMU arguments that attach each guest to the devices ``configs`` describe.
+
+    Called by ``pvcore serve --print-qemu-args`` with the devices of one
+    hypervisor. Returns, per domain (the ``domain`` option of each device),
+    the arguments to add to that guest's QEMU command line, or None when
+    ``hypervisor`` is not this plugin's. firstresult. A device that cannot be
+    attached raises ``ValueError`` naming it.
     """

@@ -39,3 +39,16 @@ def test_serve_help_lists_device_keys() -> None:
     out = pvcore("serve", "--help").stdout
     for text in ("CLASS:key=value", "block:", "path (", "net:", "mac (", "rng:", "rate (", "console:", "log (", "SIGTERM"):
         assert text in out
+
+
+def test_print_qemu_args_for_a_partition() -> None:
+    done = pvcore(
+        "serve", "--hypervisor", "lpar", "--print-qemu-args",
+        "console:socket=/tmp/p1-con.sock,log=/tmp/p1.log", "rng:socket=/tmp/p1-rng.fifo",
+        "net:socket=/tmp/p1-net.sock,mac=52:54:00:00:00:05",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("# p1 (lpar)\n-nodefaults ")
+    assert "-device spapr-vty,chardev=vty0" in done.stdout
+    assert "rng-random,id=rng0,filename=/tmp/p1-rng.fifo" in done.stdout
+    assert "-device spapr-vlan,netdev=n0,mac=52:54:00:00:00:05" in done.stdout

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from pathlib import Path
 
 from pvcore.contract import (
     CONTRACT_VERSION,
     DaemonContext,
+    DeviceConfig,
     DeviceInstance,
     DeviceSlot,
     Detection,
@@ -37,6 +39,7 @@ from pvcore.streams.nbd import NbdFrontDoor
 from pvcore.streams.netdev_stream import NetdevStreamFrontDoor
 from pvcore_lpar import HYPERVISOR
 from pvcore_lpar.devicetree import device_slots, read_dtb, read_tree_directory
+from pvcore_lpar.qemu import qemu_arguments
 
 log = logging.getLogger("pvcore.lpar")
 
@@ -145,3 +148,9 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
         return NbdFrontDoor(device.engine, path)
     endpoint = device.engine
     return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name)
+
+
+@hookimpl
+def pvcore_qemu_args(hypervisor: str, configs: Sequence[DeviceConfig]) -> dict[str, list[str]] | None:
+    """The QEMU pseries arguments that attach each partition (see :mod:`pvcore_lpar.qemu`)."""
+    return qemu_arguments(configs) if hypervisor == HYPERVISOR else None
