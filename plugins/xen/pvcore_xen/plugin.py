@@ -1,53 +1,216 @@
 """The xen plugin's hook implementations (entry point ``pvcore.plugins: xen``).
 
-Xen specific, and nothing else: detect (``/sys/hypervisor/type`` is ``xen``,
-a xenstore socket or xenbus device, or a libvirt connection of type Xen). The
-xenstore client (:mod:`pvcore_xen.xenstore`) and the host interface
-(:mod:`pvcore_xen.host`) are what probe, notification and memory are built on.
+Xen specific, and nothing else:
+
+* detect: ``/sys/hypervisor/type`` is ``xen``, a xenstore socket or xenbus
+  device, or a libvirt connection of type Xen;
+* probe: the ``virtio`` and ``console`` devices in this backend domain's
+  xenstore ``backend`` tree (:mod:`pvcore_xen.xenbus`);
+* memory: grant DMA addresses mapped through the host (:mod:`pvcore_xen.grants`);
+* notification: interdomain event channels;
+* stream/transport: the grant-mapped virtio front door for block, net and
+  rng (:mod:`pvcore_xen.virtio`) and the PV console ring (:mod:`pvcore_xen.console`).
+
+:class:`XenPlugin` holds what the hooks need: the host (``/dev/xen`` by
+default), the xenstore path and this backend's domain id. The entry point
+registers this module, whose hooks are those of a default :class:`XenPlugin`
+(backend domain ``$PVCORE_XEN_DOMID``, else 0); tests register their own on
+the simulated host.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import os
+from typing import Any
 
-from pvcore.contract import CONTRACT_VERSION, Detection, HostContext, PluginInfo
+from pvcore.contract import (
+    CONTRACT_VERSION,
+    DaemonContext,
+    Detection,
+    DeviceInstance,
+    DeviceSlot,
+    FrontDoor,
+    HostContext,
+    PluginInfo,
+)
 from pvcore.hookspecs import hookimpl
+from pvcore_xen.console import XenConsoleBackend
+from pvcore_xen.grants import EventChannelSpec, GrantLayout, GrantMemory
+from pvcore_xen.host import EventChannel, LinuxXenHost, XenHost
+from pvcore_xen.virtio import VIRTIO_TYPES, XenVirtioBackend, virtio_type
+from pvcore_xen.xenbus import HYPERVISOR
+from pvcore_xen.xenstore import XenstoreClient
+from pvcore_xen.xs_wire import XenstoreError
 
 log = logging.getLogger("pvcore.xen")
 
-HYPERVISOR = "xen"
+MAX_DOMID = 0x7FEF
+"""DOMID_FIRST_RESERVED - 1: the largest id of a real domain."""
 
 
-@hookimpl
-def pvcore_plugin_info() -> PluginInfo:
-    """The xen plugin."""
-    return PluginInfo(
-        name="xen",
-        contract=CONTRACT_VERSION,
-        hypervisor=HYPERVISOR,
-        primitives={"detect"},
-        description="Xen: xenstore, event channels and grant-mapped memory",
-    )
-
-
-@hookimpl
-def pvcore_detect(host: HostContext) -> Detection | None:
-    """A libvirt connection of type Xen, ``/sys/hypervisor/type`` saying xen, or a xenstore endpoint."""
-    if host.libvirt is not None:
-        try:
-            kind = host.libvirt.getType()
-        except Exception as exc:  # libvirt raises its own libvirtError
-            log.debug("libvirt getType failed: %s", exc)
-        else:
-            if kind == "Xen":
-                return Detection(HYPERVISOR, 90, "libvirt connection type is Xen")
+def parse_domain(text: str) -> tuple[int, int]:
+    """``DOMID`` or ``DOMID/DEVID`` (the ``domain=`` option) as (domid, devid); devid defaults to 0."""
+    domid_text, _, devid_text = str(text).partition("/")
     try:
-        hypervisor_type = host.path("/sys/hypervisor/type").read_text().strip()
-    except OSError:
-        hypervisor_type = ""
-    if hypervisor_type == "xen":
-        return Detection(HYPERVISOR, 80, "/sys/hypervisor/type is xen")
-    for endpoint in ("/var/run/xenstored/socket", "/dev/xen/xenbus"):
-        if host.path(endpoint).exists():
-            return Detection(HYPERVISOR, 50, f"{endpoint} exists (but /sys/hypervisor/type does not say xen)")
-    return None
+        domid, devid = int(domid_text, 10), int(devid_text or "0", 10)
+    except ValueError:
+        domid = devid = -1
+    if not 1 <= domid <= MAX_DOMID or not 0 <= devid <= 0xFFFFFFFF:
+        raise ValueError(
+            f"domain={text!r}: on xen, write the guest's domain id and the device id, e.g. domain=3/0 "
+            "(xl domid NAME; the device id is the <devid> of backend/virtio/<domid>/<devid> in xenstore)"
+        )
+    return domid, devid
+
+
+class XenPlugin:
+    """The xen plugin's hooks, bound to one host, xenstore and backend domain."""
+
+    def __init__(self, host: XenHost | None = None, *, xenstore_path: str | None = None, backend_domid: int = 0) -> None:
+        self._host = host
+        self.xenstore_path = xenstore_path
+        self.backend_domid = backend_domid
+
+    def __repr__(self) -> str:
+        return f"XenPlugin(backend dom{self.backend_domid}, xenstore {self.xenstore_path or 'default'})"
+
+    @property
+    def host(self) -> XenHost:
+        """The host (the Linux ``/dev/xen`` one unless another was given)."""
+        if self._host is None:
+            self._host = LinuxXenHost()
+        return self._host
+
+    @hookimpl
+    def pvcore_plugin_info(self) -> PluginInfo:
+        """The xen plugin."""
+        return PluginInfo(
+            name="xen",
+            contract=CONTRACT_VERSION,
+            hypervisor=HYPERVISOR,
+            primitives={"detect", "probe", "memory", "notification", "stream"},
+            device_classes={"block", "net", "rng", "console"},
+            description="Xen: xenstore probe, event channels, grant-mapped virtio and the PV console",
+        )
+
+    @hookimpl
+    def pvcore_detect(self, host: HostContext) -> Detection | None:
+        """A libvirt connection of type Xen, ``/sys/hypervisor/type`` saying xen, or a xenstore endpoint."""
+        if host.libvirt is not None:
+            try:
+                kind = host.libvirt.getType()
+            except Exception as exc:  # libvirt raises its own libvirtError
+                log.debug("libvirt getType failed: %s", exc)
+            else:
+                if kind == "Xen":
+                    return Detection(HYPERVISOR, 90, "libvirt connection type is Xen")
+        try:
+            hypervisor_type = host.path("/sys/hypervisor/type").read_text().strip()
+        except OSError:
+            hypervisor_type = ""
+        if hypervisor_type == "xen":
+            return Detection(HYPERVISOR, 80, "/sys/hypervisor/type is xen")
+        for endpoint in ("/var/run/xenstored/socket", "/dev/xen/xenbus"):
+            if host.path(endpoint).exists():
+                return Detection(HYPERVISOR, 50, f"{endpoint} exists (but /sys/hypervisor/type does not say xen)")
+        return None
+
+    @hookimpl
+    def pvcore_probe(self, hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+        """The virtio (block, net, rng) and console devices of this backend domain's xenstore tree.
+
+        Runs its own event loop in a worker thread, so it may be called from
+        any thread (but must not block the loop that serves the xenstore it reads).
+        """
+        if hypervisor != HYPERVISOR:
+            return None
+        path = self.xenstore_path or host.environ.get("XENSTORED_PATH")
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xen-probe") as worker:
+            return worker.submit(asyncio.run, self._probe(path)).result()
+
+    async def _probe(self, path: str | None) -> list[DeviceSlot]:
+        classes = {virtio_type(name): name for name in VIRTIO_TYPES}
+        slots: list[DeviceSlot] = []
+        async with await XenstoreClient.connect(path) as client:
+            for kind in ("virtio", "console"):
+                root = f"/local/domain/{self.backend_domid}/backend/{kind}"
+                for domid_text in await _children(client, root):
+                    for devid_text in await _children(client, f"{root}/{domid_text}"):
+                        address = f"{root}/{domid_text}/{devid_text}"
+                        if not (domid_text.isdigit() and devid_text.isdigit()):
+                            raise ValueError(f"xenstore {address}: not a <domid>/<devid> backend node")
+                        domid, devid = int(domid_text), int(devid_text)
+                        properties = {"devid": str(devid), "domain": f"{domid}/{devid}"}
+                        for node in ("state", "frontend", "type"):
+                            try:
+                                properties[node] = (await client.read(f"{address}/{node}")).decode("ascii", "replace")
+                            except XenstoreError:
+                                continue
+                        device_class = "console" if kind == "console" else classes.get(properties.get("type", ""))
+                        if device_class is None:
+                            log.debug("xenstore %s: virtio type %r is not one pvcore serves", address, properties.get("type"))
+                            continue
+                        slots.append(DeviceSlot(HYPERVISOR, device_class, address, str(domid), properties))
+        return slots
+
+    @hookimpl
+    def pvcore_map_memory(self, hypervisor: str, layout: Any) -> GrantMemory | None:
+        """The grant address space of ``layout.domid``, mapped lazily through ``layout.host``."""
+        if hypervisor != HYPERVISOR or not isinstance(layout, GrantLayout):
+            return None
+        return GrantMemory(layout.domid, layout.host)
+
+    @hookimpl
+    def pvcore_open_notifier(self, hypervisor: str, channel: Any) -> EventChannel | None:
+        """Bind the interdomain event channel the guest allocated for this domain (``OSError`` if it cannot)."""
+        if hypervisor != HYPERVISOR or not isinstance(channel, EventChannelSpec):
+            return None
+        return self.host.bind_interdomain(channel.domid, channel.port)
+
+    @hookimpl
+    def pvcore_front_door(self, hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+        """A xenbus backend: grant-mapped virtio for block/net/rng, the PV console ring for console."""
+        if hypervisor != HYPERVISOR:
+            return None
+        config = device.config
+        domid, devid = parse_domain(config.get("domain", ""))
+        where = {
+            "hook": context.hook,
+            "host": self.host,
+            "xenstore_path": self.xenstore_path,
+            "backend_domid": self.backend_domid,
+            "domid": domid,
+            "devid": devid,
+            "name": config.name,
+        }
+        if config.device_class == "console":
+            return XenConsoleBackend(device.engine, **where)
+        if config.device_class not in VIRTIO_TYPES or device.virtio is None:
+            raise ValueError(
+                f"{config.name}: xen serves block, net and rng as grant-mapped virtio and console as the PV "
+                f"console ring, not {config.device_class}"
+            )
+        return XenVirtioBackend(device.virtio, config.device_class, **where)
+
+
+async def _children(client: XenstoreClient, path: str) -> list[str]:
+    try:
+        return await client.directory(path)
+    except XenstoreError as exc:
+        if exc.name == "ENOENT":
+            return []
+        raise
+
+
+default_plugin = XenPlugin(backend_domid=int(os.environ.get("PVCORE_XEN_DOMID", "0") or "0"))
+"""The plugin the entry point registers (through the module-level hooks below)."""
+
+pvcore_plugin_info = default_plugin.pvcore_plugin_info
+pvcore_detect = default_plugin.pvcore_detect
+pvcore_probe = default_plugin.pvcore_probe
+pvcore_map_memory = default_plugin.pvcore_map_memory
+pvcore_open_notifier = default_plugin.pvcore_open_notifier
+pvcore_front_door = default_plugin.pvcore_front_door

@@ -6,6 +6,12 @@ memfd), the grants it hands out, and the event channels it allocates. Checks
 follow Xen's: a page is mappable only through a ref its domain granted to the
 mapping domain, read-only grants cannot be mapped writable, a port must have
 been allocated for the binding domain and is bound at most once.
+
+A domain's RAM is a :class:`GrantedRam`: the core reference driver's
+:class:`~pvcore.ring.driver.GuestRam` whose addresses are grant DMA addresses
+(as Linux's xen-grant-dma hands them to virtio) and whose allocator grants
+the pages of each block to the backend domain while it is allocated. Frame
+``f`` is always granted as ref :data:`DMA_FIRST_REF` + ``f``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,12 @@ import os
 
 import attrs
 
+from pvcore.ring.driver import GuestRam
+from pvcore_xen.grants import grant_address
 from pvcore_xen.host import PAGE_SIZE
+
+DMA_FIRST_REF = 0x10000
+"""The grant ref of frame 0 in a :class:`GrantedRam` (refs below it are handed out one by one)."""
 
 
 @attrs.define
@@ -76,16 +87,51 @@ class _Channel:
     bound: bool = False
 
 
+class GrantedRam(GuestRam):
+    """A simulated domain's RAM, addressed by grant DMA address; allocated pages are granted to ``to_domid``."""
+
+    def __init__(self, domain: SimulatedDomain, size: int, to_domid: int) -> None:
+        super().__init__(size, guest_addr=grant_address(DMA_FIRST_REF))
+        self.domain = domain
+        self.to_domid = to_domid
+        self._blocks: dict[int, range] = {}
+        self._users: dict[int, int] = {}
+
+    def frame(self, addr: int) -> int:
+        """The domain frame holding DMA address ``addr``."""
+        return (addr - self.guest_addr) // PAGE_SIZE
+
+    def alloc(self, n: int, align: int = 16) -> int:
+        """Allocate as :class:`GuestRam` does, then grant every page the block touches."""
+        addr = super().alloc(n, align)
+        frames = range(self.frame(addr), self.frame(addr + max(n, 1) - 1) + 1)
+        self._blocks[addr] = frames
+        for frame in frames:
+            self._users[frame] = self._users.get(frame, 0) + 1
+            if self._users[frame] == 1:
+                self.domain.grant(frame, self.to_domid, ref=DMA_FIRST_REF + frame)
+        return addr
+
+    def free(self, addr: int) -> None:
+        """Free as :class:`GuestRam` does, then end the grants of pages no block uses any more."""
+        super().free(addr)
+        for frame in self._blocks.pop(addr):
+            self._users[frame] -= 1
+            if not self._users[frame]:
+                del self._users[frame]
+                self.domain.revoke(DMA_FIRST_REF + frame)
+
+
 class SimulatedDomain:
     """A simulated guest domain: memfd RAM, a grant table and event-channel ports."""
 
-    def __init__(self, domid: int, memory_size: int) -> None:
+    def __init__(self, domid: int, memory_size: int, backend_domid: int = 0) -> None:
         if memory_size <= 0 or memory_size % PAGE_SIZE:
             raise ValueError(f"simulated domain {domid}: memory size {memory_size} is not a positive number of pages")
         self.domid = domid
         self.memory_size = memory_size
-        self.memory_fd = os.memfd_create(f"simulated-xen-dom{domid}", os.MFD_CLOEXEC)
-        os.ftruncate(self.memory_fd, memory_size)
+        self.ram = GrantedRam(self, memory_size, backend_domid)
+        self.memory_fd = self.ram.fd
         self.memory = mmap.mmap(self.memory_fd, memory_size)
         self._grants: dict[int, _Grant] = {}
         self._refs = itertools.count(8)
@@ -95,11 +141,14 @@ class SimulatedDomain:
     def __repr__(self) -> str:
         return f"SimulatedDomain({self.domid}, {self.memory_size} bytes)"
 
-    def grant(self, frame: int, to_domid: int, readonly: bool = False) -> int:
-        """Grant page ``frame`` of this domain's RAM to ``to_domid``; return the grant ref."""
+    def grant(self, frame: int, to_domid: int, readonly: bool = False, ref: int | None = None) -> int:
+        """Grant page ``frame`` of this domain's RAM to ``to_domid`` (as ``ref``, or the next free one); return the ref."""
         if not 0 <= frame < self.memory_size // PAGE_SIZE:
             raise ValueError(f"simulated domain {self.domid}: frame {frame} is outside its memory")
-        ref = next(self._refs)
+        if ref is None:
+            ref = next(self._refs)
+        if ref in self._grants:
+            raise ValueError(f"simulated domain {self.domid}: grant ref {ref} is in use")
         self._grants[ref] = _Grant(frame, to_domid, readonly)
         return ref
 
@@ -141,7 +190,7 @@ class SimulatedDomain:
     def close(self) -> None:
         """Release the domain's memory and event channels."""
         self.memory.close()
-        os.close(self.memory_fd)
+        self.ram.close()
         for channel in self._channels.values():
             os.close(channel.to_backend)
             os.close(channel.to_guest)
@@ -159,7 +208,7 @@ class SimulatedXenHost:
         """Create simulated guest ``domid`` with ``memory_size`` bytes of RAM."""
         if domid in self.domains or domid == self.backend_domid:
             raise ValueError(f"simulated domain {domid} already exists")
-        domain = SimulatedDomain(domid, memory_size)
+        domain = SimulatedDomain(domid, memory_size, self.backend_domid)
         self.domains[domid] = domain
         return domain
 

@@ -1,0 +1,300 @@
+"""SIMULATED Xen frontends and toolstack: a guest's side of xenbus, for tests.
+
+:func:`add_device` writes a device's backend and frontend directories the way
+libxl does (as dom0, with the same ownership). :class:`SimulatedVirtioFrontend`
+is a Linux virtio-with-grants guest driver built on the core's reference
+driver: its rings and buffers live in the domain's :class:`GrantedRam` (so
+every descriptor address is a grant DMA address of a granted page), it
+allocates one event channel per queue and publishes the nodes of the "virtio
+over xenbus" contract (docs/hypervisors/xen.md), then runs the XenbusState
+handshake. :class:`SimulatedConsoleFrontend` is Linux's hvc_xen: one granted
+``xencons_interface`` page, ``ring-ref`` and ``port``. Neither talks to a
+real hypervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from collections.abc import Sequence
+
+from pvcore.ring.driver import DriverQueue, UsedBuffer
+from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
+from pvcore_xen.console import (
+    IN_CONS,
+    IN_OFFSET,
+    IN_PROD,
+    IN_SIZE,
+    INTERFACE_SIZE,
+    OUT_CONS,
+    OUT_OFFSET,
+    OUT_PROD,
+    OUT_SIZE,
+)
+from pvcore_xen.host import PAGE_SIZE
+from pvcore_xen.sim.host import DMA_FIRST_REF, SimulatedDomain, SimulatedEventChannel
+from pvcore_xen.xenbus import XenbusState, backend_path, frontend_path
+from pvcore_xen.xenstore import XenstoreClient
+from pvcore_xen.xs_wire import Access, Permission
+
+RECHECK_INTERVAL = 0.05
+"""Longest sleep on an event channel before looking at the ring again."""
+
+
+async def add_device(
+    dom0: XenstoreClient, *, backend_domid: int, domid: int, kind: str, devid: int, nodes: dict[str, str] | None = None
+) -> None:
+    """Create a device's backend and frontend directories as libxl does (both Initialising)."""
+    back, front = backend_path(backend_domid, kind, domid, devid), frontend_path(kind, domid, devid)
+    backend_nodes = {"frontend": front, "frontend-id": str(domid), "online": "1", "state": "1", **(nodes or {})}
+    frontend_nodes = {"backend": back, "backend-id": str(backend_domid), "state": "1"}
+    for path, values, owner, reader in ((back, backend_nodes, backend_domid, domid), (front, frontend_nodes, domid, backend_domid)):
+        await dom0.mkdir(path)
+        await dom0.set_perms(path, [Permission(owner, Access.NONE), Permission(reader, Access.READ)])
+        for node, value in values.items():
+            await dom0.write(f"{path}/{node}", value)
+
+
+async def remove_device(dom0: XenstoreClient, *, backend_domid: int, domid: int, kind: str, devid: int) -> None:
+    """Remove both directories of a device (the toolstack destroying it)."""
+    await dom0.rm(frontend_path(kind, domid, devid))
+    await dom0.rm(backend_path(backend_domid, kind, domid, devid))
+
+
+async def wait_readable(fd: int, timeout: float) -> None:
+    """Return when ``fd`` polls readable or ``timeout`` seconds passed."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(fd)
+
+
+class SimulatedFrontend:
+    """The xenbus half of a simulated frontend: its nodes and the state handshake."""
+
+    kind = ""
+
+    def __init__(self, domain: SimulatedDomain, client: XenstoreClient, devid: int = 0, backend_domid: int = 0) -> None:
+        self.domain = domain
+        self.client = client
+        self.devid = devid
+        self.backend_domid = backend_domid
+        self.path = frontend_path(self.kind, domain.domid, devid)
+        self.backend_path = backend_path(backend_domid, self.kind, domain.domid, devid)
+
+    async def set_state(self, state: XenbusState) -> None:
+        """Write the frontend's state node."""
+        await self.client.write(f"{self.path}/state", str(int(state)))
+
+    async def backend_state(self) -> XenbusState | None:
+        """The backend's state now (None if it has no state node)."""
+        with contextlib.suppress(OSError):
+            return XenbusState(int(await self.client.read(f"{self.backend_path}/state")))
+        return None
+
+    async def wait_backend(self, *states: XenbusState, timeout: float = 5.0) -> XenbusState:
+        """Wait until the backend is in one of ``states``; return it (``TimeoutError`` otherwise)."""
+        watch = await self.client.watch(f"{self.backend_path}/state")
+        deadline = time.monotonic() + timeout
+        try:
+            while (state := await self.backend_state()) not in states:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self.backend_path}: backend is {state!r}, not one of {[s.name for s in states]}")
+                with contextlib.suppress(TimeoutError):
+                    await watch.get(remaining)
+        finally:
+            await self.client.unwatch(watch)
+        assert state is not None
+        return state
+
+    async def close(self) -> None:
+        """Close as Linux's xenbus does: Closing, wait for the backend, Closed."""
+        await self.set_state(XenbusState.CLOSING)
+        await self.wait_backend(XenbusState.CLOSING, XenbusState.CLOSED)
+        await self.set_state(XenbusState.CLOSED)
+        await self.wait_backend(XenbusState.CLOSED)
+
+
+class SimulatedVirtioFrontend(SimulatedFrontend):
+    """A SIMULATED Linux virtio frontend with grant DMA (xen-grant-dma-ops) on the reference driver."""
+
+    kind = "virtio"
+
+    def __init__(self, *args: object, queue_size: int = 64, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.queue_size = queue_size
+        self.features = 0
+        self.config = b""
+        self.queues: list[DriverQueue] = []
+        self.channels: list[SimulatedEventChannel] = []
+        self._collected: list[list[UsedBuffer]] = []
+
+    async def publish(
+        self, *, features: int | None = None, event_idx: bool = True, overrides: dict[str, str] | None = None
+    ) -> None:
+        """Wait for the backend's InitWait, lay out the queues, publish every node, go Initialised.
+
+        ``overrides`` replaces node values (``{"queue-0/event-channel": "999"}``)
+        before the frontend goes Initialised, as a broken or hostile guest would.
+        """
+        await self.wait_backend(XenbusState.INIT_WAIT)
+        offered = int(await self.client.read(f"{self.backend_path}/features"), 16)
+        num_queues = int(await self.client.read(f"{self.backend_path}/num-queues"))
+        self.config = bytes.fromhex((await self.client.read(f"{self.backend_path}/config")).decode())
+        if features is None:
+            features = offered & ~(0 if event_idx else bit(VIRTIO_RING_F_EVENT_IDX))
+        self.features = features
+        await self.client.write(f"{self.path}/features", f"{features:x}")
+        for index in range(num_queues):
+            queue = DriverQueue(
+                self.domain.ram,
+                self.queue_size,
+                event_idx=bool(features & bit(VIRTIO_RING_F_EVENT_IDX)),
+                indirect=bool(features & bit(VIRTIO_RING_F_INDIRECT_DESC)),
+            )
+            port = self.domain.alloc_unbound(self.backend_domid)
+            self.queues.append(queue)
+            self.channels.append(self.domain.event_channel(port))
+            self._collected.append([])
+            prefix = f"{self.path}/queue-{index}"
+            for node, value in (
+                ("size", str(self.queue_size)),
+                ("desc", f"{queue.desc_addr:#x}"),
+                ("avail", f"{queue.avail_addr:#x}"),
+                ("used", f"{queue.used_addr:#x}"),
+                ("event-channel", str(port)),
+            ):
+                await self.client.write(f"{prefix}/{node}", value)
+        for node, value in (overrides or {}).items():
+            await self.client.write(f"{self.path}/{node}", value)
+        await self.set_state(XenbusState.INITIALISED)
+
+    async def connect(self, **options: object) -> None:
+        """:meth:`publish`, wait for the backend's Connected, go Connected."""
+        await self.publish(**options)  # type: ignore[arg-type]
+        await self.wait_backend(XenbusState.CONNECTED)
+        await self.set_state(XenbusState.CONNECTED)
+
+    def kick(self, index: int) -> None:
+        """Notify the backend on queue ``index``'s event channel."""
+        self.channels[index].signal()
+
+    def submit(self, index: int, readable: Sequence[bytes], writable: Sequence[int]) -> int:
+        """Post one chain and kick if the device wants it; return its head."""
+        queue = self.queues[index]
+        head = queue.add(readable, writable)
+        if queue.kick_needed():
+            self.kick(index)
+        return head
+
+    async def wait_used(self, index: int, count: int, timeout: float = 5.0) -> list[UsedBuffer]:
+        """Wait until ``count`` chains of queue ``index`` are used; return them in order."""
+        deadline = time.monotonic() + timeout
+        collected = self._collected[index]
+        while len(collected) < count:
+            self.channels[index].consume()
+            collected += self.queues[index].used()
+            if len(collected) >= count:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"dom{self.domain.domid} virtio {self.devid} queue {index}: {len(collected)} of {count} used")
+            await wait_readable(self.channels[index].fileno(), min(remaining, RECHECK_INTERVAL))
+        result = collected[:count]
+        del collected[:count]
+        return result
+
+    async def request(self, index: int, readable: Sequence[bytes], writable: Sequence[int], timeout: float = 5.0) -> UsedBuffer:
+        """Post one chain and wait for it to come back."""
+        head = self.submit(index, readable, writable)
+        for used in await self.wait_used(index, 1, timeout):
+            if used.head == head:
+                return used
+        raise AssertionError(f"queue {index}: another chain came back instead of head {head}")
+
+
+_U32 = struct.Struct("<I")
+
+
+class SimulatedConsoleFrontend(SimulatedFrontend):
+    """A SIMULATED hvc_xen: one granted ``xencons_interface`` page, ``ring-ref`` and ``port``."""
+
+    kind = "console"
+
+    def __init__(self, *args: object, start_index: int = 0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        ram = self.domain.ram
+        self.page = ram.alloc(PAGE_SIZE, PAGE_SIZE)
+        self.offset = ram.frame(self.page) * PAGE_SIZE
+        self.ring_ref = DMA_FIRST_REF + ram.frame(self.page)
+        self.domain.memory[self.offset : self.offset + INTERFACE_SIZE] = bytes(INTERFACE_SIZE)
+        for index in (IN_CONS, IN_PROD, OUT_CONS, OUT_PROD):
+            self._put(index, start_index)
+        self.port = self.domain.alloc_unbound(self.backend_domid)
+        self.channel = self.domain.event_channel(self.port)
+
+    def _get(self, index: int) -> int:
+        return _U32.unpack_from(self.domain.memory, self.offset + index)[0]
+
+    def _put(self, index: int, value: int) -> None:
+        _U32.pack_into(self.domain.memory, self.offset + index, value & 0xFFFFFFFF)
+
+    async def publish(self, *, ring_ref: int | None = None) -> None:
+        """Wait for the backend's InitWait, publish ``ring-ref`` (or another ref) and ``port``, go Initialised."""
+        await self.wait_backend(XenbusState.INIT_WAIT)
+        await self.client.write(f"{self.path}/ring-ref", str(self.ring_ref if ring_ref is None else ring_ref))
+        await self.client.write(f"{self.path}/port", str(self.port))
+        await self.set_state(XenbusState.INITIALISED)
+
+    async def connect(self) -> None:
+        """:meth:`publish`, wait for the backend's Connected, go Connected."""
+        await self.publish()
+        await self.wait_backend(XenbusState.CONNECTED)
+        await self.set_state(XenbusState.CONNECTED)
+
+    def set_out_prod(self, value: int) -> None:
+        """Write the output producer index directly (for hostile tests)."""
+        self._put(OUT_PROD, value)
+
+    async def write(self, data: bytes, timeout: float = 5.0) -> None:
+        """Guest output: copy ``data`` into ``out`` as room allows, notifying the backend."""
+        deadline = time.monotonic() + timeout
+        while data:
+            cons, prod = self._get(OUT_CONS), self._get(OUT_PROD)
+            room = OUT_SIZE - ((prod - cons) & 0xFFFFFFFF)
+            for i in range(min(room, len(data))):
+                self.domain.memory[self.offset + OUT_OFFSET + ((prod + i) & (OUT_SIZE - 1))] = data[i]
+            taken = min(room, len(data))
+            self._put(OUT_PROD, prod + taken)
+            data = data[taken:]
+            self.channel.signal()
+            if data:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"dom{self.domain.domid} console: backend does not drain the out ring")
+                await wait_readable(self.channel.fileno(), RECHECK_INTERVAL)
+                self.channel.consume()
+
+    async def read(self, count: int, timeout: float = 5.0) -> bytes:
+        """Guest input: take ``count`` bytes from ``in``, waiting for the backend to put them there."""
+        deadline = time.monotonic() + timeout
+        data = bytearray()
+        while len(data) < count:
+            cons, prod = self._get(IN_CONS), self._get(IN_PROD)
+            while cons != prod and len(data) < count:
+                data.append(self.domain.memory[self.offset + IN_OFFSET + (cons & (IN_SIZE - 1))])
+                cons = (cons + 1) & 0xFFFFFFFF
+            self._put(IN_CONS, cons)
+            self.channel.signal()
+            if len(data) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"dom{self.domain.domid} console: {len(data)} of {count} input bytes arrived")
+                await wait_readable(self.channel.fileno(), RECHECK_INTERVAL)
+                self.channel.consume()
+        return bytes(data)

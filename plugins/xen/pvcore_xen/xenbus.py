@@ -1,0 +1,270 @@
+"""The probe primitive on Xen: xenstore device trees and the XenbusState handshake.
+
+A device served by backend domain ``B`` for guest ``D`` lives in two places
+of xenstore, both written by the toolstack (libxl):
+
+* ``/local/domain/B/backend/<type>/D/<devid>`` — the backend's nodes (owned by
+  ``B``, readable by ``D``), with ``state``;
+* ``/local/domain/D/device/<type>/<devid>`` — the frontend's nodes (owned by
+  ``D``, readable by ``B``), with ``state`` and whatever the frontend publishes.
+
+:class:`XenbusBackend` is the front door's common half: it watches both
+directories and runs the handshake of Xen's ``io/xenbus.h`` on the two
+``state`` nodes, the way Linux's backends do: announce (InitWait); when the
+frontend is Initialised or Connected, connect (read its nodes, map, bind) and
+go Connected; when it is Closing, disconnect and close; when it is Closed or
+gone, Closed; when it starts again (Initialising after Closed), InitWait
+again. A frontend that breaks the contract (a missing or bad node, a bad
+state, a ring the engine rejects) fails the device: one logged line with the
+reason, the device disconnected and the backend Closing, until the frontend
+closes and starts over. Subclasses supply :meth:`~XenbusBackend.announce`,
+:meth:`~XenbusBackend.connect` and :meth:`~XenbusBackend.disconnect`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import enum
+import logging
+from typing import Any
+
+from pvcore_xen.grants import EventChannelSpec, GrantLayout, GrantMemory
+from pvcore_xen.host import EventChannel, XenHost
+from pvcore_xen.xenstore import Watch, WatchEvent, XenstoreClient
+from pvcore_xen.xs_wire import XenstoreError, XenstoreProtocolError
+
+log = logging.getLogger("pvcore.xen")
+
+HYPERVISOR = "xen"
+
+
+class XenbusState(enum.IntEnum):
+    """``enum xenbus_state`` of Xen's ``io/xenbus.h``."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
+
+
+class XenDeviceError(Exception):
+    """The frontend broke the device's contract; the message says how."""
+
+
+def backend_path(backend_domid: int, kind: str, domid: int, devid: int) -> str:
+    """``/local/domain/<backend>/backend/<kind>/<domid>/<devid>``."""
+    return f"/local/domain/{backend_domid}/backend/{kind}/{domid}/{devid}"
+
+
+def frontend_path(kind: str, domid: int, devid: int) -> str:
+    """``/local/domain/<domid>/device/<kind>/<devid>``."""
+    return f"/local/domain/{domid}/device/{kind}/{devid}"
+
+
+async def read_number(client: XenstoreClient, path: str, *, limit: int, base: int = 10) -> int | None:
+    """The integer in node ``path`` (decimal, or hex with ``base=16``), None if there is no such node.
+
+    A value that is not a number in ``0..limit`` is a :class:`XenDeviceError` naming the node.
+    """
+    try:
+        raw = await client.read(path)
+    except XenstoreError as exc:
+        if exc.name == "ENOENT":
+            return None
+        raise
+    text = raw.decode("ascii", "replace").strip()
+    try:
+        value = int(text, base)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= limit:
+        raise XenDeviceError(f"{path} = {text[:32]!r} is not a number in 0..{limit:#x}")
+    return value
+
+
+async def require_number(client: XenstoreClient, path: str, *, limit: int, base: int = 10) -> int:
+    """Like :func:`read_number`, but a missing node is a :class:`XenDeviceError` too."""
+    value = await read_number(client, path, limit=limit, base=base)
+    if value is None:
+        raise XenDeviceError(f"{path} is missing")
+    return value
+
+
+class XenbusBackend(abc.ABC):
+    """One device's backend side: watches, the state handshake, failure and teardown.
+
+    It is a :class:`~pvcore.contract.FrontDoor`: :meth:`start` connects to
+    xenstore and begins watching; :meth:`stop` disconnects and writes Closed.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self, *, hook: Any, host: XenHost, xenstore_path: str | None, backend_domid: int, domid: int, devid: int, name: str
+    ) -> None:
+        self.hook = hook
+        self.host = host
+        self.xenstore_path = xenstore_path
+        self.backend_domid = backend_domid
+        self.domid = domid
+        self.devid = devid
+        self.name = name
+        self.backend_path = backend_path(backend_domid, self.kind, domid, devid)
+        self.frontend_path = frontend_path(self.kind, domid, devid)
+        self.description = f"xenbus backend {self.backend_path} (frontend {self.frontend_path})"
+        self.client: XenstoreClient | None = None
+        self.state: XenbusState | None = None
+        self.connected = False
+        self.failure: str | None = None
+        self._pending_failure: str | None = None
+        self._wake = asyncio.Event()
+        self._watches: list[Watch] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, dom{self.domid} {self.kind} {self.devid})"
+
+    @abc.abstractmethod
+    async def announce(self, client: XenstoreClient) -> None:
+        """Publish the backend's nodes for the frontend (before InitWait)."""
+
+    @abc.abstractmethod
+    async def connect(self, client: XenstoreClient) -> None:
+        """Read the frontend's nodes and start serving; raise :class:`XenDeviceError` if they are wrong."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Stop serving and release what :meth:`connect` took (only called while connected)."""
+
+    def map_memory(self) -> GrantMemory:
+        """The guest's grant memory, through the ``pvcore_map_memory`` hook."""
+        memory = self.hook.pvcore_map_memory(hypervisor=HYPERVISOR, layout=GrantLayout(self.domid, self.host))
+        if memory is None:
+            raise XenDeviceError("no plugin maps Xen grant memory (is the xen plugin registered?)")
+        return memory
+
+    def open_channel(self, port: int, what: str) -> EventChannel:
+        """Bind event channel ``port`` of the guest, through the ``pvcore_open_notifier`` hook."""
+        try:
+            channel = self.hook.pvcore_open_notifier(hypervisor=HYPERVISOR, channel=EventChannelSpec(self.domid, port))
+        except OSError as exc:
+            raise XenDeviceError(f"{what}: event channel {port}: {exc}") from None
+        if channel is None:
+            raise XenDeviceError("no plugin opens Xen event channels (is the xen plugin registered?)")
+        return channel
+
+    async def start(self) -> None:
+        """Connect to xenstore, watch the backend and frontend directories, run the handshake."""
+        self.client = await XenstoreClient.connect(self.xenstore_path)
+        for path in (self.backend_path, self.frontend_path):
+            self._watches.append(await self.client.watch(path, self._on_watch))
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"xenbus {self.name}")
+
+    async def stop(self) -> None:
+        """Disconnect the device, say Closed, stop watching and close the xenstore connection."""
+        if self._runner is not None:
+            self._stopping = True
+            self._wake.set()  # the runner ends even if asyncio.wait_for swallowed the cancellation (Python 3.11)
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await self._disconnect()
+        if self.client is not None:
+            with contextlib.suppress(XenstoreError, XenstoreProtocolError, TimeoutError):
+                if await self.client.exists(self.backend_path):
+                    await self.client.write(f"{self.backend_path}/state", str(int(XenbusState.CLOSED)))
+            await self.client.close()
+            self.client = None
+
+    def fail(self, reason: str) -> None:
+        """Fail the device (from the event loop, e.g. when the ring engine broke it)."""
+        self._pending_failure = reason
+        self._wake.set()
+
+    def _on_watch(self, event: WatchEvent) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                if self._pending_failure is not None:
+                    reason, self._pending_failure = self._pending_failure, None
+                    await self._fail(reason)
+                await self._step()
+            except XenDeviceError as exc:
+                await self._fail(str(exc))
+            except XenstoreProtocolError as exc:
+                log.error("%s: xenstore connection lost: %s; device disconnected", self.name, exc)
+                await self._disconnect()
+                return
+            except (XenstoreError, TimeoutError) as exc:
+                log.warning("%s: xenstore request failed: %s", self.name, exc)
+
+    async def _fail(self, reason: str) -> None:
+        assert self.client is not None
+        self.failure = reason
+        log.error("%s: dom%d %s device %d failed: %s", self.name, self.domid, self.kind, self.devid, reason)
+        await self._disconnect()
+        if self.state not in (None, XenbusState.CLOSING, XenbusState.CLOSED):
+            await self._set_state(XenbusState.CLOSING)
+
+    async def _disconnect(self) -> None:
+        if self.connected:
+            self.connected = False
+            await self.disconnect()
+
+    async def _set_state(self, state: XenbusState) -> None:
+        assert self.client is not None
+        if state == XenbusState.INIT_WAIT:
+            await self.announce(self.client)
+        await self.client.write(f"{self.backend_path}/state", str(int(state)))
+        self.state = state
+        log.info("%s: backend %s", self.name, state.name)
+
+    async def _frontend_state(self) -> XenbusState | None:
+        assert self.client is not None
+        value = await read_number(self.client, f"{self.frontend_path}/state", limit=int(XenbusState.RECONFIGURED))
+        return None if value is None else XenbusState(value)
+
+    async def _step(self) -> None:
+        """Move the backend's state one handshake step on from what the nodes say now."""
+        assert self.client is not None
+        if not await self.client.exists(f"{self.backend_path}/state"):
+            await self._disconnect()
+            self.state = None
+            return
+        if self.state is None:
+            await self._set_state(XenbusState.INIT_WAIT)
+        frontend = await self._frontend_state()
+        if frontend in (None, XenbusState.CLOSED):
+            await self._disconnect()
+            if self.state not in (XenbusState.INIT_WAIT, XenbusState.CLOSED):
+                await self._set_state(XenbusState.CLOSED)
+        elif frontend == XenbusState.INITIALISING:
+            await self._disconnect()
+            if self.state in (XenbusState.CLOSED, XenbusState.CONNECTED):
+                self.failure = None
+                await self._set_state(XenbusState.INIT_WAIT)
+        elif frontend in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            if self.state == XenbusState.INIT_WAIT:
+                await self.connect(self.client)
+                self.connected = True
+                await self._set_state(XenbusState.CONNECTED)
+        elif frontend == XenbusState.CLOSING:
+            await self._disconnect()
+            if self.state != XenbusState.CLOSED:
+                await self._set_state(XenbusState.CLOSING)
+        elif frontend != XenbusState.INIT_WAIT:
+            raise XenDeviceError(f"frontend state {frontend.name} is not one a frontend may be in")
