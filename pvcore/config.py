@@ -36,6 +36,9 @@ class ConfigError(Exception):
 COMMON_OPTIONS: Mapping[str, OptionSpec] = {
     "name": OptionSpec("unique name of the device within the daemon (default: derived from the socket or class)"),
     "socket": OptionSpec("Unix socket the guest's hypervisor connects to (for an lpar rng: the FIFO QEMU reads)"),
+    "socket-mode": OptionSpec(
+        "server (pvcore listens, the hypervisor connects; default) or client (the hypervisor listens)"
+    ),
     "hypervisor": OptionSpec("serve this device through another hypervisor plugin than --hypervisor (one daemon, many hypervisors)"),
     "domain": OptionSpec("name of the guest the device belongs to (default: derived from the socket name)"),
 }

@@ -275,6 +275,19 @@ class VirtioSession:
                 if attr == "kick":
                     self.loop.add_reader(new.fileno(), queue.on_kick)
 
+    def clear_notifier(self, index: int, which: str) -> None:
+        """Drop and close queue ``index``'s ``call`` or ``err`` notifier (the frontend polls instead)."""
+        if which not in ("call", "err"):
+            raise SessionError(f"{self.name}: only call and err notifiers can be cleared, not {which}")
+        setup = self.queue_setup(index)
+        old = getattr(setup, which)
+        setattr(setup, which, None)
+        queue = self.running.get(index)
+        if queue is not None and which == "call":
+            queue.call = None
+        if old is not None:
+            old.close()
+
     def start_queue(self, index: int) -> RunningQueue:
         """Start serving queue ``index``; every part of its setup must be present."""
         if self.broken:

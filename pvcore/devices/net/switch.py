@@ -48,6 +48,9 @@ ETH_HEADER_LEN = 14
 MIN_FRAME_LEN = ETH_HEADER_LEN
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN
 DEFAULT_AGEING = 300.0
+
+_LOGGED_DROPS = frozenset({1, 10, 100, 1000, 10000, 100000})
+"""Spoofed frames of a port that get a log line: the first, then every tenfold."""
 DEFAULT_MAX_ENTRIES = 4096
 
 _MAC_TEXT = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
@@ -238,6 +241,11 @@ class Switch:
         dst, src = frame[:ETH_ALEN], frame[ETH_ALEN : 2 * ETH_ALEN]
         if ingress.mac is not None and src != ingress.mac:
             counters.dropped_spoof += 1
+            if counters.dropped_spoof in _LOGGED_DROPS:
+                log.warning(
+                    "switch %s: port %s sent from %s, not its own MAC %s; dropped (anti-spoofing, %d so far)",
+                    self.name, ingress.name, format_mac(src), format_mac(ingress.mac), counters.dropped_spoof,
+                )
             return 0
         if is_multicast(src):
             counters.dropped_malformed += 1

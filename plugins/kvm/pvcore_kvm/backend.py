@@ -1,0 +1,456 @@
+"""The vhost-user backend: QEMU's messages translated into a core ring session.
+
+:class:`VhostUserConnection` serves one frontend connection. It owns a fresh
+:class:`~pvcore.ring.session.VirtioSession` for the device and turns each
+message into the session call it means: features, the memory table (mapped
+through the ``pvcore_map_memory`` hook), queue sizes, ring addresses (frontend
+user addresses translated to guest addresses), bases, kick/call/err eventfds
+(opened through the ``pvcore_open_notifier`` hook), enabling and stopping
+rings. The ring and the device logic are the core's.
+
+Ring start rules (vhost-user "Ring states"): a ring runs when it has a kick fd
+and is enabled. With VHOST_USER_F_PROTOCOL_FEATURES negotiated rings start
+disabled until SET_VRING_ENABLE 1; without it they are enabled at once.
+GET_VRING_BASE stops a ring after its in-flight requests and forgets its kick
+fd, so the frontend must send SET_VRING_KICK again to restart it.
+
+A message that breaks the protocol closes its connection with one logged
+line; the device is reset and the front door keeps serving new connections
+(and every other device keeps running).
+
+:class:`VhostUserFrontDoor` is the :class:`~pvcore.contract.FrontDoor`: in
+server mode it listens on a Unix socket (mode 0600; a stale socket file is
+replaced; it is removed on stop) and QEMU connects
+(``-chardev socket,id=c0,path=S``); in client mode it connects to a socket
+QEMU listens on (``-chardev socket,id=c0,path=S,server=on``) and reconnects
+when QEMU goes away and comes back. One frontend at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion
+from pvcore.ring.memory import GuestMemory, GuestMemoryError
+from pvcore.ring.notify import Notifier
+from pvcore.ring.session import SessionError, VirtioSession
+from pvcore.ring.virtqueue import ring_sizes
+from pvcore.streams.unix import bind_private_socket
+from pvcore.virtio import DeviceError, VirtioDevice, bit
+from pvcore_kvm.protocol import (
+    F_PROTOCOL_FEATURES,
+    FLAG_REPLY,
+    VERSION,
+    VRING_F_LOG,
+    VRING_INDEX_MASK,
+    VRING_NOFD,
+    Body,
+    ConfigSpace,
+    MemoryTable,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringState,
+    decode,
+    encode,
+    encode_config,
+    encode_state,
+    encode_u64,
+    read_message,
+)
+
+log = logging.getLogger("pvcore.kvm")
+
+HYPERVISOR = "kvm"
+
+OFFERED_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.RESET_DEVICE)
+)
+"""Protocol features a pvcore backend offers (no INFLIGHT_SHMFD, LOG_SHMFD, BACKEND_REQ...)."""
+
+_HANDLER_ERRORS = (SessionError, GuestMemoryError, DeviceError, ValueError, OSError)
+
+
+class VhostUserConnection:
+    """One frontend connection driving a fresh ring session of ``device``."""
+
+    def __init__(self, device: VirtioDevice, sock: socket.socket, *, hook: Any, name: str, number: int = 1) -> None:
+        self.device = device
+        self.number = number
+        self.sock = sock
+        self.hook = hook
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+        self.session = VirtioSession(device, name=name, loop=self.loop)
+        self.memory: GuestMemory | None = None
+        self.protocol_features = 0
+        self.owned = False
+        self.closing = False
+        queues = device.num_queues()
+        self.enabled = [False] * queues
+        self.kick_ready = [False] * queues
+        self.completions = [0] * queues
+        self.interrupts = [0] * queues
+
+    def __repr__(self) -> str:
+        return f"VhostUserConnection({self.name!r})"
+
+    async def serve(self) -> None:
+        """Answer messages until the frontend leaves or breaks the protocol; then clean up."""
+        reason, level = "front door stopped", logging.INFO
+        try:
+            while (message := await read_message(self.loop, self.sock)) is not None:
+                await self._dispatch(message)
+            reason = "frontend closed the connection"
+        except ProtocolError as exc:
+            reason, level = f"protocol error: {exc}", logging.WARNING
+        except ConnectionError as exc:
+            reason, level = f"connection lost: {exc}", logging.WARNING
+        except Exception as exc:  # a bug must cost this connection only, never the daemon
+            log.exception("%s: internal error", self.name)
+            reason, level = f"internal error: {exc}", logging.ERROR
+        finally:
+            self.closing = True
+            try:
+                await self._end_session()
+            finally:
+                self.sock.close()
+                counts = "; ".join(
+                    f"queue {index}: {done} completions, {irqs} interrupts"
+                    for index, (done, irqs) in enumerate(zip(self.completions, self.interrupts))
+                )
+                log.log(
+                    level, "%s: frontend disconnected (connection %d): %s; %s", self.name, self.number, reason, counts
+                )
+
+    async def _dispatch(self, message: Message) -> None:
+        request, body = decode(message)
+        log.debug("%s: %s %s", self.name, request.name, body)
+        try:
+            reply = await self._handle(request, body, message)
+        except ProtocolError:
+            await self._nack(message, request)
+            raise
+        except _HANDLER_ERRORS as exc:
+            await self._nack(message, request)
+            raise ProtocolError(f"{request.name}: {exc}") from None
+        finally:
+            message.close_fds()
+        if reply is not None:
+            await self._reply(request, reply)
+        elif message.need_reply and self._acks:
+            await self._reply(request, encode_u64(0))
+
+    @property
+    def _acks(self) -> bool:
+        return bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
+
+    async def _reply(self, request: Request, payload: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, encode(request, payload, flags=VERSION | FLAG_REPLY))
+
+    async def _nack(self, message: Message, request: Request) -> None:
+        if message.need_reply and self._acks:
+            try:
+                await self._reply(request, encode_u64(1))
+            except OSError:
+                pass  # the connection is being closed for the error anyway
+
+    async def _handle(self, request: Request, body: Body, message: Message) -> bytes | None:
+        session = self.session
+        if request is Request.GET_FEATURES:
+            return encode_u64(session.offered_features | bit(F_PROTOCOL_FEATURES))
+        if request is Request.SET_FEATURES:
+            assert isinstance(body, int)
+            session.negotiate(body & ~bit(F_PROTOCOL_FEATURES))
+            if not body & bit(F_PROTOCOL_FEATURES):
+                for index in range(len(self.enabled)):
+                    self.enabled[index] = True
+                    await self._update_ring(index)
+        elif request is Request.GET_PROTOCOL_FEATURES:
+            return encode_u64(OFFERED_PROTOCOL_FEATURES)
+        elif request is Request.SET_PROTOCOL_FEATURES:
+            assert isinstance(body, int)
+            if body & ~OFFERED_PROTOCOL_FEATURES:
+                raise ProtocolError(f"protocol features {body & ~OFFERED_PROTOCOL_FEATURES:#x} were never offered")
+            self.protocol_features = body
+        elif request is Request.SET_OWNER:
+            self.owned = True
+        elif request is Request.RESET_OWNER:
+            await self._stop_rings()
+        elif request is Request.RESET_DEVICE:
+            await self._end_session()
+            self.session = VirtioSession(self.device, name=self.name, loop=self.loop)
+            self.enabled = [False] * len(self.enabled)
+        elif request is Request.SET_MEM_TABLE:
+            assert isinstance(body, MemoryTable)
+            self._set_memory(body, message)
+        elif request is Request.SET_VRING_NUM:
+            assert isinstance(body, VringState)
+            session.set_queue_size(body.index, body.num)
+        elif request is Request.SET_VRING_ADDR:
+            assert isinstance(body, VringAddr)
+            self._set_addresses(body)
+        elif request is Request.SET_VRING_BASE:
+            assert isinstance(body, VringState)
+            session.queue_setup(body.index)
+            if body.num > 0xFFFF:
+                raise ProtocolError(f"queue {body.index}: base {body.num} is not a split-ring index")
+            session.set_queue_base(body.index, body.num)
+        elif request is Request.GET_VRING_BASE:
+            assert isinstance(body, VringState)
+            session.queue_setup(body.index)
+            self.kick_ready[body.index] = False
+            base = await self._stop_ring(body.index)
+            return encode_state(VringState(body.index, base))
+        elif request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+            assert isinstance(body, int)
+            await self._set_notifier(request, body, message)
+        elif request is Request.GET_QUEUE_NUM:
+            return encode_u64(len(self.enabled))
+        elif request is Request.SET_VRING_ENABLE:
+            assert isinstance(body, VringState)
+            session.queue_setup(body.index)
+            if body.num not in (0, 1):
+                raise ProtocolError(f"queue {body.index}: enable value {body.num} is not 0 or 1")
+            self.enabled[body.index] = bool(body.num)
+            await self._update_ring(body.index)
+        elif request is Request.GET_CONFIG:
+            assert isinstance(body, ConfigSpace)
+            data = self.device.config()[body.offset : body.offset + body.size]
+            return encode_config(ConfigSpace(body.offset, body.size, body.flags, data.ljust(body.size, b"\0")))
+        elif request is Request.SET_CONFIG:
+            assert isinstance(body, ConfigSpace)
+            if body.flags not in (0, 1):
+                raise ProtocolError(f"SET_CONFIG flags {body.flags:#x} are neither frontend (0) nor migration (1)")
+            self.device.write_config(body.offset, body.payload)
+        return None
+
+    def _set_memory(self, table: MemoryTable, message: Message) -> None:
+        fds, message.fds = message.fds, []
+        try:
+            layout = FdMemoryLayout(
+                tuple(
+                    FdRegion(fd, r.guest_addr, r.size, r.user_addr, r.mmap_offset)
+                    for fd, r in zip(fds, table.regions)
+                )
+            )
+            memory = self.hook.pvcore_map_memory(hypervisor=HYPERVISOR, layout=layout)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if memory is None:
+            raise ProtocolError("no plugin maps fd-based guest memory (is pvcore-kvm installed?)")
+        old, self.memory = self.memory, memory
+        self.session.set_memory(memory)
+        _close_memory(old)
+
+    def _set_addresses(self, addr: VringAddr) -> None:
+        setup = self.session.queue_setup(addr.index)
+        if addr.flags & ~VRING_F_LOG:
+            raise ProtocolError(f"queue {addr.index}: unknown vring flags {addr.flags:#x}")
+        if self.memory is None:
+            raise ProtocolError(f"queue {addr.index}: ring addresses before SET_MEM_TABLE")
+        desc_len, avail_len, used_len = ring_sizes(setup.size or 1)
+        try:
+            desc = self.memory.user_to_guest(addr.desc, desc_len)
+            avail = self.memory.user_to_guest(addr.avail, avail_len)
+            used = self.memory.user_to_guest(addr.used, used_len)
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"queue {addr.index}: ring address not in the memory table: {exc}") from None
+        self.session.set_queue_addresses(addr.index, desc, avail, used)
+
+    async def _set_notifier(self, request: Request, value: int, message: Message) -> None:
+        index = value & VRING_INDEX_MASK
+        if value & ~(VRING_INDEX_MASK | VRING_NOFD):
+            raise ProtocolError(f"{request.name}: unknown bits in {value:#x}")
+        which = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call", Request.SET_VRING_ERR: "err"}[request]
+        if value & VRING_NOFD:
+            if which == "kick":
+                raise ProtocolError(f"queue {index}: polling without a kick fd is not supported")
+            self.session.clear_notifier(index, which)
+            return
+        notifier = self._open_notifier(message.fds.pop())
+        self.session.set_notifiers(index, **{which: notifier})
+        if which == "kick":
+            self.kick_ready[index] = True
+            await self._update_ring(index)
+
+    def _open_notifier(self, fd: int) -> Notifier:
+        try:
+            notifier = self.hook.pvcore_open_notifier(hypervisor=HYPERVISOR, channel=EventFdChannel(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        if notifier is None:
+            os.close(fd)
+            raise ProtocolError("no plugin opens eventfd notifiers (is pvcore-kvm installed?)")
+        return notifier
+
+    async def _update_ring(self, index: int) -> None:
+        wanted = self.enabled[index] and self.kick_ready[index]
+        running = index in self.session.running
+        if wanted and not running:
+            self.session.start_queue(index)
+        elif running and not wanted:
+            await self._stop_ring(index)
+
+    async def _stop_ring(self, index: int) -> int:
+        queue = self.session.running.get(index)
+        base = await self.session.stop_queue(index)
+        if queue is not None:
+            self.completions[index] += queue.completions
+            self.interrupts[index] += queue.interrupts
+        return base
+
+    async def _stop_rings(self) -> None:
+        for index in list(self.session.running):
+            await self._stop_ring(index)
+        self.kick_ready = [False] * len(self.kick_ready)
+
+    async def _end_session(self) -> None:
+        try:
+            await self._stop_rings()
+        finally:
+            self.session.close()
+            _close_memory(self.memory)
+            self.memory = None
+
+
+def _close_memory(memory: GuestMemory | None) -> None:
+    close = getattr(memory, "close", None)
+    if close is not None:
+        close()
+
+
+class VhostUserFrontDoor:
+    """A device served over vhost-user on ``socket_path`` (server or client mode)."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        socket_path: str | os.PathLike[str],
+        *,
+        hook: Any,
+        name: str,
+        client: bool = False,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.device = device
+        self.socket_path = Path(socket_path)
+        self.hook = hook
+        self.name = name
+        self.client = client
+        self.retry_interval = retry_interval
+        self.description = f"vhost-user {'client' if client else 'server'} socket {self.socket_path}"
+        self.connections = 0
+        self.connection: VhostUserConnection | None = None
+        self._listener: socket.socket | None = None
+        self._socket_inode: tuple[int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connection_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"VhostUserFrontDoor({self.name!r}, {self.description!r})"
+
+    async def start(self) -> None:
+        """Listen on the socket (server) or start connecting to it (client)."""
+        loop = asyncio.get_running_loop()
+        if self.client:
+            self._task = loop.create_task(self._connect_loop())
+            return
+        self._listener = self._listen()
+        self._task = loop.create_task(self._accept_loop())
+        log.info("vhost-user %s: listening on %s", self.name, self.socket_path)
+
+    async def stop(self) -> None:
+        """Stop accepting, end the connection (finishing in-flight requests), remove the socket."""
+        for task in (self._task, self._connection_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._connection_task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            try:
+                info = os.lstat(self.socket_path)
+                if (info.st_dev, info.st_ino) == self._socket_inode:
+                    os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    def _listen(self) -> socket.socket:
+        listener = bind_private_socket(self.socket_path, f"vhost-user {self.name}")
+        info = os.lstat(self.socket_path)
+        self._socket_inode = (info.st_dev, info.st_ino)
+        return listener
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            previous = self._connection_task
+            if previous is not None and not previous.done():
+                if self.connection is not None and not self.connection.closing:
+                    log.warning("vhost-user %s: refused a second frontend while one is connected", self.name)
+                    sock.close()
+                    continue
+                try:
+                    await previous  # the last frontend's requests are still finishing
+                except BaseException:
+                    sock.close()
+                    raise
+            self._connection_task = loop.create_task(self._serve(sock))
+
+    async def _connect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, os.fspath(self.socket_path))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if not waiting:
+                    log.info("vhost-user %s: waiting for a frontend to listen on %s (%s)", self.name,
+                             self.socket_path, exc.strerror)
+                    waiting = True
+                await asyncio.sleep(self.retry_interval)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            waiting = False
+            self._connection_task = loop.create_task(self._serve(sock))
+            await asyncio.shield(self._connection_task)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.connections += 1
+        try:
+            connection = VhostUserConnection(
+                self.device, sock, hook=self.hook, name=f"vhost-user {self.name}", number=self.connections
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self.connection = connection
+        log.info("%s: frontend connected (connection %d) on %s", connection.name, self.connections, self.socket_path)
+        try:
+            await connection.serve()
+        finally:
+            self.connection = None
+

@@ -1,0 +1,187 @@
+"""The kvm plugin's hooks: info, detect, probe, memory, notification, front doors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+from pvcore_kvm.backend import VhostUserFrontDoor
+
+from pvcore.contract import (
+    CONTRACT_VERSION,
+    DaemonContext,
+    DeviceConfig,
+    DeviceSlot,
+    EventFdChannel,
+    FdMemoryLayout,
+    FdRegion,
+    HostContext,
+)
+from pvcore.devices.console.stream import ConsoleStream
+from pvcore.ring.fdmemory import FdGuestMemory
+from pvcore.ring.notify import EventFdNotifier
+from pvcore.streams.chardev import ChardevFrontDoor
+
+DOMAIN_XML = """
+<domain type='qemu'>
+  <name>vm1</name>
+  <devices>
+    <disk type='vhostuser' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source type='unix' path='/run/pvcore/vm1-vda.sock'><reconnect enabled='yes' timeout='1'/></source>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'><source file='/var/lib/x.img'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='vhostuser'>
+      <mac address='52:54:00:00:00:01'/>
+      <source type='unix' path='/run/pvcore/vm1-net.sock' mode='server'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='vhostuser'>
+      <source type='unix' path='/run/pvcore/vm1-net2.sock' mode='client'/>
+    </interface>
+    <interface type='network'><source network='default'/></interface>
+    <serial type='unix'><source mode='connect' path='/run/pvcore/vm1-con.sock'/><target port='0'/></serial>
+    <console type='unix'><source mode='connect' path='/run/pvcore/vm1-con.sock'/><target type='serial'/></console>
+    <serial type='unix'><source mode='bind' path='/run/other.sock'/></serial>
+  </devices>
+</domain>
+"""
+
+
+@attrs.define
+class FakeDomain:
+    domain_name: str
+    xml: str
+
+    def name(self) -> str:
+        return self.domain_name
+
+    def XMLDesc(self, flags: int) -> str:
+        return self.xml
+
+
+@attrs.define
+class FakeLibvirt:
+    kind: str = "QEMU"
+    domains: list[FakeDomain] = attrs.field(factory=list)
+
+    def getType(self) -> str:
+        return self.kind
+
+    def listAllDomains(self, flags: int) -> list[FakeDomain]:
+        return self.domains
+
+
+@attrs.define
+class FakeDevice:
+    config: DeviceConfig
+    virtio: object = None
+    engine: object = None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_plugin_info(registry):
+    (info,) = registry.hook.pvcore_plugin_info()
+    assert info.name == "kvm" and info.hypervisor == "kvm" and info.contract == CONTRACT_VERSION
+    assert info.primitives == {"detect", "probe", "memory", "notification", "stream"}
+    assert info.device_classes == {"block", "net", "rng", "console"}
+    assert set(registry.hypervisors()) == {"kvm"}
+
+
+def test_detect(registry, tmp_path):
+    assert registry.detect(HostContext(root=tmp_path)) == []
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "kvm").touch()
+    (found,) = registry.detect(HostContext(root=tmp_path))
+    assert found.hypervisor == "kvm" and "/dev/kvm" in found.evidence
+    (by_libvirt,) = registry.detect(HostContext(root=tmp_path, libvirt=FakeLibvirt()))
+    assert by_libvirt.confidence > found.confidence and "libvirt" in by_libvirt.evidence
+    assert registry.detect(HostContext(root=tmp_path / "none", libvirt=FakeLibvirt(kind="Xen"))) == []
+
+
+def test_probe_libvirt_domains(registry):
+    host = HostContext(libvirt=FakeLibvirt(domains=[FakeDomain("vm1", DOMAIN_XML), FakeDomain("vm2", "<domain/>")]))
+    (slots,) = [s for s in registry.hook.pvcore_probe(hypervisor="kvm", host=host) if s is not None]
+    assert slots == [
+        DeviceSlot("kvm", "block", "/run/pvcore/vm1-vda.sock", "vm1",
+                   {"socket": "/run/pvcore/vm1-vda.sock", "socket-mode": "server", "target": "vda"}),
+        DeviceSlot("kvm", "net", "/run/pvcore/vm1-net.sock", "vm1",
+                   {"socket": "/run/pvcore/vm1-net.sock", "socket-mode": "client", "mac": "52:54:00:00:00:01"}),
+        DeviceSlot("kvm", "net", "/run/pvcore/vm1-net2.sock", "vm1",
+                   {"socket": "/run/pvcore/vm1-net2.sock", "socket-mode": "server"}),
+        DeviceSlot("kvm", "console", "/run/pvcore/vm1-con.sock", "vm1", {"socket": "/run/pvcore/vm1-con.sock"}),
+    ]
+    assert registry.hook.pvcore_probe(hypervisor="kvm", host=HostContext()) == [[]]
+    assert registry.hook.pvcore_probe(hypervisor="xen", host=host) == []
+
+
+def test_probe_reports_broken_xml(registry):
+    host = HostContext(libvirt=FakeLibvirt(domains=[FakeDomain("bad", "<domain><devices>")]))
+    with pytest.raises(ValueError, match="libvirt domain bad"):
+        registry.hook.pvcore_probe(hypervisor="kvm", host=host)
+
+
+def test_map_memory_and_open_notifier(registry):
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 16)
+    try:
+        layout = FdMemoryLayout((FdRegion(fd, 0x1000, 1 << 16, 0x7000_0000, 0),))
+        memory = registry.hook.pvcore_map_memory(hypervisor="kvm", layout=layout)
+        assert isinstance(memory, FdGuestMemory)
+        memory.write(0x1000, b"abc")
+        assert os.pread(fd, 3, 0) == b"abc"
+        memory.close()
+        assert registry.hook.pvcore_map_memory(hypervisor="xen", layout=layout) is None
+        assert registry.hook.pvcore_map_memory(hypervisor="kvm", layout=object()) is None
+    finally:
+        os.close(fd)
+    notifier = registry.hook.pvcore_open_notifier(hypervisor="kvm", channel=EventFdChannel(os.eventfd(0)))
+    assert isinstance(notifier, EventFdNotifier)
+    notifier.close()
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="not an eventfd"):
+            registry.hook.pvcore_open_notifier(hypervisor="kvm", channel=EventFdChannel(read_end))
+        assert registry.hook.pvcore_open_notifier(hypervisor="xen", channel=EventFdChannel(read_end)) is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_front_doors(registry, tmp_path: Path):
+    loop = asyncio.new_event_loop()
+    try:
+        context = DaemonContext(hook=registry.hook, run_dir=tmp_path, loop=loop, switch=lambda name: None)
+        block = FakeDevice(DeviceConfig("block", "disk0", {"socket": str(tmp_path / "d.sock")}), virtio=object())
+        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=block, context=context)
+        assert isinstance(door, VhostUserFrontDoor) and not door.client
+        assert door.socket_path == tmp_path / "d.sock"
+        rng = FakeDevice(DeviceConfig("rng", "rng0", {"socket-mode": "client"}), virtio=object())
+        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=rng, context=context)
+        assert door.client and door.socket_path == tmp_path / "rng0.sock"
+        console = FakeDevice(DeviceConfig("console", "con0"), engine=ConsoleStream("con0"))
+        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=console, context=context)
+        assert isinstance(door, ChardevFrontDoor) and door.socket_path == str(tmp_path / "con0.sock")
+        assert registry.hook.pvcore_front_door(hypervisor="xen", device=block, context=context) is None
+        with pytest.raises(ValueError, match="not gpu"):
+            registry.hook.pvcore_front_door(
+                hypervisor="kvm", device=FakeDevice(DeviceConfig("gpu", "g")), context=context
+            )
+        with pytest.raises(ValueError, match="socket-mode"):
+            registry.hook.pvcore_front_door(
+                hypervisor="kvm", device=FakeDevice(DeviceConfig("net", "n", {"socket-mode": "x"}), virtio=object()),
+                context=context,
+            )
+    finally:
+        loop.close()
+
+
+def test_entry_point_declared():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '[project.entry-points."pvcore.plugins"]' in text and 'kvm = "pvcore_kvm.plugin"' in text
