@@ -24,8 +24,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from pvcore.contract import DeviceClass, DeviceConfig, OptionSpec
 
 
@@ -156,13 +154,6 @@ def check_unique(configs: list[DeviceConfig]) -> list[DeviceConfig]:
     return configs
 
 
-def with_defaults(config: DeviceConfig, **defaults: Any) -> DeviceConfig:
-    """A copy of ``config`` with options filled in where the user gave none."""
-    merged = {**defaults, **{k: v for k, v in config.options.items() if v is not None}}
-    return attrs.evolve(config, options=merged)
-
-
-
 def parse_bool(text: str) -> bool:
     """``on/off``, ``yes/no``, ``true/false``, ``1/0`` (as QEMU accepts)."""
     value = text.strip().lower()
@@ -172,13 +163,3 @@ def parse_bool(text: str) -> bool:
         return False
     raise ValueError("expected on or off")
 
-
-def parse_positive_int(text: str) -> int:
-    """A decimal integer greater than zero."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ValueError("expected a positive integer") from None
-    if value <= 0:
-        raise ValueError("expected a positive integer")
-    return value

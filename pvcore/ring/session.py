@@ -366,12 +366,3 @@ class VirtioSession:
                     notifier.close()
         self.setups = [QueueSetup() for _ in self.setups]
         self.device.reset()
-
-    def stats(self) -> dict[str, int]:
-        """Counters summed over running queues: kicks, completions, interrupts."""
-        totals = {"kicks": 0, "completions": 0, "interrupts": 0}
-        for queue in self.running.values():
-            totals["kicks"] += queue.kicks
-            totals["completions"] += queue.completions
-            totals["interrupts"] += queue.interrupts
-        return totals
