@@ -52,7 +52,7 @@ def _machine_fence() -> tuple[Callable[[], None], str]:
         return _lock_fence, "lock"
     page.write(code)
     address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    function = ctypes.CFUNCTYPE(None)(address)
+    function = ctypes.PYFUNCTYPE(None)(address)  # keeps the GIL: no thread hand-off around one instruction
     function._page = page  # keep the mapping alive as long as the function
     return function, machine
 

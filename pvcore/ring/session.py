@@ -71,8 +71,7 @@ class RunningQueue:
         self.interrupts = 0
         self.kicks = 0
         self._processing = False
-        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._flush_immediate = False
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._stopped = False
         self._idle: asyncio.Event | None = None
 
@@ -136,21 +135,13 @@ class RunningQueue:
         if self._processing:
             return
         if self.in_flight <= 0 or self._stopped:
-            self._schedule_flush(0.0)
+            self.flush()  # nothing else can join this batch: publish now, not one loop pass later
             return
         self._schedule_flush(self.session.max_interrupt_delay)
 
     def _schedule_flush(self, delay: float) -> None:
-        loop = self.session.loop
-        if self._flush_handle is not None:
-            if delay > 0 or self._flush_immediate:
-                return  # a flush is already due at least as soon
-            self._flush_handle.cancel()
-        self._flush_immediate = delay <= 0
-        if delay > 0:
-            self._flush_handle = loop.call_later(delay, self.flush)
-        else:
-            self._flush_handle = loop.call_soon(self.flush)
+        if self._flush_handle is None:  # else a flush is already due, at least as soon
+            self._flush_handle = self.session.loop.call_later(delay, self.flush)
 
     def flush(self) -> None:
         """Publish every pushed completion and interrupt the driver if it wants one."""
@@ -366,3 +357,12 @@ class VirtioSession:
                     notifier.close()
         self.setups = [QueueSetup() for _ in self.setups]
         self.device.reset()
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over running queues: kicks, completions, interrupts."""
+        totals = {"kicks": 0, "completions": 0, "interrupts": 0}
+        for queue in self.running.values():
+            totals["kicks"] += queue.kicks
+            totals["completions"] += queue.completions
+            totals["interrupts"] += queue.interrupts
+        return totals

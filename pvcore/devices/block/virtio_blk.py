@@ -357,7 +357,9 @@ class VirtioBlock(VirtioDevice):
             if request.pending == 0:
                 self._finish(request)
 
-        self.backend.submit(backend_request, done)
+        # Only a READ or WRITE (one backend request per chain) can complete inside submit:
+        # then the chain is pushed while the queue is processing and published with its batch.
+        self.backend.submit(backend_request, done, complete_inline=True)
 
     def _finish(self, request: _InFlight) -> None:
         """Write the status byte and return the chain (unless the device was reset meanwhile)."""
