@@ -24,7 +24,7 @@ debian-packages:
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PY) -m pip install -q -e '.[test,libvirt]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $@
 
 hooks-doc: setup

@@ -37,6 +37,7 @@ COMMON_OPTIONS: Mapping[str, OptionSpec] = {
     "socket-mode": OptionSpec(
         "server (pvcore listens, the hypervisor connects; default) or client (the hypervisor listens)"
     ),
+    "protocol": OptionSpec("front door where the hypervisor offers several (kvm rng: vhost-user, the default, or egd)"),
     "hypervisor": OptionSpec("serve this device through another hypervisor plugin than --hypervisor (one daemon, many hypervisors)"),
     "domain": OptionSpec("name of the guest the device belongs to (default: derived from the socket name)"),
 }

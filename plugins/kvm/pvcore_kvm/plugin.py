@@ -9,7 +9,10 @@ What is KVM/QEMU specific, and nothing else:
   :mod:`pvcore.ring.fdmemory`;
 * notification: eventfds (KVM ioeventfd/irqfd);
 * stream/transport: vhost-user for block, net and rng; the core's chardev
-  front door for consoles (QEMU 7.2 has no vhost-user console).
+  front door for consoles (QEMU 7.2 has no vhost-user console); the core's
+  EGD front door for an rng whose config says ``protocol=egd`` (what a
+  libvirt ``<rng><backend model='egd'>`` connects to: libvirt has no
+  vhost-user rng).
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ from pvcore.hookspecs import hookimpl
 from pvcore.ring.fdmemory import FdGuestMemory, map_fd_layout
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
+from pvcore.streams.egd import EgdFrontDoor
 from pvcore_kvm.backend import HYPERVISOR, VhostUserFrontDoor
 
 log = logging.getLogger("pvcore.kvm")
 
 RING_CLASSES = ("block", "net", "rng")
 SOCKET_MODES = ("server", "client")
+RNG_PROTOCOLS = ("vhost-user", "egd")
 
 
 @hookimpl
@@ -149,13 +154,19 @@ def pvcore_open_notifier(hypervisor: str, channel: Any) -> EventFdNotifier | Non
 
 @hookimpl
 def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
-    """vhost-user for block/net/rng, the core's chardev door for consoles."""
+    """vhost-user for block/net/rng, the core's chardev door for consoles, EGD for an rng with protocol=egd."""
     if hypervisor != HYPERVISOR:
         return None
     config = device.config
     socket_path = config.get("socket") or context.run_dir / f"{config.name}.sock"
     if config.device_class == "console":
         return ChardevFrontDoor(device.engine, socket_path)
+    if config.device_class == "rng":
+        protocol = config.get("protocol", "vhost-user")
+        if protocol not in RNG_PROTOCOLS:
+            raise ValueError(f"{config.name}: protocol={protocol}: kvm serves an rng over {' or '.join(RNG_PROTOCOLS)}")
+        if protocol == "egd":
+            return EgdFrontDoor(device.engine, socket_path)
     if config.device_class not in RING_CLASSES or device.virtio is None:
         raise ValueError(
             f"{config.name}: kvm serves block, net and rng over vhost-user and console over a chardev "

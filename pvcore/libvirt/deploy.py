@@ -1,0 +1,287 @@
+"""``pvcore deploy`` and ``pvcore undeploy``: add pvcore's devices to a domain, or take them away.
+
+Deploy completes each DEVICE spec (``name`` defaults to ``DOMAIN-CLASSn``,
+``socket`` to ``RUN_DIR/NAME.sock``, ``domain`` is the domain, relative paths
+become absolute), checks the domain's shared memory, and then:
+
+1. rewrites the persistent definition in one ``defineXML`` (what ``virsh
+   edit`` does): the device elements and pvcore's metadata change together;
+2. on a running domain, writes the live metadata too;
+3. makes sure the backends are up (local URIs): the host daemon picks the
+   change up from libvirt's events when it runs; otherwise a one-domain
+   server (``pvcore daemon --domain``) is started that serves the domain
+   until it stops. Deploy waits until every new socket listens;
+4. on a running domain, attaches the devices live.
+
+For a remote URI the backends must run on that host: deploy records the
+devices and the host's ``pvcore daemon`` serves them; a running domain gets
+them at its next start (attaching live before the remote backend listens
+would leave QEMU waiting for it).
+
+Undeploy detaches pvcore's devices (live and persistent), removes the
+metadata, and (locally) waits until their sockets are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
+
+import attrs
+
+from pvcore.config import check_unique, parse_devices, split_spec
+from pvcore.contract import DeviceConfig
+from pvcore.libvirt import LibvirtError, runlock
+from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain
+from pvcore.libvirt.devicexml import (
+    check_shared_memory,
+    device_element,
+    disk_targets,
+    element_socket,
+    elements_by_socket,
+    insert_devices,
+    next_disk_targets,
+    remove_devices,
+)
+from pvcore.libvirt.metadata import format_spec, read_specs, set_in_definition, write_live_specs
+from pvcore.registry import Registry
+
+PATH_KEYS = ("path", "log", "socket")
+"""Options that name files: made absolute (deploy runs in the operator's directory, the daemon does not)."""
+
+SOCKET_WAIT_SECONDS = 30.0
+
+
+@attrs.frozen
+class DeployedDevice:
+    """One device deploy added: its parsed config, complete spec and domain element."""
+
+    config: DeviceConfig
+    spec: str
+    element: ElementTree.Element
+
+    def describe(self) -> str:
+        """``block vm1-block0: <disk type='vhostuser'> vda, socket /run/pvcore/vm1-block0.sock``."""
+        return f"{self.config.device_class} {self.config.name}: {describe_element(self.element)}"
+
+
+def describe_element(element: ElementTree.Element) -> str:
+    """A device element in a few words: its tag and type, target and socket."""
+    kind = element.get("type") or element.get("model") or ""
+    text = f"<{element.tag}{f' {kind}' if kind else ''}>"
+    target = element.find("target")
+    if element.tag == "disk" and target is not None:
+        text += f" {target.get('dev')}"
+    mac = element.find("mac")
+    if mac is not None:
+        text += f" {mac.get('address')}"
+    return f"{text}, socket {element_socket(element)}"
+
+
+def _definition(domain: Any, flags: int) -> ElementTree.Element:
+    return ElementTree.fromstring(domain.XMLDesc(flags))
+
+
+def _existing_configs(specs: Sequence[str], registry: Registry, domain: str) -> list[DeviceConfig]:
+    try:
+        return parse_devices(specs, registry.device_classes())
+    except Exception as exc:
+        raise LibvirtError(f"domain {domain}: pvcore metadata holds a spec this pvcore cannot read: {exc}") from None
+
+
+def complete_specs(
+    texts: Sequence[str],
+    domain: str,
+    existing: Sequence[DeviceConfig],
+    *,
+    run_dir: Path,
+    local: bool,
+    registry: Registry,
+) -> list[tuple[str, DeviceConfig]]:
+    """Fill in name, socket, domain and absolute paths of each DEVICE text; parse and check them."""
+    classes = registry.device_classes()
+    names = {config.name for config in existing}
+    completed: list[tuple[str, DeviceConfig]] = []
+    for text in texts:
+        device_class, raw = split_spec(text)
+        if raw.get("domain", domain) != domain:
+            raise LibvirtError(f"device {text!r}: domain={raw['domain']} but it is deployed to {domain}")
+        if "name" not in raw:
+            index = 0
+            while f"{domain}-{device_class}{index}" in names:
+                index += 1
+            raw["name"] = f"{domain}-{device_class}{index}"
+        names.add(raw["name"])
+        raw.setdefault("socket", str(run_dir / f"{raw['name']}.sock"))
+        raw["domain"] = domain
+        for key in PATH_KEYS:
+            if key in raw and not Path(raw[key]).is_absolute():
+                if not local:
+                    raise LibvirtError(f"device {text!r}: {key}={raw[key]} must be an absolute path on the remote host")
+                raw[key] = str(Path(raw[key]).resolve())
+        spec = format_spec(device_class, raw)
+        completed.append((spec, parse_devices([spec], classes)[0]))
+    check_unique([*existing, *(config for _, config in completed)])
+    return completed
+
+
+def _served_by(uri: str, run_dir: Path, uuid: str) -> str | None:
+    """Who already serves the domain's devices on this host, or None."""
+    daemon = run_dir / runlock.DAEMON_LOCK
+    if runlock.is_held(daemon):
+        return f"the host daemon ({runlock.holder(daemon)})"
+    domain_lock = runlock.domain_lock_path(run_dir, uuid)
+    if runlock.is_held(domain_lock):
+        return f"a one-domain server ({runlock.holder(domain_lock)})"
+    return None
+
+
+def start_domain_server(uri: str, domain: str, uuid: str, run_dir: Path, hypervisor: str | None) -> str:
+    """Start ``pvcore daemon --domain`` in the background for one domain; describe it."""
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = run_dir / f"server-{domain}.log"
+    command = [sys.executable, "-m", "pvcore.cli", "daemon", "--connect", uri, "--domain", uuid, "--run-dir", str(run_dir)]
+    if hypervisor:
+        command += ["--hypervisor", hypervisor]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True
+        )
+    return f"a one-domain server (pid {process.pid}, log {log_path}) until {domain} stops"
+
+
+def wait_for_sockets(paths: Sequence[str], *, present: bool, timeout: float, why: str) -> None:
+    """Wait until every path exists (``present``) or none does; a timeout raises with ``why``."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(p) != present for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p for p in paths if os.path.exists(p) != present]
+            state = "did not appear" if present else "are still there"
+            raise LibvirtError(f"sockets {', '.join(missing)} {state} within {timeout:.0f} s; {why}")
+        time.sleep(0.05)
+
+
+@attrs.frozen
+class DeployReport:
+    """What deploy or undeploy did, as lines for the operator."""
+
+    lines: tuple[str, ...]
+
+
+def deploy(
+    conn: Any,
+    registry: Registry,
+    uri: str,
+    domain_name: str,
+    texts: Sequence[str],
+    *,
+    run_dir: Path,
+    hypervisor: str | None = None,
+    timeout: float = SOCKET_WAIT_SECONDS,
+) -> DeployReport:
+    """Add the devices ``texts`` describe to the domain and see them served (see the module doc)."""
+    libvirt = import_libvirt()
+    if not texts:
+        raise LibvirtError("no devices given: pvcore deploy --connect URI DOMAIN CLASS:key=value,... (see --help)")
+    plugin = choose_hypervisor(registry, conn, uri, hypervisor)
+    domain = lookup_domain(conn, domain_name)
+    name, uuid = domain.name(), domain.UUIDString()
+    active, persistent, local = bool(domain.isActive()), bool(domain.isPersistent()), is_local_uri(uri)
+    inactive_flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    config_root = _definition(domain, inactive_flags) if persistent else None
+    live_root = _definition(domain, 0) if active else None
+    config_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) if persistent else []
+    live_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) if active else []
+    existing = _existing_configs(list(dict.fromkeys([*live_specs, *config_specs])), registry, name)
+    completed = complete_specs(texts, name, existing, run_dir=run_dir, local=local, registry=registry)
+    configs = [config for _, config in completed]
+    for root in (config_root, live_root):
+        if root is not None:
+            check_shared_memory(name, root, configs)
+    used = set().union(*(disk_targets(r) for r in (config_root, live_root) if r is not None))
+    targets = iter(next_disk_targets(used, sum(c.device_class == "block" for c in configs)))
+    devices = [
+        DeployedDevice(config, spec, device_element(config, target_dev=next(targets) if config.device_class == "block" else "vda"))
+        for spec, config in completed
+    ]
+    new_specs = [device.spec for device in devices]
+    lines = [f"domain {name} ({'running' if active else 'shut off'}; plugin {plugin}): deploying {len(devices)} device(s)"]
+    lines += [f"  {device.describe()}" for device in devices]
+    if config_root is not None:
+        insert_devices(config_root, [device.element for device in devices])
+        set_in_definition(config_root, [*config_specs, *new_specs])
+        conn.defineXML(ElementTree.tostring(config_root, encoding="unicode"))
+        lines.append("  persistent definition: updated")
+    attach_live = active and local
+    if attach_live:
+        write_live_specs(domain, [*live_specs, *new_specs], libvirt)
+    if local:
+        served_by = _served_by(uri, run_dir, uuid) or start_domain_server(uri, name, uuid, run_dir, hypervisor)
+        sockets = [str(device.config.get("socket")) for device in devices]
+        wait_for_sockets(sockets, present=True, timeout=timeout, why=f"see the log of {served_by}")
+        lines.append(f"  served by: {served_by}")
+    else:
+        host = urlsplit(uri).hostname or uri
+        lines.append(f"  served by: the pvcore daemon on {host} (it must run there: systemctl enable --now pvcore-daemon)")
+    if attach_live:
+        lines.append(f"  live: {_attach_live(domain, devices, live_specs, libvirt)}")
+    elif active:
+        lines.append("  live: not attached (remote host); the devices appear at the domain's next start")
+    return DeployReport(tuple(lines))
+
+
+def _attach_live(domain: Any, devices: Sequence[DeployedDevice], live_specs: Sequence[str], libvirt: Any) -> str:
+    attached: list[DeployedDevice] = []
+    for device in devices:
+        try:
+            domain.attachDeviceFlags(ElementTree.tostring(device.element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            write_live_specs(domain, [*live_specs, *(d.spec for d in attached)], libvirt)
+            done = f"{len(attached)} attached; " if attached else ""
+            return (
+                f"{done}{device.config.name} could not be attached ({exc.get_error_message()}); "
+                "it and the devices after it appear at the domain's next start"
+            )
+        attached.append(device)
+    return "attached"
+
+
+def undeploy(conn: Any, registry: Registry, uri: str, domain_name: str, *, timeout: float = SOCKET_WAIT_SECONDS) -> DeployReport:
+    """Detach every device pvcore owns from the domain, remove the metadata, see the sockets go."""
+    libvirt = import_libvirt()
+    domain = lookup_domain(conn, domain_name)
+    name = domain.name()
+    active, persistent = bool(domain.isActive()), bool(domain.isPersistent())
+    config_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) if persistent else []
+    live_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) if active else []
+    specs = list(dict.fromkeys([*live_specs, *config_specs]))
+    if not specs:
+        return DeployReport((f"domain {name}: pvcore owns no devices there; nothing to do",))
+    sockets = [str(config.get("socket")) for config in _existing_configs(specs, registry, name)]
+    lines = [f"domain {name}: undeploying {len(specs)} device(s)"]
+    if active:
+        problems = []
+        for element in elements_by_socket(_definition(domain, 0), sockets):
+            try:
+                domain.detachDeviceFlags(ElementTree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                problems.append(f"{describe_element(element)}: {exc.get_error_message()}")
+        write_live_specs(domain, [], libvirt)
+        lines.append(f"  live: detach requested{'; ' + '; '.join(problems) if problems else ''}")
+    if persistent:
+        root = _definition(domain, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        remove_devices(root, elements_by_socket(root, sockets))
+        set_in_definition(root, [])
+        conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
+        lines.append("  persistent definition: devices and metadata removed")
+    if is_local_uri(uri):
+        wait_for_sockets(sockets, present=False, timeout=timeout, why="is a pvcore daemon for this run dir stuck? see its log")
+        lines.append("  backends: released, sockets removed")
+    return DeployReport(tuple(lines))

@@ -1,0 +1,385 @@
+"""``pvcore daemon --connect URI``: serve every domain's devices from metadata, following lifecycles.
+
+The host daemon reads pvcore's metadata of every domain on the connection
+and serves each recorded device (one :class:`~pvcore.daemon.Daemon` per
+device, so adding or removing one never touches the others). It follows
+libvirt's events (lifecycle and metadata changes) on a thread running
+libvirt's default event loop and handles them one at a time on the asyncio
+loop:
+
+* a defined domain with devices has its backends up, so they are ready
+  before the domain starts (libvirt has no event before QEMU starts, and
+  QEMU's vhost-user disk waits for its socket at start);
+* when a persistent domain stops, its backends are released (connections
+  closed, guest memory unmapped, files closed) and fresh ones are started
+  for its next run; when it is undefined (or a transient domain stops),
+  or its metadata no longer names a device, that device is released for good
+  and its socket removed;
+* a running domain is served from its live metadata and its persistent
+  one (devices added for the next start are ready too);
+* on SIGTERM every device stops and its socket goes; a daemon started again
+  serves the same sockets and QEMU reconnects (every chardev pvcore deploys
+  says ``<reconnect>``); if the connection to libvirtd drops, the devices
+  keep running and the daemon reconnects and catches up.
+
+With ``only_domain`` the same code is the one-domain server that
+``pvcore deploy`` starts when no host daemon runs: it serves that domain
+until the domain has stopped (or is undefined, or has no pvcore devices
+left), then releases everything and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pvcore.config import ConfigError, parse_devices
+from pvcore.contract import ContractError
+from pvcore.daemon import Daemon, DaemonError
+from pvcore.libvirt import LibvirtError, runlock
+from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
+from pvcore.libvirt.devicexml import served_config
+from pvcore.libvirt.metadata import NAMESPACE, read_specs
+from pvcore.registry import Registry
+from pvcore.virtio import DeviceError
+
+log = logging.getLogger("pvcore.libvirt")
+
+RECONNECT_SECONDS = 2.0
+RETRY_SECONDS = 2.0
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+_event_loop_lock = threading.Lock()
+_event_loop_running = False
+
+
+def ensure_event_loop(libvirt: Any) -> None:
+    """Register libvirt's default event implementation and run it on a thread (once per process).
+
+    Must happen before a connection is opened for that connection to deliver events.
+    """
+    global _event_loop_running
+    with _event_loop_lock:
+        if _event_loop_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_running = True
+
+
+@attrs.define(eq=False)
+class ServedDomain:
+    """The devices served for one domain: spec -> its daemon, and the domain lock held for them."""
+
+    uuid: str
+    name: str
+    lock_fd: int
+    devices: dict[str, Daemon] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Wanted:
+    """What a domain's definition asks for now."""
+
+    name: str
+    active: bool
+    persistent: bool
+    specs: tuple[str, ...]
+
+
+class HostDaemon:
+    """Serves the pvcore devices recorded in the metadata of the domains on ``uri``.
+
+    ``hypervisor`` forces a plugin (default: detected from the connection);
+    ``only_domain`` makes this the one-domain server described above.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        uri: str,
+        *,
+        run_dir: Path,
+        hypervisor: str | None = None,
+        only_domain: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.uri = uri
+        self.run_dir = run_dir
+        self.requested_hypervisor = hypervisor
+        self.hypervisor = ""
+        self.only_domain = only_domain
+        self.served: dict[str, ServedDomain] = {}
+        self._libvirt = import_libvirt()
+        self._conn: Any = None
+        self._callbacks: list[int] = []
+        self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._daemon_lock: int | None = None
+        self._only_uuid: str | None = None
+        self._waiting: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def device_count(self) -> int:
+        """How many devices are served now."""
+        return sum(len(served.devices) for served in self.served.values())
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to release everything and return (as SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Connect, serve every domain's devices and follow events until stopped."""
+        self._loop = asyncio.get_running_loop()
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.only_domain is None:
+            self._daemon_lock = runlock.try_lock(self.run_dir / runlock.DAEMON_LOCK)
+            if self._daemon_lock is None:
+                path = self.run_dir / runlock.DAEMON_LOCK
+                raise DaemonError(f"another pvcore daemon ({runlock.holder(path)}) serves run dir {self.run_dir}")
+        ensure_event_loop(self._libvirt)
+        if handle_signals:
+            self._loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            self._loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            self._loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
+        try:
+            await self._connect()
+            if self.only_domain is not None:
+                domain = await asyncio.to_thread(lookup_domain, self._conn, self.only_domain)
+                self._only_uuid = domain.UUIDString()
+                lock = runlock.domain_lock_path(self.run_dir, self._only_uuid)
+                if runlock.is_held(lock):
+                    raise DaemonError(f"domain {self.only_domain} is already served ({runlock.holder(lock)})")
+            await self._sync_all()
+            log.info(
+                "following %s through plugin %s: %d device(s) of %d domain(s) served; run dir %s",
+                self.uri, self.hypervisor, self.device_count, len(self.served), self.run_dir,
+            )
+            await self._follow()
+        finally:
+            if handle_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    self._loop.remove_signal_handler(signum)
+            log.info("stopping: releasing %d device(s)", self.device_count)
+            for uuid in list(self.served):
+                await self._release_domain(uuid, "the daemon stops")
+            await asyncio.to_thread(self._disconnect)
+            if self._daemon_lock is not None:
+                runlock.release(self._daemon_lock)
+                self._daemon_lock = None
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: every device reopens the log files it writes."""
+        for served in self.served.values():
+            for daemon in served.devices.values():
+                daemon.reopen_logs()
+
+    # -- the connection and its events ------------------------------------
+
+    async def _connect(self) -> None:
+        self._conn = await asyncio.to_thread(open_connection, self.uri)
+        libvirt = self._libvirt
+        self.hypervisor = choose_hypervisor(self.registry, self._conn, self.uri, self.requested_hypervisor)
+        if not is_local_uri(self.uri):
+            self._conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        self._callbacks = [
+            self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, None
+            ),
+        ]
+        self._conn.registerCloseCallback(self._on_close, None)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback in self._callbacks:
+            try:
+                conn.domainEventDeregisterAny(callback)
+            except self._libvirt.libvirtError:
+                pass
+        self._callbacks = []
+        try:
+            conn.unregisterCloseCallback()
+            conn.close()
+        except self._libvirt.libvirtError:
+            pass
+
+    def _post(self, uuid: str, what: str) -> None:
+        """From libvirt's event thread: queue an event for the asyncio loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (uuid, what))
+
+    def _on_lifecycle(self, _conn: Any, domain: Any, event: int, _detail: int, _opaque: Any) -> None:
+        libvirt = self._libvirt
+        names = {
+            libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+            libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+            libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+        }
+        if event in names:
+            self._post(domain.UUIDString(), names[event])
+
+    def _on_metadata(self, _conn: Any, domain: Any, _kind: int, uri: str | None, _opaque: Any) -> None:
+        if uri in (None, NAMESPACE):
+            self._post(domain.UUIDString(), "metadata")
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        self._post("", f"connection closed (reason {reason})")
+
+    async def _follow(self) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                get = asyncio.create_task(self._events.get())
+                done, _ = await asyncio.wait({get, stop}, timeout=RETRY_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if stop not in done:
+                        await self._retry_waiting()
+                    continue
+                uuid, what = get.result()
+                if not uuid:
+                    await self._reconnect(what)
+                    continue
+                if self._only_uuid is not None and uuid != self._only_uuid:
+                    continue
+                await self._sync_domain(uuid, what)
+        finally:
+            stop.cancel()
+
+    async def _reconnect(self, why: str) -> None:
+        log.warning("libvirt %s: %s; devices keep running, reconnecting", self.uri, why)
+        await asyncio.to_thread(self._disconnect)
+        while not self._stop.is_set():
+            try:
+                await self._connect()
+            except LibvirtError as exc:
+                log.warning("%s; retrying in %.0f s", exc, RECONNECT_SECONDS)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), RECONNECT_SECONDS)
+                except TimeoutError:
+                    continue
+                return
+            log.info("reconnected to %s", self.uri)
+            await self._sync_all()
+            return
+
+    # -- what each domain wants, and serving it ---------------------------
+
+    def _wanted(self, domain: Any) -> Wanted:
+        libvirt = self._libvirt
+        active, persistent = bool(domain.isActive()), bool(domain.isPersistent())
+        live = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) if active else []
+        config = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) if persistent else []
+        return Wanted(domain.name(), active, persistent, tuple(dict.fromkeys([*live, *config])))
+
+    def _wanted_by_uuid(self, uuid: str) -> Wanted | None:
+        libvirt = self._libvirt
+        try:
+            domain = self._conn.lookupByUUIDString(uuid)
+            return self._wanted(domain)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    async def _sync_all(self) -> None:
+        if self._only_uuid is not None:
+            uuids = [self._only_uuid]
+        else:
+            domains = await asyncio.to_thread(self._conn.listAllDomains, 0)
+            uuids = [domain.UUIDString() for domain in domains]
+        for uuid in [*uuids, *(u for u in self.served if u not in uuids)]:
+            await self._sync_domain(uuid, "catching up")
+
+    async def _sync_domain(self, uuid: str, what: str) -> None:
+        try:
+            wanted = await asyncio.to_thread(self._wanted_by_uuid, uuid)
+        except (self._libvirt.libvirtError, LibvirtError) as exc:
+            log.error("domain %s (%s): cannot read its definition: %s", uuid, what, exc)
+            return
+        if self._only_uuid is not None and self._one_domain_finished(wanted, what):
+            await self._release_domain(uuid, what)
+            self._stop.set()
+            return
+        if wanted is None or not wanted.specs:
+            await self._release_domain(uuid, what)
+            return
+        if what == "stopped" and not wanted.active and uuid in self.served:
+            await self._release_domain(uuid, "it stopped (fresh backends follow for its next start)")
+        await self._serve(uuid, wanted)
+
+    def _one_domain_finished(self, wanted: Wanted | None, what: str) -> bool:
+        if wanted is None or not wanted.specs:
+            return True
+        return what == "stopped" and not wanted.active
+
+    async def _serve(self, uuid: str, wanted: Wanted) -> None:
+        served = self.served.get(uuid)
+        if served is None:
+            lock = runlock.try_lock(runlock.domain_lock_path(self.run_dir, uuid))
+            if lock is None:
+                if uuid not in self._waiting:
+                    path = runlock.domain_lock_path(self.run_dir, uuid)
+                    log.info("domain %s is served by another pvcore process (%s); taking over when it ends",
+                             wanted.name, runlock.holder(path))
+                self._waiting.add(uuid)
+                return
+            self._waiting.discard(uuid)
+            served = self.served[uuid] = ServedDomain(uuid, wanted.name, lock)
+        for spec in [s for s in served.devices if s not in wanted.specs]:
+            await self._stop_device(served, spec, "its spec left the metadata")
+        for spec in wanted.specs:
+            if spec not in served.devices:
+                await self._start_device(served, spec)
+        if not served.devices:
+            await self._release_domain(uuid, "no device could be served")
+
+    async def _retry_waiting(self) -> None:
+        for uuid in list(self._waiting):
+            await self._sync_domain(uuid, "retry")
+
+    async def _start_device(self, served: ServedDomain, spec: str) -> None:
+        try:
+            configs = parse_devices([spec], self.registry.device_classes())
+            daemon = Daemon(self.registry, self.hypervisor, [served_config(c) for c in configs], run_dir=self.run_dir)
+            await daemon.start()
+        except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:
+            log.error("domain %s: device %s not served: %s", served.name, spec, exc)
+            return
+        served.devices[spec] = daemon
+        log.info("domain %s: serving %s", served.name, spec)
+
+    async def _stop_device(self, served: ServedDomain, spec: str, why: str) -> None:
+        daemon = served.devices.pop(spec)
+        try:
+            await daemon.stop()
+        except Exception as exc:  # one device's failing clean-up must not keep the others up
+            log.error("domain %s: device %s did not stop cleanly: %s", served.name, spec, exc)
+        log.info("domain %s: released %s: %s", served.name, spec, why)
+
+    async def _release_domain(self, uuid: str, why: str) -> None:
+        self._waiting.discard(uuid)
+        served = self.served.pop(uuid, None)
+        if served is None:
+            return
+        for spec in list(served.devices):
+            await self._stop_device(served, spec, why)
+        runlock.release(served.lock_fd)
+
