@@ -52,3 +52,18 @@ def test_print_qemu_args_for_a_partition() -> None:
     assert "-device spapr-vty,chardev=vty0" in done.stdout
     assert "rng-random,id=rng0,filename=/tmp/p1-rng.fifo" in done.stdout
     assert "-device spapr-vlan,netdev=n0,mac=52:54:00:00:00:05" in done.stdout
+
+
+def test_print_qemu_args_for_kvm_and_lpar_guests_of_one_daemon() -> None:
+    done = pvcore(
+        "serve", "--hypervisor", "kvm", "--print-qemu-args",
+        "block:path=/etc/hostname,socket=/tmp/vm1-vda.sock,queues=2", "rng:socket=/tmp/vm1-rng.sock",
+        "net:socket=/tmp/p1-net.sock,mac=52:54:00:00:00:09,hypervisor=lpar",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "# vm1 (kvm)" and lines[2] == "# p1 (lpar)"
+    assert "-device vhost-user-blk-pci,chardev=pv0,num-queues=2" in lines[1]
+    assert "path=/tmp/vm1-vda.sock,reconnect=1" in lines[1]
+    assert "-device vhost-user-rng-pci,chardev=pv1" in lines[1] and "vm1-rng.sock,reconnect" not in lines[1]
+    assert "-device spapr-vlan,netdev=n0,mac=52:54:00:00:00:09" in lines[3]

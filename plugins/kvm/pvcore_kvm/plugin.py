@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 from xml.etree import ElementTree
 
@@ -26,6 +27,7 @@ from pvcore.contract import (
     CONTRACT_VERSION,
     DaemonContext,
     Detection,
+    DeviceConfig,
     DeviceInstance,
     DeviceSlot,
     EventFdChannel,
@@ -40,6 +42,7 @@ from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import EgdFrontDoor
 from pvcore_kvm.backend import HYPERVISOR, VhostUserFrontDoor
+from pvcore_kvm.qemu import qemu_arguments
 
 log = logging.getLogger("pvcore.kvm")
 
@@ -178,3 +181,9 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
     return VhostUserFrontDoor(
         device.virtio, socket_path, hook=context.hook, name=config.name, client=mode == "client"
     )
+
+
+@hookimpl
+def pvcore_qemu_args(hypervisor: str, configs: Sequence[DeviceConfig]) -> dict[str, list[str]] | None:
+    """The x86 QEMU arguments (vhost-user, chardev) that attach each guest (see :mod:`pvcore_kvm.qemu`)."""
+    return qemu_arguments(configs) if hypervisor == HYPERVISOR else None
