@@ -104,6 +104,10 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         "switch, and print what the first saw: disk checksum, /dev/hwrng bytes, a ping, its console transcript.",
     )
     demo.add_argument("--loopback", action="store_true", help="no QEMU: the in-process reference driver plays the guest")
+
+    new_plugin = commands.add_parser("new-plugin", help="write the skeleton of a hypervisor plugin (docs/porting.md)")
+    new_plugin.add_argument("name", help="the hypervisor's name: lower-case letters, digits and _")
+    new_plugin.add_argument("--directory", type=Path, metavar="DIR", help="where to write pvcore-NAME/ (default: here)")
     return parser
 
 
@@ -276,6 +280,18 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """Write a plugin skeleton and say what to run next."""
+    from pvcore.scaffold import ScaffoldError, new_plugin, next_steps
+
+    try:
+        root = new_plugin(args.name, args.directory or Path.cwd())
+    except ScaffoldError as exc:
+        raise UsageError(str(exc)) from None
+    print(next_steps(root, args.name), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pvcore`` command."""
     registry = default_registry()
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             from pvcore.demo import run_demo
 
             return run_demo(loopback=args.loopback)
+        if args.command == "new-plugin":
+            return cmd_new_plugin(args)
     except (UsageError, ConfigError, DeviceError, DaemonError, ContractError, LibvirtError) as exc:
         print(f"pvcore: error: {exc}", file=sys.stderr)
         return 2
