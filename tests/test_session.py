@@ -214,3 +214,53 @@ def test_driver_catches_a_device_that_overclaims_written_bytes() -> None:
     with Loopback(OverclaimingDevice()) as lb:
         with pytest.raises(DeviceProtocolError, match="claims 5 bytes written, chain has 4"):
             lb.request(0, [b"x"], [4])
+
+
+class HoldingDevice(EchoDevice):
+    """Keeps every chain (as a console or rng device does while it waits for data)."""
+
+    def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+        self.handled += 1
+
+
+def test_more_chains_in_flight_than_the_queue_holds_fails_the_device() -> None:
+    device = HoldingDevice()
+    with Loopback(device, queue_size=8) as lb:
+        queue = lb.queues[0]
+        head = queue.add([b"x"], [])
+        lb.kick(0)
+        for _ in range(8):  # the same head again and again, never given back
+            time.sleep(0.02)
+            queue.post_head(head)
+            lb.kick(0)
+        reason = lb.wait_error()
+    assert "already in flight" in reason and "queue size 8" in reason
+    assert device.handled == 8
+
+
+class RepostingDevice(EchoDevice):
+    """Completes each chain and, like a guest vCPU that never stops, posts its head again at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.driver = None
+
+    def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+        self.handled += 1
+        queue.complete(chain, 0)
+        self.driver.post_head(chain.head)
+
+
+def test_a_guest_that_never_stops_posting_cannot_hold_the_shared_loop() -> None:
+    device = RepostingDevice()
+    with Loopback(device, queue_size=8) as lb:
+        device.driver = lb.queues[0]
+        other = threading.Event()
+        lb.queues[0].add([b"x"], [])
+        lb.kick(0)
+        lb.loop.call_soon_threadsafe(other.set)
+        assert other.wait(5), "the event loop never ran anything else"
+        published = lb.run_in_loop(lambda: lb.session.running[0].vq.memory.read_u16(lb.queues[0].used_addr + 2))
+        assert published > 0, "completions were never published"
+        lb.run_in_loop(lambda: lb.session.running[0].detach())
+    assert device.handled > 8

@@ -73,6 +73,7 @@ class RunningQueue:
         self._processing = False
         self._flush_handle: asyncio.TimerHandle | None = None
         self._stopped = False
+        self._detached = False
         self._idle: asyncio.Event | None = None
 
     @property
@@ -96,15 +97,29 @@ class RunningQueue:
         self.process()
 
     def process(self) -> None:
-        """Pop and hand every available chain to the device, then publish."""
+        """Pop and hand available chains to the device, then publish.
+
+        One pass handles at most a queue's worth of chains: a guest that keeps
+        posting gets the rest in a later loop pass (kicks stay disabled
+        meanwhile), so it cannot hold the event loop that other guests share.
+        A driver can never have more than the queue size in flight; one that
+        does is posting chains it did not get back, and fails its device.
+        """
         if self._stopped or self.session.broken:
             return
         device = self.session.device
+        budget = self.vq.size
         self._processing = True
         try:
-            while True:
+            while budget:
                 self.vq.disable_kicks()
-                while (chain := self.vq.pop()) is not None:
+                while budget and (chain := self.vq.pop()) is not None:
+                    if self.in_flight >= self.vq.size:
+                        raise VirtqueueError(
+                            f"chain {chain.head} made available with {self.in_flight} already in flight "
+                            f"(queue size {self.vq.size})"
+                        )
+                    budget -= 1
                     self.in_flight += 1
                     try:
                         device.handle(self, chain)
@@ -112,8 +127,10 @@ class RunningQueue:
                         log.exception("%s: device error on queue %d", self.session.name, self.index)
                         self.session.fail(f"queue {self.index}: device error: {exc}")
                         return
-                if not self.vq.enable_kicks():
+                if budget and not self.vq.enable_kicks():
                     break
+            else:
+                self.session.loop.call_soon(self.process)
         except (VirtqueueError, GuestMemoryError) as exc:
             self.session.fail(f"queue {self.index}: {exc}")
             return
@@ -122,8 +139,12 @@ class RunningQueue:
         self.flush()
 
     def complete(self, chain: DescriptorChain, written: int) -> None:
-        """The device finished ``chain`` having written ``written`` bytes to it."""
-        if self.session.broken:
+        """The device finished ``chain`` having written ``written`` bytes to it.
+
+        Dropped if the device is broken or the queue was handed back to the
+        frontend (a late completion after :meth:`stop` gave up waiting).
+        """
+        if self.session.broken or self._detached:
             return
         try:
             self.vq.push_used(chain.head, written)
@@ -173,11 +194,13 @@ class RunningQueue:
             except TimeoutError:
                 log.warning("%s: queue %d stopped with %d requests unfinished", self.session.name, self.index, self.in_flight)
         self.flush()
+        self._detached = True
         return self.vq.next_avail
 
     def detach(self) -> None:
         """Stop at once without waiting (the session is going away)."""
         self._stopped = True
+        self._detached = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -279,6 +302,23 @@ class VirtioSession:
         if old is not None:
             old.close()
 
+    def configure_queue(
+        self,
+        index: int,
+        *,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        kick: Notifier | None = None,
+        call: Notifier | None = None,
+        err: Notifier | None = None,
+    ) -> None:
+        """All a transport learned about one queue in one go: size, ring addresses, notifiers."""
+        self.set_queue_size(index, size)
+        self.set_queue_addresses(index, desc, avail, used)
+        self.set_notifiers(index, kick=kick, call=call, err=err)
+
     def start_queue(self, index: int) -> RunningQueue:
         """Start serving queue ``index``; every part of its setup must be present."""
         if self.broken:
@@ -346,8 +386,14 @@ class VirtioSession:
             if setup.err is not None:
                 setup.err.signal()
 
+    async def shutdown(self) -> None:
+        """Stop every running queue (letting in-flight requests finish), then :meth:`close`."""
+        for index in list(self.running):
+            await self.stop_queue(index)
+        self.close()
+
     def close(self) -> None:
-        """End the session: detach queues, close notifiers, reset the device."""
+        """End the session at once: detach queues, close notifiers, reset the device."""
         for queue in self.running.values():
             queue.detach()
         self.running.clear()

@@ -76,15 +76,16 @@ def _check_target(path: Path, what: str) -> None:
     log.info("%s: replacing stale socket %s", what, path)
 
 
-def bind_private_socket(path: Path, what: str) -> socket.socket:
-    """A listening ``AF_UNIX`` stream socket at ``path``, mode 0600, replacing a stale socket."""
+def bind_private_socket(path: Path, what: str, *, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A listening, non-blocking ``AF_UNIX`` socket (stream, or ``kind``) at ``path``, mode 0600 from the
+    start (bound in a private directory, then moved into place), replacing a stale socket."""
     if len(os.fsencode(path)) >= 108:
         raise ListenerError(f"{what}: socket path {path} is too long for a Unix socket (at most 107 bytes)")
     directory = path.parent
     if not directory.is_dir():
         raise ListenerError(f"{what}: directory {directory} does not exist; create it first")
     _check_target(path, what)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         with tempfile.TemporaryDirectory(prefix=".pvcore-", dir=directory) as private:
             staging = Path(private) / "s"

@@ -132,9 +132,10 @@ class Loopback:
         self.errors.append(err)
         self._interrupts.append(0)
         self._collected.append([])
-        self.run_in_loop(self.session.set_queue_size, index, size)
-        self.run_in_loop(self.session.set_queue_addresses, index, queue.desc_addr, queue.avail_addr, queue.used_addr)
-        self.run_in_loop(self.session.set_notifiers, index, kick=kick, call=call, err=err)
+        self.run_in_loop(
+            self.session.configure_queue, index, size=size, desc=queue.desc_addr, avail=queue.avail_addr,
+            used=queue.used_addr, kick=kick, call=call, err=err,
+        )
         self.run_in_loop(self.session.start_queue, index)
 
     def run_in_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -246,7 +247,7 @@ class Loopback:
         self._closed = True
         try:
             if self.loop.is_running() and hasattr(self, "session"):
-                self.run_in_loop(self._shutdown_session)
+                self.run_in_loop(self.session.shutdown)
         finally:
             if self._thread is not None:
                 self.loop.call_soon_threadsafe(self.loop.stop)
@@ -255,8 +256,3 @@ class Loopback:
             for notifier in (*self.kicks, *self.calls, *self.errors):
                 notifier.close()
             self.ram.close()
-
-    async def _shutdown_session(self) -> None:
-        for index in list(self.session.running):
-            await self.session.stop_queue(index)
-        self.session.close()

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion
 from pvcore.ring.memory import GuestMemoryError
 from pvcore.ring.session import SessionError, VirtioSession
+from pvcore.streams.unix import bind_private_socket
 from pvcore.virtio import TRANSPORT_FEATURES, VirtioDevice
 
 HYPERVISOR = "loophv"
@@ -85,11 +85,9 @@ class LoopConnection:
         self.session.set_memory(self.memory)
         error = self.notifier(fds[1])
         for index, queue in enumerate(queues):
-            self.session.set_notifiers(index, err=error)
-            self.session.set_queue_size(index, int(queue["size"]))
-            self.session.set_queue_addresses(index, int(queue["desc"]), int(queue["avail"]), int(queue["used"]))
-            for which, fd in (("kick", fds[2 + 2 * index]), ("call", fds[3 + 2 * index])):
-                self.session.set_notifiers(index, **{which: self.notifier(fd)})
+            kick, call = self.notifier(fds[2 + 2 * index]), self.notifier(fds[3 + 2 * index])
+            self.session.configure_queue(index, size=int(queue["size"]), desc=int(queue["desc"]),
+                                         avail=int(queue["avail"]), used=int(queue["used"]), kick=kick, call=call, err=error)
         for index in range(len(queues)):
             self.session.start_queue(index)
 
@@ -102,9 +100,7 @@ class LoopConnection:
     async def close(self) -> None:
         """Finish in-flight requests, then release the session, memory and socket."""
         self.loop.remove_reader(self.sock)
-        for index in list(self.session.running):
-            await self.session.stop_queue(index)
-        self.session.close()
+        await self.session.shutdown()
         if self.memory is not None:
             self.memory.close()
         self.sock.close()
@@ -116,17 +112,11 @@ class LoopFrontDoor:
     def __init__(self, device: VirtioDevice, socket_path: Path | str, *, hook: Any, name: str) -> None:
         self.device, self.socket_path, self.hook, self.name = device, Path(socket_path), hook, name
         self.description = f"loophv socket {self.socket_path}"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.connection: LoopConnection | None = None
 
     async def start(self) -> None:
-        """Bind in a private directory, move the socket into place, listen."""
-        with tempfile.TemporaryDirectory(dir=self.socket_path.parent) as private:
-            self.listener.bind(os.path.join(private, "s"))
-            os.chmod(os.path.join(private, "s"), 0o600)
-            os.replace(os.path.join(private, "s"), self.socket_path)
-        self.listener.listen()
-        self.listener.setblocking(False)
+        """Listen on the socket (the core's helper: 0600 from the start, a stale socket replaced)."""
+        self.listener = bind_private_socket(self.socket_path, self.name, kind=socket.SOCK_SEQPACKET)
         asyncio.get_running_loop().add_reader(self.listener, self.accept)
 
     def accept(self) -> None:

@@ -99,10 +99,10 @@ class XenVirtioBackend(XenbusBackend):
             self.memory = self.map_memory()
             self.session.set_memory(self.memory)
             for index, (size, (desc, avail, used), port) in enumerate(queues):
-                self.session.set_queue_size(index, size)
-                self.session.set_queue_addresses(index, desc, avail, used)
                 channel = self.open_channel(port, f"queue {index}")
-                self.session.set_notifiers(index, kick=channel, call=channel, err=self._error)
+                self.session.configure_queue(
+                    index, size=size, desc=desc, avail=avail, used=used, kick=channel, call=channel, err=self._error
+                )
             for index in range(len(queues)):
                 self.session.start_queue(index)
         except (SessionError, GuestMemoryError, DeviceError, ValueError) as exc:
@@ -124,9 +124,7 @@ class XenVirtioBackend(XenbusBackend):
         if self._error is not None:
             asyncio.get_running_loop().remove_reader(self._error.fileno())
         if self.session is not None:
-            for index in list(self.session.running):
-                await self.session.stop_queue(index)
-            self.session.close()
+            await self.session.shutdown()
             self.session = None
         if self._error is not None:
             self._error.close()
