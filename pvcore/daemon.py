@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
 from pvcore.registry import Registry
+from pvcore.virtio import DeviceError
 
 log = logging.getLogger("pvcore.daemon")
 
@@ -93,18 +94,26 @@ class Daemon:
         """Stop every front door, then close every engine (flushing block devices)."""
         while self.served:
             instance, door = self.served.pop()
+            name = instance.config.name
             try:
                 await door.stop()
-            finally:
+            except Exception:  # one device's failure must not leave the others running
+                log.exception("device %s: stopping its front door failed", name)
+            try:
                 await instance.close()
-            log.info("device %s (%s) down", instance.config.name, instance.config.device_class)
+            except Exception:
+                log.exception("device %s: closing its engine failed", name)
+            log.info("device %s (%s) down", name, instance.config.device_class)
 
     def reopen_logs(self) -> None:
         """SIGHUP: reopen every log file a device writes (after log rotation)."""
         for instance, _ in self.served:
             reopen = getattr(instance.engine, "reopen_log", None)
             if reopen is not None:
-                reopen()
+                try:
+                    reopen()
+                except DeviceError as exc:  # it keeps writing to the old file
+                    log.error("%s", exc)
         log.info("log files reopened")
 
     def request_stop(self) -> None:

@@ -664,3 +664,32 @@ def test_idle_device_serves_cached_reads_and_writes_without_a_worker(disk: Path)
     assert wrote.ok and read.ok and data == b"\xa5" * 4096
     assert disk.read_bytes()[8192 : 8192 + 4096] == b"\xa5" * 4096
     assert "read inline" in calls, calls
+
+
+def test_large_requests_never_run_on_the_loop_thread(disk: Path) -> None:
+    """An inline copy is capped: a guest cannot stall the shared loop with one huge cached read."""
+    store = RawFileStore(str(disk))
+    backend = BlockBackend(store, workers=1)
+    inline: list[int] = []
+    original = store.transfer_nowait
+
+    def spy(buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
+        inline.append(sum(len(b) for b in buffers))
+        return original(buffers, offset, write=write)
+
+    store.transfer_nowait = spy  # type: ignore[method-assign]
+    size = 256 * 1024
+    target = memoryview(bytearray(size))
+
+    async def scenario() -> BlockResult:
+        loop = asyncio.get_running_loop()
+        read: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(BlockRequest(BlockOp.READ, 0, size, [target]), read.set_result)
+        return await read
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert result.ok and bytes(target) == disk.read_bytes()[:size]
+    assert inline == []

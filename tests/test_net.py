@@ -559,3 +559,18 @@ def test_a_guest_that_breaks_its_memory_fails_only_its_own_device(lan: Lan) -> N
 def test_header_layout() -> None:
     assert NET_HDR.size == 12
     assert struct.calcsize("<6sHHH") == NET_CONFIG.size == 12
+
+
+def test_frames_larger_than_the_negotiated_mtu_never_reach_the_guest() -> None:
+    switch = Switch("mtu-test")
+    device = VirtioNet(name="small", mac=MAC_A, switch=switch, mtu=1500)
+    try:
+        with Loopback(device, name="small") as guest:  # every offered feature, MTU included
+            guest.submit(0, [], [4096])
+            accepted = guest.run_in_loop(device.receive, frame(MAC_A, MAC_B, b"x" * 2000))
+            assert accepted and device.stats.rx_too_big == 1
+            assert guest.run_in_loop(device.receive, frame(MAC_A, MAC_B, b"y" * 100))
+            used = guest.wait_used(0, 1)[0]
+            assert used.data[12 + 14 :] == b"y" * 100
+    finally:
+        device.close()

@@ -255,6 +255,8 @@ class VirtioRng(VirtioDevice):
 
     def _deliver(self, queue: RunningQueue, chain: DescriptorChain, data: bytes) -> None:
         self._held.pop(chain.head, None)
+        if queue.session.broken:  # no guest buffer to fill: the bytes are dropped unseen
+            return
         try:
             written = queue.write(chain, data)
         except GuestMemoryError as exc:

@@ -3,7 +3,8 @@
 The ring protocol needs two kinds of ordering:
 
 * store -> store: a used element (or a descriptor, on the driver side) must be
-  visible before the index that publishes it;
+  visible before the index that publishes it, and load -> load on the other
+  side: the index must be read before what it publishes;
 * store -> load: after publishing the used index (or re-enabling kicks), the
   side must re-read the other side's event index / flags, and that load must
   not be satisfied before the store is visible (the classic lost-wakeup race).
@@ -77,3 +78,7 @@ write_barrier: Callable[[], None] = (
     _program_order if platform.machine().lower() in _STRONG_STORE_ORDER else full_barrier
 )
 """Order earlier stores before later stores (publish data, then its index)."""
+
+read_barrier: Callable[[], None] = write_barrier
+"""Order earlier loads before later loads (read an index, then what it publishes);
+x86-64 never reorders loads with loads."""

@@ -27,7 +27,7 @@ import struct
 
 import attrs
 
-from pvcore.ring.barrier import full_barrier, write_barrier
+from pvcore.ring.barrier import full_barrier, read_barrier, write_barrier
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
 
 VIRTQ_DESC_F_NEXT = 1
@@ -148,6 +148,7 @@ class Virtqueue:
         """Take the next available chain, validated; None if there is none."""
         if not self.pending():
             return None
+        read_barrier()
         slot = self.avail_addr + 4 + 2 * (self.next_avail % self.size)
         head = self.memory.read_u16(slot)
         self.next_avail = (self.next_avail + 1) & 0xFFFF

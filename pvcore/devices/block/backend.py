@@ -35,6 +35,8 @@ log = logging.getLogger("pvcore.block")
 
 SECTOR_SIZE = 512
 MAX_WORKERS = 64
+INLINE_MAX_BYTES = 128 * 1024
+"""Largest read or write served on the event-loop thread (page-cache hits on an idle device)."""
 
 IOPRIO_CLASS_NONE = 0
 IOPRIO_CLASS_RT = 1
@@ -295,6 +297,8 @@ class BlockBackend:
         queue depth. Caller holds the lock.
         """
         if self._counters.in_flight != 1 or request.op not in (BlockOp.READ, BlockOp.WRITE):
+            return False
+        if request.length > INLINE_MAX_BYTES:  # a big copy on the loop thread would stall every guest
             return False
         if request.op is BlockOp.WRITE and (request.fua or self.cache is CacheMode.WRITETHROUGH):
             return False

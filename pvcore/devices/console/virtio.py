@@ -138,7 +138,7 @@ class VirtioConsole(VirtioDevice):
 
     def _deliver_input(self) -> None:
         queue = self._receiveq
-        if queue is None:
+        if queue is None or queue.session.broken:  # a failed device keeps its input for the next session
             return
         while self._pending_input and self._receive_buffers:
             chain = self._receive_buffers.popleft()

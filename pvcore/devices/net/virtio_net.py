@@ -130,7 +130,7 @@ class VirtioNet(VirtioDevice):
         self.port = VirtioNetPort(self, name, mac)
         self._hdr_len = NET_HDR.size
         self._mergeable = False
-        self._max_tx_frame = MAX_FRAME_LEN
+        self._max_frame = MAX_FRAME_LEN
         self._rx: RunningQueue | None = None
         self._held: collections.deque[tuple[DescriptorChain, int]] = collections.deque()
         self._backlog: collections.deque[bytes] = collections.deque()
@@ -168,9 +168,9 @@ class VirtioNet(VirtioDevice):
         modern = bool(features & bit(VIRTIO_F_VERSION_1))
         self._hdr_len = NET_HDR.size if modern or self._mergeable else LEGACY_HDR_LEN
         if features & bit(VIRTIO_NET_F_MTU):
-            self._max_tx_frame = self.mtu + ETH_HEADER_LEN + VLAN_TAG_LEN
+            self._max_frame = self.mtu + ETH_HEADER_LEN + VLAN_TAG_LEN
         else:
-            self._max_tx_frame = MAX_FRAME_LEN
+            self._max_frame = MAX_FRAME_LEN
 
     def queue_started(self, queue: RunningQueue) -> None:
         """Remember the receive queue; frames for the guest flow from now on."""
@@ -204,20 +204,23 @@ class VirtioNet(VirtioDevice):
         self._backlog.clear()
         self._hdr_len = NET_HDR.size
         self._mergeable = False
-        self._max_tx_frame = MAX_FRAME_LEN
+        self._max_frame = MAX_FRAME_LEN
 
     def receive(self, frame: bytes) -> bool:
         """Queue a frame from the switch for the guest and write what fits now."""
         queue = self._rx
         if queue is None or queue.session.broken or len(self._backlog) >= self.rx_backlog:
             return False
+        if len(frame) > self._max_frame:  # with MTU negotiated, never pass the guest a bigger frame
+            self.stats.rx_too_big += 1
+            return True
         self._backlog.append(frame)
         self._fill_rx(queue)
         return True
 
     def _transmit(self, queue: RunningQueue, chain: DescriptorChain) -> None:
         length = sum(size for _, size in chain.readable)
-        if not self._hdr_len + ETH_HEADER_LEN <= length <= self._hdr_len + self._max_tx_frame:
+        if not self._hdr_len + ETH_HEADER_LEN <= length <= self._hdr_len + self._max_frame:
             self.port.counters.dropped_malformed += 1
             queue.complete(chain, 0)
             return
