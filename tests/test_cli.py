@@ -63,7 +63,16 @@ def test_print_qemu_args_for_kvm_and_lpar_guests_of_one_daemon() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "# vm1 (kvm)" and lines[2] == "# p1 (lpar)"
-    assert "-device vhost-user-blk-pci,chardev=pv0,num-queues=2" in lines[1]
+    assert "-device vhost-user-blk-pci,chardev=pvblock0,num-queues=2" in lines[1]
     assert "path=/tmp/vm1-vda.sock,reconnect=1" in lines[1]
-    assert "-device vhost-user-rng-pci,chardev=pv1" in lines[1] and "vm1-rng.sock,reconnect" not in lines[1]
+    assert "-device vhost-user-rng-pci,chardev=pvrng0" in lines[1] and "vm1-rng.sock,reconnect" not in lines[1]
     assert "-device spapr-vlan,netdev=n0,mac=52:54:00:00:00:09" in lines[3]
+
+
+def test_print_qemu_args_escapes_commas_in_values() -> None:
+    done = pvcore(
+        "serve", "--hypervisor", "kvm", "--print-qemu-args", "net:socket=/tmp/a,,b.sock,mac=52:54:00:00:00:01,,romfile=x",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "path=/tmp/a,,b.sock" in done.stdout
+    assert "mac=52:54:00:00:00:01,,romfile=x" in done.stdout and ",romfile=x" not in done.stdout.replace(",,", "")

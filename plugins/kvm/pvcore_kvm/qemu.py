@@ -11,43 +11,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pvcore.contract import DeviceConfig
+from pvcore.qemu import arguments_per_domain, option_value
 
 
-def _chardev(ident: str, config: DeviceConfig, *, reconnect: bool = True) -> list[str]:
-    path = str(config.get("socket")).replace(",", ",,")
+def _chardev(ident: str, config: DeviceConfig, socket: str, *, reconnect: bool = True) -> list[str]:
     if config.get("socket-mode", "server") == "client":
-        return ["-chardev", f"socket,id={ident},path={path},server=on,wait=off"]
-    return ["-chardev", f"socket,id={ident},path={path}" + (",reconnect=1" if reconnect else "")]
+        return ["-chardev", f"socket,id={ident},path={option_value(socket)},server=on,wait=off"]
+    return ["-chardev", f"socket,id={ident},path={option_value(socket)}" + (",reconnect=1" if reconnect else "")]
 
 
-def _device_arguments(index: int, config: DeviceConfig) -> list[str]:
-    ident = f"pv{index}"
+def _device_arguments(config: DeviceConfig, socket: str, index: int) -> list[str]:
     kind = config.device_class
+    ident = f"pv{kind}{index}"
     if kind == "block":
-        queues = config.get("queues", "1")
-        return _chardev(ident, config) + ["-device", f"vhost-user-blk-pci,chardev={ident},num-queues={queues}"]
+        queues = option_value(config.get("queues", "1"))
+        return _chardev(ident, config, socket) + ["-device", f"vhost-user-blk-pci,chardev={ident},num-queues={queues}"]
     if kind == "net":
-        return _chardev(ident, config) + [
+        return _chardev(ident, config, socket) + [
             "-netdev", f"vhost-user,id={ident}n,chardev={ident}",
-            "-device", f"virtio-net-pci,netdev={ident}n,mac={config.get('mac')}",
+            "-device", f"virtio-net-pci,netdev={ident}n,mac={option_value(config.get('mac'))}",
         ]
     if kind == "rng" and config.get("protocol") == "egd":
-        return _chardev(ident, config) + [
+        return _chardev(ident, config, socket) + [
             "-object", f"rng-egd,id={ident}r,chardev={ident}", "-device", f"virtio-rng-pci,rng={ident}r",
         ]
     if kind == "rng":
         # QEMU 7.2's vhost-user-rng-pci asserts when its chardev has reconnect=
-        return _chardev(ident, config, reconnect=False) + ["-device", f"vhost-user-rng-pci,chardev={ident}"]
+        return _chardev(ident, config, socket, reconnect=False) + ["-device", f"vhost-user-rng-pci,chardev={ident}"]
     if kind == "console":
-        return _chardev(ident, config) + ["-device", "virtio-serial-pci", "-device", f"virtconsole,chardev={ident}"]
+        return _chardev(ident, config, socket) + [
+            "-device", f"virtio-serial-pci,id={ident}s", "-device", f"virtconsole,chardev={ident},bus={ident}s.0",
+        ]
     raise ValueError(f"{config.name}: kvm cannot attach a {kind} device")
 
 
 def qemu_arguments(configs: Sequence[DeviceConfig]) -> dict[str, list[str]]:
     """Per domain, the ``-chardev``/``-device`` arguments for each of its devices."""
-    per_domain: dict[str, list[str]] = {}
-    for index, config in enumerate(configs):
-        if not config.get("socket"):
-            raise ValueError(f"{config.name}: socket= is required to print QEMU arguments")
-        per_domain.setdefault(config.get("domain") or config.name, []).extend(_device_arguments(index, config))
-    return per_domain
+    return arguments_per_domain(configs, _device_arguments)
