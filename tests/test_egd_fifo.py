@@ -50,8 +50,8 @@ class EgdClient:
         self.writer.close()
 
 
-async def egd_door(tmp_path: Path, rate: RateLimit | None = None) -> EgdFrontDoor:
-    door = EgdFrontDoor(EntropySource("dom1", rate), tmp_path / "egd.sock")
+async def egd_door(tmp_path: Path, rate: RateLimit | None = None, **options: int) -> EgdFrontDoor:
+    door = EgdFrontDoor(EntropySource("dom1", rate), tmp_path / "egd.sock", **options)
     await door.start()
     return door
 
@@ -86,7 +86,7 @@ def test_egd_reads_level_and_write(tmp_path, caplog):
 
 def test_egd_unsupported_command_closes_only_that_connection(tmp_path, caplog):
     async def scenario():
-        door = await egd_door(tmp_path)
+        door = await egd_door(tmp_path, max_connections=2)
         good = await EgdClient.connect(door.socket_path)
         for command in (0x04, 0x7F):
             bad = await EgdClient.connect(door.socket_path)
@@ -101,9 +101,31 @@ def test_egd_unsupported_command_closes_only_that_connection(tmp_path, caplog):
     assert "command 0x04 is not supported" in caplog.text
 
 
+def test_egd_refuses_a_second_concurrent_connection(tmp_path, caplog):
+    async def scenario():
+        door = await egd_door(tmp_path)
+        first = await EgdClient.connect(door.socket_path)
+        assert len(await first.blocking_read(8)) == 8
+        second = await EgdClient.connect(door.socket_path)
+        assert await second.closed_by_peer()
+        second.close()
+        assert len(await first.blocking_read(8)) == 8
+        first.close()
+        async with asyncio.timeout(TIMEOUT):
+            while door.connection_count:
+                await asyncio.sleep(0.001)
+        third = await EgdClient.connect(door.socket_path)
+        assert len(await third.blocking_read(8)) == 8
+        third.close()
+        await door.stop()
+
+    asyncio.run(scenario())
+    assert "client 2" in caplog.text and "refused: already 1 connection" in caplog.text
+
+
 def test_egd_nonblocking_read_takes_only_what_the_rate_allows_now(tmp_path):
     async def scenario():
-        door = await egd_door(tmp_path, RateLimit(256, 60.0))
+        door = await egd_door(tmp_path, RateLimit(256, 60.0), max_connections=2)
         client = await EgdClient.connect(door.socket_path)
         other = await EgdClient.connect(door.socket_path)
         assert len(await client.blocking_read(255)) == 255

@@ -326,6 +326,47 @@ def test_one_domain_server_exits_when_its_domain_stops(conn, registry, domain_na
         loop.close()
 
 
+def test_host_daemon_refuses_metadata_paths_outside_what_it_trusts(conn, registry, domain_name, tmp_path, caplog) -> None:
+    reg, plugin = registry
+    run_dir = tmp_path / "run"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    (tmp_path / "adir").mkdir()
+    specs = [
+        f"block:path={disk},socket={run_dir}/good.sock,name=good",
+        f"block:path={disk},socket={tmp_path}/elsewhere.sock,name=elsewhere",
+        f"block:path={disk},socket={run_dir}/../escaped.sock,name=escaped",
+        f"block:path=/dev/null,socket={run_dir}/chardev.sock,name=chardev",
+        f"block:path={tmp_path}/adir,socket={run_dir}/directory.sock,name=directory",
+        f"block:path={tmp_path}/missing.img,socket={run_dir}/missing.sock,name=missing",
+    ]
+    conn.defineXML(domain_xml(domain_name))
+    root = ElementTree.fromstring(conn.lookupByName(domain_name).XMLDesc(0))
+    set_in_definition(root, specs)
+    domain = conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
+    domain.create()
+    loop = LoopThread()
+    server = HostDaemon(reg, URI, run_dir=run_dir, only_domain=domain_name)
+    future = asyncio.run_coroutine_threadsafe(server.run(handle_signals=False), loop.loop)
+    try:
+        wait_until(lambda: (run_dir / "good.sock").exists())
+        wait_until(lambda: server.device_count == 1 and caplog.text.count("not served") == 5)
+        assert plugin.doors == ["start good"]
+        assert not (tmp_path / "elsewhere.sock").exists() and not (tmp_path / "escaped.sock").exists()
+        assert "elsewhere.sock is not inside the run directory" in caplog.text
+        assert "escaped.sock is not inside the run directory" in caplog.text
+        assert "path=/dev/null is not a regular file or block device" in caplog.text
+        assert "adir is not a regular file or block device" in caplog.text
+        assert "missing.img" in caplog.text
+        domain.destroy()
+        future.result(10)
+    finally:
+        if not future.done():
+            loop.loop.call_soon_threadsafe(server.request_stop)
+            future.result(10)
+        loop.close()
+
+
 def pvcore(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pvcore.cli", *args], capture_output=True, text=True, timeout=60)
 
@@ -344,3 +385,20 @@ def test_cli_probe_and_one_line_errors() -> None:
     done = pvcore("deploy", "--connect", "qemu+ssh://nowhere.invalid/system", "vm", "block:path=x")
     assert done.returncode == 2 and done.stderr.startswith("pvcore: error: cannot connect to qemu+ssh://nowhere.invalid/system")
     assert "\n" not in done.stderr.strip()
+
+
+def test_deploy_refuses_a_socket_outside_the_run_directory_at_once(tmp_path: Path) -> None:
+    from pvcore.libvirt import LibvirtError
+    from pvcore.libvirt.deploy import complete_specs
+    from pvcore.registry import default_registry
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    registry = default_registry()
+    ok = complete_specs([f"block:path={image}"], "vm", [], run_dir=run_dir, local=True, registry=registry)
+    assert ok[0][1].get("socket") == str(run_dir / "vm-block0.sock")
+    with pytest.raises(LibvirtError, match="is not inside the run directory"):
+        complete_specs([f"block:path={image},socket=/tmp/elsewhere.sock"], "vm", [], run_dir=run_dir, local=True,
+                       registry=registry)

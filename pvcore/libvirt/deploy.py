@@ -36,10 +36,15 @@ from xml.etree import ElementTree
 
 import attrs
 
-from pvcore.config import check_unique, parse_devices, split_spec
+from pvcore.config import ConfigError, check_unique, parse_devices, split_spec
 from pvcore.contract import DeviceConfig
 from pvcore.libvirt import LibvirtError, runlock
-from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain
+from pvcore.libvirt.connection import (
+    choose_hypervisor,
+    import_libvirt,
+    is_local_uri,
+    lookup_domain,
+)
 from pvcore.libvirt.devicexml import (
     check_shared_memory,
     device_element,
@@ -50,7 +55,13 @@ from pvcore.libvirt.devicexml import (
     next_disk_targets,
     remove_devices,
 )
-from pvcore.libvirt.metadata import format_spec, read_specs, set_in_definition, write_live_specs
+from pvcore.libvirt.follower import check_metadata_paths
+from pvcore.libvirt.metadata import (
+    format_spec,
+    read_specs,
+    set_in_definition,
+    write_live_specs,
+)
 from pvcore.registry import Registry
 
 PATH_KEYS = ("path", "log", "socket")
@@ -127,7 +138,13 @@ def complete_specs(
                     raise LibvirtError(f"device {text!r}: {key}={raw[key]} must be an absolute path on the remote host")
                 raw[key] = str(Path(raw[key]).resolve())
         spec = format_spec(device_class, raw)
-        completed.append((spec, parse_devices([spec], classes)[0]))
+        config = parse_devices([spec], classes)[0]
+        if local:  # what the host daemon would refuse from metadata, refused now with the reason
+            try:
+                check_metadata_paths(config, run_dir)
+            except ConfigError as exc:
+                raise LibvirtError(f"device {text!r}: {exc}") from None
+        completed.append((spec, config))
     check_unique([*existing, *(config for _, config in completed)])
     return completed
 

@@ -22,6 +22,12 @@ loop:
   says ``<reconnect>``); if the connection to libvirtd drops, the devices
   keep running and the daemon reconnects and catches up.
 
+The metadata is as trusted as the domain definition (anyone who may edit
+the domain may edit it), but this daemon usually runs as root, so a spec from
+metadata is refused (logged, that device skipped) when its ``socket=`` is not
+inside the run directory or its ``path=`` is not a regular file or a block
+device (:func:`check_metadata_paths`).
+
 With ``only_domain`` the same code is the one-domain server that
 ``pvcore deploy`` starts when no host daemon runs: it serves that domain
 until the domain has stopped (or is undefined, or has no pvcore devices
@@ -32,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,7 @@ from typing import Any
 import attrs
 
 from pvcore.config import ConfigError, parse_devices
-from pvcore.contract import ContractError
+from pvcore.contract import ContractError, DeviceConfig
 from pvcore.daemon import Daemon, DaemonError
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
@@ -77,6 +85,27 @@ def ensure_event_loop(libvirt: Any) -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _event_loop_running = True
+
+
+def check_metadata_paths(config: DeviceConfig, run_dir: Path) -> None:
+    """Refuse a device from domain metadata whose socket is outside ``run_dir`` or whose
+    ``path=`` is not a regular file or block device (a :class:`~pvcore.config.ConfigError` naming it)."""
+    socket_path = config.get("socket")
+    if socket_path:
+        resolved, inside = Path(os.path.abspath(socket_path)).resolve(), run_dir.resolve()
+        if resolved == inside or not resolved.is_relative_to(inside):
+            raise ConfigError(
+                f"{config.name}: socket={socket_path} is not inside the run directory {run_dir} "
+                "(a socket named in domain metadata must be; pvcore deploy puts it there by default)"
+            )
+    image = config.get("path")
+    if image:
+        try:
+            mode = os.stat(image).st_mode
+        except OSError as exc:
+            raise ConfigError(f"{config.name}: path={image}: {exc.strerror or exc}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(f"{config.name}: path={image} is not a regular file or block device")
 
 
 @attrs.define(eq=False)
@@ -358,6 +387,8 @@ class HostDaemon:
     async def _start_device(self, served: ServedDomain, spec: str) -> None:
         try:
             configs = parse_devices([spec], self.registry.device_classes())
+            for config in configs:
+                check_metadata_paths(config, self.run_dir)
             daemon = Daemon(self.registry, self.hypervisor, [served_config(c) for c in configs], run_dir=self.run_dir)
             await daemon.start()
         except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:

@@ -20,9 +20,11 @@ Commands (one byte each, arguments after it):
   connection with a logged reason, since the protocol has no error reply.
 
 Requests on one connection are answered in order. The entropy bytes go from
-the source straight to the socket and are never logged. Each connection is
-its own task; a slow or hostile client holds only its own requests (the rate
-limit is the domain's, shared by all its consumers).
+the source straight to the socket and are never logged. QEMU's ``rng-egd``
+uses one connection, so by default one client at a time is served and a
+second one is refused (closed at once, with a logged line). Each connection
+is its own task; a slow or hostile client holds only its own requests (the
+rate limit is the domain's, shared by all its consumers).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ EGD_READ_NONBLOCKING = 0x01
 EGD_READ_BLOCKING = 0x02
 EGD_WRITE_ENTROPY = 0x03
 
+MAX_CONNECTIONS = 1
+"""Clients served at once by default: QEMU's rng-egd opens one connection."""
+
 _U32 = struct.Struct(">I")
 _WRITE_HEADER = struct.Struct(">HB")
 
@@ -51,11 +56,14 @@ class EgdProtocolError(Exception):
 
 
 class EgdFrontDoor:
-    """Serves ``source`` over the EGD protocol on the Unix socket ``socket_path``."""
+    """Serves ``source`` over the EGD protocol on the Unix socket ``socket_path`` to ``max_connections`` clients."""
 
-    def __init__(self, source: EntropySource, socket_path: Path | str) -> None:
+    def __init__(
+        self, source: EntropySource, socket_path: Path | str, *, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self.source = source
         self.socket_path = Path(socket_path)
+        self.max_connections = max_connections
         self.description = (
             f"EGD socket {self.socket_path} for rng {source.name} "
             f"(QEMU: -chardev socket,id=egd0,path={self.socket_path} -object rng-egd,id=rng0,chardev=egd0)"
@@ -66,6 +74,11 @@ class EgdFrontDoor:
 
     def __repr__(self) -> str:
         return f"EgdFrontDoor({self.source.name!r}, {str(self.socket_path)!r})"
+
+    @property
+    def connection_count(self) -> int:
+        """How many clients are connected now."""
+        return self._listener.connection_count
 
     @property
     def entropy_level_bits(self) -> int:
@@ -85,6 +98,9 @@ class EgdFrontDoor:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         client = f"client {self.connections} ({peer_description(writer)})"
+        if self._listener.connection_count > self.max_connections:
+            log.warning("%s: %s refused: already %d connection(s)", self._what, client, self.max_connections)
+            return
         log.info("%s: %s connected", self._what, client)
         reason = "closed by the client"
         try:

@@ -23,7 +23,9 @@ server mode it listens on a Unix socket (mode 0600; a stale socket file is
 replaced; it is removed on stop) and QEMU connects
 (``-chardev socket,id=c0,path=S``); in client mode it connects to a socket
 QEMU listens on (``-chardev socket,id=c0,path=S,server=on``) and reconnects
-when QEMU goes away and comes back. One frontend at a time.
+when QEMU goes away and comes back (backing off up to a few seconds while
+connections end at once). A failed accept or connect is logged and retried.
+One frontend at a time.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ OFFERED_PROTOCOL_FEATURES = (
 """Protocol features a pvcore backend offers (no INFLIGHT_SHMFD, LOG_SHMFD, BACKEND_REQ...)."""
 
 _HANDLER_ERRORS = (SessionError, GuestMemoryError, DeviceError, ValueError, OSError)
+
+SHORT_CONNECTION = 1.0
+"""A client-mode connection that ends sooner than this many seconds makes the next attempt wait."""
+
+MAX_RECONNECT_DELAY = 5.0
+"""The longest wait (seconds) between client-mode attempts while connections keep ending at once."""
 
 
 class VhostUserConnection:
@@ -272,13 +280,18 @@ class VhostUserConnection:
         if value & ~(VRING_INDEX_MASK | VRING_NOFD):
             raise ProtocolError(f"{request.name}: unknown bits in {value:#x}")
         which = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call", Request.SET_VRING_ERR: "err"}[request]
+        self.session.queue_setup(index)
         if value & VRING_NOFD:
             if which == "kick":
                 raise ProtocolError(f"queue {index}: polling without a kick fd is not supported")
             self.session.clear_notifier(index, which)
             return
         notifier = self._open_notifier(message.fds.pop())
-        self.session.set_notifiers(index, **{which: notifier})
+        try:
+            self.session.set_notifiers(index, **{which: notifier})
+        except BaseException:
+            notifier.close()
+            raise
         if which == "kick":
             self.kick_ready[index] = True
             await self._update_ring(index)
@@ -372,23 +385,27 @@ class VhostUserFrontDoor:
 
     async def stop(self) -> None:
         """Stop accepting, end the connection (finishing in-flight requests), remove the socket."""
-        for task in (self._task, self._connection_task):
-            if task is not None:
-                task.cancel()
+        try:
+            for task in (self._task, self._connection_task):
+                if task is not None:
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+                    except Exception:
+                        log.exception("vhost-user %s: a front door task had failed before the stop", self.name)
+        finally:
+            self._task = self._connection_task = None
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
                 try:
-                    await task
-                except asyncio.CancelledError:
+                    info = os.lstat(self.socket_path)
+                    if (info.st_dev, info.st_ino) == self._socket_inode:
+                        os.unlink(self.socket_path)
+                except FileNotFoundError:
                     pass
-        self._task = self._connection_task = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-            try:
-                info = os.lstat(self.socket_path)
-                if (info.st_dev, info.st_ino) == self._socket_inode:
-                    os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
 
     def _listen(self) -> socket.socket:
         listener = bind_private_socket(self.socket_path, f"vhost-user {self.name}")
@@ -399,8 +416,18 @@ class VhostUserFrontDoor:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
+        failed_errno: int | None = None
         while True:
-            sock, _ = await loop.sock_accept(self._listener)
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                if exc.errno != failed_errno:
+                    log.warning("vhost-user %s: accepting on %s failed (%s); retrying every %gs", self.name,
+                                self.socket_path, exc.strerror or exc, self.retry_interval)
+                    failed_errno = exc.errno
+                await asyncio.sleep(self.retry_interval)
+                continue
+            failed_errno = None
             previous = self._connection_task
             if previous is not None and not previous.done():
                 if self.connection is not None and not self.connection.closing:
@@ -416,26 +443,35 @@ class VhostUserFrontDoor:
 
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        waiting = False
+        failed_errno: int | None = None
+        delay = self.retry_interval
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, os.fspath(self.socket_path))
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except OSError as exc:
                 sock.close()
-                if not waiting:
-                    log.info("vhost-user %s: waiting for a frontend to listen on %s (%s)", self.name,
-                             self.socket_path, exc.strerror)
-                    waiting = True
+                if exc.errno != failed_errno:
+                    expected = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+                    log.log(logging.INFO if expected else logging.WARNING,
+                            "vhost-user %s: waiting for a frontend to listen on %s (%s)", self.name,
+                            self.socket_path, exc.strerror or exc)
+                    failed_errno = exc.errno
                 await asyncio.sleep(self.retry_interval)
                 continue
             except BaseException:
                 sock.close()
                 raise
-            waiting = False
+            failed_errno = None
+            started = loop.time()
             self._connection_task = loop.create_task(self._serve(sock))
             await asyncio.shield(self._connection_task)
+            if loop.time() - started >= SHORT_CONNECTION:
+                delay = self.retry_interval
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(self.retry_interval, MAX_RECONNECT_DELAY))
 
     async def _serve(self, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -82,7 +82,10 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 @hookimpl
 def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
-    """The vhost-user disks/interfaces and unix-socket consoles of every libvirt domain."""
+    """The vhost-user disks/interfaces and unix-socket consoles of every libvirt domain.
+
+    A domain whose XML cannot be read (it vanished meanwhile, or the XML is broken) is skipped with a warning.
+    """
     if hypervisor != HYPERVISOR:
         return None
     if host.libvirt is None:
@@ -93,7 +96,11 @@ def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
         try:
             root = ElementTree.fromstring(domain.XMLDesc(0))
         except ElementTree.ParseError as exc:
-            raise ValueError(f"libvirt domain {name}: unreadable XML: {exc}") from None
+            log.warning("libvirt domain %s: unreadable XML: %s; skipped", name, exc)
+            continue
+        except Exception as exc:  # libvirt raises its own libvirtError, e.g. for a domain that just vanished
+            log.warning("libvirt domain %s: cannot read its XML: %s; skipped", name, exc)
+            continue
         slots.extend(_domain_slots(name, root))
     return slots
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -121,10 +122,25 @@ def test_probe_libvirt_domains(registry):
     assert registry.hook.pvcore_probe(hypervisor="xen", host=host) == []
 
 
-def test_probe_reports_broken_xml(registry):
-    host = HostContext(libvirt=FakeLibvirt(domains=[FakeDomain("bad", "<domain><devices>")]))
-    with pytest.raises(ValueError, match="libvirt domain bad"):
-        registry.hook.pvcore_probe(hypervisor="kvm", host=host)
+class FakeLibvirtError(Exception):
+    """What libvirt raises (its own libvirtError, an Exception)."""
+
+
+class VanishedDomain(FakeDomain):
+    def XMLDesc(self, flags: int) -> str:
+        raise FakeLibvirtError(f"Domain not found: no domain with matching name '{self.domain_name}'")
+
+
+def test_probe_skips_broken_and_vanished_domains(registry, caplog):
+    domains = [FakeDomain("bad", "<domain><devices>"), VanishedDomain("gone", ""), FakeDomain("vm1", DOMAIN_XML)]
+    host = HostContext(libvirt=FakeLibvirt(domains=domains))
+    with caplog.at_level(logging.WARNING, logger="pvcore.kvm"):
+        (slots,) = registry.hook.pvcore_probe(hypervisor="kvm", host=host)
+    assert {slot.domain for slot in slots} == {"vm1"} and len(slots) == 4
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(skipped) == 2, caplog.text
+    assert "libvirt domain bad" in skipped[0] and "unreadable XML" in skipped[0]
+    assert "libvirt domain gone" in skipped[1] and "Domain not found" in skipped[1]
 
 
 def test_map_memory_and_open_notifier(registry):

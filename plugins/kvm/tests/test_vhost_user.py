@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -245,6 +246,86 @@ def test_client_mode_connects_and_reconnects(loop_thread, registry, tmp_path):
         assert door.connections >= 2
 
 
+def test_accept_failure_is_logged_and_retried(loop_thread, registry, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "emfile.sock"
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+    accept = loop_thread.loop.sock_accept
+
+    async def failing_once(sock: socket.socket):
+        if failures:
+            raise failures.pop()
+        return await accept(sock)
+
+    monkeypatch.setattr(loop_thread.loop, "sock_accept", failing_once)
+    with caplog.at_level(logging.WARNING, logger="pvcore.kvm"):
+        with serving(loop_thread, registry, EchoDevice(queues=1), path, retry_interval=0.05):
+            with VhostUserFrontend.connect(path, timeout=2.0) as frontend:
+                frontend.start(queue_size=8)
+                assert frontend.request(0, [b"again"], [5]).data == b"niaga"
+    assert not failures and "Too many open files" in caplog.text
+    assert not path.exists()
+
+
+def test_stop_after_a_failed_accept_task_still_removes_the_socket(loop_thread, registry, tmp_path, monkeypatch,
+                                                                   caplog):
+    path = tmp_path / "broken.sock"
+
+    async def broken(sock: socket.socket):
+        raise RuntimeError("accept bug")
+
+    monkeypatch.setattr(loop_thread.loop, "sock_accept", broken)
+    door = VhostUserFrontDoor(EchoDevice(queues=1), path, hook=registry.hook, name="broken")
+    loop_thread.run(door.start())
+    wait_until(lambda: door._task.done())
+    with caplog.at_level(logging.ERROR, logger="pvcore.kvm"):
+        loop_thread.run(door.stop())
+    assert "accept bug" in caplog.text
+    assert not path.exists()
+
+
+def test_client_mode_retries_after_any_connect_error(loop_thread, registry, tmp_path, caplog):
+    parent = tmp_path / "later"
+    parent.write_bytes(b"")  # a file where the socket's directory should be: ENOTDIR, not ENOENT
+    path = parent / "qemu.sock"
+    with caplog.at_level(logging.INFO, logger="pvcore.kvm"):
+        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+            wait_until(lambda: "Not a directory" in caplog.text)
+            parent.unlink()
+            parent.mkdir()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.fspath(path))
+            listener.listen(1)
+            try:
+                with VhostUserFrontend.accept(listener) as frontend:
+                    frontend.start(queue_size=8)
+                    assert frontend.request(0, [b"late"], [4]).data == b"etal"
+            finally:
+                listener.close()
+    assert caplog.text.count("Not a directory") == 1
+
+
+def test_client_mode_backs_off_when_the_frontend_hangs_up_at_once(loop_thread, registry, tmp_path):
+    path = tmp_path / "slam.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(path))
+    listener.listen(8)
+    attempts = 0
+    try:
+        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+            deadline = time.monotonic() + 1.0
+            while (left := deadline - time.monotonic()) > 0:
+                listener.settimeout(left)
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    break
+                sock.close()
+                attempts += 1
+    finally:
+        listener.close()
+    assert 2 <= attempts <= 8
+
+
 def test_block_engine_read_write_flush(loop_thread, registry, tmp_path):
     image = tmp_path / "disk.img"
     content = os.urandom(1 << 20)
@@ -331,6 +412,10 @@ HOSTILE = {
     "queue index out of range": (
         lambda f: _send_closing(f, Request.SET_VRING_NUM, encode_state(VringState(7, 64))),
         "queue index 7 out of range",
+    ),
+    "notifier index out of range": (
+        lambda f: _send_closing(f, Request.SET_VRING_CALL, encode_u64(5), [_eventfd()]),
+        "queue index 5 out of range",
     ),
     "ring outside memory table": (
         lambda f: _send_closing(f, Request.SET_VRING_ADDR, encode_addr(VringAddr(0, 0, 0x1000, 0x2000, 0x3000))),

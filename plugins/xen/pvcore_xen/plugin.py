@@ -141,7 +141,8 @@ class XenPlugin:
                     for devid_text in await _children(client, f"{root}/{domid_text}"):
                         address = f"{root}/{domid_text}/{devid_text}"
                         if not (domid_text.isdigit() and devid_text.isdigit()):
-                            raise ValueError(f"xenstore {address}: not a <domid>/<devid> backend node")
+                            log.warning("xenstore %s: not a <domid>/<devid> backend node; skipped", address)
+                            continue
                         domid, devid = int(domid_text), int(devid_text)
                         properties = {"devid": str(devid), "domain": f"{domid}/{devid}"}
                         for node in ("state", "frontend", "type"):
@@ -205,7 +206,22 @@ async def _children(client: XenstoreClient, path: str) -> list[str]:
         raise
 
 
-default_plugin = XenPlugin(backend_domid=int(os.environ.get("PVCORE_XEN_DOMID", "0") or "0"))
+def backend_domid_from_environment() -> int:
+    """This backend's domain id: ``$PVCORE_XEN_DOMID``, 0 (dom0) when unset or empty."""
+    text = os.environ.get("PVCORE_XEN_DOMID", "")
+    try:
+        domid = int(text or "0", 10)
+    except ValueError:
+        domid = -1
+    if not 0 <= domid <= MAX_DOMID:
+        raise ValueError(
+            f"PVCORE_XEN_DOMID={text!r} is not a domain id: set it to the id (0..{MAX_DOMID}) of the domain "
+            "pvcore runs in, or unset it for dom0"
+        )
+    return domid
+
+
+default_plugin = XenPlugin(backend_domid=backend_domid_from_environment())
 """The plugin the entry point registers (through the module-level hooks below)."""
 
 pvcore_plugin_info = default_plugin.pvcore_plugin_info

@@ -92,9 +92,9 @@ class XenVirtioBackend(XenbusBackend):
             queues.append((size, rings, port))
         loop = asyncio.get_running_loop()
         self.session = VirtioSession(self.device, name=self.name, loop=loop)
-        self._error = EventFdNotifier()
-        loop.add_reader(self._error.fileno(), self._on_session_error)
         try:
+            self._error = EventFdNotifier()
+            loop.add_reader(self._error.fileno(), self._on_session_error)
             self.session.negotiate(features)
             self.memory = self.map_memory()
             self.session.set_memory(self.memory)
@@ -108,7 +108,7 @@ class XenVirtioBackend(XenbusBackend):
         except (SessionError, GuestMemoryError, DeviceError, ValueError) as exc:
             await self.disconnect()
             raise XenDeviceError(str(exc)) from None
-        except XenDeviceError:
+        except Exception:
             await self.disconnect()
             raise
         log.info("%s: dom%d virtio %s %d connected, %d queues", self.name, self.domid, self.device_class, self.devid, len(queues))

@@ -124,6 +124,7 @@ class XenbusBackend(abc.ABC):
         self.connected = False
         self.failure: str | None = None
         self._pending_failure: str | None = None
+        self._xenstore_warning: str | None = None
         self._wake = asyncio.Event()
         self._watches: list[Watch] = []
         self._runner: asyncio.Task[None] | None = None
@@ -164,8 +165,14 @@ class XenbusBackend(abc.ABC):
     async def start(self) -> None:
         """Connect to xenstore, watch the backend and frontend directories, run the handshake."""
         self.client = await XenstoreClient.connect(self.xenstore_path)
-        for path in (self.backend_path, self.frontend_path):
-            self._watches.append(await self.client.watch(path, self._on_watch))
+        try:
+            for path in (self.backend_path, self.frontend_path):
+                self._watches.append(await self.client.watch(path, self._on_watch))
+        except BaseException:
+            await self.client.close()
+            self.client = None
+            self._watches.clear()
+            raise
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"xenbus {self.name}")
 
     async def stop(self) -> None:
@@ -174,8 +181,12 @@ class XenbusBackend(abc.ABC):
             self._stopping = True
             self._wake.set()  # the runner ends even if asyncio.wait_for swallowed the cancellation (Python 3.11)
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._runner
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("%s: the xenbus handshake had already failed", self.name)
         await self._disconnect()
         if self.client is not None:
             with contextlib.suppress(XenstoreError, XenstoreProtocolError, TimeoutError):
@@ -203,6 +214,7 @@ class XenbusBackend(abc.ABC):
                     reason, self._pending_failure = self._pending_failure, None
                     await self._fail(reason)
                 await self._step()
+                self._xenstore_warning = None
             except XenDeviceError as exc:
                 await self._fail(str(exc))
             except XenstoreProtocolError as exc:
@@ -210,12 +222,18 @@ class XenbusBackend(abc.ABC):
                 await self._disconnect()
                 return
             except (XenstoreError, TimeoutError) as exc:
-                log.warning("%s: xenstore request failed: %s", self.name, exc)
+                if str(exc) != self._xenstore_warning:  # once per reason, not on every watch event
+                    log.warning("%s: xenstore request failed: %s", self.name, exc)
+                self._xenstore_warning = str(exc)
+            except Exception as exc:  # a bug must fail this device only, never the others
+                log.exception("%s: internal error in the xenbus handshake", self.name)
+                await self._fail(f"internal error: {exc}")
 
     async def _fail(self, reason: str) -> None:
         assert self.client is not None
+        if reason != self.failure:  # a guest rewriting the same bad node must not flood the log
+            log.error("%s: dom%d %s device %d failed: %s", self.name, self.domid, self.kind, self.devid, reason)
         self.failure = reason
-        log.error("%s: dom%d %s device %d failed: %s", self.name, self.domid, self.kind, self.devid, reason)
         await self._disconnect()
         if self.state not in (None, XenbusState.CLOSING, XenbusState.CLOSED):
             await self._set_state(XenbusState.CLOSING)
