@@ -693,3 +693,35 @@ def test_large_requests_never_run_on_the_loop_thread(disk: Path) -> None:
         backend.close()
     assert result.ok and bytes(target) == disk.read_bytes()[:size]
     assert inline == []
+
+
+def test_whole_page_writes_go_inline_only_while_dirty_memory_is_low(disk: Path, tmp_path: Path) -> None:
+    """Where buffered RWF_NOWAIT writes are refused, small whole-page writes run on the loop thread
+    only while the host's dirty memory is far below the kernel's writeback threshold."""
+    from pvcore.devices.block.store import DirtyPageGauge
+
+    proc = tmp_path / "proc"
+    (proc / "sys/vm").mkdir(parents=True)
+    (proc / "sys/vm/dirty_background_bytes").write_text("0\n")
+    (proc / "sys/vm/dirty_background_ratio").write_text("10\n")
+
+    def dirty(kib: int) -> None:
+        (proc / "meminfo").write_text(
+            "MemFree: 1000000 kB\nActive(file): 500000 kB\nInactive(file): 500000 kB\n"
+            f"Dirty: {kib} kB\nWriteback: 0 kB\n"
+        )
+
+    clock = [0.0]
+    store = RawFileStore(str(disk), dirty_pages=DirtyPageGauge(proc=str(proc), clock=lambda: clock[0]))
+    store._nowait[True] = False  # as on a file system refusing buffered RWF_NOWAIT writes
+    page = [memoryview(bytearray(b"\x5a" * 4096))]
+    try:
+        dirty(1000)
+        assert store.transfer_nowait(page, 4096, write=True)
+        assert disk.read_bytes()[4096:8192] == b"\x5a" * 4096
+        assert not store.transfer_nowait([page[0][:512]], 4096, write=True)  # not whole pages
+        dirty(150000)
+        clock[0] += 0.1
+        assert not store.transfer_nowait(page, 4096, write=True)
+    finally:
+        store.close()

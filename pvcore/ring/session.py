@@ -8,12 +8,27 @@ same for all of them: validating that configuration, running each queue on the
 event loop when it is kicked, batching completions into few interrupts, and
 failing only this device when the guest breaks the ring.
 
-Interrupt policy (per queue): completions made while a kick is being processed
-are published together at the end of that pass; completions that arrive later
-(asynchronous I/O) are published when no request is left in flight, or when
-the oldest unpublished completion has waited ``max_interrupt_delay`` seconds,
-whichever comes first. With EVENT_IDX the driver's ``used_event`` then decides
-whether the publication raises an interrupt at all.
+Interrupt policy (per queue), adaptive to how the driver submits:
+
+* A driver that runs one request at a time (nothing of ours is waiting to be
+  published when its next request arrives) is answered at once: completions
+  made while a kick is being processed are published at the end of that pass,
+  and later ones (asynchronous I/O) as soon as no request is left in flight.
+* A driver that runs several at once shows it: a request arrives while an
+  earlier completion is still unpublished. Then the queue batches: it holds
+  completions so that the requests the driver posts meanwhile are answered
+  with one publication and one interrupt. It publishes as soon as every
+  request it has is completed and there are as many as the driver had
+  outstanding with us in the previous batch (the driver has probably nothing
+  left to post, and waiting longer would only idle it), else when the oldest
+  unpublished completion has waited ``max_interrupt_delay`` seconds. A batch
+  that nobody joined (no request arrived while it was held) switches the
+  queue back to answering at once.
+
+Either way no completion waits longer than ``max_interrupt_delay``: a held
+completion always has its publication scheduled. The driver's
+VIRTQ_AVAIL_F_NO_INTERRUPT flag, or with EVENT_IDX its ``used_event``, then
+decides whether a publication raises an interrupt at all.
 """
 
 from __future__ import annotations
@@ -36,6 +51,8 @@ from pvcore.virtio import (
 log = logging.getLogger("pvcore.ring")
 
 DEFAULT_INTERRUPT_DELAY = 0.0002
+MIN_BATCH = 2
+"""The smallest batch a batching queue publishes without waiting out its delay."""
 
 
 class SessionError(Exception):
@@ -71,6 +88,10 @@ class RunningQueue:
         self.interrupts = 0
         self.kicks = 0
         self._processing = False
+        self._batching = False
+        self._overlapped = False
+        self._depth = 0
+        self._batch_target = MIN_BATCH
         self._flush_handle: asyncio.TimerHandle | None = None
         self._stopped = False
         self._detached = False
@@ -120,7 +141,11 @@ class RunningQueue:
                             f"(queue size {self.vq.size})"
                         )
                     budget -= 1
+                    held = self.vq.unpublished()
+                    if held:  # the driver did not wait for what we completed
+                        self._overlapped = True
                     self.in_flight += 1
+                    self._depth = max(self._depth, self.in_flight + held)
                     try:
                         device.handle(self, chain)
                     except Exception as exc:  # a device bug fails this device, not the daemon
@@ -136,7 +161,10 @@ class RunningQueue:
             return
         finally:
             self._processing = False
-        self.flush()
+        if self._batching or self._overlapped:
+            self._publish_when_batch_done()
+        else:
+            self.flush()
 
     def complete(self, chain: DescriptorChain, written: int) -> None:
         """The device finished ``chain`` having written ``written`` bytes to it.
@@ -155,20 +183,41 @@ class RunningQueue:
         self.completions += 1
         if self._processing:
             return
-        if self.in_flight <= 0 or self._stopped:
-            self.flush()  # nothing else can join this batch: publish now, not one loop pass later
+        if self._stopped:
+            self.flush()
+        elif self._batching or self._overlapped:
+            self._publish_when_batch_done()
+        elif self.in_flight <= 0:
+            self.flush()  # the driver waits for this one alone: publish now, not one loop pass later
+        else:
+            self._schedule_flush(self.session.max_interrupt_delay)
+
+    def _publish_when_batch_done(self) -> None:
+        """Batching: publish now if the driver has likely nothing left to post, else within the delay."""
+        held = self.vq.unpublished()
+        if not held:
             return
-        self._schedule_flush(self.session.max_interrupt_delay)
+        if self.in_flight <= 0 and held >= self._batch_target:
+            self.flush()
+        else:
+            self._schedule_flush(self.session.max_interrupt_delay)
 
     def _schedule_flush(self, delay: float) -> None:
         if self._flush_handle is None:  # else a flush is already due, at least as soon
             self._flush_handle = self.session.loop.call_later(delay, self.flush)
 
     def flush(self) -> None:
-        """Publish every pushed completion and interrupt the driver if it wants one."""
+        """Publish every pushed completion and interrupt the driver if it wants one.
+
+        Whether requests overlapped in this batch decides whether the next one
+        is held, and the most the driver had outstanding with us in it is the
+        size at which the next is published without waiting out the delay.
+        """
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._batching, self._overlapped = self._overlapped, False
+        self._batch_target, self._depth = max(MIN_BATCH, self._depth), max(self.in_flight, 0)
         if self.session.broken:
             return
         try:

@@ -215,6 +215,10 @@ class Virtqueue:
         self.memory.write(slot, _USED_ELEM.pack(head, written))
         self.next_used = (self.next_used + 1) & 0xFFFF
 
+    def unpublished(self) -> int:
+        """How many used elements were pushed that :meth:`publish` has not yet made visible."""
+        return (self.next_used - self._published) & 0xFFFF
+
     def publish(self) -> bool:
         """Make pushed used elements visible; True if there was anything new."""
         if self.next_used == self._published:

@@ -292,9 +292,10 @@ class BlockBackend:
         Only when the device is otherwise idle (this is the one request in
         flight, so no request of any priority is overtaken and priorities keep
         their meaning under load), never for durable writes, and only if the
-        kernel can do it without blocking (RWF_NOWAIT); otherwise the request
-        takes the worker path. Saves two thread hand-offs per request at low
-        queue depth. Caller holds the lock.
+        store can do it without waiting (see :meth:`RawFileStore.transfer_nowait`:
+        RWF_NOWAIT, or a whole-page write while host dirty memory is low);
+        otherwise the request takes the worker path. Saves two thread
+        hand-offs per request at low queue depth. Caller holds the lock.
         """
         if self._counters.in_flight != 1 or request.op not in (BlockOp.READ, BlockOp.WRITE):
             return False

@@ -17,13 +17,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 ZERO_CHUNK = 1 << 20
 
 _FALLOCATE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
@@ -32,6 +34,65 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+class DirtyPageGauge:
+    """Whether the host's dirty page cache is far below where the kernel starts throttling writers.
+
+    Linux makes a buffered writer sleep (``balance_dirty_pages``) only once
+    Dirty + Writeback memory passes the midpoint between the background and
+    the foreground dirty thresholds; below the background threshold a write
+    into the page cache never waits for writeback. The gauge says "low" while
+    Dirty + Writeback is under ``fraction`` of the background threshold
+    (``vm.dirty_background_bytes``, or ``vm.dirty_background_ratio`` percent
+    of free plus file-cache memory, as the kernel counts it). It reads
+    ``/proc`` at most once per ``interval`` seconds; anything it cannot read
+    makes it say "not low".
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = 0.1,
+        fraction: float = 0.5,
+        proc: str = "/proc",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.fraction = fraction
+        self.proc = proc
+        self.clock = clock
+        self._checked_at = -float("inf")
+        self._low = False
+
+    def low(self) -> bool:
+        """Whether a buffered write now is far from being throttled (cached for ``interval``)."""
+        now = self.clock()
+        if now - self._checked_at >= self.interval:
+            self._checked_at = now
+            self._low = self._measure()
+        return self._low
+
+    def _measure(self) -> bool:
+        try:
+            with open(f"{self.proc}/meminfo", "rb") as meminfo:
+                fields = dict(line.split(b":", 1) for line in meminfo.read().splitlines() if b":" in line)
+            kib = {name: int(fields[name.encode()].split()[0]) for name in
+                   ("Dirty", "Writeback", "MemFree", "Active(file)", "Inactive(file)")}
+            with open(f"{self.proc}/sys/vm/dirty_background_bytes", "rb") as setting:
+                background = int(setting.read())
+            if not background:
+                with open(f"{self.proc}/sys/vm/dirty_background_ratio", "rb") as setting:
+                    ratio = int(setting.read())
+                dirtyable = (kib["MemFree"] + kib["Active(file)"] + kib["Inactive(file)"]) * 1024
+                background = dirtyable * ratio // 100
+        except (OSError, ValueError, KeyError, IndexError):
+            return False
+        return (kib["Dirty"] + kib["Writeback"]) * 1024 < self.fraction * background
+
+
+HOST_DIRTY_PAGES = DirtyPageGauge()
+"""The gauge every store shares by default (the page cache is the host's, not a file's)."""
 
 
 class StoreError(Exception):
@@ -64,7 +125,7 @@ class RawFileStore:
     to run on an I/O thread; each may raise :class:`OSError`.
     """
 
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
+    def __init__(self, path: str, *, readonly: bool = False, dirty_pages: DirtyPageGauge = HOST_DIRTY_PAGES) -> None:
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(path, flags)
@@ -86,6 +147,7 @@ class RawFileStore:
         self.readonly = readonly
         self._dsync_writes = True
         self._nowait = {False: hasattr(os, "RWF_NOWAIT"), True: hasattr(os, "RWF_NOWAIT")}
+        self._dirty_pages = dirty_pages
         self._punch_hole = True
         self._zero_range = True
 
@@ -108,16 +170,27 @@ class RawFileStore:
         """Do a whole read or (non-durable) write at once if it needs no waiting.
 
         Uses ``RWF_NOWAIT``: the kernel does the transfer only if it can without
-        blocking (the data is in the page cache). Returns True if every byte
-        moved; False means nothing is known to have moved for certain and the
-        caller must do the transfer the ordinary way (it is idempotent).
+        blocking (the data is in the page cache). Where the kernel or file
+        system refuses buffered ``RWF_NOWAIT`` writes (``EOPNOTSUPP``, as ext4
+        does on some kernels), a write of whole pages is done as a plain buffered write
+        while the host's dirty memory is far below the throttling threshold
+        (:class:`DirtyPageGauge`): it overwrites page-cache pages without reading
+        any, so it only copies, though the file system may still briefly wait
+        (e.g. for its journal to update the file's times). Returns True if every
+        byte moved; False means nothing is known to have moved for certain and
+        the caller must do the transfer the ordinary way (it is idempotent).
         """
-        if not self._nowait[write]:
-            return False
         views = [b for b in buffers if len(b)]
         if not views or len(views) > IOV_MAX:
             return False
         wanted = sum(len(b) for b in views)
+        if not self._nowait[write]:
+            if not (write and offset % PAGE_SIZE == 0 and wanted % PAGE_SIZE == 0 and self._dirty_pages.low()):
+                return False
+            try:
+                return os.pwritev(self.fd, views, offset) == wanted
+            except OSError:
+                return False
         try:
             if write:
                 count = os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
