@@ -126,7 +126,8 @@ def test_factory_validates_options(tmp_path: Path) -> None:
         ({"speed": "9600"}, "g", "unknown option.*speed"),
         ({"scrollback": "lots"}, "g", "scrollback='lots' is not a size"),
         ({"scrollback": "0"}, "g", "must be between"),
-        ({"scrollback": "64G"}, "g", "is not a size"),
+        ({"scrollback": "64G"}, "g", "must be between 1 byte and 16M"),
+        ({"scrollback": "64T"}, "t", "is not a size"),
         ({"log": "relative.log"}, "g", "absolute path"),
         ({"log": str(tmp_path / "no" / "g.log")}, "g", "cannot open log file"),
         ({}, "../escape", "console name"),
@@ -389,3 +390,20 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(rig: ConsoleRig, tmp_pat
     squatter = ConsoleAttachPoint(ConsoleStream("squat"), tmp_path / "plain-file")
     with pytest.raises(DeviceError, match="is not a socket"):
         rig.in_loop(squatter.start)
+
+
+def test_a_guest_that_never_stops_printing_cannot_fill_the_disk(tmp_path: Path) -> None:
+    from pvcore.devices.console import create_console_device
+
+    log_file = tmp_path / "chatty.log"
+    device = create_console_device({"log": str(log_file), "log-max": "8K"}, name="chatty", run_dir=tmp_path)
+    try:
+        for _ in range(100):
+            device.stream.output(b"x" * 1000 + b"\n")
+    finally:
+        device.stream.close()
+    assert log_file.stat().st_size <= 8 * 1024
+    assert (tmp_path / "chatty.log.1").stat().st_size <= 8 * 1024
+    assert log_file.read_bytes().endswith(b"x" * 1000 + b"\n")
+    with pytest.raises(DeviceError, match="at least 4K"):
+        create_console_device({"log": str(log_file), "log-max": "100"}, name="tiny", run_dir=tmp_path)

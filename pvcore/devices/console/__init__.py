@@ -30,7 +30,7 @@ from pvcore.devices.console.client import (
     connect_console,
     console_exchange,
 )
-from pvcore.devices.console.stream import DEFAULT_SCROLLBACK, ConsolePeer, ConsoleStream, Scrollback
+from pvcore.devices.console.stream import DEFAULT_LOG_MAX, DEFAULT_SCROLLBACK, ConsolePeer, ConsoleStream, Scrollback
 from pvcore.devices.console.virtio import VirtioConsole
 from pvcore.virtio import DeviceError
 
@@ -60,12 +60,15 @@ OPTIONS = {
     "scrollback": (
         f"bytes of recent output shown to a person on attach, K/M suffixes allowed (default {DEFAULT_SCROLLBACK // 1024}K)"
     ),
+    "log-max": (
+        f"size at which the log is rotated to LOG.1, K/M/G suffixes allowed (default {DEFAULT_LOG_MAX // 1024 // 1024}M)"
+    ),
 }
 """Every option :func:`create_console_device` accepts, with what it means."""
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-_SIZE = re.compile(r"([0-9]+)([kKmM]?)")
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+_SIZE = re.compile(r"([0-9]+)([kKmMgG]?)")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024, "g": 1024 * 1024 * 1024}
 
 
 def console_socket_path(run_dir: str | os.PathLike[str], name: str) -> Path:
@@ -73,11 +76,15 @@ def console_socket_path(run_dir: str | os.PathLike[str], name: str) -> Path:
     return Path(run_dir) / f"console-{name}.sock"
 
 
-def _parse_scrollback(name: str, text: str) -> int:
+def _parse_size(name: str, key: str, text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None:
-        raise DeviceError(f"console {name}: scrollback={text!r} is not a size; write bytes, e.g. scrollback=65536 or 64K")
-    size = int(match[1]) * _SIZE_UNITS[match[2].lower()]
+        raise DeviceError(f"console {name}: {key}={text!r} is not a size; write bytes, e.g. {key}=65536 or 64K")
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+
+
+def _parse_scrollback(name: str, text: str) -> int:
+    size = _parse_size(name, "scrollback", text)
     if not 1 <= size <= MAX_SCROLLBACK:
         raise DeviceError(f"console {name}: scrollback={text!r} must be between 1 byte and {MAX_SCROLLBACK // 1024 // 1024}M")
     return size
@@ -100,7 +107,7 @@ def create_console_device(
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise DeviceError(
-            f"console {name}: unknown option(s) {', '.join(unknown)}; the console accepts log=PATH and scrollback=BYTES"
+            f"console {name}: unknown option(s) {', '.join(unknown)}; the console accepts {', '.join(OPTIONS)}"
         )
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -109,7 +116,10 @@ def create_console_device(
     if log_path is not None and not os.path.isabs(log_path):
         raise DeviceError(f"console {name}: log={log_path!r} must be an absolute path")
     scrollback = _parse_scrollback(name, options["scrollback"]) if "scrollback" in options else DEFAULT_SCROLLBACK
-    stream = ConsoleStream(name, log_path=log_path, scrollback=scrollback)
+    log_max = _parse_size(name, "log-max", options["log-max"]) if "log-max" in options else DEFAULT_LOG_MAX
+    if log_max < 4096:
+        raise DeviceError(f"console {name}: log-max={options['log-max']!r} must be at least 4K")
+    stream = ConsoleStream(name, log_path=log_path, scrollback=scrollback, log_max=log_max)
     try:
         attach_point = ConsoleAttachPoint(stream, console_socket_path(run_dir, name))
     except DeviceError:

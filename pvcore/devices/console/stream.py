@@ -31,6 +31,9 @@ from pvcore.virtio import DeviceError
 log = logging.getLogger("pvcore.console")
 
 DEFAULT_SCROLLBACK = 64 * 1024
+DEFAULT_LOG_MAX = 64 * 1024 * 1024
+"""Bytes a console log may reach before it is rotated to ``LOG.1``: a guest that never stops
+printing must not fill the host's disk."""
 """Bytes of recent guest output kept for a person who attaches later."""
 
 
@@ -80,9 +83,12 @@ class ConsoleStream:
         *,
         log_path: str | os.PathLike[str] | None = None,
         scrollback: int = DEFAULT_SCROLLBACK,
+        log_max: int = DEFAULT_LOG_MAX,
     ) -> None:
         self.name = name
         self.log_path = os.fspath(log_path) if log_path is not None else None
+        self.log_max = log_max
+        self._log_size = 0
         self.scrollback = Scrollback(scrollback)
         self.on_input: Callable[[bytes], None] | None = None
         self.peer: ConsolePeer | None = None
@@ -100,7 +106,9 @@ class ConsoleStream:
     def _open_log(self) -> int:
         assert self.log_path is not None
         try:
-            return os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._log_size = os.fstat(fd).st_size
+            return fd
         except OSError as exc:
             raise DeviceError(
                 f"console {self.name}: cannot open log file {self.log_path}: {exc.strerror}; "
@@ -133,14 +141,32 @@ class ConsoleStream:
             self.peer.deliver(data)
 
     def _write_log(self, data: bytes) -> None:
+        if self._log_size + len(data) > self.log_max:
+            self._rotate_log()
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._log_fd, view) :]
+                written = os.write(self._log_fd, view)
+                self._log_size += written
+                view = view[written:]
         except OSError as exc:
             if not self.log_errors:
                 log.warning("console %s: writing log %s failed: %s", self.name, self.log_path, exc.strerror)
             self.log_errors += 1
+
+    def _rotate_log(self) -> None:
+        """Move the full log to ``LOG.1`` (replacing an older one) and start a new one."""
+        assert self.log_path is not None
+        try:
+            os.replace(self.log_path, self.log_path + ".1")
+            self.reopen_log()
+        except (OSError, DeviceError) as exc:
+            if not self.log_errors:
+                log.warning("console %s: rotating log %s failed: %s", self.name, self.log_path, exc)
+            self.log_errors += 1
+            return
+        log.info("console %s: log %s reached %d bytes; the older part is in %s.1", self.name, self.log_path,
+                 self.log_max, self.log_path)
 
     def attach(self, peer: ConsolePeer) -> bool:
         """Make ``peer`` the attached person and send it the scrollback; False if someone is attached."""
