@@ -46,6 +46,22 @@ class EventFdNotifier:
         self.fd = fd
         self.signals = 0
 
+    @classmethod
+    def adopt(cls, fd: int) -> EventFdNotifier:
+        """Adopt an fd a frontend sent as an eventfd; anything else is a ``ValueError``.
+
+        Transports that receive notification fds over a socket (vhost-user,
+        and any fd-passing transport) must not poll or write whatever
+        descriptor a hostile frontend hands them.
+        """
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise ValueError(f"fd {fd} is not open: {exc.strerror}") from None
+        if target != "anon_inode:[eventfd]":
+            raise ValueError(f"fd {fd} is {target}, not an eventfd")
+        return cls(fd)
+
     def __repr__(self) -> str:
         return f"EventFdNotifier(fd={self.fd})"
 

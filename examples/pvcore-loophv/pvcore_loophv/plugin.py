@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pvcore.contract import (CONTRACT_VERSION, DaemonContext, Detection, DeviceInstance, DeviceSlot, EventFdChannel,
@@ -64,13 +63,7 @@ def pvcore_open_notifier(hypervisor: str, channel: Any) -> EventFdNotifier | Non
     """Kicks and interrupts are eventfds; any other descriptor is refused."""
     if hypervisor != HYPERVISOR or not isinstance(channel, EventFdChannel):
         return None
-    try:
-        target = os.readlink(f"/proc/self/fd/{channel.fd}")
-    except OSError as exc:
-        raise ValueError(f"fd {channel.fd} is not open: {exc.strerror}") from None
-    if target != "anon_inode:[eventfd]":
-        raise ValueError(f"fd {channel.fd} is {target}, not an eventfd")
-    return EventFdNotifier(channel.fd)
+    return EventFdNotifier.adopt(channel.fd)
 
 
 @hookimpl

@@ -18,7 +18,6 @@ What is KVM/QEMU specific, and nothing else:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 from xml.etree import ElementTree
@@ -153,13 +152,7 @@ def pvcore_open_notifier(hypervisor: str, channel: Any) -> EventFdNotifier | Non
     """Adopt an eventfd from SET_VRING_KICK/CALL/ERR; anything but an eventfd is refused."""
     if hypervisor != HYPERVISOR or not isinstance(channel, EventFdChannel):
         return None
-    try:
-        target = os.readlink(f"/proc/self/fd/{channel.fd}")
-    except OSError as exc:
-        raise ValueError(f"fd {channel.fd} is not open: {exc.strerror}") from None
-    if target != "anon_inode:[eventfd]":
-        raise ValueError(f"fd {channel.fd} is {target}, not an eventfd")
-    return EventFdNotifier(channel.fd)
+    return EventFdNotifier.adopt(channel.fd)
 
 
 @hookimpl
