@@ -128,7 +128,6 @@ def test_factory_validates_options(tmp_path: Path) -> None:
         ({"scrollback": "0"}, "g", "must be between"),
         ({"scrollback": "64G"}, "g", "must be between 1 byte and 16M"),
         ({"scrollback": "64T"}, "t", "is not a size"),
-        ({"log": "relative.log"}, "g", "absolute path"),
         ({"log": str(tmp_path / "no" / "g.log")}, "g", "cannot open log file"),
         ({}, "../escape", "console name"),
         ({}, "", "console name"),
@@ -407,3 +406,17 @@ def test_a_guest_that_never_stops_printing_cannot_fill_the_disk(tmp_path: Path) 
     assert log_file.read_bytes().endswith(b"x" * 1000 + b"\n")
     with pytest.raises(DeviceError, match="at least 4K"):
         create_console_device({"log": str(log_file), "log-max": "100"}, name="tiny", run_dir=tmp_path)
+
+
+def test_a_relative_log_path_is_taken_from_the_current_directory(tmp_path: Path, monkeypatch) -> None:
+    """`console:socket=S,log=vm1.log` is the shape users script against."""
+    from pvcore.devices.console import create_console_device
+
+    monkeypatch.chdir(tmp_path)
+    device = create_console_device({"log": "vm1.log"}, name="vm1-con", run_dir=tmp_path)
+    try:
+        device.stream.output(b"booted\n")
+    finally:
+        device.stream.close()
+    assert (tmp_path / "vm1.log").read_bytes() == b"booted\n"
+    assert device.stream.log_path == str(tmp_path / "vm1.log")

@@ -118,3 +118,30 @@ def test_a_device_that_cannot_start_fails_serve_with_one_line(tmp_path: Path) ->
     assert last.startswith("pvcore: error:") and "missing.img" in last and "no such file" in last
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "ok.sock").exists()
+
+
+def test_the_command_line_of_the_contract_serves_all_four_classes(tmp_path: Path) -> None:
+    """The DEVICE strings users script against, relative paths included (issue example shape)."""
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    run = tmp_path / "run"
+    env = dict(os.environ, PVCORE_RUN_DIR=str(run))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm",
+             f"block:path=disk.img,socket={run}/vm1-vda.sock",
+             f"net:socket={run}/vm1-net.sock,mac=52:54:00:00:00:01,switch=lan0",
+             f"rng:socket={run}/vm1-rng.sock,rate=4096/1s",
+             f"console:socket={run}/vm1-con.sock,log=vm1.log"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+        try:
+            wait_for(lambda: "serving 4 device(s)" in log.read_text() or proc.poll() is not None, what="serve")
+            assert proc.poll() is None, log.read_text()
+            names = sorted(p.name for p in run.iterdir() if p.suffix == ".sock")
+            assert names == ["console-vm1-con.sock", "vm1-con.sock", "vm1-net.sock", "vm1-rng.sock", "vm1-vda.sock"]
+            assert (tmp_path / "vm1.log").exists()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".sock") == []

@@ -56,7 +56,7 @@ __all__ = [
 MAX_SCROLLBACK = 16 * 1024 * 1024
 
 OPTIONS = {
-    "log": "absolute path of a log file that receives all guest output (appended to, created 0600)",
+    "log": "log file that receives all guest output (appended to, created 0600; relative to where pvcore starts)",
     "scrollback": (
         f"bytes of recent output shown to a person on attach, K/M suffixes allowed (default {DEFAULT_SCROLLBACK // 1024}K)"
     ),
@@ -95,7 +95,8 @@ def create_console_device(
 ) -> VirtioConsole:
     """A :class:`VirtioConsole` for console ``name``, with its stream and attach point.
 
-    Options: ``log=PATH`` (absolute; appended to, created 0600) and
+    Options: ``log=PATH`` (appended to, created 0600; a relative path is taken from
+    the current directory, as ``pvcore serve``'s other paths are) and
     ``scrollback=BYTES`` (``K``/``M`` suffixes allowed; default 64K). The
     attach socket is :func:`console_socket_path`; the caller starts it with
     ``await device.attach_point.start()``. Bad options are a :class:`DeviceError`.
@@ -113,8 +114,8 @@ def create_console_device(
     if not os.path.isdir(run_dir):
         raise DeviceError(f"console {name}: run directory {run_dir} does not exist; create it (mode 0700) first")
     log_path = options.get("log")
-    if log_path is not None and not os.path.isabs(log_path):
-        raise DeviceError(f"console {name}: log={log_path!r} must be an absolute path")
+    if log_path is not None:
+        log_path = os.path.abspath(log_path)  # SIGHUP reopens it by name, whatever the cwd is then
     scrollback = _parse_scrollback(name, options["scrollback"]) if "scrollback" in options else DEFAULT_SCROLLBACK
     log_max = _parse_size(name, "log-max", options["log-max"]) if "log-max" in options else DEFAULT_LOG_MAX
     if log_max < 4096:
