@@ -172,6 +172,16 @@ class HostContext:
         """``host_path`` under :attr:`root`."""
         return self.root / host_path.lstrip("/")
 
+    def libvirt_driver(self) -> str | None:
+        """The libvirt connection's driver (``QEMU``, ``Xen``, ``Test``...), ``unknown`` if it
+        cannot say, or None without a connection."""
+        if self.libvirt is None:
+            return None
+        try:
+            return str(self.libvirt.getType())
+        except Exception:  # libvirt raises its own libvirtError; any failure means unknown
+            return "unknown"
+
 
 @attrs.frozen
 class Detection:

@@ -87,10 +87,7 @@ def choose_hypervisor(registry: Registry, conn: Any, uri: str, requested: str | 
 
 def driver_type(conn: Any) -> str:
     """The connection's driver name (``QEMU``, ``Xen``, ``Test``...), or ``unknown``."""
-    try:
-        return str(conn.getType())
-    except Exception:  # libvirt raises its own libvirtError; any failure just means unknown
-        return "unknown"
+    return HostContext(libvirt=conn).libvirt_driver() or "unknown"
 
 
 def lookup_domain(conn: Any, name: str) -> Any:

@@ -66,14 +66,8 @@ def pvcore_plugin_info() -> PluginInfo:
 @hookimpl
 def pvcore_detect(host: HostContext) -> Detection | None:
     """QEMU behind the libvirt connection (confident), or a /dev/kvm node (less so: it may be unusable)."""
-    if host.libvirt is not None:
-        try:
-            kind = host.libvirt.getType()
-        except Exception as exc:  # libvirt raises its own libvirtError
-            log.debug("libvirt getType failed: %s", exc)
-        else:
-            if kind == "QEMU":
-                return Detection(HYPERVISOR, 90, "libvirt connection type is QEMU")
+    if host.libvirt_driver() == "QEMU":
+        return Detection(HYPERVISOR, 90, "libvirt connection type is QEMU")
     if host.path("/dev/kvm").exists():
         return Detection(HYPERVISOR, 60, "/dev/kvm exists (QEMU may still have to use TCG if it is unusable)")
     return None

@@ -1,37 +1,15 @@
-"""Fixtures for the lpar plugin's tests: a background event loop, a registry, QEMU device trees.
-
-The tests run from a checkout (``python3 -m pytest plugins/lpar/tests`` in the
-repository root) without installing the plugin: the plugin directory is put on
-``sys.path`` when ``pvcore_lpar`` is not importable.
-"""
+"""Fixtures for the lpar plugin's tests: a background event loop, a registry, QEMU device trees."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TypeVar
 
+import pvcore_lpar.plugin
 import pytest
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-REPO_DIR = PLUGIN_DIR.parents[1]
-for needed, directory in (("pvcore", REPO_DIR), ("pvcore_lpar", PLUGIN_DIR)):
-    if importlib.util.find_spec(needed) is None:
-        sys.path.insert(0, str(directory))
-
-from pvcore.devices import classes  # noqa: E402
-from pvcore.registry import Registry  # noqa: E402
-from pvcore.testing.loopthread import LoopThread  # noqa: E402
-
-import pvcore_lpar.plugin  # noqa: E402
-
-T = TypeVar("T")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "guest: boots a real Linux guest under QEMU TCG (slow; needs qemu-system-ppc64)")
+from pvcore.devices import classes
+from pvcore.registry import Registry
+from pvcore.testing.loopthread import LoopThread
 
 
 @pytest.fixture

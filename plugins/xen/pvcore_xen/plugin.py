@@ -99,14 +99,8 @@ class XenPlugin:
     @hookimpl
     def pvcore_detect(self, host: HostContext) -> Detection | None:
         """A libvirt connection of type Xen, ``/sys/hypervisor/type`` saying xen, or a xenstore endpoint."""
-        if host.libvirt is not None:
-            try:
-                kind = host.libvirt.getType()
-            except Exception as exc:  # libvirt raises its own libvirtError
-                log.debug("libvirt getType failed: %s", exc)
-            else:
-                if kind == "Xen":
-                    return Detection(HYPERVISOR, 90, "libvirt connection type is Xen")
+        if host.libvirt_driver() == "Xen":
+            return Detection(HYPERVISOR, 90, "libvirt connection type is Xen")
         try:
             hypervisor_type = host.path("/sys/hypervisor/type").read_text().strip()
         except OSError:
