@@ -112,20 +112,11 @@ TESTING = '''\
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pvcore.testing.conformance import ConformancePeer, KitContext
+from pvcore.testing.conformance import ConformancePeer
 
 
 class Peer(ConformancePeer):
     """Override present_host and probe_host (docs/porting.md, steps 2 and 3); open_guest for a ring transport."""
-
-    def __init__(self) -> None:
-        self.directory = Path()
-
-    def start(self, kit: KitContext) -> None:
-        """Sockets go in the kit's directory."""
-        self.directory = kit.directory
 
     def device_options(self, device_class: str, name: str) -> dict[str, str]:
         """Each device's front door listens in the kit's directory."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, HostContext
 from pvcore.ring.driver import DriverQueue, GuestRam
-from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, KitContext, RingGuest
+from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, RingGuest
 from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 from pvcore_loophv.transport import LoopFrontDoor
 
@@ -65,22 +65,6 @@ def connect_guest(socket_path: Path | str, *, timeout: float = 5.0) -> RingGuest
 
 class LoopHvPeer(ConformancePeer):
     """What the conformance kit needs from loophv: fake hosts, socket paths, guests, channels, RAM."""
-
-    def __init__(self) -> None:
-        self.directory = Path()
-        self.leftovers: list[int] = []
-        self.rams: list[GuestRam] = []
-
-    def start(self, kit: KitContext) -> None:
-        """Sockets go in the kit's directory."""
-        self.directory = kit.directory
-
-    def stop(self) -> None:
-        """Close the descriptors and RAM handed out."""
-        for fd in self.leftovers:
-            os.close(fd)
-        for ram in self.rams:
-            ram.close()
 
     def present_host(self, root: Path) -> HostContext:
         """A host with the loophv directory."""

@@ -15,7 +15,7 @@ from pvcore_kvm.frontend import VhostUserFrontend
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, HostContext
 from pvcore.ring.driver import GuestRam
-from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, KitContext, RingGuest
+from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, RingGuest
 
 DOMAIN_XML = """<domain type='kvm'><name>vm1</name><devices>
   <disk type='vhostuser' device='disk'><source type='unix' path='/run/pvcore/vm1-vda.sock'/><target dev='vda'/></disk>
@@ -74,22 +74,6 @@ def frontend_guest(socket_path: Path) -> RingGuest:
 
 class KvmPeer(ConformancePeer):
     """What the kit needs from kvm: /dev/kvm, libvirt domains, vhost-user guests, eventfds, memfd RAM."""
-
-    def __init__(self) -> None:
-        self.directory = Path()
-        self.leftovers: list[int] = []
-        self.rams: list[GuestRam] = []
-
-    def start(self, kit: KitContext) -> None:
-        """Sockets go in the kit's directory."""
-        self.directory = kit.directory
-
-    def stop(self) -> None:
-        """Close what was handed out."""
-        for fd in self.leftovers:
-            os.close(fd)
-        for ram in self.rams:
-            ram.close()
 
     def present_host(self, root: Path) -> HostContext:
         """A host with /dev/kvm."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pvcore.contract import HostContext
-from pvcore.testing.conformance import ConformancePeer, KitContext
+from pvcore.testing.conformance import ConformancePeer
 
 SOCKET_SUFFIX = {"console": "vty.sock", "rng": "rng.fifo", "net": "net.sock", "block": "disk.sock"}
 
@@ -25,13 +25,6 @@ def write_node(tree: Path, path: str, properties: dict[str, bytes]) -> None:
 
 class LparPeer(ConformancePeer):
     """What the kit needs from lpar: partition device trees and socket paths."""
-
-    def __init__(self) -> None:
-        self.directory = Path()
-
-    def start(self, kit: KitContext) -> None:
-        """Sockets and FIFOs go in the kit's directory."""
-        self.directory = kit.directory
 
     def present_host(self, root: Path) -> HostContext:
         """A partition: /proc/device-tree with ibm,partition-name."""

@@ -253,17 +253,33 @@ class ConformancePeer:
 
     Override what your plugin supplies. The kit calls :meth:`start` once per
     test session and :meth:`stop` at its end; every other method may be
-    called many times.
+    called many times. ``directory`` is the session's scratch directory (for
+    sockets); descriptors put in ``leftovers`` and guest RAM put in ``rams``
+    are closed by :meth:`stop`.
     """
+
+    def __init__(self) -> None:
+        self.directory = Path()
+        self.leftovers: list[int] = []
+        self.rams: list[GuestRam] = []
 
     def _missing(self, method: str, what: str) -> PeerMissing:
         return PeerMissing(f"the conformance peer {type(self).__name__} does not implement {method}: {what} (docs/porting.md)")
 
     def start(self, kit: KitContext) -> None:
-        """Set up what the hypervisor side needs for the session (a simulated host, a xenstore...)."""
+        """Set up what the hypervisor side needs for the session (a simulated host, a xenstore...).
+
+        The default remembers the kit's scratch directory.
+        """
+        self.directory = kit.directory
 
     def stop(self) -> None:
-        """Tear down what :meth:`start` set up."""
+        """Tear down what :meth:`start` set up; the default closes ``leftovers`` and ``rams``."""
+        for fd in self.leftovers:
+            os.close(fd)
+        for ram in self.rams:
+            ram.close()
+        self.leftovers, self.rams = [], []
 
     def plugin(self) -> Any | None:
         """The plugin object to test instead of the one the entry point names (e.g. bound to a simulated host)."""
