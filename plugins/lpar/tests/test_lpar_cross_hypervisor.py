@@ -9,9 +9,10 @@ the lpar plugin's netdev-stream door, picked by the device's
 
 Both guests boot in parallel under TCG. Each puts an address from TEST-NET-1
 (192.0.2.0/24) on eth0, pings the other until it answers, pings three more
-times for the round trip, then waits until the other has pinged it (its
-ICMP InEchos counter in /proc/net/snmp) before powering off, so neither
-leaves while the other still needs it.
+times for the round trip, then waits until the other has finished pinging it
+(its ICMP InEchos counter in /proc/net/snmp has counted at least four echo
+requests and stopped growing) before powering off, so neither leaves while
+the other still needs it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ PSERIES_IP = "192.0.2.64"
 SWITCH = "lan0"
 FIRST_PING_TRIES = 30
 WAIT_FOR_PEER_SECONDS = 30
+# The echo requests a peer sends that answer: its first successful ping and three more.
+PEER_ECHOS = 4
+# 200 ms ticks without a new echo request before a guest believes its peer finished.
+QUIET_TICKS = 13
 
 # The ICMP InEchos column of /proc/net/snmp, found by its header name.
 IN_ECHOS = "awk '/^Icmp:/ {if (!seen) {for (i = 1; i <= NF; i++) if ($i == \"InEchos\") col = i; seen = 1} else print $col}' /proc/net/snmp"
@@ -54,7 +59,11 @@ def _guest_script(own_ip: str, peer_ip: str) -> str:
         f"ping -c 3 -W 2 {peer_ip} > /tmp/ping.txt 2>&1",
         result_line("ping_received", "sed -n 's/.* \\([0-9]*\\) packets received.*/\\1/p' /tmp/ping.txt"),
         result_line("ping_rtt", "sed -n 's/^round-trip .* = \\(.*\\)$/\\1/p' /tmp/ping.txt"),
-        f"waited=0; while [ \"$({IN_ECHOS})\" = 0 ] && [ $waited -lt {WAIT_FOR_PEER_SECONDS * 5} ]; do "
+        # The peer is done once its first ping and its three more have arrived and
+        # nothing new came for QUIET_TICKS (ping sends one a second).
+        f"waited=0; last=-1; quiet=0; while [ $waited -lt {WAIT_FOR_PEER_SECONDS * 5} ]; do "
+        f"n=$({IN_ECHOS}); if [ \"$n\" = \"$last\" ]; then quiet=$((quiet + 1)); else quiet=0; last=$n; fi; "
+        f"[ \"$n\" -ge {PEER_ECHOS} ] && [ $quiet -ge {QUIET_TICKS} ] && break; "
         "usleep 200000; waited=$((waited + 1)); done",
         result_line("echo_requests_received", IN_ECHOS),
     ])
@@ -96,7 +105,7 @@ def _check_ping(result: GuestResult, driver: str, mac: str) -> dict[str, str]:
     assert results["eth0_mac"] == mac
     assert results["first_ping"] == "1", results
     assert results["ping_received"] == "3", results
-    assert int(results["echo_requests_received"]) >= 1, results
+    assert int(results["echo_requests_received"]) >= PEER_ECHOS, results
     return results
 
 
