@@ -119,6 +119,11 @@ class GuestMemory:
         Raises :class:`GuestMemoryError` if any byte of the range is outside
         guest memory, or if ``write`` is asked of a read-only region.
         """
+        if length > 0:
+            span = self._span(addr, length, write)
+            if span is not None:
+                view, offset = span
+                return [view[offset : offset + length]]
         if addr < 0 or length < 0 or addr + length > ADDRESS_LIMIT:
             raise GuestMemoryError(f"range {addr:#x}+{length:#x} is not a valid guest range")
         pieces: list[memoryview] = []
@@ -142,6 +147,17 @@ class GuestMemory:
         """Raise :class:`GuestMemoryError` unless the whole range is guest memory."""
         if self._span(addr, length, write) is None:
             self.views(addr, length, write=write)
+
+    def contiguous(self, addr: int, length: int, *, write: bool = False) -> memoryview | None:
+        """One view of the range if a single region holds all of it, else None (nothing raised).
+
+        For structures checked once and used many times, such as the rings.
+        """
+        span = self._span(addr, length, write)
+        if span is None:
+            return None
+        view, offset = span
+        return view[offset : offset + length]
 
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
         """One contiguous memoryview of the range; it must lie within one region."""

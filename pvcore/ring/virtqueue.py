@@ -43,6 +43,7 @@ DESCRIPTOR_SIZE = 16
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 class VirtqueueError(Exception):
@@ -113,23 +114,51 @@ class Virtqueue:
             memory.check(used_addr, used_len, write=True)
         except GuestMemoryError as exc:
             raise VirtqueueError(f"ring outside guest memory: {exc}") from None
-        self.memory = memory
         self.size = size
         self.desc_addr = desc_addr
         self.avail_addr = avail_addr
         self.used_addr = used_addr
+        self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
         self.next_avail = next_avail & 0xFFFF
         self.next_used = memory.read_u16(used_addr + 2) if next_used is None else next_used & 0xFFFF
         self.signalled_used = self.next_used
         self._published = self.next_used
-        self._used_event_addr = avail_addr + 4 + 2 * size
-        self._avail_event_addr = used_addr + 4 + 8 * size
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory the rings and buffers live in."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, memory: GuestMemory) -> None:
+        """Install (or replace) the guest memory, and with it the views of the three rings.
+
+        A ring that one memory region holds whole (every vhost-user guest's)
+        is read and written through one view of it, checked once here; a ring
+        across regions (grant-mapped pages) goes through ``memory`` each time.
+        """
+        desc_len, avail_len, used_len = ring_sizes(self.size)
+        self._memory = memory
+        self._desc = memory.contiguous(self.desc_addr, desc_len)
+        self._avail = memory.contiguous(self.avail_addr, avail_len)
+        self._used = memory.contiguous(self.used_addr, used_len, write=True)
+
+    def _avail_u16(self, offset: int) -> int:
+        if self._avail is not None:
+            return _U16.unpack_from(self._avail, offset)[0]
+        return self._memory.read_u16(self.avail_addr + offset)
+
+    def _put_used(self, fmt: struct.Struct, offset: int, *values: int) -> None:
+        if self._used is not None:
+            fmt.pack_into(self._used, offset, *values)
+        else:
+            self._memory.write(self.used_addr + offset, fmt.pack(*values))
 
     def avail_idx(self) -> int:
         """The driver's current available index."""
-        return self.memory.read_u16(self.avail_addr + 2)
+        return self._avail_u16(2)
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not popped.
@@ -149,18 +178,18 @@ class Virtqueue:
         if not self.pending():
             return None
         read_barrier()
-        slot = self.avail_addr + 4 + 2 * (self.next_avail % self.size)
-        head = self.memory.read_u16(slot)
+        head = self._avail_u16(4 + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise VirtqueueError(f"head index {head} out of range (queue size {self.size})")
-        memory = self.memory
+        memory = self._memory
+        span = memory._span
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        table, table_len, index = self.desc_addr, self.size, head
+        table, table_view, table_len, index = self.desc_addr, self._desc, self.size, head
         indirect = False
         seen = 0
         total = 0
@@ -169,7 +198,10 @@ class Virtqueue:
             if seen > table_len:
                 where = "indirect table" if indirect else "queue"
                 raise VirtqueueError(f"chain at head {head} loops or is longer than its {where} ({table_len})")
-            addr, length, flags, nxt = _DESC.unpack(memory.read(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE))
+            if table_view is not None:
+                addr, length, flags, nxt = _DESC.unpack_from(table_view, DESCRIPTOR_SIZE * index)
+            else:
+                addr, length, flags, nxt = _DESC.unpack(memory.read(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE))
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise VirtqueueError(f"indirect descriptor at head {head} but INDIRECT_DESC not negotiated")
@@ -186,13 +218,15 @@ class Virtqueue:
                     memory.check(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table at head {head}: {exc}") from None
-                table, table_len, index, indirect, seen = addr, count, 0, True, 0
+                table, table_view, table_len = addr, memory.contiguous(addr, length), count
+                index, indirect, seen = 0, True, 0
                 continue
             write = bool(flags & VIRTQ_DESC_F_WRITE)
-            try:
-                memory.check(addr, length, write=write)
-            except GuestMemoryError as exc:
-                raise VirtqueueError(f"descriptor {index} of head {head}: {exc}") from None
+            if span(addr, length, write) is None:
+                try:
+                    memory.views(addr, length, write=write)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"descriptor {index} of head {head}: {exc}") from None
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"chain at head {head} is longer than 4 GiB")
@@ -211,8 +245,7 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Write a used element; it becomes visible to the driver at :meth:`publish`."""
-        slot = self.used_addr + 4 + 8 * (self.next_used % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(head, written))
+        self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), head, written)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def unpublished(self) -> int:
@@ -224,7 +257,7 @@ class Virtqueue:
         if self.next_used == self._published:
             return False
         write_barrier()
-        self.memory.write_u16(self.used_addr + 2, self.next_used)
+        self._put_used(_U16, 2, self.next_used)
         self._published = self.next_used
         return True
 
@@ -240,19 +273,19 @@ class Virtqueue:
         if old == new:
             return False
         if self.event_idx:
-            return need_event(self.memory.read_u16(self._used_event_addr), new, old)
-        return not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return need_event(self._avail_u16(4 + 2 * self.size), new, old)
+        return not self._avail_u16(0) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def disable_kicks(self) -> None:
         """Ask the driver not to kick (we are going to poll the ring anyway)."""
         if not self.event_idx:
-            self.memory.write_u16(self.used_addr, VIRTQ_USED_F_NO_NOTIFY)
+            self._put_used(_U16, 0, VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_kicks(self) -> bool:
         """Ask the driver to kick for the next chain; True if chains arrived meanwhile."""
         if self.event_idx:
-            self.memory.write_u16(self._avail_event_addr, self.next_avail)
+            self._put_used(_U16, 4 + 8 * self.size, self.next_avail)
         else:
-            self.memory.write_u16(self.used_addr, 0)
+            self._put_used(_U16, 0, 0)
         full_barrier()
         return self.pending() > 0

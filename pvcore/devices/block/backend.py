@@ -279,7 +279,7 @@ class BlockBackend:
                 message=f"range {offset}+{length} ends past the device end ({self.size} bytes)",
             )
         if request.op in (BlockOp.READ, BlockOp.WRITE):
-            buffered = sum(len(b) for b in request.buffers)
+            buffered = sum(map(len, request.buffers))
             if buffered != length:
                 return BlockResult(BlockStatus.INVALID, message=f"buffers hold {buffered} bytes, request is {length}")
             if request.op is BlockOp.READ and any(b.readonly for b in request.buffers):

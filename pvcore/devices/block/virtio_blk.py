@@ -255,14 +255,19 @@ class VirtioBlock(VirtioDevice):
 
     def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
         """Serve one request chain (completion may come later, from the backend)."""
-        status_addr = next((addr + length - 1 for addr, length in reversed(chain.writable) if length), None)
-        if status_addr is None:
-            log.warning("%s: request at head %d has no status byte; returned unanswered", self.name, chain.head)
-            queue.complete(chain, 0)
-            return
+        writable = chain.writable
+        if writable and writable[-1][1] == 1:  # the usual layout: the status byte alone in the last buffer
+            status_addr, data = writable[-1][0], writable[:-1]
+        else:
+            status_addr = next((addr + length - 1 for addr, length in reversed(writable) if length), None)
+            if status_addr is None:
+                log.warning("%s: request at head %d has no status byte; returned unanswered", self.name, chain.head)
+                queue.complete(chain, 0)
+                return
+            data = split_buffers(writable, chain.writable_len - 1)[0]
         request = _InFlight(queue, chain, self._generation, status_addr)
         try:
-            self._start(request)
+            self._start(request, data)
         except BadRequest as exc:
             log.debug("%s: request at head %d refused: %s", self.name, chain.head, exc)
             request.status = exc.status
@@ -272,15 +277,18 @@ class VirtioBlock(VirtioDevice):
             request.status = VIRTIO_BLK_S_IOERR
             self._finish(request)
 
-    def _start(self, request: _InFlight) -> None:
-        chain = request.chain
+    def _start(self, request: _InFlight, data: Buffers) -> None:
+        """Parse the header and start the request; ``data`` is the writable part before the status byte."""
+        readable = request.chain.readable
         memory = request.queue.memory
-        header_buffers, payload = split_buffers(chain.readable, REQUEST_HEADER.size)
-        header = b"".join(memory.read(addr, length) for addr, length in header_buffers)
+        if readable and readable[0][1] == REQUEST_HEADER.size:  # the usual layout: the header alone first
+            header, payload = memory.read(*readable[0]), readable[1:]
+        else:
+            header_buffers, payload = split_buffers(readable, REQUEST_HEADER.size)
+            header = b"".join(memory.read(addr, length) for addr, length in header_buffers)
         if len(header) < REQUEST_HEADER.size:
             raise BadRequest(VIRTIO_BLK_S_IOERR, f"header is {len(header)} bytes, need {REQUEST_HEADER.size}")
         kind, priority, sector = REQUEST_HEADER.unpack(header)
-        data, _ = split_buffers(chain.writable, chain.writable_len - 1)
         if kind == VIRTIO_BLK_T_IN:
             offset, length = self._data_range(sector, data)
             views = [view for addr, size in data for view in memory.views(addr, size, write=True)]
