@@ -666,6 +666,65 @@ def test_idle_device_serves_cached_reads_and_writes_without_a_worker(disk: Path)
     assert "read inline" in calls, calls
 
 
+def test_serve_now_only_on_an_idle_device_and_never_for_a_bad_request(disk: Path) -> None:
+    """serve_now does a cached read on the spot and counts it; busy, bad or big requests go to submit()."""
+
+    class CachedGatedStore(GatedStore):
+        transfer_nowait = RawFileStore.transfer_nowait  # cached data is served; worker reads wait at the gate
+
+    store = CachedGatedStore(disk, gate_offset=0)
+    backend = BlockBackend(store, workers=1)
+    expected = disk.read_bytes()
+
+    async def scenario() -> None:
+        request, buffer = read_request(4096, 4096)
+        assert backend.serve_now(request)
+        assert bytes(buffer) == expected[4096:8192]
+        counters = backend.counters()
+        assert (counters.requests, counters.reads, counters.bytes_read, counters.in_flight) == (1, 1, 4096, 0)
+
+        past_end, _ = read_request(len(expected), 512)
+        assert not backend.serve_now(past_end)
+        huge, _ = read_request(0, 256 * 1024)
+        assert not backend.serve_now(huge)
+        assert backend.counters().requests == 1  # refused requests are left to submit(), which counts them
+
+        loop = asyncio.get_running_loop()
+        held: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(huge, held.set_result)  # too big to serve inline: a worker takes it and waits at the gate
+        assert await asyncio.to_thread(store.entered.wait, 5)
+        busy_request, busy_buffer = read_request(8192, 4096)
+        assert not backend.serve_now(busy_request)  # the device is not idle
+        assert not any(busy_buffer)
+        store.opened.set()
+        assert (await asyncio.wait_for(held, 5)).ok
+        assert backend.serve_now(busy_request) and bytes(busy_buffer) == expected[8192:12288]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()
+
+
+def test_submit_never_runs_the_callback_before_returning(disk: Path) -> None:
+    """Even a request served on the spot from the page cache completes in a later loop pass."""
+    backend = BlockBackend(RawFileStore(str(disk)), workers=1)
+
+    async def scenario() -> None:
+        results: list[BlockResult] = []
+        request, buffer = read_request(0, 4096)
+        backend.submit(request, results.append)
+        assert results == []
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert len(results) == 1 and results[0].ok and bytes(buffer) == disk.read_bytes()[:4096]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()
+
+
 def test_large_requests_never_run_on_the_loop_thread(disk: Path) -> None:
     """An inline copy is capped: a guest cannot stall the shared loop with one huge cached read."""
     store = RawFileStore(str(disk))

@@ -216,6 +216,14 @@ class GuestMemory:
             return _U64.unpack_from(span[0], span[1])[0]
         return _U64.unpack(self.read(addr, 8))[0]
 
+    def write_u8(self, addr: int, value: int) -> None:
+        """Write one byte."""
+        span = self._span(addr, 1, True)
+        if span is not None:
+            span[0][span[1]] = value & 0xFF
+        else:
+            self.write(addr, bytes((value & 0xFF,)))
+
     def write_u16(self, addr: int, value: int) -> None:
         """Write a little-endian 16-bit value."""
         self.write(addr, _U16.pack(value & 0xFFFF))

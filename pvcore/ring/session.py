@@ -129,30 +129,32 @@ class RunningQueue:
         if self._stopped or self.session.broken:
             return
         device = self.session.device
-        budget = self.vq.size
+        vq = self.vq
+        budget = vq.size
         self._processing = True
         try:
             while budget:
-                self.vq.disable_kicks()
-                while budget and (chain := self.vq.pop()) is not None:
-                    if self.in_flight >= self.vq.size:
+                vq.disable_kicks()
+                while budget and (chain := vq.pop()) is not None:
+                    if self.in_flight >= vq.size:
                         raise VirtqueueError(
                             f"chain {chain.head} made available with {self.in_flight} already in flight "
-                            f"(queue size {self.vq.size})"
+                            f"(queue size {vq.size})"
                         )
                     budget -= 1
-                    held = self.vq.unpublished()
+                    held = vq.unpublished()
                     if held:  # the driver did not wait for what we completed
                         self._overlapped = True
                     self.in_flight += 1
-                    self._depth = max(self._depth, self.in_flight + held)
+                    if self.in_flight + held > self._depth:
+                        self._depth = self.in_flight + held
                     try:
                         device.handle(self, chain)
                     except Exception as exc:  # a device bug fails this device, not the daemon
                         log.exception("%s: device error on queue %d", self.session.name, self.index)
                         self.session.fail(f"queue {self.index}: device error: {exc}")
                         return
-                if budget and not self.vq.enable_kicks():
+                if budget and not vq.enable_kicks():
                     break
             else:
                 self.session.loop.call_soon(self.process)

@@ -166,7 +166,9 @@ class Virtqueue:
         Raises :class:`VirtqueueError` if the driver moved its index by more than
         the queue size.
         """
-        pending = (self.avail_idx() - self.next_avail) & 0xFFFF
+        avail = self._avail
+        idx = _U16.unpack_from(avail, 2)[0] if avail is not None else self._memory.read_u16(self.avail_addr + 2)
+        pending = (idx - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
                 f"avail index jumped by {pending} (queue size {self.size}, last seen {self.next_avail})"

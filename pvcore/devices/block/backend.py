@@ -51,14 +51,13 @@ IOPRIO_LOWEST_LEVEL = 7
 class BlockOp(enum.Enum):
     """What a request does."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code per request
+
     READ = "read"
     WRITE = "write"
     FLUSH = "flush"
     DISCARD = "discard"
     WRITE_ZEROES = "write-zeroes"
-
-
-MODIFYING_OPS = frozenset({BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES})
 
 
 class CacheMode(enum.Enum):
@@ -189,7 +188,8 @@ class BlockBackend:
         self.store = store
         self.cache = cache
         self.name = name
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._ready: list[tuple[tuple[int, int], int, _Job]] = []
         self._unfinished: list[int] = []
         self._finished: set[int] = set()
@@ -219,85 +219,105 @@ class BlockBackend:
 
     def counters(self) -> BlockCounters:
         """A snapshot of the counters."""
-        with self._cond:
+        with self._lock:
             return attrs.evolve(self._counters)
 
-    def submit(self, request: BlockRequest, callback: Callback, *, complete_inline: bool = False) -> None:
+    def serve_now(self, request: BlockRequest) -> bool:
+        """Do a READ or WRITE on the calling thread, at once, if the page cache can serve it.
+
+        Only on an idle device and within the limits of :meth:`_try_inline`;
+        True when the request is done (and counted). False means nothing was
+        done: :meth:`submit` it. A request that fails its checks is never
+        served here, so that :meth:`submit` reports it.
+        """
+        with self._lock:
+            if self._counters.in_flight or self._check(request) is not None or not self._try_inline(request):
+                return False
+            self._count(request)
+            self._count_bytes(request.op, request.length)
+        return True
+
+    def submit(self, request: BlockRequest, callback: Callback) -> None:
         """Queue ``request``; ``callback(result)`` runs later on the calling event loop.
 
-        Must be called from a running event loop. A request that fails its
-        checks completes (through the loop, never inline) with an error result.
-        With ``complete_inline`` a READ or WRITE served on the spot from the
-        page cache (see :meth:`_try_inline`) runs ``callback`` before this call
-        returns, saving a pass of the loop; the caller must be ready for that.
+        Must be called from a running event loop. The callback never runs
+        before this returns: a request that fails its checks, or one served on
+        the spot from the page cache (see :meth:`_try_inline`), completes in a
+        later pass of the loop.
         """
         loop = asyncio.get_running_loop()
         served_inline = False
-        with self._cond:
-            self._counters.requests += 1
-            self._counters.in_flight += 1
-            op_counter = _OP_COUNTER[request.op]
-            setattr(self._counters, op_counter, getattr(self._counters, op_counter) + 1)
+        with self._lock:
+            self._count(request)
             rejection = self._check(request)
             if rejection is not None:
                 self._counters.errors += 1
-                self._counters.in_flight -= 1
-            elif self._try_inline(request):
-                self._counters.in_flight -= 1
-                if request.op is BlockOp.READ:
-                    self._counters.bytes_read += request.length
-                else:
-                    self._counters.bytes_written += request.length
+            elif not self._counters.in_flight and self._try_inline(request):
+                self._count_bytes(request.op, request.length)
                 served_inline = True
             else:
+                self._counters.in_flight += 1
                 job = _Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority))
                 self._enqueue(job)
         if served_inline:
-            result = BlockResult(BlockStatus.OK, request.length)
-            if complete_inline:
-                self._run_callback(callback, result)
-            else:
-                loop.call_soon(self._run_callback, callback, result)
+            loop.call_soon(self._run_callback, callback, BlockResult(BlockStatus.OK, request.length))
             return
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
             loop.call_soon(self._run_callback, callback, rejection)
 
+    def _count(self, request: BlockRequest) -> None:
+        """Count a request by its kind (caller holds the lock)."""
+        counter = _OP_COUNTER[request.op]
+        counters = self._counters
+        counters.requests += 1
+        setattr(counters, counter, getattr(counters, counter) + 1)
+
+    def _count_bytes(self, op: BlockOp, transferred: int) -> None:
+        """Count the bytes a READ or WRITE moved (caller holds the lock)."""
+        if op is BlockOp.READ:
+            self._counters.bytes_read += transferred
+        elif op is BlockOp.WRITE:
+            self._counters.bytes_written += transferred
+
     def _check(self, request: BlockRequest) -> BlockResult | None:
         if self._closing:
             return BlockResult(BlockStatus.IO_ERROR, message=f"{self.name}: backend is closed")
-        if request.op is BlockOp.FLUSH:
+        op = request.op
+        if op is BlockOp.FLUSH:
             return None
-        if request.op in MODIFYING_OPS and self.readonly:
-            return BlockResult(BlockStatus.READ_ONLY, message=f"{self.name}: {request.op.value} on a read-only device")
+        if op is not BlockOp.READ and self.store.readonly:
+            return BlockResult(BlockStatus.READ_ONLY, message=f"{self.name}: {op.value} on a read-only device")
         offset, length = request.offset, request.length
         if offset < 0 or length < 0:
             return BlockResult(BlockStatus.INVALID, message=f"negative offset {offset} or length {length}")
-        if offset + length > self.size:
+        if offset + length > self.store.size:
             return BlockResult(
                 BlockStatus.OUT_OF_RANGE,
                 message=f"range {offset}+{length} ends past the device end ({self.size} bytes)",
             )
-        if request.op in (BlockOp.READ, BlockOp.WRITE):
-            buffered = sum(map(len, request.buffers))
+        if op is BlockOp.READ or op is BlockOp.WRITE:
+            buffers = request.buffers
+            buffered = sum(map(len, buffers))
             if buffered != length:
                 return BlockResult(BlockStatus.INVALID, message=f"buffers hold {buffered} bytes, request is {length}")
-            if request.op is BlockOp.READ and any(b.readonly for b in request.buffers):
+            if op is BlockOp.READ and any(b.readonly for b in buffers):
                 return BlockResult(BlockStatus.INVALID, message="read into a read-only buffer")
         return None
 
     def _try_inline(self, request: BlockRequest) -> bool:
-        """Serve a read or write from the page cache on the spot when nothing waits for a worker.
+        """Serve a checked read or write from the page cache on the spot; True if every byte moved.
 
-        Only when the device is otherwise idle (this is the one request in
+        Callers ask only when the device is otherwise idle (no request in
         flight, so no request of any priority is overtaken and priorities keep
-        their meaning under load), never for durable writes, and only if the
-        store can do it without waiting (see :meth:`RawFileStore.transfer_nowait`:
-        RWF_NOWAIT, or a whole-page write while host dirty memory is low);
-        otherwise the request takes the worker path. Saves two thread
-        hand-offs per request at low queue depth. Caller holds the lock.
+        their meaning under load). Never for durable writes or big transfers,
+        and only if the store can do it without waiting (see
+        :meth:`RawFileStore.transfer_nowait`: RWF_NOWAIT, or a whole-page write
+        while host dirty memory is low); otherwise the request takes the
+        worker path. Saves two thread hand-offs per request at low queue
+        depth. Caller holds the lock.
         """
-        if self._counters.in_flight != 1 or request.op not in (BlockOp.READ, BlockOp.WRITE):
+        if request.op is not BlockOp.READ and request.op is not BlockOp.WRITE:
             return False
         if request.length > INLINE_MAX_BYTES:  # a big copy on the loop thread would stall every guest
             return False
@@ -327,10 +347,8 @@ class BlockBackend:
         counters.in_flight -= 1
         if not result.ok:
             counters.errors += 1
-        elif job.request.op is BlockOp.READ:
-            counters.bytes_read += result.transferred
-        elif job.request.op is BlockOp.WRITE:
-            counters.bytes_written += result.transferred
+        else:
+            self._count_bytes(job.request.op, result.transferred)
         if job.request.op is BlockOp.FLUSH:
             return
         self._finished.add(job.seq)
@@ -342,7 +360,7 @@ class BlockBackend:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._ready and not (self._closing and not self._barriers):
                     self._cond.wait()
                 if not self._ready:
@@ -353,7 +371,7 @@ class BlockBackend:
             except Exception as exc:
                 log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
                 result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
-            with self._cond:
+            with self._lock:
                 self._finish(job, result)
                 if self._closing:
                     self._cond.notify_all()
@@ -368,7 +386,7 @@ class BlockBackend:
 
     def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run, on ``loop``, the callbacks of every result completed for it since the last wake-up."""
-        with self._cond:
+        with self._lock:
             batch = self._completed.pop(loop, [])
         for callback, result in batch:
             self._run_callback(callback, result)
@@ -415,7 +433,7 @@ class BlockBackend:
 
     def close(self) -> None:
         """Finish every queued request, stop the I/O threads and close the store."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return
             self._closing = True

@@ -183,7 +183,7 @@ class RawFileStore:
         views = [b for b in buffers if len(b)]
         if not views or len(views) > IOV_MAX:
             return False
-        wanted = sum(len(b) for b in views)
+        wanted = sum(map(len, views))
         if not self._nowait[write]:
             if not (write and offset % PAGE_SIZE == 0 and wanted % PAGE_SIZE == 0 and self._dirty_pages.low()):
                 return False

@@ -254,7 +254,7 @@ class VirtioBlock(VirtioDevice):
         self.backend.cache = self.default_cache
 
     def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
-        """Serve one request chain (completion may come later, from the backend)."""
+        """Serve one request chain: at once when the backend can, else when it completes."""
         writable = chain.writable
         if writable and writable[-1][1] == 1:  # the usual layout: the status byte alone in the last buffer
             status_addr, data = writable[-1][0], writable[:-1]
@@ -265,22 +265,19 @@ class VirtioBlock(VirtioDevice):
                 queue.complete(chain, 0)
                 return
             data = split_buffers(writable, chain.writable_len - 1)[0]
-        request = _InFlight(queue, chain, self._generation, status_addr)
         try:
-            self._start(request, data)
+            self._start(queue, chain, status_addr, data)
         except BadRequest as exc:
             log.debug("%s: request at head %d refused: %s", self.name, chain.head, exc)
-            request.status = exc.status
-            self._finish(request)
+            self._answer(queue, chain, status_addr, exc.status)
         except GuestMemoryError as exc:
             log.warning("%s: request at head %d: %s", self.name, chain.head, exc)
-            request.status = VIRTIO_BLK_S_IOERR
-            self._finish(request)
+            self._answer(queue, chain, status_addr, VIRTIO_BLK_S_IOERR)
 
-    def _start(self, request: _InFlight, data: Buffers) -> None:
+    def _start(self, queue: RunningQueue, chain: DescriptorChain, status_addr: int, data: Buffers) -> None:
         """Parse the header and start the request; ``data`` is the writable part before the status byte."""
-        readable = request.chain.readable
-        memory = request.queue.memory
+        readable = chain.readable
+        memory = queue.memory
         if readable and readable[0][1] == REQUEST_HEADER.size:  # the usual layout: the header alone first
             header, payload = memory.read(*readable[0]), readable[1:]
         else:
@@ -289,21 +286,29 @@ class VirtioBlock(VirtioDevice):
         if len(header) < REQUEST_HEADER.size:
             raise BadRequest(VIRTIO_BLK_S_IOERR, f"header is {len(header)} bytes, need {REQUEST_HEADER.size}")
         kind, priority, sector = REQUEST_HEADER.unpack(header)
-        if kind == VIRTIO_BLK_T_IN:
-            offset, length = self._data_range(sector, data)
-            views = [view for addr, size in data for view in memory.views(addr, size, write=True)]
-            self._submit(request, BlockRequest(BlockOp.READ, offset, length, views, priority))
-        elif kind == VIRTIO_BLK_T_OUT:
-            self._refuse_if_readonly("write")
-            offset, length = self._data_range(sector, payload)
-            views = [view for addr, size in payload for view in memory.views(addr, size)]
-            self._submit(request, BlockRequest(BlockOp.WRITE, offset, length, views, priority))
+        if kind == VIRTIO_BLK_T_IN or kind == VIRTIO_BLK_T_OUT:
+            if kind == VIRTIO_BLK_T_IN:
+                op, buffers = BlockOp.READ, data
+            else:
+                self._refuse_if_readonly("write")
+                op, buffers = BlockOp.WRITE, payload
+            offset, length = self._data_range(sector, buffers)
+            into_guest = op is BlockOp.READ
+            views = [view for addr, size in buffers for view in memory.views(addr, size, write=into_guest)]
+            backend_request = BlockRequest(op, offset, length, views, priority)
+            if self.backend.serve_now(backend_request):
+                self._answer(queue, chain, status_addr, VIRTIO_BLK_S_OK)
+            else:
+                self._submit(_InFlight(queue, chain, self._generation, status_addr), backend_request)
         elif kind == VIRTIO_BLK_T_FLUSH:
+            request = _InFlight(queue, chain, self._generation, status_addr)
             self._submit(request, BlockRequest(BlockOp.FLUSH, priority=priority))
         elif kind == VIRTIO_BLK_T_GET_ID:
-            self._get_id(request, data)
+            scatter(memory, data, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
+            self._answer(queue, chain, status_addr, VIRTIO_BLK_S_OK)
         elif kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             self._refuse_if_readonly("discard" if kind == VIRTIO_BLK_T_DISCARD else "write-zeroes")
+            request = _InFlight(queue, chain, self._generation, status_addr)
             for backend_request in self._segments(kind, payload, priority, memory):
                 self._submit(request, backend_request)
         else:
@@ -350,10 +355,6 @@ class VirtioBlock(VirtioDevice):
             )
         return requests
 
-    def _get_id(self, request: _InFlight, data: Buffers) -> None:
-        scatter(request.queue.memory, data, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
-        self._finish(request)
-
     def _submit(self, request: _InFlight, backend_request: BlockRequest) -> None:
         request.pending += 1
 
@@ -362,21 +363,16 @@ class VirtioBlock(VirtioDevice):
                 log.debug("%s: %s failed: %s", self.name, backend_request.op.value, result.message)
                 request.status = max(request.status, status_of(result))
             request.pending -= 1
-            if request.pending == 0:
-                self._finish(request)
+            if request.pending == 0 and request.generation == self._generation:
+                self._answer(request.queue, request.chain, request.status_addr, request.status)
 
-        # Only a READ or WRITE (one backend request per chain) can complete inside submit:
-        # then the chain is pushed while the queue is processing and published with its batch.
-        self.backend.submit(backend_request, done, complete_inline=True)
+        self.backend.submit(backend_request, done)
 
-    def _finish(self, request: _InFlight) -> None:
-        """Write the status byte and return the chain (unless the device was reset meanwhile)."""
-        if request.generation != self._generation:
-            return
-        queue = request.queue
+    def _answer(self, queue: RunningQueue, chain: DescriptorChain, status_addr: int, status: int) -> None:
+        """Write the status byte and return the chain (late answers after a reset are dropped by the caller)."""
         try:
-            queue.memory.write(request.status_addr, bytes((request.status,)))
+            queue.memory.write_u8(status_addr, status)
         except GuestMemoryError as exc:
-            queue.session.fail(f"{self.name}: status byte of head {request.chain.head}: {exc}")
+            queue.session.fail(f"{self.name}: status byte of head {chain.head}: {exc}")
             return
-        queue.complete(request.chain, request.chain.writable_len)
+        queue.complete(chain, chain.writable_len)
