@@ -36,8 +36,8 @@ class NoisySession(VirtioSession):
         queue = super().start_queue(index)
         publish = queue.flush
 
-        def flush():
-            publish()
+        def flush(**options):
+            publish(**options)
             if queue.call is not None:
                 queue.call.signal()
 

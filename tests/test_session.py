@@ -254,6 +254,63 @@ def test_a_driver_running_several_requests_at_once_gets_fewer_interrupts(event_i
         assert lb.interrupts(0) <= depth * rounds // 2
 
 
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_batches_grow_while_the_driver_keeps_filling_them(event_idx: bool) -> None:
+    """A driver that has shown it runs several requests, then posts one per kick: each batch
+    that fills before the delay runs out makes the next one bigger (a busy guest gets ever
+    fewer interrupts), up to the queue size; one left to the delay sets the size back to
+    what the driver managed."""
+    with Loopback(EchoDevice(), queue_size=8, event_idx=event_idx, max_interrupt_delay=0.05) as lb:
+        queue = lb.queues[0]
+
+        def publications() -> list[int]:
+            running = lb.session.running[0]
+            sizes = []
+            queue.add([], [1])
+            queue.add([], [1])
+            running.process()  # two requests in one pass: the driver runs several at once
+            sizes.append(len(queue.used()))
+            for _ in range(40):
+                queue.add([], [1])
+                running.process()
+                if used := queue.used():
+                    sizes.append(len(used))
+            return sizes
+
+        assert lb.run_in_loop(publications) == [2, 3, 4, 5, 6, 7, 8]
+        assert _collect(lb, 7) == 7  # the last 7 never made a batch of 8: the delay published them
+
+        def after_the_delay() -> list[int]:
+            running = lb.session.running[0]
+            sizes = []
+            for _ in range(15):
+                queue.add([], [1])
+                running.process()
+                if used := queue.used():
+                    sizes.append(len(used))
+            return sizes
+
+        assert lb.run_in_loop(after_the_delay) == [7, 8]
+
+
+def test_a_request_posted_before_the_driver_took_its_answers_starts_batching() -> None:
+    """With EVENT_IDX the driver's used_event shows what it has taken: a request posted while
+    an answer is still untaken means several at once, so its own answer is held for a batch."""
+    with Loopback(EchoDevice(), queue_size=8, event_idx=True, max_interrupt_delay=0.05) as lb:
+        queue = lb.queues[0]
+
+        def scenario() -> tuple[int, int]:
+            running = lb.session.running[0]
+            queue.add([], [1])
+            running.process()  # answered at once: the driver runs one at a time so far
+            queue.add([], [1])  # posted before the driver took that answer
+            running.process()
+            return len(queue.used()), running.vq.unpublished()
+
+        assert lb.run_in_loop(scenario) == (1, 1)
+        assert _collect(lb, 1) == 1  # the held answer comes within the delay
+
+
 def test_driver_catches_a_device_that_overclaims_written_bytes() -> None:
     with Loopback(OverclaimingDevice()) as lb:
         with pytest.raises(DeviceProtocolError, match="claims 5 bytes written, chain has 4"):

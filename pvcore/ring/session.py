@@ -15,7 +15,9 @@ Interrupt policy (per queue), adaptive to how the driver submits:
   made while a kick is being processed are published at the end of that pass,
   and later ones (asynchronous I/O) as soon as no request is left in flight.
 * A driver that runs several at once shows it: a request arrives while an
-  earlier completion is still unpublished. Then the queue batches: it holds
+  earlier completion is still unpublished, or (with EVENT_IDX) before the
+  driver has taken every completion already published (its ``used_event``
+  lags). Then the queue batches: it holds
   completions so that the requests the driver posts meanwhile are answered
   with one publication and one interrupt. It publishes as soon as every
   request it has is completed and there are as many as the driver had
@@ -133,6 +135,7 @@ class RunningQueue:
         budget = vq.size
         self._processing = True
         try:
+            behind = vq.driver_behind()  # it posted more before taking what we answered
             while budget:
                 vq.disable_kicks()
                 while budget and (chain := vq.pop()) is not None:
@@ -143,7 +146,7 @@ class RunningQueue:
                         )
                     budget -= 1
                     held = vq.unpublished()
-                    if held:  # the driver did not wait for what we completed
+                    if held or behind:  # the driver did not wait for what we completed: several at once
                         self._overlapped = True
                     self.in_flight += 1
                     if self.in_flight + held > self._depth:
@@ -200,7 +203,7 @@ class RunningQueue:
         if not held:
             return
         if self.in_flight <= 0 and held >= self._batch_target:
-            self.flush()
+            self.flush(filled=True)
         else:
             self._schedule_flush(self.session.max_interrupt_delay)
 
@@ -208,18 +211,21 @@ class RunningQueue:
         if self._flush_handle is None:  # else a flush is already due, at least as soon
             self._flush_handle = self.session.loop.call_later(delay, self.flush)
 
-    def flush(self) -> None:
+    def flush(self, *, filled: bool = False) -> None:
         """Publish every pushed completion and interrupt the driver if it wants one.
 
         Whether requests overlapped in this batch decides whether the next one
         is held, and the most the driver had outstanding with us in it is the
-        size at which the next is published without waiting out the delay.
+        size at which the next is published without waiting out the delay;
+        one more if this batch ``filled`` to its size before the delay ran
+        out (the driver keeps up: try a bigger batch).
         """
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._batching, self._overlapped = self._overlapped, False
-        self._batch_target, self._depth = max(MIN_BATCH, self._depth), max(self.in_flight, 0)
+        target = self._depth + 1 if filled else self._depth
+        self._batch_target, self._depth = min(max(MIN_BATCH, target), self.vq.size), max(self.in_flight, 0)
         if self.session.broken:
             return
         try:

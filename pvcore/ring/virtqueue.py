@@ -263,6 +263,15 @@ class Virtqueue:
         self._published = self.next_used
         return True
 
+    def driver_behind(self) -> bool:
+        """With EVENT_IDX: whether the driver has not yet taken every used element we published.
+
+        Its ``used_event`` is where it last caught up (Linux writes its last
+        used index there when it re-enables interrupts), so a value other than
+        our published index means it is still behind, or busy taking them.
+        """
+        return self.event_idx and self._avail_u16(4 + 2 * self.size) != self._published
+
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was published since the last one.
 
