@@ -138,7 +138,8 @@ class RunningQueue:
             behind = vq.driver_behind()  # it posted more before taking what we answered
             while budget:
                 vq.disable_kicks()
-                while budget and (chain := vq.pop()) is not None:
+                for _ in range(min(vq.pending(), budget)):
+                    chain = vq.take()
                     if self.in_flight >= vq.size:
                         raise VirtqueueError(
                             f"chain {chain.head} made available with {self.in_flight} already in flight "

@@ -179,6 +179,14 @@ class Virtqueue:
         """Take the next available chain, validated; None if there is none."""
         if not self.pending():
             return None
+        return self.take()
+
+    def take(self) -> DescriptorChain:
+        """Take the next available chain, validated, when :meth:`pending` has said there is one.
+
+        For a caller that takes what :meth:`pending` counted without asking
+        again each time; anything else should :meth:`pop`.
+        """
         read_barrier()
         head = self._avail_u16(4 + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
@@ -247,7 +255,11 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Write a used element; it becomes visible to the driver at :meth:`publish`."""
-        self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), head, written)
+        offset = 4 + 8 * (self.next_used % self.size)
+        if self._used is not None:
+            _USED_ELEM.pack_into(self._used, offset, head, written)
+        else:
+            self._memory.write(self.used_addr + offset, _USED_ELEM.pack(head, written))
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def unpublished(self) -> int:
