@@ -7,7 +7,9 @@ Layout (all little-endian, VIRTIO 1.x section 2.7):
 * used ring:        u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event
 
 The ring lives in guest memory and the guest may change any of it at any time,
-so nothing read from it is trusted: :meth:`Virtqueue.pop` checks every index,
+so nothing read from it is trusted (only where the three rings lie is checked
+once, when the queue starts or its memory is replaced; a ring that one memory
+region holds is then accessed through one view of it): :meth:`Virtqueue.pop` checks every index,
 flag, address and length before it hands a :class:`DescriptorChain` to a device,
 and raises :class:`VirtqueueError` for a ring that breaks the rules. That error
 means the device needs a reset (VIRTIO_CONFIG_S_NEEDS_RESET): the caller stops
