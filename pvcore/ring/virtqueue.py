@@ -7,13 +7,13 @@ Layout (all little-endian, VIRTIO 1.x section 2.7):
 * used ring:        u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event
 
 The ring lives in guest memory and the guest may change any of it at any time,
-so nothing read from it is trusted (only where the three rings lie is checked
-once, when the queue starts or its memory is replaced; a ring that one memory
-region holds is then accessed through one view of it): :meth:`Virtqueue.pop` checks every index,
+so nothing read from it is trusted: :meth:`Virtqueue.pop` checks every index,
 flag, address and length before it hands a :class:`DescriptorChain` to a device,
 and raises :class:`VirtqueueError` for a ring that breaks the rules. That error
 means the device needs a reset (VIRTIO_CONFIG_S_NEEDS_RESET): the caller stops
-this device and nothing else.
+this device and nothing else. Only where the three rings lie is checked once,
+when the queue starts or its memory is replaced; a ring that one memory region
+holds is then accessed through one view of it.
 
 Ordering: used elements are written, then :func:`~pvcore.ring.barrier.write_barrier`,
 then the used index; the index store and the later read of ``used_event`` (or of
@@ -168,9 +168,7 @@ class Virtqueue:
         Raises :class:`VirtqueueError` if the driver moved its index by more than
         the queue size.
         """
-        avail = self._avail
-        idx = _U16.unpack_from(avail, 2)[0] if avail is not None else self._memory.read_u16(self.avail_addr + 2)
-        pending = (idx - self.next_avail) & 0xFFFF
+        pending = (self._avail_u16(2) - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
                 f"avail index jumped by {pending} (queue size {self.size}, last seen {self.next_avail})"
@@ -198,7 +196,6 @@ class Virtqueue:
         if head >= self.size:
             raise VirtqueueError(f"head index {head} out of range (queue size {self.size})")
         memory = self._memory
-        span = memory._span
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         table, table_view, table_len, index = self.desc_addr, self._desc, self.size, head
@@ -234,11 +231,10 @@ class Virtqueue:
                 index, indirect, seen = 0, True, 0
                 continue
             write = bool(flags & VIRTQ_DESC_F_WRITE)
-            if span(addr, length, write) is None:
-                try:
-                    memory.views(addr, length, write=write)
-                except GuestMemoryError as exc:
-                    raise VirtqueueError(f"descriptor {index} of head {head}: {exc}") from None
+            try:
+                memory.check(addr, length, write=write)
+            except GuestMemoryError as exc:
+                raise VirtqueueError(f"descriptor {index} of head {head}: {exc}") from None
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"chain at head {head} is longer than 4 GiB")
