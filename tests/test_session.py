@@ -259,7 +259,7 @@ def test_batches_grow_while_the_driver_keeps_filling_them(event_idx: bool) -> No
     """A driver that has shown it runs several requests, then posts one per kick: each batch
     that fills before the delay runs out makes the next one bigger (a busy guest gets ever
     fewer interrupts), up to the queue size; one left to the delay sets the size back to
-    what the driver managed."""
+    what the driver managed, and batches grow no further than that."""
     with Loopback(EchoDevice(), queue_size=8, event_idx=event_idx, max_interrupt_delay=0.05) as lb:
         queue = lb.queues[0]
 
@@ -290,25 +290,43 @@ def test_batches_grow_while_the_driver_keeps_filling_them(event_idx: bool) -> No
                     sizes.append(len(used))
             return sizes
 
-        assert lb.run_in_loop(after_the_delay) == [7, 8]
+        assert lb.run_in_loop(after_the_delay) == [7, 7]
 
 
-def test_a_request_posted_before_the_driver_took_its_answers_starts_batching() -> None:
-    """With EVENT_IDX the driver's used_event shows what it has taken: a request posted while
-    an answer is still untaken means several at once, so its own answer is held for a batch."""
-    with Loopback(EchoDevice(), queue_size=8, event_idx=True, max_interrupt_delay=0.05) as lb:
-        queue = lb.queues[0]
+@pytest.mark.parametrize("event_idx", [True, False])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_a_driver_with_a_fixed_depth_waits_out_the_delay_once(event_idx: bool, depth: int) -> None:
+    """A driver keeping ``depth`` requests out, reposting each as its answer comes: batches
+    grow to ``depth``, one bigger batch is tried and left to the delay, and from then on
+    every batch is published as it fills (not every other one after the delay)."""
+    delay, total = 0.2, 40 * depth
+    with Loopback(EchoDevice(), queue_size=16, event_idx=event_idx, max_interrupt_delay=delay) as lb:
+        queue, call_fd = lb.queues[0], lb.calls[0].fileno()
 
-        def scenario() -> tuple[int, int]:
-            running = lb.session.running[0]
-            queue.add([], [1])
-            running.process()  # answered at once: the driver runs one at a time so far
-            queue.add([], [1])  # posted before the driver took that answer
-            running.process()
-            return len(queue.used()), running.vq.unpublished()
+        def process() -> None:
+            lb.session.running[0].process()
 
-        assert lb.run_in_loop(scenario) == (1, 1)
-        assert _collect(lb, 1) == 1  # the held answer comes within the delay
+        for _ in range(depth):  # the first requests in one pass: the driver runs several at once
+            queue.add([b"x"], [1])
+        lb.run_in_loop(process)
+        done, posted, waits = 0, depth, 0
+        while done < total:
+            if used := queue.used():
+                done += len(used)
+                continue
+            if posted - done < depth and posted < total:
+                queue.add([b"x"], [1])
+                posted += 1
+                lb.run_in_loop(process)
+                continue
+            started = time.monotonic()
+            while not queue.has_used():
+                assert time.monotonic() - started < 5, f"{done} of {total} answered"
+                select.select([call_fd], [], [], 0.001)
+            if time.monotonic() - started > delay / 2:
+                waits += 1
+        assert waits <= 1, f"{waits} batches waited out the delay"
+        assert lb.run_in_loop(lambda: lb.session.running[0].interrupts) <= total // depth + 2
 
 
 def test_driver_catches_a_device_that_overclaims_written_bytes() -> None:

@@ -15,17 +15,18 @@ Interrupt policy (per queue), adaptive to how the driver submits:
   made while a kick is being processed are published at the end of that pass,
   and later ones (asynchronous I/O) as soon as no request is left in flight.
 * A driver that runs several at once shows it: a request arrives while an
-  earlier completion is still unpublished, or (with EVENT_IDX) before the
-  driver has taken every completion already published (its ``used_event``
-  lags). Then the queue batches: it holds
+  earlier completion is still unpublished. Then the queue batches: it holds
   completions so that the requests the driver posts meanwhile are answered
   with one publication and one interrupt. It publishes as soon as every
-  request it has is completed and there are as many as the driver had
-  outstanding with us in the previous batch (the driver has probably nothing
-  left to post, and waiting longer would only idle it), else when the oldest
-  unpublished completion has waited ``max_interrupt_delay`` seconds. A batch
-  that nobody joined (no request arrived while it was held) switches the
-  queue back to answering at once.
+  request it has is completed and the batch has reached its size, else when
+  the oldest unpublished completion has waited ``max_interrupt_delay``
+  seconds. The size is what the driver had outstanding with us in the
+  previous batch; after a batch that reached its size it is one more (the
+  driver kept up: try a bigger batch), but never more than the largest
+  batch the driver has filled since it last failed to fill one in time (so
+  a driver with a fixed number of requests waits out the delay once, not
+  every other batch). A batch that nobody joined (no request arrived while
+  it was held) switches the queue back to answering at once.
 
 Either way no completion waits longer than ``max_interrupt_delay``: a held
 completion always has its publication scheduled. The driver's
@@ -94,6 +95,7 @@ class RunningQueue:
         self._overlapped = False
         self._depth = 0
         self._batch_target = MIN_BATCH
+        self._batch_ceiling = vq.size
         self._flush_handle: asyncio.TimerHandle | None = None
         self._stopped = False
         self._detached = False
@@ -135,7 +137,6 @@ class RunningQueue:
         budget = vq.size
         self._processing = True
         try:
-            behind = vq.driver_behind()  # it posted more before taking what we answered
             while budget:
                 vq.disable_kicks()
                 for _ in range(min(vq.pending(), budget)):
@@ -147,7 +148,7 @@ class RunningQueue:
                         )
                     budget -= 1
                     held = vq.unpublished()
-                    if held or behind:  # the driver did not wait for what we completed: several at once
+                    if held:  # the driver did not wait for what we completed
                         self._overlapped = True
                     self.in_flight += 1
                     if self.in_flight + held > self._depth:
@@ -216,17 +217,24 @@ class RunningQueue:
         """Publish every pushed completion and interrupt the driver if it wants one.
 
         Whether requests overlapped in this batch decides whether the next one
-        is held, and the most the driver had outstanding with us in it is the
-        size at which the next is published without waiting out the delay;
-        one more if this batch ``filled`` to its size before the delay ran
-        out (the driver keeps up: try a bigger batch).
+        is held, and the most the driver had outstanding with us in it sizes
+        the next (see the module's interrupt policy): one more if this batch
+        ``filled`` to its size before the delay ran out, up to the ceiling
+        that a batch the delay had to publish sets.
         """
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        depth = max(MIN_BATCH, self._depth)
+        if not self._overlapped:  # back to answering at once: a later burst may grow batches again
+            self._batch_ceiling = self.vq.size
+        elif filled:
+            self._batch_ceiling = max(self._batch_ceiling, depth)
+        else:  # the delay ran out: the driver could not fill this batch
+            self._batch_ceiling = depth
+        self._batch_target = min(depth + 1 if filled else depth, self._batch_ceiling)
         self._batching, self._overlapped = self._overlapped, False
-        target = self._depth + 1 if filled else self._depth
-        self._batch_target, self._depth = min(max(MIN_BATCH, target), self.vq.size), max(self.in_flight, 0)
+        self._depth = max(self.in_flight, 0)
         if self.session.broken:
             return
         try:

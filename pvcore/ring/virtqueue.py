@@ -140,6 +140,8 @@ class Virtqueue:
         A ring that one memory region holds whole (every vhost-user guest's)
         is read and written through one view of it, checked once here; a ring
         across regions (grant-mapped pages) goes through ``memory`` each time.
+        The views keep their mapping alive: a transport installs the new
+        memory before it closes the old one, or detaches the queue first.
         """
         desc_len, avail_len, used_len = ring_sizes(self.size)
         self._memory = memory
@@ -272,15 +274,6 @@ class Virtqueue:
         self._put_used(_U16, 2, self.next_used)
         self._published = self.next_used
         return True
-
-    def driver_behind(self) -> bool:
-        """With EVENT_IDX: whether the driver has not yet taken every used element we published.
-
-        Its ``used_event`` is where it last caught up (Linux writes its last
-        used index there when it re-enables interrupts), so a value other than
-        our published index means it is still behind, or busy taking them.
-        """
-        return self.event_idx and self._avail_u16(4 + 2 * self.size) != self._published
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was published since the last one.
