@@ -446,7 +446,10 @@ class _Connection:
         )
         self.in_flight += 1
         self.in_flight_bytes += cost
-        self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
+        if self.backend.serve_now(block_request):
+            self._complete(request, cost, buffer, BlockResult(BlockStatus.OK, length))
+        else:
+            self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
 
     def _log_refusal(self, message: str) -> None:
         """Log a refused or failed request, up to :data:`MAX_LOGGED_REFUSALS` per connection."""

@@ -2,9 +2,11 @@
 
 :class:`BlockBackend` knows nothing of virtio or NBD. A front door builds a
 :class:`BlockRequest` (guest buffers as memoryviews, so reads and writes go
-between the backing store and guest memory without a copy) and calls
-:meth:`BlockBackend.submit` from its event loop; the callback gets a
-:class:`BlockResult` back on that same loop.
+between the backing store and guest memory without a copy) and first offers
+it to :meth:`BlockBackend.serve_now`, which does a small read or write at once
+when the device is idle and the page cache can serve it without waiting;
+otherwise it calls :meth:`BlockBackend.submit` from its event loop, and the
+callback gets a :class:`BlockResult` back on that same loop.
 
 Scheduling: a bounded pool of worker threads takes requests from one priority
 queue, the highest Linux I/O priority first (RT, then BE by level, then IDLE),
@@ -238,30 +240,22 @@ class BlockBackend:
         return True
 
     def submit(self, request: BlockRequest, callback: Callback) -> None:
-        """Queue ``request``; ``callback(result)`` runs later on the calling event loop.
+        """Queue ``request`` for the I/O threads; ``callback(result)`` runs later on the calling event loop.
 
         Must be called from a running event loop. The callback never runs
-        before this returns: a request that fails its checks, or one served on
-        the spot from the page cache (see :meth:`_try_inline`), completes in a
-        later pass of the loop.
+        before this returns; a request that fails its checks completes in a
+        later pass of the loop with an error result. Callers that can take an
+        answer at once try :meth:`serve_now` first.
         """
         loop = asyncio.get_running_loop()
-        served_inline = False
         with self._lock:
             self._count(request)
             rejection = self._check(request)
             if rejection is not None:
                 self._counters.errors += 1
-            elif not self._counters.in_flight and self._try_inline(request):
-                self._count_bytes(request.op, request.length)
-                served_inline = True
             else:
                 self._counters.in_flight += 1
-                job = _Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority))
-                self._enqueue(job)
-        if served_inline:
-            loop.call_soon(self._run_callback, callback, BlockResult(BlockStatus.OK, request.length))
-            return
+                self._enqueue(_Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority)))
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
             loop.call_soon(self._run_callback, callback, rejection)

@@ -297,7 +297,7 @@ class VirtioBlock(VirtioDevice):
             views = [view for addr, size in buffers for view in memory.views(addr, size, write=into_guest)]
             backend_request = BlockRequest(op, offset, length, views, priority)
             if self.backend.serve_now(backend_request):
-                self._answer(queue, chain, status_addr, VIRTIO_BLK_S_OK, length + 1 if into_guest else 1)
+                self._answer(queue, chain, status_addr, VIRTIO_BLK_S_OK)
             else:
                 self._submit(_InFlight(queue, chain, self._generation, status_addr), backend_request)
         elif kind == VIRTIO_BLK_T_FLUSH:
@@ -368,16 +368,11 @@ class VirtioBlock(VirtioDevice):
 
         self.backend.submit(backend_request, done)
 
-    def _answer(
-        self, queue: RunningQueue, chain: DescriptorChain, status_addr: int, status: int, written: int | None = None
-    ) -> None:
-        """Write the status byte and return the chain, with ``written`` bytes (default: all it could take).
-
-        Late answers after a reset are dropped by the caller.
-        """
+    def _answer(self, queue: RunningQueue, chain: DescriptorChain, status_addr: int, status: int) -> None:
+        """Write the status byte and return the chain (late answers after a reset are dropped by the caller)."""
         try:
             queue.memory.write_u8(status_addr, status)
         except GuestMemoryError as exc:
             queue.session.fail(f"{self.name}: status byte of head {chain.head}: {exc}")
             return
-        queue.complete(chain, chain.writable_len if written is None else written)
+        queue.complete(chain, chain.writable_len)
