@@ -120,8 +120,11 @@ def test_real_guest_console_through_qemu_chardev(loop_thread, tmp_path):
         [
             "exec 3<>/dev/hvc0",  # keep the port open: a closed console drops input
             "stty raw -echo <&3",
-            "echo PVCORE-CONSOLE-OUT >&3",
+            # QEMU drops what the guest writes while its chardev socket is not connected
+            # (a reconnecting chardev connects in the background): say it until answered.
+            "(while true; do echo PVCORE-CONSOLE-OUT >&3; sleep 1; done) & writer=$!",
             result_line("typed", "head -c 6 <&3"),
+            "kill $writer",
         ]
     )
     initramfs = build_initramfs(kernel, script, ["virtio_console"], tmp_path)
@@ -131,7 +134,13 @@ def test_real_guest_console_through_qemu_chardev(loop_thread, tmp_path):
     ]
     try:
         with Guest(kernel, initramfs, qemu_args, name="kvm-chardev", max_runtime=180) as guest:
-            wait_until(lambda: b"PVCORE-CONSOLE-OUT" in stream.scrollback.snapshot(), timeout=120)
+            try:
+                wait_until(lambda: b"PVCORE-CONSOLE-OUT" in stream.scrollback.snapshot(), timeout=120)
+            except AssertionError:
+                raise AssertionError(
+                    f"no console output through the chardev (QEMU connected: {door.connected}); "
+                    f"guest serial tail:\n{guest.output[-3000:]}\nQEMU stderr:\n{guest.stderr[-2000:]}"
+                ) from None
             assert loop_thread.call(stream.input, person, b"hello\n")
             result = guest.wait(170)
     finally:
