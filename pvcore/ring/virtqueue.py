@@ -255,11 +255,7 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Write a used element; it becomes visible to the driver at :meth:`publish`."""
-        offset = 4 + 8 * (self.next_used % self.size)
-        if self._used is not None:
-            _USED_ELEM.pack_into(self._used, offset, head, written)
-        else:
-            self._memory.write(self.used_addr + offset, _USED_ELEM.pack(head, written))
+        self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), head, written)
         self.next_used = (self.next_used + 1) & 0xFFFF
 
     def unpublished(self) -> int:
