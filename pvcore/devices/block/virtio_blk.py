@@ -32,7 +32,7 @@ from pvcore.devices.block.backend import (
     BlockStatus,
     CacheMode,
 )
-from pvcore.ring.memory import GuestMemory, GuestMemoryError, scatter
+from pvcore.ring.memory import GuestMemory, GuestMemoryError, gather, scatter
 from pvcore.ring.session import RunningQueue
 from pvcore.ring.virtqueue import DescriptorChain
 from pvcore.virtio import VIRTIO_ID_BLOCK, VirtioDevice, bit
@@ -332,13 +332,19 @@ class VirtioBlock(VirtioDevice):
             )
 
     def _segments(self, kind: int, payload: Buffers, priority: int, memory: GuestMemory) -> list[BlockRequest]:
-        """Parse and check every discard / write-zeroes segment before any is started."""
-        raw = b"".join(memory.read(addr, length) for addr, length in payload)
-        if not raw or len(raw) % DISCARD_SEGMENT.size:
-            raise BadRequest(VIRTIO_BLK_S_IOERR, f"segment list of {len(raw)} bytes (need a multiple of 16)")
-        count = len(raw) // DISCARD_SEGMENT.size
+        """Parse and check every discard / write-zeroes segment before any is started.
+
+        The segment list's length is the guest's to choose (a chain may describe
+        gigabytes), so it is checked against :data:`MAX_DISCARD_SEGMENTS` before
+        a byte of it is read.
+        """
+        size = sum(length for _, length in payload)
+        if not size or size % DISCARD_SEGMENT.size:
+            raise BadRequest(VIRTIO_BLK_S_IOERR, f"segment list of {size} bytes (need a multiple of 16)")
+        count = size // DISCARD_SEGMENT.size
         if count > MAX_DISCARD_SEGMENTS:
             raise BadRequest(VIRTIO_BLK_S_IOERR, f"{count} segments, at most {MAX_DISCARD_SEGMENTS}")
+        raw = gather(memory, payload)
         requests = []
         for sector, sectors, flags in DISCARD_SEGMENT.iter_unpack(raw):
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
