@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import attrs
 
 from pvcore.ring.barrier import full_barrier, write_barrier
+from pvcore.ring.fdmemory import sealed_memfd
 from pvcore.ring.memory import GuestMemory, MemoryRegion
 from pvcore.ring.virtqueue import (
     DESCRIPTOR_SIZE,
@@ -82,17 +83,23 @@ class GuestRam:
     ``fd`` can be passed to another process (it maps the same pages);
     ``memory`` is a :class:`GuestMemory` of one region at ``guest_addr`` whose
     ``user_addr`` is this process's mapping address, so vhost-user address
-    translation can be exercised.
+    translation can be exercised. Like QEMU's ``memory-backend-memfd`` (whose
+    ``seal=on`` is the default) the memfd is sealed against shrinking and
+    growing; ``sealed=False`` leaves it unsealed, as a hostile frontend would.
     """
 
-    def __init__(self, size: int, guest_addr: int = 0) -> None:
+    def __init__(self, size: int, guest_addr: int = 0, *, sealed: bool = True) -> None:
         if size <= 0:
             raise DriverError(f"guest RAM size {size} must be positive")
         self.size = size
         self.guest_addr = guest_addr
-        self.fd = os.memfd_create("pvcore-guest-ram", os.MFD_CLOEXEC)
+        if sealed:
+            self.fd = sealed_memfd("pvcore-guest-ram", size)
+        else:
+            self.fd = os.memfd_create("pvcore-guest-ram", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, size)
+            if not sealed:
+                os.ftruncate(self.fd, size)
             self._mmap = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             os.close(self.fd)

@@ -10,8 +10,18 @@ knows how to unmap itself.
 The layout comes from the frontend and is not trusted: sizes, offsets and
 addresses are checked, a region must lie inside its file (touching a page
 past the end of a file raises SIGBUS), and neither the guest ranges nor the
-frontend's user ranges may overlap. A file the frontend shrinks *after* it was
-mapped can still fault; QEMU never does that to guest RAM.
+frontend's user ranges may overlap.
+
+A file that shrinks *after* it was mapped would make the next access to the
+lost pages raise SIGBUS, which no Python code can catch: it would kill the
+daemon and every guest it serves. So every region must be a regular file
+sealed against shrinking (``F_SEAL_SHRINK``, see ``memfd_create(2)``); seals
+can never be removed, so a sealed file stays at least as long as it was when
+it was checked. QEMU's ``memory-backend-memfd`` seals its memfd this way by
+default (``seal=on``), and so does libvirt's ``<source type='memfd'/>``. A
+region that is not sealed (an unsealed memfd, a ``memory-backend-file`` on
+/dev/shm or hugetlbfs) is refused with :class:`UnsealedMemoryError`, which
+costs only that frontend its connection.
 
 The region fds stay the caller's: they are duplicated by the mapping and may
 (and should) be closed once :func:`map_fd_layout` returns.
@@ -19,6 +29,7 @@ The region fds stay the caller's: they are duplicated by the mapping and may
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import mmap
@@ -32,6 +43,10 @@ log = logging.getLogger("pvcore.ring")
 
 MAX_REGION_SIZE = 1 << 48
 """Largest single region accepted (256 TiB): anything bigger is a corrupt table."""
+
+
+class UnsealedMemoryError(ValueError):
+    """A memory region's file is not sealed against shrinking, so a shrink could fault the daemon."""
 
 
 class FdGuestMemory(GuestMemory):
@@ -71,6 +86,22 @@ def _describe(index: int, region: FdRegion) -> str:
     return f"memory region {index} (guest {region.guest_addr:#x}+{region.size:#x}, fd {region.fd})"
 
 
+GUEST_RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""The seals QEMU's ``memory-backend-memfd`` puts on guest RAM (``seal=on``)."""
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A new memfd of ``size`` bytes sealed with :data:`GUEST_RAM_SEALS`, as QEMU makes guest RAM."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, GUEST_RAM_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _check_region(index: int, region: FdRegion) -> None:
     where = _describe(index, region)
     if not 0 < region.size <= MAX_REGION_SIZE:
@@ -85,10 +116,27 @@ def _check_region(index: int, region: FdRegion) -> None:
         info = os.fstat(region.fd)
     except OSError as exc:
         raise ValueError(f"{where}: not an open file descriptor ({exc.strerror})") from None
-    if stat.S_ISREG(info.st_mode) and region.offset + region.size > info.st_size:
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{where}: not a regular file (guest RAM is a memfd or a file)")
+    _check_sealed(where, region.fd)
+    if region.offset + region.size > info.st_size:
         raise ValueError(
             f"{where}: offset {region.offset:#x} + size {region.size:#x} runs past the end of the "
             f"file ({info.st_size:#x} bytes)"
+        )
+
+
+def _check_sealed(where: str, fd: int) -> None:
+    """Refuse a file the frontend could still shrink under the mapping (see the module docstring)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd or shmem file: it cannot be sealed at all
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise UnsealedMemoryError(
+            f"{where}: the file is not sealed against shrinking (F_SEAL_SHRINK), so the frontend could "
+            f"shrink it and fault the daemon; give the guest memory-backend-memfd (seal=on, the default) "
+            f"or libvirt's <memoryBacking><source type='memfd'/>"
         )
 
 

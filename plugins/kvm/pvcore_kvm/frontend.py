@@ -73,11 +73,13 @@ class VhostUserFrontend:
     (the backend connects to us), then :meth:`start` the device.
     """
 
-    def __init__(self, sock: socket.socket, *, ram_size: int = 16 << 20, timeout: float = 5.0) -> None:
+    def __init__(
+        self, sock: socket.socket, *, ram_size: int = 16 << 20, timeout: float = 5.0, sealed_ram: bool = True
+    ) -> None:
         self.sock = sock
         self.timeout = timeout
         sock.settimeout(timeout)
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, sealed=sealed_ram)
         self.features = 0
         self.protocol_features = 0
         self.queues: dict[int, DriverQueue] = {}
@@ -87,7 +89,7 @@ class VhostUserFrontend:
         self._collected: dict[int, list[UsedBuffer]] = {}
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], **kwargs: float) -> VhostUserFrontend:
+    def connect(cls, path: str | os.PathLike[str], **kwargs: float | bool) -> VhostUserFrontend:
         """Connect to a backend listening on ``path``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -98,7 +100,7 @@ class VhostUserFrontend:
         return cls(sock, **kwargs)
 
     @classmethod
-    def accept(cls, listener: socket.socket, *, timeout: float = 5.0, **kwargs: float) -> VhostUserFrontend:
+    def accept(cls, listener: socket.socket, *, timeout: float = 5.0, **kwargs: float | bool) -> VhostUserFrontend:
         """Wait for a backend in client mode to connect to ``listener``."""
         listener.settimeout(timeout)
         sock, _ = listener.accept()

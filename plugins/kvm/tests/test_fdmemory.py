@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from pvcore.contract import FdMemoryLayout, FdRegion
-from pvcore.ring.fdmemory import map_fd_layout
+from pvcore.ring.fdmemory import UnsealedMemoryError, map_fd_layout, sealed_memfd
 from pvcore.ring.memory import GuestMemoryError
 
 SIZE = 1 << 20
@@ -16,8 +16,7 @@ SIZE = 1 << 20
 
 @pytest.fixture
 def memfd() -> Iterator[int]:
-    fd = os.memfd_create("fdmemory-test", os.MFD_CLOEXEC)
-    os.ftruncate(fd, SIZE)
+    fd = sealed_memfd("fdmemory-test", SIZE)
     yield fd
     os.close(fd)
 
@@ -41,8 +40,7 @@ def test_regions_map_the_file_at_their_offsets(memfd):
 
 
 def test_fds_may_be_closed_after_mapping():
-    fd = os.memfd_create("closed", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 4096)
+    fd = sealed_memfd("closed", 4096)
     memory = map_fd_layout(FdMemoryLayout((FdRegion(fd, 0, 4096, 0x1000, 0),)))
     os.close(fd)
     memory.write(10, b"still mapped")
@@ -88,11 +86,32 @@ def test_closed_fd_is_refused():
         map_fd_layout(FdMemoryLayout((FdRegion(fd, 0, 4096, 0, 0),)))
 
 
-def test_unmappable_fd_is_an_os_error():
+def test_a_pipe_is_refused_naming_the_region():
     read_end, write_end = os.pipe()
     try:
-        with pytest.raises(OSError, match="memory region 0"):
+        with pytest.raises(ValueError, match="memory region 0.*not a regular file"):
             map_fd_layout(FdMemoryLayout((FdRegion(read_end, 0, 4096, 0, 0),)))
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_memory_the_frontend_could_shrink_is_refused(tmp_path):
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    plain_file = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for fd in (unsealed, plain_file):
+            os.ftruncate(fd, 4096)
+            with pytest.raises(UnsealedMemoryError, match="memory region 0.*not sealed against shrinking"):
+                map_fd_layout(FdMemoryLayout((FdRegion(fd, 0, 4096, 0, 0),)))
+    finally:
+        os.close(unsealed)
+        os.close(plain_file)
+
+
+def test_sealed_guest_ram_cannot_shrink_under_a_mapping(memfd):
+    with map_fd_layout(FdMemoryLayout((FdRegion(memfd, 0, SIZE, 0x1000, 0),))) as memory:
+        with pytest.raises(PermissionError):
+            os.ftruncate(memfd, 0)
+        memory.write(SIZE - 4, b"last")
+        assert memory.read(SIZE - 4, 4) == b"last"

@@ -22,7 +22,7 @@ from pvcore.contract import (
     HostContext,
 )
 from pvcore.devices.console.stream import ConsoleStream
-from pvcore.ring.fdmemory import FdGuestMemory
+from pvcore.ring.fdmemory import FdGuestMemory, sealed_memfd
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
 
@@ -144,8 +144,7 @@ def test_probe_skips_broken_and_vanished_domains(registry, caplog):
 
 
 def test_map_memory_and_open_notifier(registry):
-    fd = os.memfd_create("t", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 1 << 16)
+    fd = sealed_memfd("t", 1 << 16)
     try:
         layout = FdMemoryLayout((FdRegion(fd, 0x1000, 1 << 16, 0x7000_0000, 0),))
         memory = registry.hook.pvcore_map_memory(hypervisor="kvm", layout=layout)

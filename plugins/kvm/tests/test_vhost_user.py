@@ -41,6 +41,7 @@ from pvcore.devices.block.virtio_blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from pvcore.ring.fdmemory import sealed_memfd
 from pvcore.ring.session import RunningQueue
 from pvcore.ring.virtqueue import DescriptorChain
 from pvcore.virtio import VirtioDevice
@@ -386,7 +387,11 @@ def _pipe_read_end() -> int:
 
 
 def _memfd(size: int) -> int:
-    fd = os.memfd_create("hostile", os.MFD_CLOEXEC)
+    return sealed_memfd("hostile", size)
+
+
+def _unsealed_memfd(size: int) -> int:
+    fd = os.memfd_create("shrinkable", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     return fd
 
@@ -434,6 +439,12 @@ HOSTILE = {
             f, Request.SET_MEM_TABLE, encode_memory(MemoryTable((_region(f, size=1 << 20),))), [_memfd(4096)]
         ),
         "past the end",
+    ),
+    "unsealed guest memory": (
+        lambda f: _send_closing(
+            f, Request.SET_MEM_TABLE, encode_memory(MemoryTable((_region(f, size=4096),))), [_unsealed_memfd(4096)]
+        ),
+        "not sealed against shrinking",
     ),
     "overlapping regions": (
         lambda f: _send_closing(
