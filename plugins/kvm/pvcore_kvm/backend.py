@@ -474,19 +474,25 @@ class VhostUserFrontDoor:
             delay = min(delay * 2, max(self.retry_interval, MAX_RECONNECT_DELAY))
 
     async def _serve(self, sock: socket.socket) -> None:
+        """Serve one connection to its end; whatever it raises is logged here, so the
+        accept or connect loop that waits for it always goes on."""
         sock.setblocking(False)
         self.connections += 1
+        number = self.connections
         try:
             connection = VhostUserConnection(
-                self.device, sock, hook=self.hook, name=f"vhost-user {self.name}", number=self.connections
+                self.device, sock, hook=self.hook, name=f"vhost-user {self.name}", number=number
             )
-        except BaseException:
+        except Exception:
             sock.close()
-            raise
+            log.exception("vhost-user %s: connection %d could not be set up", self.name, number)
+            return
         self.connection = connection
-        log.info("%s: frontend connected (connection %d) on %s", connection.name, self.connections, self.socket_path)
+        log.info("%s: frontend connected (connection %d) on %s", connection.name, number, self.socket_path)
         try:
             await connection.serve()
+        except Exception:
+            log.exception("%s: connection %d failed while closing", connection.name, number)
         finally:
             self.connection = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pvcore_kvm.backend import OFFERED_PROTOCOL_FEATURES, VhostUserFrontDoor
+from pvcore_kvm.backend import OFFERED_PROTOCOL_FEATURES, VhostUserConnection, VhostUserFrontDoor
 from pvcore_kvm.frontend import FrontendError, VhostUserFrontend
 from pvcore_kvm.protocol import (
     F_PROTOCOL_FEATURES,
@@ -306,25 +307,79 @@ def test_client_mode_retries_after_any_connect_error(loop_thread, registry, tmp_
 
 
 def test_client_mode_backs_off_when_the_frontend_hangs_up_at_once(loop_thread, registry, tmp_path):
+    """Each wait between attempts is at least twice the one before (0.05, 0.1, 0.2, 0.4 s...).
+
+    Only lower bounds are checked, so a slow machine cannot fail it; a door that
+    did not back off would come back after the first interval every time.
+    """
     path = tmp_path / "slam.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.fspath(path))
     listener.listen(8)
-    attempts = 0
+    listener.settimeout(30.0)
+    attempts: list[float] = []
     try:
         with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
-            deadline = time.monotonic() + 1.0
-            while (left := deadline - time.monotonic()) > 0:
-                listener.settimeout(left)
-                try:
-                    sock, _ = listener.accept()
-                except TimeoutError:
-                    break
+            while len(attempts) < 5:
+                sock, _ = listener.accept()
+                attempts.append(time.monotonic())
                 sock.close()
-                attempts += 1
     finally:
         listener.close()
-    assert 2 <= attempts <= 8
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:])]
+    for number, gap in enumerate(gaps):
+        assert gap >= 0.9 * 0.05 * 2**number, f"attempt gaps {gaps} do not double"
+
+
+def _end_session_failing_once(monkeypatch, *, hold: float = 0.0) -> list[str]:
+    """Make the first connection's clean-up raise (after ``hold`` seconds); returns the failures raised."""
+    raised: list[str] = []
+    end_session = VhostUserConnection._end_session
+
+    async def failing(self):
+        await end_session(self)
+        if not raised:
+            await asyncio.sleep(hold)
+            raised.append(self.name)
+            raise RuntimeError("clean-up bug")
+
+    monkeypatch.setattr(VhostUserConnection, "_end_session", failing)
+    return raised
+
+
+def test_a_failed_connection_never_stops_the_listener(loop_thread, registry, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "listener.sock"
+    raised = _end_session_failing_once(monkeypatch, hold=0.5)
+    with caplog.at_level(logging.ERROR, logger="pvcore.kvm"):
+        with serving(loop_thread, registry, EchoDevice(queues=1), path) as door:
+            with VhostUserFrontend.connect(path) as first:
+                first.start(queue_size=8)
+            # The next frontend arrives while the first one's clean-up is still running, then fails.
+            with VhostUserFrontend.connect(path, timeout=10.0) as second:
+                second.start(queue_size=8)
+                assert second.request(0, [b"second"], [6]).data == b"dnoces"
+            wait_until(lambda: idle(door))
+            with VhostUserFrontend.connect(path, timeout=10.0) as third:
+                third.start(queue_size=8)
+                assert third.request(0, [b"third"], [5]).data == b"driht"
+    assert raised and "clean-up bug" in caplog.text
+
+
+def test_client_mode_reconnects_after_a_failed_connection(loop_thread, registry, tmp_path, monkeypatch):
+    path = tmp_path / "qemu.sock"
+    raised = _end_session_failing_once(monkeypatch)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(path))
+    listener.listen(1)
+    try:
+        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+            for round_ in range(2):
+                with VhostUserFrontend.accept(listener, timeout=30.0) as frontend:
+                    frontend.start(queue_size=8)
+                    assert frontend.request(0, [b"client"], [6]).data == b"tneilc"
+    finally:
+        listener.close()
+    assert raised
 
 
 def test_block_engine_read_write_flush(loop_thread, registry, tmp_path):
