@@ -14,6 +14,9 @@ first come first served within equal priority. A FLUSH is a barrier: it waits
 until every request submitted before it has finished, then ``fdatasync``\\ s;
 requests submitted after it do not wait for it. In writethrough mode, and for
 a write with ``fua``, the data is durable before the request completes.
+:meth:`BlockBackend.close` finishes every queued request and then
+``fdatasync``\\ s a writable store, so writes acknowledged in writeback mode
+are on stable storage once a daemon has shut down.
 
 Guest-chosen offsets and lengths are checked here before any I/O: a bad one
 produces an error result, never an exception in the caller's loop.
@@ -426,7 +429,12 @@ class BlockBackend:
             return BlockResult(BlockStatus.IO_ERROR, message=f"{op.value} at {offset}: buffer unusable: {exc}")
 
     def close(self) -> None:
-        """Finish every queued request, stop the I/O threads and close the store."""
+        """Finish every queued request, stop the I/O threads, flush a writable store and close it.
+
+        The flush (``fdatasync``) makes every write acknowledged in writeback
+        mode durable; if it fails, that is logged as an error and the store is
+        closed all the same.
+        """
         with self._lock:
             if self._closing:
                 return
@@ -434,4 +442,10 @@ class BlockBackend:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
-        self.store.close()
+        try:
+            if not self.store.readonly:
+                self.store.sync()
+        except OSError as exc:
+            log.error("%s: flush on close failed, acknowledged writes may be lost: %s", self.name, exc.strerror or exc)
+        finally:
+            self.store.close()
