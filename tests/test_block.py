@@ -25,7 +25,13 @@ from pvcore.devices.block import (
     ioprio,
     ioprio_rank,
 )
-from pvcore.devices.block.backend import IOPRIO_CLASS_BE, IOPRIO_CLASS_IDLE, IOPRIO_CLASS_NONE, IOPRIO_CLASS_RT
+from pvcore.devices.block.backend import (
+    IOPRIO_CLASS_BE,
+    IOPRIO_CLASS_IDLE,
+    IOPRIO_CLASS_NONE,
+    IOPRIO_CLASS_RT,
+    ioprio_steps,
+)
 from pvcore.devices.block.virtio_blk import (
     VIRTIO_BLK_F_CONFIG_WCE,
     VIRTIO_BLK_F_DISCARD,
@@ -225,14 +231,20 @@ def test_ioprio_rank_orders_classes_and_levels() -> None:
                ioprio(IOPRIO_CLASS_BE, 7), IDLE]
     ranks = [ioprio_rank(p) for p in ordered]
     assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert [ioprio_steps(p) for p in ordered] == [0, 7, 8, 12, 15, 16]
     assert ioprio_rank(ioprio(IOPRIO_CLASS_NONE, 0)) == ioprio_rank(BE)
     assert ioprio_rank(ioprio(6, 2)) == ioprio_rank(BE)  # unknown class: as if none
     assert ioprio_rank(ioprio(IOPRIO_CLASS_RT, 100)) == ioprio_rank(ioprio(IOPRIO_CLASS_RT, 7))
 
 
+def frozen_clock() -> float:
+    """A clock that never moves: no request ages, so priorities order strictly (and independently of load)."""
+    return 0.0
+
+
 def test_backend_runs_high_priority_first(disk: Path) -> None:
     store = GatedStore(disk, gate_offset=0)
-    backend = BlockBackend(store, workers=1)
+    backend = BlockBackend(store, workers=1, clock=frozen_clock)
     order: list[str] = []
 
     async def scenario() -> None:
@@ -266,6 +278,107 @@ def test_backend_runs_high_priority_first(disk: Path) -> None:
     finally:
         backend.close()
     assert order == ["blocker", "rt", "be-high", "be-first", "be-second", "idle"]
+
+
+@pytest.mark.parametrize("low", ["idle-read", "idle-flush"])
+def test_ageing_lets_a_waiting_low_priority_request_overtake_later_ones(disk: Path, low: str) -> None:
+    """With ageing 0.05 s, IDLE (step 16) waiting since t=0 runs before BE4 (step 12) submitted before
+    t=0.2 s and after any submitted later; a FLUSH ages the same way (the clock is the test's)."""
+    now = [100.0]
+    store = GatedStore(disk, gate_offset=0)
+    backend = BlockBackend(store, workers=1, ageing=0.05, clock=lambda: now[0])
+    best_effort = [SECTOR * (8 + i) for i in range(16)]
+
+    async def scenario() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        finished: list[BlockResult] = []
+        all_done = asyncio.Event()
+
+        def record(result: BlockResult) -> None:
+            assert result.ok
+            finished.append(result)
+            if len(finished) == 2 + len(best_effort):
+                all_done.set()
+
+        backend.submit(read_request(0, SECTOR)[0], record)  # holds the only worker at the gate
+        assert await loop.run_in_executor(None, store.entered.wait, 5)
+        if low == "idle-flush":
+            backend.submit(BlockRequest(BlockOp.FLUSH, priority=IDLE), record)
+        else:
+            backend.submit(read_request(SECTOR, SECTOR, IDLE)[0], record)
+        for i, offset in enumerate(best_effort):
+            now[0] = 100.0 + 0.0125 + 0.025 * i  # the 8th (i=7) at 0.1875 s, the 9th at 0.2125 s
+            backend.submit(read_request(offset, SECTOR, BE)[0], record)
+        store.opened.set()
+        await asyncio.wait_for(all_done.wait(), 5)
+        return list(store.events)
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        backend.close()
+    low_event = ("sync", -1) if low == "idle-flush" else ("read", SECTOR)
+    expected = [("read", 0)] + [("read", o) for o in best_effort[:8]] + [low_event]
+    expected += [("read", o) for o in best_effort[8:]]
+    assert events == expected
+
+
+def test_an_idle_request_completes_under_constant_best_effort_load(disk: Path) -> None:
+    """A BE load that always has requests queued does not starve an IDLE request (real clock, default ageing)."""
+
+    class SlowStore(RawFileStore):
+        def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
+            return False
+
+        def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+            time.sleep(0.001)  # slow storage: 32 queued requests are work for at least 32 ms
+            return super().readv(buffers, offset)
+
+    backend = BlockBackend(SlowStore(str(disk)), workers=1)
+    depth = 32
+
+    async def scenario() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        load_done = [0]
+        running = [True]
+        drained = asyncio.Event()
+        outstanding = [0]
+
+        def submit_load(offset: int) -> None:
+            outstanding[0] += 1
+
+            def again(result: BlockResult) -> None:
+                assert result.ok
+                outstanding[0] -= 1
+                load_done[0] += 1
+                if running[0]:
+                    submit_load(offset)
+                elif not outstanding[0]:
+                    drained.set()
+
+            backend.submit(read_request(offset, SECTOR, BE)[0], again)
+
+        for i in range(depth):
+            submit_load(SECTOR * (8 + i))
+        while load_done[0] < 2 * depth:  # the load is running
+            await asyncio.sleep(0.01)
+        before = load_done[0]
+        idle: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(read_request(0, SECTOR, IDLE)[0], idle.set_result)
+        try:
+            result = await asyncio.wait_for(idle, 30)  # about 0.2 s here; without ageing never, while the load runs
+        finally:
+            during = load_done[0] - before
+            running[0] = False
+            await asyncio.wait_for(drained.wait(), 10)
+        assert result.ok
+        return before, during
+
+    try:
+        before, during = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert before >= 2 * depth and during >= depth, (before, during)
 
 
 def test_flush_waits_for_earlier_requests_only(disk: Path) -> None:
@@ -380,8 +493,9 @@ def segment(sector: int, sectors: int, flags: int = 0) -> bytes:
 
 
 def make_device(disk: Path, *, readonly: bool = False, queues: int = 1, workers: int = 4,
-                store: RawFileStore | None = None) -> VirtioBlock:
-    backend = BlockBackend(store or RawFileStore(str(disk), readonly=readonly), workers=workers, name="vda")
+                store: RawFileStore | None = None, clock=time.monotonic) -> VirtioBlock:
+    backend = BlockBackend(store or RawFileStore(str(disk), readonly=readonly), workers=workers, name="vda",
+                           clock=clock)
     return VirtioBlock(backend, name="vda", queues=queues, serial=b"pvcore-serial-01")
 
 
@@ -528,7 +642,7 @@ def test_virtio_many_requests_in_flight_batch_interrupts(disk: Path, device: Vir
 
 def test_virtio_priority_high_before_low_under_load(disk: Path) -> None:
     store = GatedStore(disk, gate_offset=0)
-    device = make_device(disk, store=store, workers=1)
+    device = make_device(disk, store=store, workers=1, clock=frozen_clock)
     try:
         with Loopback(device) as lb:
             blocker = lb.submit(0, [header(VIRTIO_BLK_T_IN, 0)], [SECTOR, 1])

@@ -9,14 +9,27 @@ otherwise it calls :meth:`BlockBackend.submit` from its event loop, and the
 callback gets a :class:`BlockResult` back on that same loop.
 
 Scheduling: a bounded pool of worker threads takes requests from one priority
-queue, the highest Linux I/O priority first (RT, then BE by level, then IDLE),
-first come first served within equal priority. A FLUSH is a barrier: it waits
-until every request submitted before it has finished, then ``fdatasync``\\ s;
-requests submitted after it do not wait for it. In writethrough mode, and for
-a write with ``fua``, the data is durable before the request completes.
-:meth:`BlockBackend.close` finishes every queued request and then
-``fdatasync``\\ s a writable store, so writes acknowledged in writeback mode
-are on stable storage once a daemon has shut down.
+queue. A request's priority is its Linux ioprio counted in steps
+(:func:`ioprio_steps`; the value comes from the guest, so :func:`ioprio_rank`
+clamps it): RT levels 0-7 are steps 0-7, BE levels 0-7 steps 8-15, IDLE step
+16. Fewer steps run first, equal ones first come first served. Priorities age
+so that none starves: a queued request's effective rank is
+``steps - waited / ageing`` (``ageing`` is :data:`AGEING_QUANTUM`, 50 ms,
+unless the backend is given another), so a request runs no later than one
+``k`` steps more urgent that was submitted ``k * ageing`` seconds after it.
+As ``waited`` is ``now - submitted_at`` for every queued request, that order
+is the order of the fixed key ``submitted_at + steps * ageing``, computed once
+at submission: the hot path stays one heap push and one pop. Under a constant
+BE level 4 load (step 12) an IDLE request thus runs before every BE request
+submitted more than ``4 * ageing`` = 0.2 s after it, instead of never; a
+FLUSH keeps the guest's priority and ages the same way.
+
+A FLUSH is a barrier: it waits until every request submitted before it has
+finished, then ``fdatasync``\\ s; requests submitted after it do not wait for
+it. In writethrough mode, and for a write with ``fua``, the data is durable
+before the request completes. :meth:`BlockBackend.close` finishes every queued
+request and then ``fdatasync``\\ s a writable store, so writes acknowledged
+in writeback mode are on stable storage once a daemon has shut down.
 
 Guest-chosen offsets and lengths are checked here before any I/O: a bad one
 produces an error result, never an exception in the caller's loop.
@@ -30,6 +43,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -51,6 +65,8 @@ IOPRIO_CLASS_SHIFT = 13
 IOPRIO_LEVEL_MASK = (1 << IOPRIO_CLASS_SHIFT) - 1
 IOPRIO_BE_DEFAULT_LEVEL = 4
 IOPRIO_LOWEST_LEVEL = 7
+AGEING_QUANTUM = 0.05
+"""Seconds of waiting that raise a queued request's priority by one step (see the module docstring)."""
 
 
 class BlockOp(enum.Enum):
@@ -104,6 +120,16 @@ def ioprio_rank(value: int) -> tuple[int, int]:
     if klass == IOPRIO_CLASS_IDLE:
         return (2, 0)
     return (1, IOPRIO_BE_DEFAULT_LEVEL)
+
+
+def ioprio_steps(value: int) -> int:
+    """A Linux ioprio value as priority steps, 0 (RT level 0) to 16 (IDLE); fewer runs first.
+
+    The flat form of :func:`ioprio_rank`, for ageing: RT levels are steps
+    0-7, BE levels steps 8-15, IDLE step 16.
+    """
+    klass, level = ioprio_rank(value)
+    return klass * (IOPRIO_LOWEST_LEVEL + 1) + level
 
 
 @attrs.frozen(eq=False)
@@ -174,11 +200,15 @@ class _Job:
     callback: Callback
     loop: asyncio.AbstractEventLoop
     seq: int
-    rank: tuple[int, int]
+    key: float
 
 
 class BlockBackend:
-    """A backing store served by a pool of I/O threads with priorities and flush barriers."""
+    """A backing store served by a pool of I/O threads with ageing priorities and flush barriers.
+
+    ``ageing`` is the seconds of waiting worth one priority step, and
+    ``clock`` the monotonic clock that measures it (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -187,15 +217,21 @@ class BlockBackend:
         cache: CacheMode = CacheMode.WRITEBACK,
         workers: int = 4,
         name: str = "block",
+        ageing: float = AGEING_QUANTUM,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"{name}: workers={workers} must be between 1 and {MAX_WORKERS}")
+        if not ageing > 0:
+            raise ValueError(f"{name}: ageing={ageing} must be a positive number of seconds")
         self.store = store
         self.cache = cache
         self.name = name
+        self._ageing = ageing
+        self._clock = clock
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._ready: list[tuple[tuple[int, int], int, _Job]] = []
+        self._ready: list[tuple[float, int, _Job]] = []
         self._unfinished: list[int] = []
         self._finished: set[int] = set()
         self._barriers: list[_Job] = []
@@ -251,6 +287,7 @@ class BlockBackend:
         answer at once try :meth:`serve_now` first.
         """
         loop = asyncio.get_running_loop()
+        key = self._clock() + ioprio_steps(request.priority) * self._ageing
         with self._lock:
             self._count(request)
             rejection = self._check(request)
@@ -258,7 +295,7 @@ class BlockBackend:
                 self._counters.errors += 1
             else:
                 self._counters.in_flight += 1
-                self._enqueue(_Job(request, callback, loop, next(self._seq), ioprio_rank(request.priority)))
+                self._enqueue(_Job(request, callback, loop, next(self._seq), key))
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
             loop.call_soon(self._run_callback, callback, rejection)
@@ -330,7 +367,7 @@ class BlockBackend:
                 return
         else:
             heapq.heappush(self._unfinished, job.seq)
-        heapq.heappush(self._ready, (job.rank, job.seq, job))
+        heapq.heappush(self._ready, (job.key, job.seq, job))
         self._cond.notify()
 
     def _oldest_unfinished(self) -> float:
@@ -352,7 +389,7 @@ class BlockBackend:
         oldest = self._oldest_unfinished()
         while self._barriers and self._barriers[0].seq < oldest:
             barrier = self._barriers.pop(0)
-            heapq.heappush(self._ready, (barrier.rank, barrier.seq, barrier))
+            heapq.heappush(self._ready, (barrier.key, barrier.seq, barrier))
             self._cond.notify()
 
     def _work(self) -> None:
