@@ -829,11 +829,16 @@ def test_submit_never_runs_the_callback_before_returning(disk: Path) -> None:
 
     async def scenario() -> None:
         results: list[BlockResult] = []
+        completed = asyncio.get_running_loop().create_future()
+
+        def callback(result: BlockResult) -> None:
+            results.append(result)
+            completed.set_result(None)
+
         request, buffer = read_request(0, 4096)
-        backend.submit(request, results.append)
+        backend.submit(request, callback)
         assert results == []
-        await asyncio.sleep(0)
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(completed, 10)
         assert len(results) == 1 and results[0].ok and bytes(buffer) == disk.read_bytes()[:4096]
 
     try:
