@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -16,6 +19,18 @@ from pvcore.devices.rng import (
 )
 from pvcore.testing.loopback import Loopback
 from pvcore.virtio import VIRTIO_ID_RNG, DeviceError
+
+TIMEOUT = 30.0
+"""Generous: only a broken limiter takes this long; a loaded host only makes windows later."""
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds (TimeoutError after :data:`TIMEOUT`)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize(
@@ -70,23 +85,46 @@ def test_request_size_must_be_positive() -> None:
         EntropySource("dom").request(0, lambda data: None)
 
 
+def windows_opened(elapsed: float, rate: RateLimit) -> int:
+    """The most rate windows that can open within ``elapsed`` seconds, with one to spare
+    for rounding: the first opens at the first request, each next one a period later at least."""
+    return math.floor(elapsed / rate.period) + 2
+
+
 def test_rate_limit_holds_reads_until_the_next_window() -> None:
-    async def scenario() -> tuple[int, int]:
-        source = EntropySource("dom", RateLimit(1024, 0.1))
+    rate = RateLimit(1024, 0.1)
+
+    async def scenario() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        source = EntropySource("dom", rate)
+        start = loop.time()
         total = 0
-        start = asyncio.get_running_loop().time()
-        while True:
-            try:
-                data = await asyncio.wait_for(source.read(256), start + 0.35 - asyncio.get_running_loop().time())
-            except TimeoutError:
-                break
+        while total < 4 * rate.max_bytes:
+            data = await asyncio.wait_for(source.read(256), TIMEOUT)
             assert data, "an over-limit request must wait, not get 0 bytes"
             total += len(data)
-        return total, source.held
+            assert source.bytes_delivered <= windows_opened(loop.time() - start, rate) * rate.max_bytes
+        return total, loop.time() - start
 
-    total, held = asyncio.run(scenario())
-    assert 2048 <= total <= 4 * 1024
-    assert held == 0  # the timed-out read cancelled its request
+    total, elapsed = asyncio.run(scenario())
+    assert total == 4 * 1024
+    # four windows' worth: the fourth window opens three periods after the first, however loaded the host
+    assert elapsed >= 3 * rate.period
+
+
+def test_a_read_given_up_leaves_no_held_request() -> None:
+    async def scenario() -> tuple[int, int]:
+        source = EntropySource("dom", RateLimit(16, 60.0))
+        assert len(await source.read(16)) == 16
+        reader = asyncio.ensure_future(source.read(16))
+        await asyncio.sleep(0)  # the reader runs until it waits for the next window
+        held_while_waiting = source.held
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        return held_while_waiting, source.held
+
+    assert asyncio.run(scenario()) == (1, 0)
 
 
 def test_partial_grant_when_quota_is_nearly_spent() -> None:
@@ -132,34 +170,30 @@ def test_virtio_rng_ignores_readable_part_and_completes_empty_request() -> None:
         assert lb.request(0, [b"junk"], [16]).written == 16
 
 
-def test_virtio_rng_rate_limit_holds_over_a_short_window() -> None:
+def test_virtio_rng_rate_limit_paces_requests_over_many_windows() -> None:
+    rate = RateLimit(1024, 0.1)
     with Loopback(create_rng_device({"rate": "1024/100ms"}, name="dom")) as lb:
-        heads = [lb.submit(0, [], [256]) for _ in range(40)]
         start = time.monotonic()
+        heads = [lb.submit(0, [], [256]) for _ in range(40)]  # ten windows' worth
         got = []
-        while (left := start + 0.35 - time.monotonic()) > 0:
-            try:
-                got.extend(lb.wait_used(0, 1, timeout=left))
-            except TimeoutError:
-                break
-        total = sum(used.written for used in got)
-        assert all(used.written > 0 for used in got), "a held request was answered with 0 bytes"
-        assert 2048 <= total <= 4 * 1024
-        assert len(got) < len(heads)
-        held = lb.run_in_loop(lambda: lb.device.source.held)
-        assert held == len(heads) - len(got)
+        while len(got) < len(heads):
+            got.extend(lb.wait_used(0, 1, timeout=TIMEOUT))
+            seen = time.monotonic() - start  # no earlier than the completions it saw
+            assert sum(used.written for used in got) <= windows_opened(seen, rate) * rate.max_bytes
+        elapsed = time.monotonic() - start
+    assert sorted(used.head for used in got) == sorted(heads)
+    assert all(used.written == 256 for used in got), "a held request was answered short or with 0 bytes"
+    assert elapsed >= 9 * rate.period  # the tenth window opens nine periods after the first
 
 
-def test_held_requests_complete_with_zero_when_the_queue_stops() -> None:
-    with Loopback(create_rng_device({"rate": "64/10s"}, name="dom")) as lb:
-        assert lb.request(0, [], [64]).written == 64
-        head = lb.submit(0, [], [64])
-        with pytest.raises(TimeoutError):
-            lb.wait_used(0, 1, timeout=0.1)
-        lb.run_in_loop(lb.session.stop_queue, 0)
-        (used,) = lb.wait_used(0, 1, timeout=2)
-        assert (used.head, used.written) == (head, 0)
-        assert lb.run_in_loop(lambda: lb.device.source.held) == 0
+def test_virtio_rng_holds_what_the_window_cannot_give() -> None:
+    with Loopback(create_rng_device({"rate": "1024/60s"}, name="dom")) as lb:
+        heads = [lb.submit(0, [], [256]) for _ in range(8)]
+        used = lb.wait_used(0, 4, timeout=TIMEOUT)
+        assert [u.head for u in used] == heads[:4]
+        assert all(u.written == 256 for u in used)
+        wait_until(lambda: lb.run_in_loop(lambda: lb.device.source.held) == 4)
+        assert lb.run_in_loop(lambda: lb.device.source.bytes_delivered) == 1024
 
 
 def test_two_domains_never_receive_the_same_bytes() -> None:
@@ -188,4 +222,5 @@ def test_sources_hand_each_request_its_own_buffer() -> None:
     assert len(received) == 200
     assert len({id(data) for data in received}) == 200
     assert len(set(received)) == 200
+
 
