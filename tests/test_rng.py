@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -138,19 +137,6 @@ def test_partial_grant_when_quota_is_nearly_spent() -> None:
         return [len(first), len(second)]
 
     assert asyncio.run(scenario()) == [70, 30]
-
-
-def test_entropy_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-
-    async def scenario() -> list[bytes]:
-        source = EntropySource("dom", RateLimit(64, 0.01))
-        return [await source.read(64) for _ in range(5)]
-
-    outputs = asyncio.run(scenario())
-    for data in outputs:
-        assert data.hex() not in caplog.text
-        assert repr(data)[2:-1] not in caplog.text
 
 
 def test_virtio_rng_fills_the_writable_buffers() -> None:
