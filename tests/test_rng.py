@@ -5,16 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
-from collections.abc import Callable
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pvcore.contract import DeviceClass, DeviceConfig
+from pvcore.devices import classes
 from pvcore.devices.rng import (
     MAX_REQUEST_BYTES,
     EntropySource,
+    EntropySources,
     RateLimit,
     create_rng_device,
+    entropy_sources,
 )
 from pvcore.testing.loopback import Loopback
 from pvcore.virtio import VIRTIO_ID_RNG, DeviceError
@@ -210,3 +219,128 @@ def test_sources_hand_each_request_its_own_buffer() -> None:
     assert len(set(received)) == 200
 
 
+
+# --- one rate limit per domain ------------------------------------------------------------
+
+
+def rng_class() -> DeviceClass:
+    """The rng device class exactly as the daemon builds devices with it."""
+    (device_class,) = classes.rng.pvcore_device_classes()
+    return device_class
+
+
+def rng_config(name: str, domain: str, rate: str | None = None) -> DeviceConfig:
+    options = {"domain": domain, **({"rate": rate} if rate else {})}
+    return DeviceConfig("rng", name, options)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop on a thread of its own, shared by every device of a test, as in the daemon."""
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, name="rng-test-loop", daemon=True)
+    thread.start()
+    yield running
+    running.call_soon_threadsafe(running.stop)
+    thread.join()
+    running.close()
+
+
+@pytest.fixture
+def context(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Any:
+    """What of a DaemonContext the rng class uses: the loop its devices run on (and a run dir)."""
+    return types.SimpleNamespace(run_dir=tmp_path, loop=loop)
+
+
+def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on ``loop``'s thread (awaited when it is a coroutine function)."""
+
+    async def call() -> Any:
+        result = fn()
+        return await result if asyncio.iscoroutine(result) else result
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(TIMEOUT)
+
+
+def test_two_rng_devices_of_one_domain_share_its_rate_limit(context: Any) -> None:
+    domain = f"vm-{uuid.uuid4().hex[:8]}"
+    rng = rng_class()
+    first = rng.create(rng_config(f"{domain}-rng0", domain, "1024/60s"), context)
+    second = rng.create(rng_config(f"{domain}-rng1", domain, "1024/60s"), context)
+    other = rng.create(rng_config("other-rng0", f"{domain}-other", "1024/60s"), context)
+    assert first.engine is second.engine
+    assert entropy_sources.users(domain) == 2
+    with Loopback(first.virtio, name="rng0", loop=context.loop) as lb_first, Loopback(
+        second.virtio, name="rng1", loop=context.loop
+    ) as lb_second, Loopback(other.virtio, name="other", loop=context.loop) as lb_other:
+        assert lb_first.request(0, [], [1024]).written == 1024  # the domain's whole window
+        lb_second.submit(0, [], [64])
+        wait_until(lambda: in_loop(context.loop, lambda: second.engine.held) == 1)
+        assert lb_other.request(0, [], [1024]).written == 1024  # another domain has its own window
+    for device in (first, second, other):
+        in_loop(context.loop, device.close)
+    assert entropy_sources.users(domain) == 0
+    renewed = rng.create(rng_config(f"{domain}-rng0", domain, "64/1s"), context)
+    assert renewed.engine is not first.engine and renewed.engine.rate == RateLimit(64, 1.0)
+    in_loop(context.loop, renewed.close)
+
+
+def test_the_source_outlives_all_but_the_last_of_its_devices(context: Any) -> None:
+    domain = f"vm-{uuid.uuid4().hex[:8]}"
+    rng = rng_class()
+    first = rng.create(rng_config(f"{domain}-rng0", domain, "64/60s"), context)
+    second = rng.create(rng_config(f"{domain}-rng1", domain, "64/60s"), context)
+    source = first.engine
+    with Loopback(second.virtio, name="rng1", loop=context.loop) as lb_second:
+        with Loopback(first.virtio, name="rng0", loop=context.loop) as lb_first:
+            assert lb_first.request(0, [], [64]).written == 64
+            lb_first.submit(0, [], [16])
+            lb_second.submit(0, [], [16])
+            wait_until(lambda: in_loop(context.loop, lambda: source.held) == 2)
+        in_loop(context.loop, first.close)  # as the daemon does: the front door stops, then the device closes
+        assert entropy_sources.users(domain) == 1
+        assert in_loop(context.loop, lambda: source.held) == 1  # the other device's request still waits
+    in_loop(context.loop, second.close)
+    assert entropy_sources.users(domain) == 0
+    assert source.held == 0
+
+
+def test_rng_devices_of_one_domain_must_ask_for_the_same_rate(context: Any) -> None:
+    domain = f"vm-{uuid.uuid4().hex[:8]}"
+    rng = rng_class()
+    first = rng.create(rng_config(f"{domain}-rng0", domain, "4096/1s"), context)
+    try:
+        with pytest.raises(DeviceError, match=rf"rng {domain}-rng1: domain {domain} already has an rng with "
+                                              r"rate=4096/1000ms.*give this one the same"):
+            rng.create(rng_config(f"{domain}-rng1", domain, "1024/1s"), context)
+        with pytest.raises(DeviceError, match="no rate= option was asked for"):
+            rng.create(rng_config(f"{domain}-rng2", domain), context)
+        assert entropy_sources.users(domain) == 1
+    finally:
+        in_loop(context.loop, first.close)
+    assert entropy_sources.users(domain) == 0
+
+
+def test_a_private_registry_counts_its_users() -> None:
+    sources = EntropySources()
+    first = create_rng_device({}, name="a0", domain="a", sources=sources)
+    second = create_rng_device({}, name="a1", domain="a", sources=sources)
+    alone = create_rng_device({}, name="b0", domain="b")
+    assert first.source is second.source and alone.source is not first.source
+    assert (sources.users("a"), sources.users("b")) == (2, 0)
+    sources.release(alone.source)  # not from this registry: nothing happens
+    sources.release(first.source)
+    sources.release(second.source)
+    assert sources.users("a") == 0
+    assert create_rng_device({}, name="a0", domain="a", sources=sources).source is not first.source
+
+
+def test_xen_rng_devices_of_one_domid_share_its_source(context: Any) -> None:
+    domid = str(uuid.uuid4().int % 30000 + 1000)
+    rng = rng_class()
+    first = rng.create(rng_config("rng0", f"{domid}/2", "1024/1s"), context)  # xen: domain=DOMID/DEVID
+    second = rng.create(rng_config("rng1", f"{domid}/3", "1024/1s"), context)
+    assert first.engine is second.engine and entropy_sources.users(domid) == 2
+    for device in (first, second):
+        in_loop(context.loop, device.close)
+    assert entropy_sources.users(domid) == 0

@@ -112,12 +112,14 @@ def _create_console(config: DeviceConfig, context: DaemonContext) -> ServedDevic
 
 
 def _create_rng(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
-    from pvcore.devices.rng import OPTIONS, create_rng_device
+    from pvcore.devices.rng import OPTIONS, create_rng_device, entropy_sources
 
-    virtio = create_rng_device(_engine_options(config, OPTIONS), name=config.name)
+    domain = str(config.get("domain") or config.name).partition("/")[0]  # xen's domain= is DOMID/DEVID
+    virtio = create_rng_device(_engine_options(config, OPTIONS), name=config.name, domain=domain, sources=entropy_sources)
 
     async def close() -> None:
-        virtio.source.close()
+        virtio.reset()  # its own held requests; the domain's other devices keep theirs
+        entropy_sources.release(virtio.source)
 
     return ServedDevice(config, virtio, virtio.source, closer=close)
 

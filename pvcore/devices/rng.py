@@ -1,7 +1,10 @@
 """The rng device engine: private host entropy for each domain, rate limited.
 
-An :class:`EntropySource` belongs to one domain. Every request is served by a
-fresh call to :func:`os.getrandom` whose result goes straight to that
+An :class:`EntropySource` belongs to one domain: every rng device of that
+domain (two virtio-rng devices, an EGD socket beside them...) is served by
+the same source, taken from the daemon's :data:`entropy_sources` registry, so
+the rate limit is the domain's, not each device's. Every request is served by
+a fresh call to :func:`os.getrandom` whose result goes straight to that
 request's consumer (the guest buffer of a virtio-rng request, later an EGD
 reply or a FIFO write); no buffer is ever kept or shared between requests or
 domains, and entropy bytes are never logged, not even at debug level.
@@ -16,8 +19,8 @@ consumer therefore receives at most ``max_bytes`` in any window, and at most
 request larger than what is left of the quota is served partially at once
 (as virtio-rng allows: the device reports how many bytes it wrote).
 
-Everything runs on the daemon's asyncio event loop; :meth:`EntropySource.request`
-and :meth:`EntropySource.read` must be called from that loop's thread.
+Everything runs on the daemon's asyncio event loop; :meth:`EntropySource.request`,
+:meth:`EntropySource.read` and the registry must be called from that loop's thread.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ log = logging.getLogger("pvcore.rng")
 MAX_REQUEST_BYTES = 64 * 1024
 """The most entropy one request receives, whatever buffer size the consumer offered."""
 
-OPTIONS = {"rate": "at most BYTES per PERIOD (ms or s), e.g. 4096/1s or 1024/100ms (default unlimited)"}
+OPTIONS = {
+    "rate": (
+        "at most BYTES per PERIOD (ms or s) for the whole domain, e.g. 4096/1s or 1024/100ms (default unlimited); "
+        "the rng devices of one domain share the limit and must give the same rate"
+    )
+}
 """Every option :func:`create_rng_device` accepts, with what it means."""
 
 MAX_RATE_BYTES = 1 << 32
@@ -224,6 +232,56 @@ def _getrandom(size: int) -> bytes:
     return data
 
 
+class EntropySources:
+    """The daemon's entropy sources, one per domain, shared by every rng device of that domain.
+
+    :meth:`acquire` hands out the domain's source (creating it on first use)
+    and counts the device as a user; :meth:`release` drops that count, and the
+    last release closes the source and forgets the domain. All the devices of
+    a domain must ask for the same rate, since they share one limit.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[str, EntropySource] = {}
+        self._users: dict[str, int] = {}
+
+    def users(self, domain: str) -> int:
+        """How many devices use ``domain``'s source now (0 when it has none)."""
+        return self._users.get(domain, 0)
+
+    def acquire(self, domain: str, rate: RateLimit | None) -> EntropySource:
+        """Domain ``domain``'s source, counting one more user; :class:`DeviceError` if ``rate`` differs from its rate."""
+        source = self._sources.get(domain)
+        if source is None:
+            source = self._sources[domain] = EntropySource(domain, rate)
+            self._users[domain] = 0
+        elif source.rate != rate:
+            raise DeviceError(
+                f"domain {domain} already has an rng with {_rate_option(source.rate)}, and all the rng devices "
+                f"of a domain share one rate limit: give this one the same ({_rate_option(rate)} was asked for)"
+            )
+        self._users[domain] += 1
+        return source
+
+    def release(self, source: EntropySource) -> None:
+        """One user of ``source`` is gone; the last one closes it (no-op for a source not in the registry)."""
+        domain = source.name
+        if self._sources.get(domain) is not source:
+            return
+        self._users[domain] -= 1
+        if self._users[domain] == 0:
+            del self._sources[domain], self._users[domain]
+            source.close()
+
+
+def _rate_option(rate: RateLimit | None) -> str:
+    return "no rate= option" if rate is None else f"rate={rate}"
+
+
+entropy_sources = EntropySources()
+"""The daemon's per-domain entropy sources (the rng device class takes its sources from here)."""
+
+
 class VirtioRng(VirtioDevice):
     """virtio-rng (device id 4): one requestq whose writable buffers are filled with entropy.
 
@@ -279,8 +337,16 @@ class VirtioRng(VirtioDevice):
         self._held.clear()
 
 
-def create_rng_device(options: Mapping[str, str], *, name: str) -> VirtioRng:
-    """A :class:`VirtioRng` for domain ``name`` from ``options`` (``rate=BYTES/PERIOD``, optional)."""
+def create_rng_device(
+    options: Mapping[str, str], *, name: str, domain: str | None = None, sources: EntropySources | None = None
+) -> VirtioRng:
+    """A :class:`VirtioRng` called ``name`` from ``options`` (``rate=BYTES/PERIOD``, optional).
+
+    With ``sources`` the device is served by the source of ``domain`` (default
+    ``name``) in that registry, shared with the domain's other rng devices; the
+    caller gives it back with ``sources.release(device.source)`` once the
+    device is closed. Without, the device gets a source of its own.
+    """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise DeviceError(f"rng {name}: unknown option(s) {', '.join(unknown)}; the rng device accepts rate=BYTES/PERIOD")
@@ -289,4 +355,9 @@ def create_rng_device(options: Mapping[str, str], *, name: str) -> VirtioRng:
         rate = RateLimit.parse(rate_text) if rate_text else None
     except DeviceError as exc:
         raise DeviceError(f"rng {name}: {exc}") from None
-    return VirtioRng(EntropySource(name, rate))
+    if sources is None:
+        return VirtioRng(EntropySource(name, rate))
+    try:
+        return VirtioRng(sources.acquire(domain or name, rate))
+    except DeviceError as exc:
+        raise DeviceError(f"rng {name}: {exc}") from None
