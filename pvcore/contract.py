@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 """Bumped when a hook or a contract type changes incompatibly."""
 
-SUPPORTED_CONTRACTS = frozenset({1})
+SUPPORTED_CONTRACTS = frozenset({2})
 """Contract versions this core can load plugins for."""
+
+CONTRACT_CHANGES = {
+    1: (
+        "contract 2 calls hypervisor hooks only on the plugin that serves the hypervisor, so "
+        "pvcore_probe, pvcore_map_memory, pvcore_open_notifier, pvcore_front_door and pvcore_qemu_args lost "
+        "their hypervisor argument (drop it and the 'is this mine?' checks); DaemonContext.hook became "
+        "DaemonContext.primitives; the core maps fd memory and adopts eventfds itself; vhost-user moved to "
+        "pvcore.transports.vhost_user (see docs/porting.md, 'Contract 2')"
+    ),
+}
+"""For each contract version no longer supported: what changed since, for the registry's refusal."""
 
 PRIMITIVES = ("detect", "probe", "memory", "notification", "stream")
 """The hypervisor primitives a plugin may supply (see docs/architecture.md)."""
@@ -91,16 +102,34 @@ class DeviceConfig:
         return default if value is None else value
 
 
+@runtime_checkable
+class Primitives(Protocol):
+    """The memory and notification primitives of one hypervisor, as a ring transport uses them.
+
+    The plugin's own hooks answer where it has them (``pvcore_map_memory``,
+    ``pvcore_open_notifier``); otherwise the core's defaults serve
+    fd-described memory (:class:`FdMemoryLayout`) and eventfds
+    (:class:`EventFdChannel`). See :mod:`pvcore.primitives`.
+    """
+
+    def map_memory(self, layout: Any) -> Any:
+        """A bounds-checked :class:`~pvcore.ring.memory.GuestMemory` for ``layout``; ``ValueError``/``OSError`` if not."""
+
+    def open_notifier(self, channel: Any) -> Any:
+        """A :class:`~pvcore.ring.notify.Notifier` for ``channel``; ``ValueError``/``OSError`` if not."""
+
+
 @attrs.frozen
 class DaemonContext:
     """What the daemon offers a plugin while it builds a front door.
 
-    ``hook`` is the plugin manager's hook relay (to call primitive hooks);
-    ``run_dir`` is where sockets and state go; ``loop`` is the event loop all
-    devices run on; ``switch`` looks up (or creates) a named network switch.
+    ``primitives`` maps guest memory and opens notifiers for the hypervisor
+    that serves the device; ``run_dir`` is where sockets and state go;
+    ``loop`` is the event loop all devices run on; ``switch`` looks up (or
+    creates) a named network switch.
     """
 
-    hook: Any
+    primitives: Primitives
     run_dir: Path
     loop: asyncio.AbstractEventLoop
     switch: Callable[[str], Any]
@@ -236,3 +265,32 @@ class EventFdChannel:
     """A notification channel that is an eventfd (KVM ioeventfd / irqfd)."""
 
     fd: int
+
+
+@runtime_checkable
+class LibvirtXml(Protocol):
+    """How one hypervisor's libvirt domains name pvcore's devices (answer of ``pvcore_libvirt_xml``).
+
+    One object both writes a device's element and reads elements back, so the
+    two never disagree. Elements are :mod:`xml.etree.ElementTree` elements of
+    the domain definition; ``domain`` is the whole ``<domain>`` element.
+    """
+
+    def element(self, config: DeviceConfig, domain: Any) -> Any:
+        """The ``<devices>`` child that attaches ``config``'s device to ``domain``.
+
+        ``domain`` is only read (e.g. to pick a free disk target). Raises
+        ``ValueError`` naming the device and the fix when it cannot be written.
+        """
+
+    def served(self, config: DeviceConfig) -> DeviceConfig:
+        """``config`` as the element written for it needs it served (e.g. kvm: an rng over EGD)."""
+
+    def socket(self, element: Any) -> str | None:
+        """The Unix socket an element of a kind this plugin writes connects to; None for any other element."""
+
+    def slots(self, domain_name: str, domain: Any) -> list[DeviceSlot]:
+        """Every device element of ``domain`` that pvcore could serve, of every class :meth:`element` writes."""
+
+    def check(self, domain_name: str, domain: Any, configs: Sequence[DeviceConfig]) -> list[str]:
+        """What the definition lacks to serve ``configs`` (e.g. shared memory), each with its fix; empty if nothing."""

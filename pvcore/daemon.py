@@ -64,12 +64,14 @@ class Daemon:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         from pvcore.devices.net import get_switch
 
-        context = DaemonContext(
-            hook=self.registry.hook, run_dir=self.run_dir, loop=asyncio.get_running_loop(), switch=get_switch
-        )
+        loop = asyncio.get_running_loop()
         classes = self.registry.device_classes()
         try:
             for config in self.configs:
+                hypervisor = config.get("hypervisor") or self.hypervisor
+                context = DaemonContext(
+                    primitives=self.registry.primitives(hypervisor), run_dir=self.run_dir, loop=loop, switch=get_switch
+                )
                 await self._start_device(classes[config.device_class], config, context)
         except BaseException:
             await self.stop()
@@ -80,7 +82,7 @@ class Daemon:
         try:
             await instance.start()
             hypervisor = config.get("hypervisor") or self.hypervisor
-            door = self.registry.hook.pvcore_front_door(hypervisor=hypervisor, device=instance, context=context)
+            door = self.registry.call(hypervisor, "pvcore_front_door", device=instance, context=context)
             if door is None:
                 raise DaemonError(f"{config.name}: plugin {hypervisor} has no front door for {config.device_class}")
             await door.start()

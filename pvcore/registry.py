@@ -9,7 +9,14 @@ also register plugin objects explicitly with :meth:`Registry.register`.
 A plugin that fails to import, implements a hook that does not exist, gives a
 hook the wrong arguments, does not describe itself, or was written against a
 contract version this core does not support is recorded as *broken* with its
-distribution name and the reason, and is not registered; the others load.
+distribution name and the reason (for an old contract, what changed since),
+and is not registered; the others load.
+
+Hypervisor hooks (see :mod:`pvcore.hookspecs`) are dispatched by name:
+:meth:`Registry.call` calls the hook of the one plugin that serves the named
+hypervisor (through pluggy's subset hook caller), so plugins never check
+whether a call is theirs; :meth:`Registry.primitives` adds the core's default
+memory and notification primitives behind the plugin's own.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ import pluggy
 
 from pvcore import hookspecs
 from pvcore.contract import (
+    CONTRACT_CHANGES,
     SUPPORTED_CONTRACTS,
     ContractError,
     DeviceClass,
     Detection,
     HostContext,
+    OptionSpec,
     PluginInfo,
 )
+from pvcore.primitives import HypervisorPrimitives
 
 log = logging.getLogger("pvcore.registry")
 
@@ -95,20 +105,25 @@ class Registry:
         if describe is None:
             return self._broken(name, distribution, version, "does not implement pvcore_plugin_info")
         try:
-            self.pm.register(plugin, name)
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            return self._broken(name, distribution, version, f"invalid hook implementation: {exc}")
-        try:
             info = describe()
             if not isinstance(info, PluginInfo):
                 raise ContractError(f"pvcore_plugin_info returned {type(info).__name__}, not PluginInfo")
             if info.contract not in SUPPORTED_CONTRACTS:
+                change = CONTRACT_CHANGES.get(info.contract)
                 raise ContractError(
                     f"written for contract {info.contract}; this pvcore supports {sorted(SUPPORTED_CONTRACTS)}"
+                    + (f": {change}" if change else "")
+                )
+            if info.hypervisor and info.hypervisor in self.hypervisors():
+                raise ContractError(
+                    f"hypervisor {info.hypervisor!r} is already served by plugin {self.hypervisors()[info.hypervisor].name}"
                 )
         except Exception as exc:
-            self.pm.unregister(plugin)
             return self._broken(name, distribution, version, str(exc))
+        try:
+            self.pm.register(plugin, name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            return self._broken(name, distribution, version, f"invalid hook implementation: {exc}")
         record = PluginRecord(name, distribution, version, plugin=plugin, info=info)
         self.records.append(record)
         return record
@@ -158,6 +173,34 @@ class Registry:
     def hypervisors(self) -> dict[str, PluginRecord]:
         """Loaded plugins that serve a hypervisor, by hypervisor name."""
         return {r.info.hypervisor: r for r in self.records if r.info is not None and r.info.hypervisor}
+
+    def serving(self, hypervisor: str) -> PluginRecord:
+        """The loaded plugin that serves ``hypervisor``; ``LookupError`` naming the ones there are."""
+        record = self.hypervisors().get(hypervisor)
+        if record is None:
+            available = ", ".join(sorted(self.hypervisors())) or "none installed"
+            raise LookupError(f"no plugin serves hypervisor {hypervisor!r} (available: {available})")
+        return record
+
+    def call(self, hypervisor: str, hook_name: str, **kwargs: Any) -> Any:
+        """Call hypervisor hook ``hook_name`` on the plugin that serves ``hypervisor`` only.
+
+        Returns its answer, or None when the plugin does not implement the hook.
+        ``LookupError`` when no plugin serves ``hypervisor``.
+        """
+        record = self.serving(hypervisor)
+        others = [r.plugin for r in self.records if r.plugin is not None and r is not record]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+    def primitives(self, hypervisor: str) -> HypervisorPrimitives:
+        """The memory and notification primitives of ``hypervisor``: its plugin's, then the core's defaults."""
+        self.serving(hypervisor)
+        return HypervisorPrimitives(hypervisor, lambda hook_name, **kwargs: self.call(hypervisor, hook_name, **kwargs))
+
+    def device_options(self, hypervisor: str) -> dict[str, dict[str, OptionSpec]]:
+        """The device options the plugin serving ``hypervisor`` declares, by class (empty if none)."""
+        declared = self.call(hypervisor, "pvcore_device_options") or {}
+        return {device_class: dict(options) for device_class, options in declared.items()}
 
     def detect(self, host: HostContext) -> list[Detection]:
         """Every plugin's detection on ``host``, most confident first."""

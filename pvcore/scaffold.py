@@ -82,18 +82,14 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 
 @hookimpl
-def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """The devices on host that want a backend."""
-    if hypervisor != HYPERVISOR:
-        return None
     raise NotImplementedError("pvcore-{name}: pvcore_probe is not written yet (docs/porting.md, step 3: probe)")
 
 
 @hookimpl
-def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDoor:
     """Each class through the core's stream front door at socket= (docs/porting.md, step 4 for a ring transport)."""
-    if hypervisor != HYPERVISOR:
-        return None
     config = device.config
     path = config.get("socket") or context.run_dir / f"{{config.name}}.sock"
     if config.device_class == "console":

@@ -39,9 +39,7 @@ class FakeHypervisor:
         return PluginInfo(name="testhv", contract=CONTRACT_VERSION, hypervisor="testhv", primitives={"stream"})
 
     @hookimpl
-    def pvcore_front_door(self, hypervisor, device, context):
-        if hypervisor != "testhv":
-            return None
+    def pvcore_front_door(self, device, context):
         return RecordingDoor(device.config.name, self.stopped, fail=device.config.name == "bad")
 
 

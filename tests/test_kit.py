@@ -49,18 +49,18 @@ transport.VirtioSession = NoisySession
 '''
 
 RUDE = '''
-"""loophv, except that detect raises on a host without loophv and info hides its notification primitive."""
+"""loophv, except that detect raises on a host without loophv and info claims a notification primitive it lacks."""
 from pvcore.contract import Detection, PluginInfo
 from pvcore.hookspecs import hookimpl
 from pvcore_loophv import plugin
-from pvcore_loophv.plugin import pvcore_front_door, pvcore_map_memory, pvcore_open_notifier, pvcore_probe  # noqa: F401
+from pvcore_loophv.plugin import pvcore_front_door, pvcore_probe  # noqa: F401
 
 
 @hookimpl
 def pvcore_plugin_info():
     info = plugin.pvcore_plugin_info()
     return PluginInfo(name="rudehv", contract=info.contract, hypervisor=info.hypervisor,
-                      primitives=info.primitives - {"notification"}, device_classes=info.device_classes)
+                      primitives=info.primitives | {"notification"}, device_classes=info.device_classes)
 
 
 @hookimpl
@@ -110,7 +110,7 @@ def test_broken_detect_and_a_false_claim_fail_the_kit(site: Path, tmp_path: Path
     run = run_kit("rudehv", tmp_path, peer=EXAMPLE_PEER, pythonpath=[site])
     assert run.failures() == ["test_detect_says_none_on_an_empty_host",
                               "test_plugin_describes_itself_within_the_contract"], run.output
-    assert "primitive 'notification' is not claimed but pvcore_open_notifier is implemented" in run.output
+    assert "primitive 'notification' is claimed but pvcore_open_notifier is not implemented" in run.output
     assert "FileNotFoundError" in run.output
     assert run.outcomes["test_device_class_serves_end_to_end[block]"] == "passed"
 

@@ -91,9 +91,7 @@ class ThirdPartyPlugin:
         return None
 
     @hookimpl
-    def pvcore_front_door(self, hypervisor: str, device, context) -> ThirdPartyFrontDoor | None:
-        if hypervisor != "testvirt":
-            return None
+    def pvcore_front_door(self, device, context) -> ThirdPartyFrontDoor:
         self.protocols[device.config.name] = device.config.get("protocol")
         return ThirdPartyFrontDoor(device.config.get("socket"), self.doors, device.config.name)
 

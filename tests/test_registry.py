@@ -65,12 +65,26 @@ def pvcore_plugin_info():
     return PluginInfo(name="old", contract=999)
 """
 
+CONTRACT_ONE = """
+from pvcore.contract import PluginInfo
+from pvcore.hookspecs import hookimpl
+
+@hookimpl
+def pvcore_plugin_info():
+    return PluginInfo(name="firsthv", contract=1, hypervisor="firsthv", primitives={"probe"})
+
+@hookimpl
+def pvcore_probe(hypervisor, host):
+    return [] if hypervisor == "firsthv" else None
+"""
+
 PLUGINS = {
     "goodhv": ("pvcore-goodhv", GOOD),
     "brokenimport": ("pvcore-brokenimport", BROKEN_IMPORT),
     "typo": ("pvcore-typo", UNKNOWN_HOOK),
     "wrongargs": ("pvcore-wrongargs", WRONG_ARGS),
     "old": ("pvcore-old", OLD_CONTRACT),
+    "firsthv": ("pvcore-firsthv", CONTRACT_ONE),
 }
 
 
@@ -105,6 +119,8 @@ def test_broken_plugins_are_reported_and_do_not_stop_the_others(site: Path) -> N
     assert "unknown hook" in records["typo"].error and "pvcore_detekt" in records["typo"].error
     assert "invalid hook implementation" in records["wrongargs"].error and "flavour" in records["wrongargs"].error
     assert "contract 999" in records["old"].error
+    first = records["firsthv"].error
+    assert "written for contract 1" in first and "lost their hypervisor argument" in first, first
     # the built-in device classes and the good plugin still work
     assert {"block", "net", "console", "rng"} <= set(registry.device_classes())
     assert any(

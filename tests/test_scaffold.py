@@ -35,10 +35,8 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 
 @hookimpl
-def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """One console per name listed in /etc/seahv."""
-    if hypervisor != HYPERVISOR:
-        return None
     names = host.path("/etc/seahv").read_text().split()
     return [DeviceSlot(HYPERVISOR, "console", f"/run/seahv/{name}.sock", name) for name in names]
 '''

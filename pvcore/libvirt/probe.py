@@ -80,11 +80,10 @@ def probe(conn: Any, registry: Registry, uri: str, *, run_dir: Path) -> list[str
     slots: list[DeviceSlot] = []
     if found:
         host = HostContext(libvirt=conn)
-        for record, answer in registry.call_each("pvcore_probe", hypervisor=found[0].hypervisor, host=host):
-            if isinstance(answer, Exception):
-                lines.append(f"  probe by plugin {record.name} failed: {answer}")
-            else:
-                slots.extend(answer or ())
+        try:
+            slots.extend(registry.call(found[0].hypervisor, "pvcore_probe", host=host) or ())
+        except Exception as exc:  # a plugin's probe failure is reported, never a traceback
+            lines.append(f"  probe by plugin {found[0].hypervisor} failed: {exc}")
     local = is_local_uri(uri)
     classes = registry.device_classes()
     for domain in sorted(conn.listAllDomains(0), key=lambda d: d.name()):

@@ -1,14 +1,10 @@
-"""The loophv hooks: detect, probe, memory, notification and the front door."""
+"""The loophv hooks: detect, probe and the front door (memory and eventfds are the core's defaults)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pvcore.contract import (CONTRACT_VERSION, DaemonContext, Detection, DeviceInstance, DeviceSlot, EventFdChannel,
-                             FdMemoryLayout, FrontDoor, HostContext, PluginInfo)
+from pvcore.contract import (CONTRACT_VERSION, DaemonContext, Detection, DeviceInstance, DeviceSlot, FrontDoor,
+                             HostContext, PluginInfo)
 from pvcore.hookspecs import hookimpl
-from pvcore.ring.fdmemory import FdGuestMemory, map_fd_layout
-from pvcore.ring.notify import EventFdNotifier
 from pvcore_loophv.transport import HYPERVISOR, LoopFrontDoor
 
 DEVICE_CLASSES = ("block", "net", "console", "rng")
@@ -18,9 +14,9 @@ HOST_DIRECTORY = "/run/loophv"
 
 @hookimpl
 def pvcore_plugin_info() -> PluginInfo:
-    """The loophv plugin: every primitive, every device class."""
+    """The loophv plugin: detect, probe and a front door for every device class."""
     return PluginInfo(name="loophv", contract=CONTRACT_VERSION, hypervisor=HYPERVISOR,
-                      primitives={"detect", "probe", "memory", "notification", "stream"},
+                      primitives={"detect", "probe", "stream"},
                       device_classes=set(DEVICE_CLASSES), description="worked example: memfd RAM, eventfds, a socket")
 
 
@@ -33,10 +29,8 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 
 @hookimpl
-def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """One slot per ``DOMAIN CLASS SOCKET`` line of the host's device list."""
-    if hypervisor != HYPERVISOR:
-        return None
     listing = host.path(HOST_DIRECTORY) / "devices"
     if not listing.exists():
         return []
@@ -51,28 +45,10 @@ def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
 
 
 @hookimpl
-def pvcore_map_memory(hypervisor: str, layout: Any) -> FdGuestMemory | None:
-    """Guest RAM is one memfd region, mapped by the core."""
-    if hypervisor != HYPERVISOR or not isinstance(layout, FdMemoryLayout):
-        return None
-    return map_fd_layout(layout)
-
-
-@hookimpl
-def pvcore_open_notifier(hypervisor: str, channel: Any) -> EventFdNotifier | None:
-    """Kicks and interrupts are eventfds; any other descriptor is refused."""
-    if hypervisor != HYPERVISOR or not isinstance(channel, EventFdChannel):
-        return None
-    return EventFdNotifier.adopt(channel.fd)
-
-
-@hookimpl
-def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDoor:
     """Every class is served as virtio over the loophv socket."""
-    if hypervisor != HYPERVISOR:
-        return None
     config = device.config
     if config.device_class not in DEVICE_CLASSES or device.virtio is None:
         raise ValueError(f"{config.name}: loophv serves {', '.join(DEVICE_CLASSES)}, not {config.device_class}")
     socket_path = config.get("socket") or context.run_dir / f"{config.name}.sock"
-    return LoopFrontDoor(device.virtio, socket_path, hook=context.hook, name=config.name)
+    return LoopFrontDoor(device.virtio, socket_path, primitives=context.primitives, name=config.name)

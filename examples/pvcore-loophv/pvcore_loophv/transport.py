@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion
+from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, Primitives
 from pvcore.ring.memory import GuestMemoryError
 from pvcore.ring.session import SessionError, VirtioSession
 from pvcore.streams.unix import bind_private_socket
@@ -30,8 +30,8 @@ log = logging.getLogger("pvcore.loophv")
 class LoopConnection:
     """One guest connected to a device: a fresh ring session configured by its one setup message."""
 
-    def __init__(self, device: VirtioDevice, sock: socket.socket, hook: Any, name: str) -> None:
-        self.sock, self.hook, self.name = sock, hook, name
+    def __init__(self, device: VirtioDevice, sock: socket.socket, primitives: Primitives, name: str) -> None:
+        self.sock, self.primitives, self.name = sock, primitives, name
         self.loop = asyncio.get_running_loop()
         self.session = VirtioSession(device, name=name, loop=self.loop)
         self.memory: Any = None
@@ -69,7 +69,7 @@ class LoopConnection:
         """A notifier on a copy of a received eventfd (the received one is closed after setup)."""
         copy = os.dup(fd)
         try:
-            return self.hook.pvcore_open_notifier(hypervisor=HYPERVISOR, channel=EventFdChannel(copy))
+            return self.primitives.open_notifier(EventFdChannel(copy))
         except BaseException:
             os.close(copy)
             raise
@@ -81,7 +81,7 @@ class LoopConnection:
             raise ValueError(f"expected {len(self.session.setups)} queues and {2 + 2 * len(self.session.setups)} fds")
         self.session.negotiate(int(message["features"]))
         region = FdRegion(fds[0], 0, int(message["memory"]), 0, 0)
-        self.memory = self.hook.pvcore_map_memory(hypervisor=HYPERVISOR, layout=FdMemoryLayout((region,)))
+        self.memory = self.primitives.map_memory(FdMemoryLayout((region,)))
         self.session.set_memory(self.memory)
         error = self.notifier(fds[1])
         for index, queue in enumerate(queues):
@@ -109,8 +109,8 @@ class LoopConnection:
 class LoopFrontDoor:
     """Listens on a 0600 ``SOCK_SEQPACKET`` socket; one guest at a time."""
 
-    def __init__(self, device: VirtioDevice, socket_path: Path | str, *, hook: Any, name: str) -> None:
-        self.device, self.socket_path, self.hook, self.name = device, Path(socket_path), hook, name
+    def __init__(self, device: VirtioDevice, socket_path: Path | str, *, primitives: Primitives, name: str) -> None:
+        self.device, self.socket_path, self.primitives, self.name = device, Path(socket_path), primitives, name
         self.description = f"loophv socket {self.socket_path}"
         self.connection: LoopConnection | None = None
 
@@ -126,7 +126,7 @@ class LoopFrontDoor:
         if self.connection is not None and self.connection.sock.fileno() >= 0:
             sock.close()
         else:
-            self.connection = LoopConnection(self.device, sock, self.hook, self.name)
+            self.connection = LoopConnection(self.device, sock, self.primitives, self.name)
 
     async def stop(self) -> None:
         """Stop listening, end the connection, remove the socket."""

@@ -3,9 +3,9 @@
 :class:`VhostUserConnection` serves one frontend connection. It owns a fresh
 :class:`~pvcore.ring.session.VirtioSession` for the device and turns each
 message into the session call it means: features, the memory table (mapped
-through the ``pvcore_map_memory`` hook), queue sizes, ring addresses (frontend
+through the hypervisor's memory primitive), queue sizes, ring addresses (frontend
 user addresses translated to guest addresses), bases, kick/call/err eventfds
-(opened through the ``pvcore_open_notifier`` hook), enabling and stopping
+(opened through the hypervisor's notification primitive), enabling and stopping
 rings. The ring and the device logic are the core's.
 
 Ring start rules (vhost-user "Ring states"): a ring runs when it has a kick fd
@@ -35,9 +35,8 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
-from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion
+from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, Primitives
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.ring.session import SessionError, VirtioSession
@@ -70,8 +69,6 @@ from pvcore_kvm.protocol import (
 
 log = logging.getLogger("pvcore.kvm")
 
-HYPERVISOR = "kvm"
-
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
@@ -90,11 +87,13 @@ MAX_RECONNECT_DELAY = 5.0
 class VhostUserConnection:
     """One frontend connection driving a fresh ring session of ``device``."""
 
-    def __init__(self, device: VirtioDevice, sock: socket.socket, *, hook: Any, name: str, number: int = 1) -> None:
+    def __init__(
+        self, device: VirtioDevice, sock: socket.socket, *, primitives: Primitives, name: str, number: int = 1
+    ) -> None:
         self.device = device
         self.number = number
         self.sock = sock
-        self.hook = hook
+        self.primitives = primitives
         self.name = name
         self.loop = asyncio.get_running_loop()
         self.session = VirtioSession(device, name=name, loop=self.loop)
@@ -250,12 +249,10 @@ class VhostUserConnection:
                     for fd, r in zip(fds, table.regions)
                 )
             )
-            memory = self.hook.pvcore_map_memory(hypervisor=HYPERVISOR, layout=layout)
+            memory = self.primitives.map_memory(layout)
         finally:
             for fd in fds:
                 os.close(fd)
-        if memory is None:
-            raise ProtocolError("no plugin maps fd-based guest memory (is pvcore-kvm installed?)")
         old, self.memory = self.memory, memory
         self.session.set_memory(memory)
         _close_memory(old)
@@ -298,14 +295,10 @@ class VhostUserConnection:
 
     def _open_notifier(self, fd: int) -> Notifier:
         try:
-            notifier = self.hook.pvcore_open_notifier(hypervisor=HYPERVISOR, channel=EventFdChannel(fd))
+            return self.primitives.open_notifier(EventFdChannel(fd))
         except BaseException:
             os.close(fd)
             raise
-        if notifier is None:
-            os.close(fd)
-            raise ProtocolError("no plugin opens eventfd notifiers (is pvcore-kvm installed?)")
-        return notifier
 
     async def _update_ring(self, index: int) -> None:
         wanted = self.enabled[index] and self.kick_ready[index]
@@ -351,14 +344,14 @@ class VhostUserFrontDoor:
         device: VirtioDevice,
         socket_path: str | os.PathLike[str],
         *,
-        hook: Any,
+        primitives: Primitives,
         name: str,
         client: bool = False,
         retry_interval: float = 1.0,
     ) -> None:
         self.device = device
         self.socket_path = Path(socket_path)
-        self.hook = hook
+        self.primitives = primitives
         self.name = name
         self.client = client
         self.retry_interval = retry_interval
@@ -481,7 +474,7 @@ class VhostUserFrontDoor:
         number = self.connections
         try:
             connection = VhostUserConnection(
-                self.device, sock, hook=self.hook, name=f"vhost-user {self.name}", number=number
+                self.device, sock, primitives=self.primitives, name=f"vhost-user {self.name}", number=number
             )
         except Exception:
             sock.close()

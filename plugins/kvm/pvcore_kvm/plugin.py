@@ -5,9 +5,8 @@ What is KVM/QEMU specific, and nothing else:
 * detect: ``/dev/kvm``, or a libvirt connection whose type is QEMU;
 * probe: the vhost-user disks and interfaces and the unix-socket serial
   consoles in each libvirt domain's XML;
-* memory: vhost-user SET_MEM_TABLE fds, mapped by the core's
-  :mod:`pvcore.ring.fdmemory`;
-* notification: eventfds (KVM ioeventfd/irqfd);
+* memory and notification: vhost-user SET_MEM_TABLE fds and eventfds (KVM
+  ioeventfd/irqfd), which the core's default primitives serve;
 * stream/transport: vhost-user for block, net and rng; the core's chardev
   front door for consoles (QEMU 7.2 has no vhost-user console); the core's
   EGD front door for an rng whose config says ``protocol=egd`` (what a
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 from xml.etree import ElementTree
 
 from pvcore.contract import (
@@ -29,21 +27,19 @@ from pvcore.contract import (
     DeviceConfig,
     DeviceInstance,
     DeviceSlot,
-    EventFdChannel,
-    FdMemoryLayout,
     FrontDoor,
     HostContext,
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
-from pvcore.ring.fdmemory import FdGuestMemory, map_fd_layout
-from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import EgdFrontDoor
-from pvcore_kvm.backend import HYPERVISOR, VhostUserFrontDoor
+from pvcore_kvm.backend import VhostUserFrontDoor
 from pvcore_kvm.qemu import qemu_arguments
 
 log = logging.getLogger("pvcore.kvm")
+
+HYPERVISOR = "kvm"
 
 RING_CLASSES = ("block", "net", "rng")
 SOCKET_MODES = ("server", "client")
@@ -57,7 +53,7 @@ def pvcore_plugin_info() -> PluginInfo:
         name="kvm",
         contract=CONTRACT_VERSION,
         hypervisor=HYPERVISOR,
-        primitives={"detect", "probe", "memory", "notification", "stream"},
+        primitives={"detect", "probe", "stream"},
         device_classes={"block", "net", "rng", "console"},
         description="KVM/QEMU: vhost-user (block, net, rng) and chardev (console) front doors",
     )
@@ -74,13 +70,11 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 
 @hookimpl
-def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """The vhost-user disks/interfaces and unix-socket consoles of every libvirt domain.
 
     A domain whose XML cannot be read (it vanished meanwhile, or the XML is broken) is skipped with a warning.
     """
-    if hypervisor != HYPERVISOR:
-        return None
     if host.libvirt is None:
         return []
     slots: list[DeviceSlot] = []
@@ -134,26 +128,8 @@ def _domain_slots(domain: str, root: ElementTree.Element) -> list[DeviceSlot]:
 
 
 @hookimpl
-def pvcore_map_memory(hypervisor: str, layout: Any) -> FdGuestMemory | None:
-    """Map a vhost-user memory table (fd regions) shared into this process."""
-    if hypervisor != HYPERVISOR or not isinstance(layout, FdMemoryLayout):
-        return None
-    return map_fd_layout(layout)
-
-
-@hookimpl
-def pvcore_open_notifier(hypervisor: str, channel: Any) -> EventFdNotifier | None:
-    """Adopt an eventfd from SET_VRING_KICK/CALL/ERR; anything but an eventfd is refused."""
-    if hypervisor != HYPERVISOR or not isinstance(channel, EventFdChannel):
-        return None
-    return EventFdNotifier.adopt(channel.fd)
-
-
-@hookimpl
-def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDoor:
     """vhost-user for block/net/rng, the core's chardev door for consoles, EGD for an rng with protocol=egd."""
-    if hypervisor != HYPERVISOR:
-        return None
     config = device.config
     socket_path = config.get("socket") or context.run_dir / f"{config.name}.sock"
     if config.device_class == "console":
@@ -173,11 +149,11 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
     if mode not in SOCKET_MODES:
         raise ValueError(f"{config.name}: socket-mode={mode} must be server (QEMU connects) or client (QEMU listens)")
     return VhostUserFrontDoor(
-        device.virtio, socket_path, hook=context.hook, name=config.name, client=mode == "client"
+        device.virtio, socket_path, primitives=context.primitives, name=config.name, client=mode == "client"
     )
 
 
 @hookimpl
-def pvcore_qemu_args(hypervisor: str, configs: Sequence[DeviceConfig]) -> dict[str, list[str]] | None:
+def pvcore_qemu_args(configs: Sequence[DeviceConfig]) -> dict[str, list[str]]:
     """The x86 QEMU arguments (vhost-user, chardev) that attach each guest (see :mod:`pvcore_kvm.qemu`)."""
-    return qemu_arguments(configs) if hypervisor == HYPERVISOR else None
+    return qemu_arguments(configs)

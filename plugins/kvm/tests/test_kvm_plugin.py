@@ -90,7 +90,7 @@ class FakeDevice:
 def test_plugin_info(registry):
     (info,) = registry.hook.pvcore_plugin_info()
     assert info.name == "kvm" and info.hypervisor == "kvm" and info.contract == CONTRACT_VERSION
-    assert info.primitives == {"detect", "probe", "memory", "notification", "stream"}
+    assert info.primitives == {"detect", "probe", "stream"}
     assert info.device_classes == {"block", "net", "rng", "console"}
     assert set(registry.hypervisors()) == {"kvm"}
 
@@ -108,7 +108,7 @@ def test_detect(registry, tmp_path):
 
 def test_probe_libvirt_domains(registry):
     host = HostContext(libvirt=FakeLibvirt(domains=[FakeDomain("vm1", DOMAIN_XML), FakeDomain("vm2", "<domain/>")]))
-    (slots,) = [s for s in registry.hook.pvcore_probe(hypervisor="kvm", host=host) if s is not None]
+    slots = registry.call("kvm", "pvcore_probe", host=host)
     assert slots == [
         DeviceSlot("kvm", "block", "/run/pvcore/vm1-vda.sock", "vm1",
                    {"socket": "/run/pvcore/vm1-vda.sock", "socket-mode": "server", "target": "vda"}),
@@ -118,8 +118,9 @@ def test_probe_libvirt_domains(registry):
                    {"socket": "/run/pvcore/vm1-net2.sock", "socket-mode": "server"}),
         DeviceSlot("kvm", "console", "/run/pvcore/vm1-con.sock", "vm1", {"socket": "/run/pvcore/vm1-con.sock"}),
     ]
-    assert registry.hook.pvcore_probe(hypervisor="kvm", host=HostContext()) == [[]]
-    assert registry.hook.pvcore_probe(hypervisor="xen", host=host) == []
+    assert registry.call("kvm", "pvcore_probe", host=HostContext()) == []
+    with pytest.raises(LookupError, match="no plugin serves hypervisor 'xen'"):
+        registry.call("xen", "pvcore_probe", host=host)
 
 
 class FakeLibvirtError(Exception):
@@ -135,7 +136,7 @@ def test_probe_skips_broken_and_vanished_domains(registry, caplog):
     domains = [FakeDomain("bad", "<domain><devices>"), VanishedDomain("gone", ""), FakeDomain("vm1", DOMAIN_XML)]
     host = HostContext(libvirt=FakeLibvirt(domains=domains))
     with caplog.at_level(logging.WARNING, logger="pvcore.kvm"):
-        (slots,) = registry.hook.pvcore_probe(hypervisor="kvm", host=host)
+        slots = registry.call("kvm", "pvcore_probe", host=host)
     assert {slot.domain for slot in slots} == {"vm1"} and len(slots) == 4
     skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(skipped) == 2, caplog.text
@@ -143,27 +144,27 @@ def test_probe_skips_broken_and_vanished_domains(registry, caplog):
     assert "libvirt domain gone" in skipped[1] and "Domain not found" in skipped[1]
 
 
-def test_map_memory_and_open_notifier(registry):
+def test_memory_and_notification_are_the_core_defaults(registry):
+    primitives = registry.primitives("kvm")
     fd = sealed_memfd("t", 1 << 16)
     try:
         layout = FdMemoryLayout((FdRegion(fd, 0x1000, 1 << 16, 0x7000_0000, 0),))
-        memory = registry.hook.pvcore_map_memory(hypervisor="kvm", layout=layout)
+        memory = primitives.map_memory(layout)
         assert isinstance(memory, FdGuestMemory)
         memory.write(0x1000, b"abc")
         assert os.pread(fd, 3, 0) == b"abc"
         memory.close()
-        assert registry.hook.pvcore_map_memory(hypervisor="xen", layout=layout) is None
-        assert registry.hook.pvcore_map_memory(hypervisor="kvm", layout=object()) is None
+        with pytest.raises(ValueError, match="kvm: nothing maps guest memory described as object"):
+            primitives.map_memory(object())
     finally:
         os.close(fd)
-    notifier = registry.hook.pvcore_open_notifier(hypervisor="kvm", channel=EventFdChannel(os.eventfd(0)))
+    notifier = primitives.open_notifier(EventFdChannel(os.eventfd(0)))
     assert isinstance(notifier, EventFdNotifier)
     notifier.close()
     read_end, write_end = os.pipe()
     try:
         with pytest.raises(ValueError, match="not an eventfd"):
-            registry.hook.pvcore_open_notifier(hypervisor="kvm", channel=EventFdChannel(read_end))
-        assert registry.hook.pvcore_open_notifier(hypervisor="xen", channel=EventFdChannel(read_end)) is None
+            primitives.open_notifier(EventFdChannel(read_end))
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -172,26 +173,25 @@ def test_map_memory_and_open_notifier(registry):
 def test_front_doors(registry, tmp_path: Path):
     loop = asyncio.new_event_loop()
     try:
-        context = DaemonContext(hook=registry.hook, run_dir=tmp_path, loop=loop, switch=lambda name: None)
+        context = DaemonContext(
+            primitives=registry.primitives("kvm"), run_dir=tmp_path, loop=loop, switch=lambda name: None
+        )
         block = FakeDevice(DeviceConfig("block", "disk0", {"socket": str(tmp_path / "d.sock")}), virtio=object())
-        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=block, context=context)
+        door = registry.call("kvm", "pvcore_front_door", device=block, context=context)
         assert isinstance(door, VhostUserFrontDoor) and not door.client
         assert door.socket_path == tmp_path / "d.sock"
         rng = FakeDevice(DeviceConfig("rng", "rng0", {"socket-mode": "client"}), virtio=object())
-        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=rng, context=context)
+        door = registry.call("kvm", "pvcore_front_door", device=rng, context=context)
         assert door.client and door.socket_path == tmp_path / "rng0.sock"
         console = FakeDevice(DeviceConfig("console", "con0"), engine=ConsoleStream("con0"))
-        door = registry.hook.pvcore_front_door(hypervisor="kvm", device=console, context=context)
+        door = registry.call("kvm", "pvcore_front_door", device=console, context=context)
         assert isinstance(door, ChardevFrontDoor) and door.socket_path == str(tmp_path / "con0.sock")
-        assert registry.hook.pvcore_front_door(hypervisor="xen", device=block, context=context) is None
         with pytest.raises(ValueError, match="not gpu"):
-            registry.hook.pvcore_front_door(
-                hypervisor="kvm", device=FakeDevice(DeviceConfig("gpu", "g")), context=context
-            )
+            registry.call("kvm", "pvcore_front_door", device=FakeDevice(DeviceConfig("gpu", "g")), context=context)
         with pytest.raises(ValueError, match="socket-mode"):
-            registry.hook.pvcore_front_door(
-                hypervisor="kvm", device=FakeDevice(DeviceConfig("net", "n", {"socket-mode": "x"}), virtio=object()),
-                context=context,
+            registry.call(
+                "kvm", "pvcore_front_door",
+                device=FakeDevice(DeviceConfig("net", "n", {"socket-mode": "x"}), virtio=object()), context=context,
             )
     finally:
         loop.close()

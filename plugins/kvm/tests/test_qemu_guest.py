@@ -23,7 +23,7 @@ def test_guest_reads_and_writes_vhost_user_blk_disk(loop_thread, registry, tmp_p
     expected = hashlib.md5(image.read_bytes()).hexdigest()
     path = tmp_path / "vda.sock"
     backend, device = create_block_device({"path": str(image)}, name="vda")
-    door = VhostUserFrontDoor(device, path, hook=registry.hook, name="vda")
+    door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
     loop_thread.run(door.start())
     try:
         result = run_guest(

@@ -92,7 +92,7 @@ def open_fds() -> set[int]:
 
 @contextlib.contextmanager
 def serving(loop_thread, registry, device: VirtioDevice, path: Path, **kwargs) -> Iterator[VhostUserFrontDoor]:
-    door = VhostUserFrontDoor(device, path, hook=registry.hook, name=path.stem, **kwargs)
+    door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name=path.stem, **kwargs)
     loop_thread.run(door.start())
     try:
         yield door
@@ -276,7 +276,7 @@ def test_stop_after_a_failed_accept_task_still_removes_the_socket(loop_thread, r
         raise RuntimeError("accept bug")
 
     monkeypatch.setattr(loop_thread.loop, "sock_accept", broken)
-    door = VhostUserFrontDoor(EchoDevice(queues=1), path, hook=registry.hook, name="broken")
+    door = VhostUserFrontDoor(EchoDevice(queues=1), path, primitives=registry.primitives("kvm"), name="broken")
     loop_thread.run(door.start())
     wait_until(lambda: door._task.done())
     with caplog.at_level(logging.ERROR, logger="pvcore.kvm"):

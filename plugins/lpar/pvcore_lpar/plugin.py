@@ -108,7 +108,7 @@ def _has_pseries_machine(xml_text: str) -> bool:
 
 
 @hookimpl
-def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """The partition's console, net, block and rng devices, from its device tree.
 
     ``$PVCORE_LPAR_DTB`` (a host path, not under ``host.root``) names a blob,
@@ -116,8 +116,6 @@ def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
     without it ``/proc/device-tree`` under ``host.root`` is read, and a host
     without one has no slots.
     """
-    if hypervisor != HYPERVISOR:
-        return None
     blob = host.environ.get(DTB_ENVIRONMENT)
     if blob:
         return device_slots(read_dtb(Path(blob)))
@@ -128,10 +126,8 @@ def pvcore_probe(hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
 
 
 @hookimpl
-def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDoor:
     """The core's stream front door for ``device``, at its ``socket=`` path."""
-    if hypervisor != HYPERVISOR:
-        return None
     config = device.config
     if config.device_class not in SOCKET_HELP:
         raise ValueError(
@@ -151,6 +147,6 @@ def pvcore_front_door(hypervisor: str, device: DeviceInstance, context: DaemonCo
 
 
 @hookimpl
-def pvcore_qemu_args(hypervisor: str, configs: Sequence[DeviceConfig]) -> dict[str, list[str]] | None:
+def pvcore_qemu_args(configs: Sequence[DeviceConfig]) -> dict[str, list[str]]:
     """The QEMU pseries arguments that attach each partition (see :mod:`pvcore_lpar.qemu`)."""
-    return qemu_arguments(configs) if hypervisor == HYPERVISOR else None
+    return qemu_arguments(configs)

@@ -84,9 +84,8 @@ def test_qemu_defaults_and_an_empty_partition(tmp_path: Path) -> None:
 
 def test_probe_reads_the_blob_named_in_the_environment(full_dtb: Path) -> None:
     host = HostContext(root=Path("/nonexistent"), environ={"PVCORE_LPAR_DTB": str(full_dtb)})
-    slots = plugin.pvcore_probe(hypervisor="lpar", host=host)
+    slots = plugin.pvcore_probe(host=host)
     assert summary(slots) == summary(device_slots(read_dtb(full_dtb)))
-    assert plugin.pvcore_probe(hypervisor="kvm", host=host) is None
 
 
 @pytest.mark.parametrize("length", [0, 12, 39, 40, 200, 1000, -1])
@@ -159,7 +158,7 @@ def _prop_bytes(prop: fdt.Property) -> bytes:
 def test_directory_form_of_a_qemu_tree_matches_the_blob(full_dtb: Path, tmp_path: Path) -> None:
     write_tree_directory(full_dtb, tmp_path / "proc" / "device-tree")
     from_blob = device_slots(read_dtb(full_dtb))
-    from_directory = plugin.pvcore_probe(hypervisor="lpar", host=HostContext(root=tmp_path, environ={}))
+    from_directory = plugin.pvcore_probe(host=HostContext(root=tmp_path, environ={}))
     assert sorted(from_directory, key=lambda s: s.address) == sorted(from_blob, key=lambda s: s.address)
 
 
@@ -187,7 +186,7 @@ def test_directory_form_of_a_powervm_style_partition(tmp_path: Path) -> None:
 
     detection = plugin.pvcore_detect(host=host)
     assert detection is not None and detection.hypervisor == "lpar" and detection.confidence == 90
-    slots = plugin.pvcore_probe(hypervisor="lpar", host=host)
+    slots = plugin.pvcore_probe(host=host)
     assert sorted(summary(slots)) == [
         ("block", "30000003"), ("console", "30000000"), ("net", "30000002"), ("rng", "ibm,random-v1")
     ]

@@ -70,7 +70,7 @@ def test_detect_through_libvirt(tmp_path: Path, libvirt: FakeLibvirt | None, con
 
 
 def test_no_device_tree_means_no_slots(tmp_path: Path) -> None:
-    assert plugin.pvcore_probe(hypervisor="lpar", host=HostContext(root=tmp_path, environ={})) == []
+    assert plugin.pvcore_probe(host=HostContext(root=tmp_path, environ={})) == []
 
 
 def configs(registry: Registry, run: Path, image: Path, switch: str) -> list[DeviceConfig]:
@@ -138,7 +138,8 @@ def test_front_door_refusals(registry: Registry, loop_thread: LoopThread, tmp_pa
 
 
 def test_other_hypervisors_get_no_door(registry: Registry) -> None:
-    assert plugin.pvcore_front_door(hypervisor="kvm", device=None, context=None) is None
+    with pytest.raises(LookupError, match="no plugin serves hypervisor 'kvm'"):
+        registry.call("kvm", "pvcore_front_door", device=None, context=None)
 
 
 def test_qemu_arguments_for_a_partition(registry: Registry, tmp_path: Path) -> None:

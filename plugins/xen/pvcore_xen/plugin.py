@@ -113,14 +113,12 @@ class XenPlugin:
         return None
 
     @hookimpl
-    def pvcore_probe(self, hypervisor: str, host: HostContext) -> list[DeviceSlot] | None:
+    def pvcore_probe(self, host: HostContext) -> list[DeviceSlot]:
         """The virtio (block, net, rng) and console devices of this backend domain's xenstore tree.
 
         Runs its own event loop in a worker thread, so it may be called from
         any thread (but must not block the loop that serves the xenstore it reads).
         """
-        if hypervisor != HYPERVISOR:
-            return None
         path = self.xenstore_path or host.environ.get("XENSTORED_PATH")
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xen-probe") as worker:
             return worker.submit(asyncio.run, self._probe(path)).result()
@@ -152,28 +150,26 @@ class XenPlugin:
         return slots
 
     @hookimpl
-    def pvcore_map_memory(self, hypervisor: str, layout: Any) -> GrantMemory | None:
+    def pvcore_map_memory(self, layout: Any) -> GrantMemory | None:
         """The grant address space of ``layout.domid``, mapped lazily through ``layout.host``."""
-        if hypervisor != HYPERVISOR or not isinstance(layout, GrantLayout):
+        if not isinstance(layout, GrantLayout):
             return None
         return GrantMemory(layout.domid, layout.host)
 
     @hookimpl
-    def pvcore_open_notifier(self, hypervisor: str, channel: Any) -> EventChannel | None:
+    def pvcore_open_notifier(self, channel: Any) -> EventChannel | None:
         """Bind the interdomain event channel the guest allocated for this domain (``OSError`` if it cannot)."""
-        if hypervisor != HYPERVISOR or not isinstance(channel, EventChannelSpec):
+        if not isinstance(channel, EventChannelSpec):
             return None
         return self.host.bind_interdomain(channel.domid, channel.port)
 
     @hookimpl
-    def pvcore_front_door(self, hypervisor: str, device: DeviceInstance, context: DaemonContext) -> FrontDoor | None:
+    def pvcore_front_door(self, device: DeviceInstance, context: DaemonContext) -> FrontDoor:
         """A xenbus backend: grant-mapped virtio for block/net/rng, the PV console ring for console."""
-        if hypervisor != HYPERVISOR:
-            return None
         config = device.config
         domid, devid = parse_domain(config.get("domain", ""))
         where = {
-            "hook": context.hook,
+            "primitives": context.primitives,
             "host": self.host,
             "xenstore_path": self.xenstore_path,
             "backend_domid": self.backend_domid,

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from typing import Any
+from pvcore.contract import Primitives
 
 from pvcore_xen.grants import EventChannelSpec, GrantLayout, GrantMemory
 from pvcore_xen.host import EventChannel, XenHost
@@ -107,9 +107,17 @@ class XenbusBackend(abc.ABC):
     kind: str = ""
 
     def __init__(
-        self, *, hook: Any, host: XenHost, xenstore_path: str | None, backend_domid: int, domid: int, devid: int, name: str
+        self,
+        *,
+        primitives: Primitives,
+        host: XenHost,
+        xenstore_path: str | None,
+        backend_domid: int,
+        domid: int,
+        devid: int,
+        name: str,
     ) -> None:
-        self.hook = hook
+        self.primitives = primitives
         self.host = host
         self.xenstore_path = xenstore_path
         self.backend_domid = backend_domid
@@ -146,21 +154,18 @@ class XenbusBackend(abc.ABC):
         """Stop serving and release what :meth:`connect` took (only called while connected)."""
 
     def map_memory(self) -> GrantMemory:
-        """The guest's grant memory, through the ``pvcore_map_memory`` hook."""
-        memory = self.hook.pvcore_map_memory(hypervisor=HYPERVISOR, layout=GrantLayout(self.domid, self.host))
-        if memory is None:
-            raise XenDeviceError("no plugin maps Xen grant memory (is the xen plugin registered?)")
-        return memory
+        """The guest's grant memory, through the hypervisor's memory primitive."""
+        try:
+            return self.primitives.map_memory(GrantLayout(self.domid, self.host))
+        except ValueError as exc:
+            raise XenDeviceError(f"grant memory of dom{self.domid}: {exc}") from None
 
     def open_channel(self, port: int, what: str) -> EventChannel:
-        """Bind event channel ``port`` of the guest, through the ``pvcore_open_notifier`` hook."""
+        """Bind event channel ``port`` of the guest, through the hypervisor's notification primitive."""
         try:
-            channel = self.hook.pvcore_open_notifier(hypervisor=HYPERVISOR, channel=EventChannelSpec(self.domid, port))
-        except OSError as exc:
+            return self.primitives.open_notifier(EventChannelSpec(self.domid, port))
+        except (OSError, ValueError) as exc:
             raise XenDeviceError(f"{what}: event channel {port}: {exc}") from None
-        if channel is None:
-            raise XenDeviceError("no plugin opens Xen event channels (is the xen plugin registered?)")
-        return channel
 
     async def start(self) -> None:
         """Connect to xenstore, watch the backend and frontend directories, run the handshake."""

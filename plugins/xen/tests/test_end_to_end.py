@@ -154,10 +154,11 @@ def test_probe_lists_the_backend_tree(tmp_path):
             plugin: XenPlugin = world.plugin
             host = HostContext(environ={})
             slots = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: world.registry.hook.pvcore_probe(hypervisor="xen", host=host)
+                None, lambda: world.registry.call("xen", "pvcore_probe", host=host)
             )
-            found = {(slot.device_class, slot.domain, slot.properties["devid"]) for result in slots for slot in result}
+            found = {(slot.device_class, slot.domain, slot.properties["devid"]) for slot in slots}
             assert found == {("block", "1", "51712"), ("console", "2", "0")}
-            assert plugin.pvcore_probe(hypervisor="kvm", host=host) is None
+            direct = await asyncio.get_running_loop().run_in_executor(None, lambda: plugin.pvcore_probe(host=host))
+            assert slots == direct
 
     run(body)

@@ -33,7 +33,7 @@ def test_pages_map_lazily_and_buffers_cross_consecutive_refs(simulated_host):
     first = guest.grant(3, to_domid=0, ref=100)
     guest.grant(4, to_domid=0, ref=101)
     guest.memory[4 * PAGE_SIZE - 2 : 4 * PAGE_SIZE + 2] = b"abcd"
-    memory = XenPlugin(simulated_host).pvcore_map_memory(hypervisor="xen", layout=GrantLayout(1, simulated_host))
+    memory = XenPlugin(simulated_host).pvcore_map_memory(layout=GrantLayout(1, simulated_host))
     assert isinstance(memory, GrantMemory) and memory.size == 0
     assert memory.read(grant_address(first, PAGE_SIZE - 2), 4) == b"abcd"
     assert memory.size == 2 * PAGE_SIZE
@@ -61,6 +61,5 @@ def test_refusals_are_guest_memory_errors(simulated_host):
 
 def test_hooks_decline_what_is_not_xen(simulated_host):
     plugin = XenPlugin(simulated_host)
-    assert plugin.pvcore_map_memory(hypervisor="kvm", layout=GrantLayout(1, simulated_host)) is None
-    assert plugin.pvcore_map_memory(hypervisor="xen", layout=object()) is None
-    assert plugin.pvcore_open_notifier(hypervisor="xen", channel=object()) is None
+    assert plugin.pvcore_map_memory(layout=object()) is None
+    assert plugin.pvcore_open_notifier(channel=object()) is None

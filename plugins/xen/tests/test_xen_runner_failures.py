@@ -147,7 +147,7 @@ def test_a_failed_second_watch_closes_the_xenstore_connection(tmp_path, monkeypa
             monkeypatch.setattr(XenstoreClient, "connect", classmethod(recording_connect))
             monkeypatch.setattr(XenstoreClient, "watch", second_watch_fails)
             door = XenVirtioBackend(
-                create_rng_device({}, name="watchless"), "rng", hook=world.registry.hook, host=world.host,
+                create_rng_device({}, name="watchless"), "rng", primitives=world.registry.primitives("xen"), host=world.host,
                 xenstore_path=world.plugin.xenstore_path, backend_domid=0, domid=1, devid=0, name="watchless",
             )
             with pytest.raises(XenstoreError):
@@ -163,7 +163,7 @@ def test_probe_skips_a_backend_node_that_is_not_a_domain_id(tmp_path, caplog):
         async with xen_world(tmp_path, CONFIGS[:1]) as world:
             await world.clients[0].write("/local/domain/0/backend/virtio/not-a-domid/0/state", "1")
             slots = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: world.plugin.pvcore_probe(hypervisor="xen", host=HostContext(environ={}))
+                None, lambda: world.plugin.pvcore_probe(host=HostContext(environ={}))
             )
             assert [(slot.device_class, slot.domain) for slot in slots] == [("rng", "1")]
 

@@ -13,18 +13,18 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from pvcore.contract import DEVICE_CLASSES, SUPPORTED_CONTRACTS, DaemonContext, DeviceConfig, Detection, DeviceSlot, HostContext
+from pvcore.contract import DEVICE_CLASSES, SUPPORTED_CONTRACTS, Detection, DeviceSlot, HostContext
 from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_T_IN
 from pvcore.devices.net.virtio_net import NET_HDR
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.streams.nbd import NbdFrontDoor
 from pvcore.streams.netdev_stream import NetdevStreamFrontDoor
+from pvcore.testing.conformance import PeerMissing
 from pvcore.testing.conformance.guests import SECTOR, stream_guest
 from pvcore.registry import Registry
 from pvcore.testing.kit import KitDevice, KitSession, entry_point
@@ -126,18 +126,11 @@ def check_slots(pvcore_kit: KitSession, slots: Any) -> None:
         )
 
 
-def test_probe_declines_other_hypervisors(pvcore_kit: KitSession, tmp_path) -> None:
-    probe = pvcore_kit.hook("pvcore_probe")
-    if probe is None:
-        pytest.skip(f"{pvcore_kit.plugin_name} does not supply probe")
-    assert probe(hypervisor=f"not-{pvcore_kit.hypervisor}", host=HostContext(root=tmp_path, environ={})) is None
-
-
 def test_probe_lists_device_slots(pvcore_kit: KitSession, tmp_path) -> None:
     probe = pvcore_kit.hook("pvcore_probe")
     if probe is None:
         pytest.skip(f"{pvcore_kit.plugin_name} does not supply probe")
-    slots = probe(hypervisor=pvcore_kit.hypervisor, host=pvcore_kit.require_peer().probe_host(tmp_path))
+    slots = probe(host=pvcore_kit.require_peer().probe_host(tmp_path))
     check_slots(pvcore_kit, slots)
     assert slots, "the peer's probe host shows devices, but pvcore_probe found none"
 
@@ -148,35 +141,48 @@ def test_probe_of_a_corrupt_source_is_a_clean_error(pvcore_kit: KitSession, tmp_
     if host is None:
         pytest.skip("the peer offers no corrupt device source")
     try:
-        slots = probe(hypervisor=pvcore_kit.hypervisor, host=host)
+        slots = probe(host=host)
     except Exception as exc:  # the contract: an exception whose message names the source
         assert str(exc).strip(), f"{type(exc).__name__} without a message naming the corrupt source"
     else:
         check_slots(pvcore_kit, slots)
 
 
-def test_primitives_decline_what_is_not_theirs(pvcore_kit: KitSession) -> None:
-    own, other = pvcore_kit.hypervisor, f"not-{pvcore_kit.hypervisor}"
-    for hook, argument in (("pvcore_map_memory", "layout"), ("pvcore_open_notifier", "channel")):
-        function = pvcore_kit.hook(hook)
-        if function is not None:
-            assert function(hypervisor=other, **{argument: object()}) is None, f"{hook} answered for {other}"
-            assert function(hypervisor=own, **{argument: object()}) is None, f"{hook} took a {argument} not its own"
-    front_door = pvcore_kit.hook("pvcore_front_door")
-    context = DaemonContext(hook=pvcore_kit.registry.hook, run_dir=pvcore_kit.context.directory,
-                            loop=pvcore_kit.context.loop.loop, switch=lambda name: None)
-    stranger = SimpleNamespace(config=DeviceConfig("rng", "stranger"), virtio=None, engine=None)
-    assert front_door(hypervisor=other, device=stranger, context=context) is None, f"pvcore_front_door answered for {other}"
+def test_primitives_refuse_what_is_not_theirs(pvcore_kit: KitSession) -> None:
+    primitives = pvcore_kit.registry.primitives(pvcore_kit.hypervisor)
+    with pytest.raises(ValueError):
+        primitives.map_memory(object())
+    with pytest.raises(ValueError):
+        primitives.open_notifier(object())
+
+
+def test_hooks_are_called_for_this_hypervisor_only(pvcore_kit: KitSession) -> None:
+    other = f"not-{pvcore_kit.hypervisor}"
+    with pytest.raises(LookupError, match=other):
+        pvcore_kit.registry.call(other, "pvcore_front_door", device=None, context=None)
+
+
+def peer_channel(kit: KitSession, primitive: str, make: Callable[[], Any]) -> Any:
+    """What the peer's ``make`` returns; a plugin that claims ``primitive`` needs it, one that does not may skip.
+
+    A plugin whose front doors are all streams (no ring transport) has no
+    guest memory or notification channels: its peer need not describe any.
+    """
+    try:
+        return make()
+    except PeerMissing as exc:
+        if primitive in kit.info.primitives:
+            raise
+        pytest.skip(f"{kit.plugin_name} claims no {primitive} primitive and its peer describes none ({exc})")
 
 
 def test_notification_in_both_directions(pvcore_kit: KitSession) -> None:
-    open_notifier = pvcore_kit.hook("pvcore_open_notifier")
-    if open_notifier is None:
-        pytest.skip(f"{pvcore_kit.plugin_name} does not supply notification")
+    """Through the plugin's notification primitive, or the core's default (eventfds) where it has none."""
+    open_notifier = pvcore_kit.registry.primitives(pvcore_kit.hypervisor).open_notifier
     peer = pvcore_kit.require_peer()
     for direction in ("guest to backend", "backend to guest"):
-        channel, guest_end = peer.notification_channel()
-        notifier = open_notifier(hypervisor=pvcore_kit.hypervisor, channel=channel)
+        channel, guest_end = peer_channel(pvcore_kit, "notification", peer.notification_channel)
+        notifier = open_notifier(channel)
         try:
             assert isinstance(notifier, Notifier), f"pvcore_open_notifier returned {notifier!r}, not a Notifier"
             assert notifier.consume() == 0, "a fresh channel has a signal pending"
@@ -194,15 +200,13 @@ def test_notification_in_both_directions(pvcore_kit: KitSession) -> None:
     hostile = peer.hostile_channel()
     if hostile is not None:
         with pytest.raises((ValueError, OSError)):
-            open_notifier(hypervisor=pvcore_kit.hypervisor, channel=hostile)
+            open_notifier(hostile)
 
 
 def test_memory_is_shared_and_bounds_checked(pvcore_kit: KitSession) -> None:
-    map_memory = pvcore_kit.hook("pvcore_map_memory")
-    if map_memory is None:
-        pytest.skip(f"{pvcore_kit.plugin_name} does not supply memory")
-    layout, ram = pvcore_kit.require_peer().memory_layout()
-    memory = map_memory(hypervisor=pvcore_kit.hypervisor, layout=layout)
+    """Through the plugin's memory primitive, or the core's default (fd regions) where it has none."""
+    layout, ram = peer_channel(pvcore_kit, "memory", pvcore_kit.require_peer().memory_layout)
+    memory = pvcore_kit.registry.primitives(pvcore_kit.hypervisor).map_memory(layout)
     assert isinstance(memory, GuestMemory), f"pvcore_map_memory returned {memory!r}, not a GuestMemory"
     try:
         address = ram.alloc(64)
