@@ -213,6 +213,7 @@ def test_counters(switch: Switch) -> None:
         "dropped_spoof": 1,
         "dropped_malformed": 1,
         "dropped_full": 0,
+        "dropped_too_big": 0,
     }
     assert (b.counters.tx_frames, b.counters.tx_bytes, b.counters.rx_frames) == (2, len(first) + len(second), 0)
 
@@ -514,7 +515,8 @@ def test_frame_larger_than_the_whole_rx_ring_is_dropped() -> None:
         lan.transmit(lan.a, tx_packet(small))
         (used,) = lan.b.wait_used(RX_QUEUE, 1)
         assert used.data[HDR_LEN:] == small
-        assert lan.b.run_in_loop(lambda: lan.devices["b"].stats.rx_too_big) == 1
+        counters = lan.counters("b")
+        assert (counters["dropped_too_big"], counters["tx_frames"], counters["tx_bytes"]) == (1, 1, len(small))
     finally:
         lan.close()
 
@@ -530,7 +532,8 @@ def test_without_mergeable_buffers_one_chain_must_hold_the_frame() -> None:
         (used,) = lan.b.wait_used(RX_QUEUE, 1)
         assert used.data[HDR_LEN:] == fits
         assert num_buffers(used.data) == 1
-        assert lan.b.run_in_loop(lambda: lan.devices["b"].stats.rx_too_big) == 1
+        counters = lan.counters("b")
+        assert (counters["dropped_too_big"], counters["tx_frames"], counters["tx_bytes"]) == (1, 1, len(fits))
     finally:
         lan.close()
 
@@ -561,16 +564,35 @@ def test_header_layout() -> None:
     assert struct.calcsize("<6sHHH") == NET_CONFIG.size == 12
 
 
-def test_frames_larger_than_the_negotiated_mtu_never_reach_the_guest() -> None:
+def test_frames_larger_than_the_negotiated_mtu_are_dropped_not_sent() -> None:
     switch = Switch("mtu-test")
     device = VirtioNet(name="small", mac=MAC_A, switch=switch, mtu=1500)
+    peer = RecordingPort("peer", MAC_B)
+    switch.attach(peer)
     try:
         with Loopback(device, name="small") as guest:  # every offered feature, MTU included
             guest.submit(0, [], [4096])
-            accepted = guest.run_in_loop(device.receive, frame(MAC_A, MAC_B, b"x" * 2000))
-            assert accepted and device.stats.rx_too_big == 1
-            assert guest.run_in_loop(device.receive, frame(MAC_A, MAC_B, b"y" * 100))
+            assert guest.run_in_loop(peer.send, frame(MAC_A, MAC_B, b"x" * 2000)) == 0
+            assert guest.run_in_loop(peer.send, frame(MAC_A, MAC_B, b"y" * 100)) == 1
             used = guest.wait_used(0, 1)[0]
             assert used.data[12 + 14 :] == b"y" * 100
+            counters = guest.run_in_loop(device.port.counters.as_dict)
     finally:
         device.close()
+    assert counters["dropped_too_big"] == 1
+    assert (counters["tx_frames"], counters["tx_bytes"], counters["dropped_full"]) == (1, 14 + 100, 0)
+
+
+def test_the_switch_counts_frames_over_a_ports_limit_as_dropped(switch: Switch) -> None:
+    class SmallPort(RecordingPort):
+        max_frame_len = 100
+
+    a, small, c = attached(switch, RecordingPort("a", MAC_A), SmallPort("small", MAC_B), RecordingPort("c", MAC_C))
+    big = frame(BROADCAST, MAC_A, bytes(200))
+    assert a.send(big) == 1  # flooded: c takes it, the small port does not
+    assert a.send(frame(MAC_B, MAC_A, bytes(200))) == 0
+    assert small.frames == [] and c.frames == [big]
+    assert small.counters.dropped_too_big == 2
+    assert (small.counters.tx_frames, small.counters.dropped_full) == (0, 0)
+    fits = frame(MAC_B, MAC_A, bytes(50))
+    assert a.send(fits) == 1 and small.frames == [fits]

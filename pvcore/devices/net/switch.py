@@ -14,6 +14,9 @@ The switch is the only path between guests, and it trusts no guest:
 * frames shorter than an Ethernet header or longer than :data:`MAX_FRAME_LEN`,
   and frames with a multicast source, are dropped and counted
   (``dropped_malformed``);
+* a frame longer than a port's :attr:`Port.max_frame_len` (e.g. a guest NIC's
+  negotiated MTU) is not delivered to it and is counted as ``dropped_too_big``
+  on that port, never as transmitted;
 * delivery never blocks: a port that cannot take a frame (its bounded queue is
   full, or its guest is not receiving yet) refuses it and the switch counts
   ``dropped_full`` on that port, so one slow guest cannot stall another;
@@ -91,7 +94,11 @@ class PortCounters:
     """Traffic through one port, seen from the switch.
 
     ``rx`` is what the port sent into the switch (and the switch accepted),
-    ``tx`` what the switch delivered out of the port.
+    ``tx`` what the switch delivered out of the port. A frame the port took
+    but then found its station can never receive (a guest whose receive
+    buffers are all too small for it) is moved from ``tx`` to
+    ``dropped_too_big`` (:meth:`Port.count_too_big`), so every frame
+    switched to a port is counted once: as sent or as dropped.
     """
 
     rx_frames: int = 0
@@ -104,6 +111,8 @@ class PortCounters:
     """Frames the port sent that were too short, too long or otherwise invalid."""
     dropped_full: int = 0
     """Frames for the port that it could not take (queue full, or not receiving)."""
+    dropped_too_big: int = 0
+    """Frames for the port longer than its station can receive (:attr:`Port.max_frame_len`, or its buffers)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -128,6 +137,20 @@ class Port(abc.ABC):
     def __repr__(self) -> str:
         mac = format_mac(self.mac) if self.mac is not None else "uplink"
         return f"{type(self).__name__}({self.name!r}, {mac})"
+
+    @property
+    def max_frame_len(self) -> int:
+        """The longest frame the port's station can receive; the switch drops longer ones for it."""
+        return MAX_FRAME_LEN
+
+    def count_too_big(self, frame: bytes) -> None:
+        """A frame this port took turns out too big for its station: count it dropped, not sent.
+
+        It moves from ``tx`` to ``dropped_too_big``. Called from the event loop thread only.
+        """
+        self.counters.tx_frames -= 1
+        self.counters.tx_bytes -= len(frame)
+        self.counters.dropped_too_big += 1
 
     @abc.abstractmethod
     def deliver(self, frame: bytes) -> bool:
@@ -290,6 +313,9 @@ class Switch:
 
     @staticmethod
     def _deliver(port: Port, frame: bytes) -> int:
+        if len(frame) > port.max_frame_len:
+            port.counters.dropped_too_big += 1
+            return 0
         if port.deliver(frame):
             port.counters.tx_frames += 1
             port.counters.tx_bytes += len(frame)

@@ -16,10 +16,14 @@ switch, which applies the source MAC filter.
 
 Receive: the switch calls the port's ``deliver`` (on the loop thread), which
 queues the frame in a bounded backlog and refuses it when the backlog is full.
+A frame longer than the negotiated MTU allows never gets that far: the port's
+``max_frame_len`` says so and the switch counts it as ``dropped_too_big``.
 Receive chains the guest posts are held (they count as in flight) until a
 frame arrives for them. With MRG_RXBUF a frame is spread over as many held
 chains as it needs and ``num_buffers`` says how many; without it one chain
-must hold header and frame, or the frame is dropped (``stats.rx_too_big``).
+must hold header and frame. A frame that cannot fit (a chain too small, or
+bigger than the whole ring) is dropped and moved from the port's ``tx``
+counters to ``dropped_too_big``.
 When the receive queue stops, the chains still held are completed with
 nothing written, which hands every buffer back to the driver and lets the
 stop finish at once.
@@ -84,8 +88,6 @@ _SWITCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 class VirtioNetStats:
     """Receive-side events of one virtio-net device that the switch cannot see."""
 
-    rx_too_big: int = 0
-    """Frames dropped because the guest's receive buffers could never hold them."""
     rx_bad_buffers: int = 0
     """Receive chains returned unused because they could not even hold a header."""
 
@@ -96,6 +98,11 @@ class VirtioNetPort(Port):
     def __init__(self, device: VirtioNet, name: str, mac: bytes) -> None:
         super().__init__(name, mac)
         self.device = device
+
+    @property
+    def max_frame_len(self) -> int:
+        """The longest frame the guest takes: its MTU plus Ethernet and VLAN headers, once MTU is negotiated."""
+        return self.device.max_frame_len
 
     def deliver(self, frame: bytes) -> bool:
         """Queue ``frame`` for the guest; False if it is not receiving or its backlog is full."""
@@ -138,6 +145,11 @@ class VirtioNet(VirtioDevice):
 
     def __repr__(self) -> str:
         return f"VirtioNet({self.name!r}, {format_mac(self.mac)})"
+
+    @property
+    def max_frame_len(self) -> int:
+        """The longest frame either way: MTU plus Ethernet and VLAN headers once MTU is negotiated."""
+        return self._max_frame
 
     @property
     def mac(self) -> bytes:
@@ -207,13 +219,15 @@ class VirtioNet(VirtioDevice):
         self._max_frame = MAX_FRAME_LEN
 
     def receive(self, frame: bytes) -> bool:
-        """Queue a frame from the switch for the guest and write what fits now."""
+        """Queue a frame from the switch for the guest and write what fits now.
+
+        The switch never passes a frame longer than :attr:`max_frame_len`
+        (it counts those as ``dropped_too_big``); False if the guest is not
+        receiving or the backlog is full.
+        """
         queue = self._rx
         if queue is None or queue.session.broken or len(self._backlog) >= self.rx_backlog:
             return False
-        if len(frame) > self._max_frame:  # with MTU negotiated, never pass the guest a bigger frame
-            self.stats.rx_too_big += 1
-            return True
         self._backlog.append(frame)
         self._fill_rx(queue)
         return True
@@ -259,7 +273,7 @@ class VirtioNet(VirtioDevice):
         if not self._mergeable:
             chain, capacity = held[0]
             if capacity < needed:
-                self.stats.rx_too_big += 1
+                self.port.count_too_big(frame)
                 return True
             held.popleft()
             queue.write(chain, NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, 1)[: self._hdr_len] + frame)
@@ -273,7 +287,7 @@ class VirtioNet(VirtioDevice):
                 break
         else:
             if len(held) >= queue.vq.size:
-                self.stats.rx_too_big += 1
+                self.port.count_too_big(frame)
                 return True
             return False
         packet = memoryview(NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, count) + frame)
