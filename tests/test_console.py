@@ -249,8 +249,10 @@ def test_no_input_reaches_the_guest_without_an_attached_person(rig: ConsoleRig) 
     rig.lb.submit(RECEIVEQ, [], [64])
     stranger = object()
     assert not rig.in_loop(rig.device.stream.input, stranger, b"injected")
-    with pytest.raises(TimeoutError):
-        rig.lb.wait_used(RECEIVEQ, 1, timeout=0.1)
+    with connect_console(rig.socket_path) as person:
+        person.sendall(b"typed")
+        (used,) = rig.lb.wait_used(RECEIVEQ, 1, timeout=3)
+    assert used.data == b"typed"  # the first bytes the guest reads are the person's, nothing before them
 
 
 def test_second_attacher_is_refused_and_its_bytes_are_ignored(rig: ConsoleRig) -> None:
@@ -285,14 +287,11 @@ def test_slow_client_does_not_block_the_guest(rig: ConsoleRig) -> None:
     with connect_console(rig.socket_path) as sleeper:
         sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         wait_for(rig.attached)
-        start = time.monotonic()
-        for _ in range(rounds):
+        for _ in range(rounds):  # each write completes although the person reads nothing
             rig.guest_write(chunk)
-        elapsed = time.monotonic() - start
         peer = rig.in_loop(lambda: rig.device.stream.peer)
         dropped = rig.in_loop(lambda: peer.dropped)
         queued = rig.in_loop(lambda: peer.writer.transport.get_write_buffer_size())
-    assert elapsed < 5
     assert dropped > rounds * len(chunk) // 2
     assert queued <= peer.limit
     assert rig.log.stat().st_size == rounds * len(chunk)
