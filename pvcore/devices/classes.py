@@ -106,7 +106,7 @@ def _create_console(config: DeviceConfig, context: DaemonContext) -> ServedDevic
     async def close() -> None:
         if virtio.attach_point is not None:
             await virtio.attach_point.close()
-        virtio.stream.close()
+        await virtio.stream.aclose()
 
     return ServedDevice(config, virtio, virtio.stream, starter=start, closer=close)
 

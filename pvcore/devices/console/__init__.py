@@ -3,6 +3,8 @@
 * :mod:`~pvcore.devices.console.stream`: :class:`ConsoleStream`, a guest's
   console as a byte stream (log, scrollback, attached person), transport
   independent.
+* :mod:`~pvcore.devices.console.logfile`: :class:`ConsoleLog`, the log file,
+  written by a thread of its own through a bounded buffer.
 * :mod:`~pvcore.devices.console.attach`: :class:`ConsoleAttachPoint`, the
   per-console Unix socket a person attaches through.
 * :mod:`~pvcore.devices.console.client`: :func:`attach_console` and
@@ -30,6 +32,7 @@ from pvcore.devices.console.client import (
     connect_console,
     console_exchange,
 )
+from pvcore.devices.console.logfile import ConsoleLog
 from pvcore.devices.console.stream import DEFAULT_LOG_MAX, DEFAULT_SCROLLBACK, ConsolePeer, ConsoleStream, Scrollback
 from pvcore.devices.console.virtio import VirtioConsole
 from pvcore.virtio import DeviceError
@@ -40,6 +43,7 @@ __all__ = [
     "OPTIONS",
     "ConsoleAttachError",
     "ConsoleAttachPoint",
+    "ConsoleLog",
     "ConsolePeer",
     "ConsoleStream",
     "DetachReason",

@@ -5,9 +5,13 @@ QEMU chardev socket, a Xen console ring) calls :meth:`ConsoleStream.output`
 with the bytes the guest wrote and sets :attr:`ConsoleStream.on_input` to
 receive the bytes the guest should read. Guest output goes to three places:
 
-* the log file, if one is configured (opened for append, created 0600; every
-  byte goes there, attached person or not; :meth:`ConsoleStream.reopen_log`
-  after the file was rotated, e.g. on SIGHUP);
+* the log file, if one is configured (opened for append, created 0600;
+  :meth:`ConsoleStream.reopen_log` after the file was rotated, e.g. on
+  SIGHUP). Every byte goes there, attached person or not, unless the disk
+  cannot keep up: the file is written by a
+  :class:`~pvcore.devices.console.logfile.ConsoleLog` thread through a bounded
+  buffer, so a slow disk never stalls the event loop, and output that does
+  not fit in the buffer is dropped from the log (and counted), never waited for;
 * the scrollback, a ring buffer of the most recent bytes (64 KiB by default)
   that a person who attaches later is shown first;
 * the attached person, if any (a :class:`ConsolePeer`), who must accept the
@@ -16,7 +20,9 @@ receive the bytes the guest should read. Guest output goes to three places:
 
 Input is accepted only from the attached peer: :meth:`ConsoleStream.input`
 ignores bytes from any other. All methods are called on the daemon's event
-loop thread.
+loop thread, except :meth:`ConsoleStream.close`, which waits for the log to
+be written and so belongs before the loop runs or after it stopped
+(:meth:`ConsoleStream.aclose` is the form for the loop).
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from pvcore.virtio import DeviceError
+from pvcore.devices.console.logfile import DEFAULT_LOG_BUFFER, ConsoleLog
 
 log = logging.getLogger("pvcore.console")
 
 DEFAULT_SCROLLBACK = 64 * 1024
+"""Bytes of recent guest output kept for a person who attaches later."""
 DEFAULT_LOG_MAX = 64 * 1024 * 1024
 """Bytes a console log may reach before it is rotated to ``LOG.1``: a guest that never stops
 printing must not fill the host's disk."""
-"""Bytes of recent guest output kept for a person who attaches later."""
 
 
 class ConsolePeer(Protocol):
@@ -75,7 +81,11 @@ class Scrollback:
 
 
 class ConsoleStream:
-    """One guest console: output to log, scrollback and attached peer; input from the peer only."""
+    """One guest console: output to log, scrollback and attached peer; input from the peer only.
+
+    ``log_buffer`` bounds the output waiting for a slow log disk (see
+    :class:`~pvcore.devices.console.logfile.ConsoleLog`).
+    """
 
     def __init__(
         self,
@@ -84,89 +94,44 @@ class ConsoleStream:
         log_path: str | os.PathLike[str] | None = None,
         scrollback: int = DEFAULT_SCROLLBACK,
         log_max: int = DEFAULT_LOG_MAX,
+        log_buffer: int = DEFAULT_LOG_BUFFER,
     ) -> None:
         self.name = name
         self.log_path = os.fspath(log_path) if log_path is not None else None
         self.log_max = log_max
-        self._log_size = 0
         self.scrollback = Scrollback(scrollback)
         self.on_input: Callable[[bytes], None] | None = None
         self.peer: ConsolePeer | None = None
         self.bytes_out = 0
         self.bytes_in = 0
         self.input_refused = 0
-        self.log_errors = 0
-        self._log_fd = -1
+        self.logfile: ConsoleLog | None = None
+        """The log file's writer, if a log is configured."""
         if self.log_path is not None:
-            self._log_fd = self._open_log()
+            self.logfile = ConsoleLog(name, self.log_path, log_max=log_max, buffer_limit=log_buffer)
 
     def __repr__(self) -> str:
         return f"ConsoleStream({self.name!r}, log={self.log_path!r})"
 
-    def _open_log(self) -> int:
-        assert self.log_path is not None
-        try:
-            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._log_size = os.fstat(fd).st_size
-            return fd
-        except OSError as exc:
-            raise DeviceError(
-                f"console {self.name}: cannot open log file {self.log_path}: {exc.strerror}; "
-                "check that its directory exists and is writable by the daemon"
-            ) from None
-
     def reopen_log(self) -> None:
-        """Open the log file again by name (after rotation); the old one is closed.
+        """Open the log file again by name (after rotation), after the output queued so far.
 
-        If the new file cannot be opened, :class:`DeviceError` is raised and
-        output keeps going to the old file.
+        The log's writer does it; if the new file cannot be opened it logs
+        why and output keeps going to the old file.
         """
-        if self.log_path is None:
-            return
-        fd = self._open_log()
-        if self._log_fd >= 0:
-            os.close(self._log_fd)
-        self._log_fd = fd
-        self.log_errors = 0
+        if self.logfile is not None:
+            self.logfile.reopen()
 
     def output(self, data: bytes) -> None:
         """The guest wrote ``data``: log it, keep it in the scrollback, show it to the peer."""
         if not data:
             return
         self.bytes_out += len(data)
-        if self._log_fd >= 0:
-            self._write_log(data)
+        if self.logfile is not None:
+            self.logfile.write(data)
         self.scrollback.append(data)
         if self.peer is not None:
             self.peer.deliver(data)
-
-    def _write_log(self, data: bytes) -> None:
-        if self._log_size + len(data) > self.log_max:
-            self._rotate_log()
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._log_fd, view)
-                self._log_size += written
-                view = view[written:]
-        except OSError as exc:
-            if not self.log_errors:
-                log.warning("console %s: writing log %s failed: %s", self.name, self.log_path, exc.strerror)
-            self.log_errors += 1
-
-    def _rotate_log(self) -> None:
-        """Move the full log to ``LOG.1`` (replacing an older one) and start a new one."""
-        assert self.log_path is not None
-        try:
-            os.replace(self.log_path, self.log_path + ".1")
-            self.reopen_log()
-        except (OSError, DeviceError) as exc:
-            if not self.log_errors:
-                log.warning("console %s: rotating log %s failed: %s", self.name, self.log_path, exc)
-            self.log_errors += 1
-            return
-        log.info("console %s: log %s reached %d bytes; the older part is in %s.1", self.name, self.log_path,
-                 self.log_max, self.log_path)
 
     def attach(self, peer: ConsolePeer) -> bool:
         """Make ``peer`` the attached person and send it the scrollback; False if someone is attached."""
@@ -195,10 +160,18 @@ class ConsoleStream:
         return True
 
     def close(self) -> None:
-        """Hang up the attached peer and close the log file."""
+        """Hang up the attached peer, write the queued log output and close the log (blocks until written)."""
+        self._hang_up()
+        if self.logfile is not None:
+            self.logfile.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` for the event loop: the loop keeps running while the log is written."""
+        self._hang_up()
+        if self.logfile is not None:
+            await self.logfile.aclose()
+
+    def _hang_up(self) -> None:
         if self.peer is not None:
             peer, self.peer = self.peer, None
             peer.hangup(f"console {self.name} closed")
-        if self._log_fd >= 0:
-            os.close(self._log_fd)
-            self._log_fd = -1
