@@ -1,4 +1,4 @@
-"""Guest-given lengths never size a copy on the shared event loop.
+"""Guest-given lengths never size a copy on the shared event loop (virtio-blk segment lists, console output).
 
 A descriptor chain may describe gigabytes (many descriptors pointing at the
 same guest pages). A device that joined such a payload into one bytes object
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from pvcore.devices.block import BlockBackend, RawFileStore
+from pvcore.devices.console import ConsoleStream, VirtioConsole
+from pvcore.devices.console.virtio import MAX_TRANSMIT_BYTES, TRANSMITQ
 from pvcore.devices.block.virtio_blk import (
     MAX_DISCARD_SEGMENTS,
     VIRTIO_BLK_S_IOERR,
@@ -92,3 +94,26 @@ def test_huge_segment_list_is_refused_before_it_is_read(tmp_path: Path, kind: in
             )
     finally:
         backend.close()
+
+
+def test_a_huge_console_transmit_chain_is_capped() -> None:
+    stream = ConsoleStream("huge")
+    device = VirtioConsole(stream)
+    with Loopback(device, queue_size=128, ram_size=4 << 20) as lb:
+        payload = lb.ram.alloc(PAYLOAD_BUFFER)
+        lb.ram.memory.fill(payload, PAYLOAD_BUFFER, ord("x"))
+        counter = ReadCounter(lb.ram.memory, payload, PAYLOAD_BUFFER)
+        queue = lb.queues[TRANSMITQ]
+        for index in range(PAYLOAD_DESCRIPTORS):
+            last = index == PAYLOAD_DESCRIPTORS - 1
+            queue.write_descriptor(index, payload, PAYLOAD_BUFFER, 0 if last else VIRTQ_DESC_F_NEXT, index + 1)
+        queue.post_head(0)
+        lb.kick(TRANSMITQ)
+        deadline = time.monotonic() + 60
+        while lb.ram.memory.read_u16(queue.used_addr + 2) < 1:
+            assert time.monotonic() < deadline, "the console never returned the chain"
+            time.sleep(0.01)
+        assert counter.bytes <= MAX_TRANSMIT_BYTES
+        assert stream.bytes_out == MAX_TRANSMIT_BYTES
+        assert device.output_dropped == PAYLOAD_DESCRIPTORS * PAYLOAD_BUFFER - MAX_TRANSMIT_BYTES
+        assert stream.scrollback.snapshot().endswith(b"x" * 1024)

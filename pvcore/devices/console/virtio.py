@@ -48,6 +48,14 @@ PENDING_INPUT_LIMIT = 64 * 1024
 
 TRANSMIT_CHUNK = 64 * 1024
 
+MAX_TRANSMIT_BYTES = 256 * 1024
+"""Most bytes of one transmit chain passed on; the rest is counted in ``output_dropped``.
+
+A chain may describe gigabytes (many descriptors over the same pages); Linux
+sends at most a few pages per chain. Copying more would stall the event loop
+every guest shares.
+"""
+
 
 class VirtioConsole(VirtioDevice):
     """A single-port virtio console whose bytes flow through ``stream``.
@@ -74,6 +82,7 @@ class VirtioConsole(VirtioDevice):
         self.rows = rows
         self.attach_point = attach_point
         self.input_dropped = 0
+        self.output_dropped = 0
         self._pending_input = bytearray()
         self._receive_buffers: collections.deque[DescriptorChain] = collections.deque()
         self._receiveq: RunningQueue | None = None
@@ -120,9 +129,21 @@ class VirtioConsole(VirtioDevice):
             self._deliver_input()
             return
         memory = queue.memory
+        budget = MAX_TRANSMIT_BYTES
         for addr, length in chain.readable:
+            if length > budget:
+                if not self.output_dropped:
+                    log.warning(
+                        "console %s: a transmit chain of %d bytes; passing on %d bytes per chain, dropping the rest",
+                        self.stream.name, chain.readable_len, MAX_TRANSMIT_BYTES,
+                    )
+                self.output_dropped += chain.readable_len - MAX_TRANSMIT_BYTES
+                length = budget
             for offset in range(0, length, TRANSMIT_CHUNK):
                 self.stream.output(memory.read(addr + offset, min(TRANSMIT_CHUNK, length - offset)))
+            budget -= length
+            if not budget:
+                break
         queue.complete(chain, 0)
 
     def input(self, data: bytes) -> None:
