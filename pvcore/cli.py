@@ -19,8 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pvcore.config import COMMON_OPTIONS, ConfigError, check_unique, load_config_file, parse_devices
-from pvcore.contract import ContractError, DeviceConfig, HostContext
+from pvcore.config import (
+    COMMON_OPTIONS,
+    ConfigError,
+    build_configs,
+    check_unique,
+    read_config_file,
+    split_devices,
+)
+from pvcore.contract import ContractError, DeviceConfig, HostContext, OptionSpec
 from pvcore.daemon import Daemon, DaemonError, default_run_dir
 from pvcore.libvirt import LibvirtError
 from pvcore.registry import Registry, default_registry
@@ -41,7 +48,8 @@ SERVE_EPILOG = """\
 DEVICE is CLASS:key=value,... (a literal comma in a value is written ,,).
 Keys every class takes: {common}.
 {classes}
-Each socket is created 0600; pvcore listens and the hypervisor connects
+
+{plugins}Each socket is created 0600; pvcore listens and the hypervisor connects
 (QEMU: -chardev socket,id=c0,path=SOCKET,reconnect=1). SIGTERM finishes
 in-flight requests, flushes and removes the sockets; SIGHUP reopens logs.
 
@@ -58,12 +66,43 @@ class UsageError(Exception):
     """Bad command-line use; the message says what to do."""
 
 
+def _keys(options: dict[str, OptionSpec]) -> str:
+    return ", ".join(f"{key} ({spec.help})" for key, spec in options.items())
+
+
 def _class_help(registry: Registry) -> str:
     lines = []
     for name, device_class in sorted(registry.device_classes().items()):
-        keys = ", ".join(f"{key} ({spec.help})" for key, spec in device_class.options.items())
-        lines.append(f"  {name}: {device_class.summary}. Keys: {keys}.")
+        lines.append(f"  {name}: {device_class.summary}. Keys: {_keys(dict(device_class.options))}.")
     return "Device classes:\n" + "\n".join(lines) if lines else "No device classes are installed."
+
+
+def plugin_option_lines(registry: Registry, hypervisor: str, indent: str = "  ") -> list[str]:
+    """The device options the plugin serving ``hypervisor`` declares: one line per key and help, naming its classes.
+
+    A plugin whose ``pvcore_device_options`` fails gets one line saying why.
+    """
+    try:
+        declared = registry.device_options(hypervisor)
+    except Exception as exc:  # a broken plugin must not break --help or `pvcore plugins`
+        return [f"{indent}(its options cannot be listed: {exc})"]
+    classes_of: dict[tuple[str, str], list[str]] = {}
+    for device_class, options in declared.items():
+        for key, spec in options.items():
+            classes_of.setdefault((key, spec.help), []).append(device_class)
+    return [f"{indent}{key} ({', '.join(classes)}): {text}" for (key, text), classes in classes_of.items()]
+
+
+def _plugin_help(registry: Registry) -> str:
+    lines = []
+    for hypervisor in sorted(registry.hypervisors()):
+        option_lines = plugin_option_lines(registry, hypervisor, indent="    ")
+        if option_lines:
+            lines += [f"  {hypervisor}:", *option_lines]
+    if not lines:
+        return ""
+    heading = "Keys a hypervisor plugin adds for the devices it serves (through --hypervisor or hypervisor=):"
+    return heading + "\n" + "\n".join(lines) + "\n\n"
 
 
 def build_parser(registry: Registry) -> argparse.ArgumentParser:
@@ -76,7 +115,9 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         "serve",
         help="serve devices to guests",
         description="Serve paravirtual devices to guests through one hypervisor plugin.",
-        epilog=SERVE_EPILOG.format(common=", ".join(COMMON_OPTIONS), classes=_class_help(registry)),
+        epilog=SERVE_EPILOG.format(
+            common=_keys(dict(COMMON_OPTIONS)), classes=_class_help(registry), plugins=_plugin_help(registry)
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--hypervisor", metavar="NAME", help="plugin to serve through (default: detected)")
@@ -87,7 +128,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     )
     serve.add_argument("devices", nargs="*", metavar="DEVICE", help="CLASS:key=value,...")
 
-    commands.add_parser("plugins", help="list plugins: name, version, distribution, what they supply, state")
+    plugins = commands.add_parser("plugins", help="list plugins: name, version, distribution, what they supply, state")
+    plugins.add_argument("-v", "--verbose", action="store_true", help="also list the device options each plugin declares")
 
     console = commands.add_parser("console", help="attach to a guest's console (Ctrl-] detaches)")
     console.add_argument("name", help="console device name (name= of the console device)")
@@ -193,8 +235,8 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plugins(registry: Registry) -> int:
-    """Print one block per plugin."""
+def cmd_plugins(registry: Registry, verbose: bool = False) -> int:
+    """Print one block per plugin; with ``verbose``, a hypervisor plugin's device options too."""
     for record in registry.records:
         info = record.info
         print(f"{record.name} {record.version} ({record.distribution}): {record.state}")
@@ -204,6 +246,11 @@ def cmd_plugins(registry: Registry) -> int:
             print(f"  primitives: {', '.join(sorted(info.primitives)) or '-'}")
             print(f"  device classes: {', '.join(sorted(info.device_classes)) or '-'}")
             print(f"  contract: {info.contract}")
+            if verbose and info.hypervisor:
+                option_lines = plugin_option_lines(registry, info.hypervisor, indent="    ")
+                print("  device options:" + ("" if option_lines else " -"))
+                for line in option_lines:
+                    print(line)
     if not registry.records:
         print("no plugins installed (is pvcore installed? pip install -e .)")
     return 0 if all(r.error is None for r in registry.records) else 1
@@ -223,14 +270,16 @@ def choose_hypervisor(registry: Registry, requested: str | None) -> str:
 def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM."""
     classes = registry.device_classes()
-    settings: dict[str, object] = {}
-    configs = []
-    if args.config:
-        settings, configs = load_config_file(args.config, classes)
-    configs = check_unique(configs + parse_devices(args.devices, classes))
+    settings, from_file = read_config_file(args.config) if args.config else ({}, [])
+    # The keys a device takes depend on the plugin serving it, so the hypervisor is chosen
+    # (lazily: detection runs only when a device needs it) before the keys are checked.
+    options = registry.plugin_options(lambda: choose_hypervisor(registry, args.hypervisor or settings.get("hypervisor")))
+    configs = check_unique(
+        build_configs(from_file, classes, options) + build_configs(split_devices(args.devices), classes, options)
+    )
     if not configs:
         raise UsageError("no devices given: pvcore serve [--hypervisor NAME] CLASS:key=value,... (see --help)")
-    hypervisor = choose_hypervisor(registry, args.hypervisor or settings.get("hypervisor"))
+    hypervisor = options.serving()
     if args.print_qemu_args:
         return print_qemu_args(registry, hypervisor, configs)
     run_dir = args.run_dir or Path(str(settings.get("run_dir", default_run_dir())))
@@ -302,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "plugins":
-            return cmd_plugins(registry)
+            return cmd_plugins(registry, verbose=args.verbose)
         if args.command == "serve":
             return cmd_serve(registry, args)
         if args.command == "console":

@@ -7,22 +7,31 @@ This is the syntax users script against (``pvcore serve DEVICE...``)::
 
 A literal comma inside a value is written ``,,`` (as QEMU does). Every class
 accepts the common keys of :data:`COMMON_OPTIONS`; the rest come from the
-class's own :class:`~pvcore.contract.OptionSpec` table. The same devices may be
-listed in a TOML file (``--config``)::
+class's own :class:`~pvcore.contract.OptionSpec` table and from the options
+the plugin serving the device declares (``pvcore_device_options``, looked up
+through :class:`PluginOptions`: the device's ``hypervisor=``, else the
+daemon's). The same devices may be listed in a TOML file (``--config``)::
 
     hypervisor = "kvm"
     [[device]]
     class = "block"
     path = "disk.img"
     socket = "/run/pvcore/vm1-vda.sock"
+
+Parsing is two steps, so that a daemon may choose its hypervisor (which the
+config file can name) before the keys are checked: :func:`split_devices` and
+:func:`read_config_file` give :class:`DeviceSpec` s, :func:`build_configs`
+checks and parses them. :func:`parse_devices` does both for DEVICE strings.
 """
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from pvcore.contract import DeviceClass, DeviceConfig, OptionSpec
 
@@ -32,15 +41,65 @@ class ConfigError(Exception):
 
 
 COMMON_OPTIONS: Mapping[str, OptionSpec] = {
-    "name": OptionSpec("unique name of the device within the daemon (default: derived from the socket or class)"),
-    "socket": OptionSpec("Unix socket the guest's hypervisor connects to (for an lpar rng: the FIFO QEMU reads)"),
-    "socket-mode": OptionSpec(
-        "server (pvcore listens, the hypervisor connects; default) or client (the hypervisor listens)"
+    "name": OptionSpec("unique name of the device within the daemon; default: derived from the socket or the class"),
+    "socket": OptionSpec(
+        "where the hypervisor reaches the device, for plugins that use a socket or FIFO; each plugin says what it names"
     ),
-    "protocol": OptionSpec("front door where the hypervisor offers several (kvm rng: vhost-user, the default, or egd)"),
-    "hypervisor": OptionSpec("serve this device through another hypervisor plugin than --hypervisor (one daemon, many hypervisors)"),
-    "domain": OptionSpec("name of the guest the device belongs to (default: derived from the socket name)"),
+    "domain": OptionSpec("the guest the device belongs to; default: the part of the name before the first '-'"),
+    "hypervisor": OptionSpec(
+        "the plugin that serves this device when it is not the daemon's, so one daemon serves many hypervisors"
+    ),
 }
+"""The keys every device class takes, whatever serves it. A plugin may declare
+one of them again (``pvcore_device_options``) to give its own help, parser or
+requirement for the devices it serves (e.g. lpar: ``socket=`` is required)."""
+
+
+@attrs.frozen
+class DeviceSpec:
+    """One device as the user wrote it, before its keys are checked.
+
+    ``raw`` maps each key to its value as written (strings, or TOML values);
+    ``origin`` names the device in error messages; ``index`` counts the
+    devices of its source (command line or file), for derived names.
+    """
+
+    device_class: str
+    raw: Mapping[str, Any]
+    origin: str
+    index: int
+
+
+@attrs.define
+class PluginOptions:
+    """The device options hypervisor plugins declare, for the devices of one daemon.
+
+    ``declared(hypervisor)`` answers, by device class, the options the plugin
+    serving ``hypervisor`` declares (:meth:`pvcore.registry.Registry.device_options`;
+    ``LookupError`` when no plugin serves it). ``default`` is the hypervisor of
+    a device without ``hypervisor=``: a name, or a function called once, when
+    a device first needs it (so detection runs only if it must). Answers are
+    cached.
+    """
+
+    declared: Callable[[str], Mapping[str, Mapping[str, OptionSpec]]]
+    default: str | Callable[[], str]
+    _answers: dict[str, Mapping[str, Mapping[str, OptionSpec]]] = attrs.field(factory=dict, init=False)
+
+    def serving(self, named: str | None = None) -> str:
+        """The hypervisor that serves a device whose ``hypervisor=`` is ``named`` (None: the default)."""
+        if named:
+            return named
+        if callable(self.default):
+            self.default = self.default()
+        return self.default
+
+    def for_device(self, device_class: str, named: str | None = None) -> tuple[str, Mapping[str, OptionSpec]]:
+        """The serving hypervisor and the options its plugin declares for ``device_class``."""
+        hypervisor = self.serving(named)
+        if hypervisor not in self._answers:
+            self._answers[hypervisor] = self.declared(hypervisor)
+        return hypervisor, self._answers[hypervisor].get(device_class, {})
 
 
 def split_spec(text: str) -> tuple[str, dict[str, str]]:
@@ -71,18 +130,34 @@ def build_config(
     *,
     origin: str,
     index: int,
+    options: PluginOptions | None = None,
 ) -> DeviceConfig:
-    """Check raw options against the class's option table and parse them."""
+    """Check raw options against the device's option table and parse them.
+
+    The table is :data:`COMMON_OPTIONS`, the class's own options and, with
+    ``options``, those the plugin serving the device declares for its class
+    (without ``options``: none, so a plugin's keys are refused).
+    """
     spec = classes.get(device_class)
     if spec is None:
         known = ", ".join(sorted(classes)) or "none (no device plugin loaded)"
         raise ConfigError(f"{origin}: unknown device class {device_class!r}; known classes: {known}")
-    table = {**COMMON_OPTIONS, **spec.options}
+    served, declared = "", {}
+    if options is not None:
+        named = raw.get("hypervisor")
+        try:
+            hypervisor, declared = options.for_device(device_class, str(named) if named else None)
+        except LookupError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        served = f" when served by {hypervisor}"
+    table = {**COMMON_OPTIONS, **spec.options, **declared}
     parsed: dict[str, Any] = {}
     for key, value in raw.items():
         option = table.get(key)
         if option is None:
-            raise ConfigError(f"{origin}: {device_class} has no option {key!r}; options: {', '.join(sorted(table))}")
+            raise ConfigError(
+                f"{origin}: {device_class} has no option {key!r}{served}; options: {', '.join(sorted(table))}"
+            )
         try:
             parsed[key] = option.parse(str(value)) if not isinstance(value, bool) else option.parse("on" if value else "off")
         except ValueError as exc:
@@ -99,6 +174,16 @@ def build_config(
     return DeviceConfig(device_class, name, parsed)
 
 
+def build_configs(
+    devices: Iterable[DeviceSpec], classes: Mapping[str, DeviceClass], options: PluginOptions | None = None
+) -> list[DeviceConfig]:
+    """:func:`build_config` for each of ``devices``, in order."""
+    return [
+        build_config(device.device_class, device.raw, classes, origin=device.origin, index=device.index, options=options)
+        for device in devices
+    ]
+
+
 def _derive_name(device_class: str, socket: str | None, index: int) -> str:
     if socket:
         return Path(socket).stem
@@ -109,34 +194,46 @@ def _derive_domain(name: str) -> str:
     return name.split("-", 1)[0]
 
 
-def parse_devices(specs: Iterable[str], classes: Mapping[str, DeviceClass]) -> list[DeviceConfig]:
-    """Parse command-line DEVICE arguments; names must come out unique."""
-    configs = []
+def split_devices(specs: Iterable[str]) -> list[DeviceSpec]:
+    """Split command-line DEVICE arguments (syntax only; :func:`build_configs` checks the keys)."""
+    devices = []
     for index, text in enumerate(specs):
         device_class, raw = split_spec(text)
-        configs.append(build_config(device_class, raw, classes, origin=f"device {text!r}", index=index))
-    return check_unique(configs)
+        devices.append(DeviceSpec(device_class, raw, f"device {text!r}", index))
+    return devices
 
 
-def load_config_file(path: Path, classes: Mapping[str, DeviceClass]) -> tuple[dict[str, Any], list[DeviceConfig]]:
-    """Read a TOML config: top-level settings, and the ``[[device]]`` tables."""
+def parse_devices(
+    specs: Iterable[str], classes: Mapping[str, DeviceClass], options: PluginOptions | None = None
+) -> list[DeviceConfig]:
+    """Parse command-line DEVICE arguments; names must come out unique.
+
+    Pass ``options`` (``registry.plugin_options(hypervisor)``) so that the keys
+    the serving plugins declare (kvm's ``socket-mode=``, ``protocol=``...) are
+    accepted and parsed; without it they are refused as unknown.
+    """
+    return check_unique(build_configs(split_devices(specs), classes, options))
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], list[DeviceSpec]]:
+    """Read a TOML config: top-level settings, and the ``[[device]]`` tables (not yet checked)."""
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config {path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
-    devices = data.pop("device", [])
-    if not isinstance(devices, list):
+    tables = data.pop("device", [])
+    if not isinstance(tables, list):
         raise ConfigError(f"config {path}: 'device' must be an array of tables ([[device]])")
-    configs = []
-    for index, table in enumerate(devices):
+    devices = []
+    for index, table in enumerate(tables):
         table = dict(table)
         device_class = table.pop("class", None)
         if not isinstance(device_class, str):
             raise ConfigError(f"config {path}: device #{index + 1} has no class = \"block|net|console|rng\"")
-        configs.append(build_config(device_class, table, classes, origin=f"config {path} device #{index + 1}", index=index))
-    return data, configs
+        devices.append(DeviceSpec(device_class, table, f"config {path} device #{index + 1}", index))
+    return data, devices
 
 
 def check_unique(configs: list[DeviceConfig]) -> list[DeviceConfig]:

@@ -5,7 +5,11 @@
 Debian guests under QEMU TCG with the real-guest harness
 (:mod:`pvcore.testing.guest`): ``vm1`` gets a vhost-user disk, NIC and rng and
 a virtio console on a chardev socket, all served by that one daemon; ``vm2``
-gets only a NIC on the same pvcore switch, for ``vm1`` to ping. It prints
+gets only a NIC on the same pvcore switch, for ``vm1`` to ping. The guests'
+device arguments come from the kvm plugin's ``pvcore_qemu_args`` (what
+``pvcore serve --print-qemu-args`` prints for the same devices, QEMU 7.2
+workarounds included); the demo adds only the machine, memory, kernel and
+initramfs. It prints
 progress while the guests boot, then what ``vm1`` saw: the disk's md5sum
 against the host file's, bytes read from ``/dev/hwrng`` with ``virtio_rng``
 current, the ping over pvcore's switch and the console transcript as pvcore's
@@ -33,15 +37,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
+from pvcore.config import ConfigError, parse_devices
 from pvcore.devices.block import create_block_device
 from pvcore.devices.console import create_console_device
 from pvcore.devices.net import create_net_device
 from pvcore.devices.rng import create_rng_device
+from pvcore.registry import Registry, default_registry
 from pvcore.testing.guest import (
     READY_MARKER,
     Guest,
@@ -199,33 +205,33 @@ def _check_host() -> None:
         raise DemoError("timeout not found: install it with `sudo apt-get install -y coreutils`")
 
 
-def _vhost_chardev(chardev: str, path: Path, *, reconnect: bool = True) -> list[str]:
-    return ["-chardev", f"socket,id={chardev},path={path}" + (",reconnect=1" if reconnect else "")]
-
-
-def _vm1_qemu_args(sockets: dict[str, Path]) -> list[str]:
+def demo_devices(work: Path, disk: Path, console_log: Path) -> list[str]:
+    """The DEVICE strings of the demo's daemon: vm1's disk, NIC, rng and console, vm2's NIC; sockets in ``work``."""
+    sockets = {name: work / f"{name}.sock" for name in ("vda", "net", "rng", "con", "vm2-net")}
     return [
-        *_vhost_chardev("vda", sockets["vda"]),
-        "-device", "vhost-user-blk-pci,chardev=vda",
-        *_vhost_chardev("net0", sockets["net"]),
-        "-netdev", "vhost-user,id=n0,chardev=net0",
-        # vectors=0: QEMU 7.2 segfaults in vhost_net_start with MSI-X under TCG
-        "-device", f"virtio-net-pci,netdev=n0,mac={VM1_MAC},vectors=0",
-        # no reconnect=: QEMU 7.2's vhost-user-rng-pci asserts with it
-        *_vhost_chardev("rng0", sockets["rng"], reconnect=False),
-        "-device", "vhost-user-rng-pci,chardev=rng0",
-        # QEMU 7.2 has no vhost-user console: a virtconsole on a chardev socket
-        *_vhost_chardev("con0", sockets["con"]),
-        "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=con0",
+        f"block:path={disk},socket={sockets['vda']},name=vm1-vda,domain=vm1",
+        f"net:socket={sockets['net']},mac={VM1_MAC},switch={SWITCH},name=vm1-net,domain=vm1",
+        f"rng:socket={sockets['rng']},rate=65536/1s,name=vm1-rng,domain=vm1",
+        f"console:socket={sockets['con']},log={console_log},name=vm1-con,domain=vm1",
+        f"net:socket={sockets['vm2-net']},mac={VM2_MAC},switch={SWITCH},name=vm2-net,domain=vm2",
     ]
 
 
-def _vm2_qemu_args(socket_path: Path) -> list[str]:
-    return [
-        *_vhost_chardev("net0", socket_path),
-        "-netdev", "vhost-user,id=n0,chardev=net0",
-        "-device", f"virtio-net-pci,netdev=n0,mac={VM2_MAC},vectors=0",
-    ]
+def guest_arguments(registry: Registry, devices: Sequence[str]) -> dict[str, list[str]]:
+    """Per guest, the QEMU arguments the kvm plugin's ``pvcore_qemu_args`` gives for ``devices``.
+
+    ``devices`` are ``pvcore serve --hypervisor kvm`` DEVICE strings; a
+    :class:`DemoError` says what is wrong when they cannot be parsed or
+    attached, or no kvm plugin is installed.
+    """
+    try:
+        configs = parse_devices(devices, registry.device_classes(), registry.plugin_options("kvm"))
+        arguments = registry.call("kvm", "pvcore_qemu_args", configs=configs)
+    except (ConfigError, LookupError, ValueError) as exc:
+        raise DemoError(f"cannot attach the demo's devices: {exc}") from None
+    if arguments is None:
+        raise DemoError("the kvm plugin gives no QEMU arguments (pvcore_qemu_args); see `pvcore plugins`")
+    return arguments
 
 
 def _follow(guest: Guest, timeout: float, on_line: Callable[[str], None]) -> None:
@@ -300,18 +306,12 @@ def run_guest_demo() -> int:
         raise DemoError(str(exc)) from None
     with contextlib.ExitStack() as cleanup, _sigterm_interrupts():
         work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="pvcore-demo-")))
-        sockets = {name: work / f"{name}.sock" for name in ("vda", "net", "rng", "con", "vm2-net")}
         disk, console_log = work / "disk.img", work / "console.log"
         disk.write_bytes(os.urandom(DISK_SIZE))
         host_md5 = hashlib.md5(disk.read_bytes()).hexdigest()
-        devices = [
-            f"block:path={disk},socket={sockets['vda']},name=vm1-vda,domain=vm1",
-            f"net:socket={sockets['net']},mac={VM1_MAC},switch={SWITCH},name=vm1-net,domain=vm1",
-            f"rng:socket={sockets['rng']},rate=65536/1s,name=vm1-rng,domain=vm1",
-            f"console:socket={sockets['con']},log={console_log},name=vm1-con,domain=vm1",
-            f"net:socket={sockets['vm2-net']},mac={VM2_MAC},switch={SWITCH},name=vm2-net,domain=vm2",
-        ]
+        devices = demo_devices(work, disk, console_log)
         serve_args = ["serve", "--hypervisor", "kvm", "--run-dir", str(work / "run"), *devices]
+        arguments = guest_arguments(default_registry(), devices)
         progress.say(f"work directory {work}; disk.img is {DISK_SIZE >> 20} MiB of random bytes, md5 {host_md5}")
         progress.say("starting the daemon that serves both guests:")
         print(_command_text(["pvcore", *serve_args[: -len(devices)]], [shlex.quote(d) for d in devices]), flush=True)
@@ -322,9 +322,9 @@ def run_guest_demo() -> int:
         init_vm1 = build_initramfs(kernel, _vm1_script(), ["virtio_blk", "virtio_net", "virtio_console", "virtio_rng"],
                                    work, name="vm1-initramfs.cpio.gz")
         init_vm2 = build_initramfs(kernel, VM2_SCRIPT, ["virtio_net"], work, name="vm2-initramfs.cpio.gz")
-        vm2 = cleanup.enter_context(Guest(kernel, init_vm2, _vm2_qemu_args(sockets["vm2-net"]), name="vm2",
+        vm2 = cleanup.enter_context(Guest(kernel, init_vm2, arguments["vm2"], name="vm2",
                                           memory_mb=256, max_runtime=BOOT_TIMEOUT + 60))
-        vm1 = Guest(kernel, init_vm1, _vm1_qemu_args(sockets), name="vm1", max_runtime=BOOT_TIMEOUT + 60)
+        vm1 = Guest(kernel, init_vm1, arguments["vm1"], name="vm1", max_runtime=BOOT_TIMEOUT + 60)
         progress.say(f"booting vm2 (NIC on {SWITCH}) and vm1 (disk, NIC, rng, console) under QEMU TCG, about 10-20 s:")
         print(_command_text(vm1.command()[4:5], _option_lines(vm1.command()[5:])), flush=True)
         cleanup.enter_context(vm1)

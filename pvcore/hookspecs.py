@@ -123,8 +123,13 @@ def pvcore_device_options() -> Mapping[str, Mapping[str, OptionSpec]] | None:
     Called (a hypervisor hook: only the serving plugin answers) when device
     options are parsed and by ``--help``, as nbdkit's ``config``/``config_help``.
     Returns, per device class name, the :class:`~pvcore.contract.OptionSpec` of each key
-    (its help text and parser). A device served by this plugin accepts these
-    keys on top of the core's common keys and its class's own;
+    (its help text and parser). A device served by this plugin (the daemon's
+    hypervisor, or the device's ``hypervisor=``) accepts these keys on top of
+    the core's common keys and its class's own; a device served by another
+    plugin is refused them as unknown keys. Declaring a common key again
+    (``socket``, ``domain``) gives it this plugin's help, parser or
+    requirement for its devices. Each parser raises ``ValueError`` naming the
+    fix, so the front door may rely on the parsed values.
     ``pvcore serve --help`` and ``pvcore plugins -v`` list them under the
     plugin's name. None (or no implementation) declares none.
     """

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import pluggy
 
 from pvcore import hookspecs
+from pvcore.config import PluginOptions
 from pvcore.contract import (
     CONTRACT_CHANGES,
     SUPPORTED_CONTRACTS,
@@ -198,9 +199,33 @@ class Registry:
         return HypervisorPrimitives(hypervisor, lambda hook_name, **kwargs: self.call(hypervisor, hook_name, **kwargs))
 
     def device_options(self, hypervisor: str) -> dict[str, dict[str, OptionSpec]]:
-        """The device options the plugin serving ``hypervisor`` declares, by class (empty if none)."""
+        """The device options the plugin serving ``hypervisor`` declares, by class (empty if none).
+
+        An answer that is not a mapping of class names to mappings of keys to
+        :class:`~pvcore.contract.OptionSpec` is a :class:`~pvcore.contract.ContractError`.
+        """
         declared = self.call(hypervisor, "pvcore_device_options") or {}
-        return {device_class: dict(options) for device_class, options in declared.items()}
+        plugin = self.serving(hypervisor).name
+        if not isinstance(declared, Mapping):
+            raise ContractError(f"plugin {plugin}: pvcore_device_options returned {type(declared).__name__}, not a mapping")
+        checked: dict[str, dict[str, OptionSpec]] = {}
+        for device_class, options in declared.items():
+            if not isinstance(options, Mapping) or not all(
+                isinstance(key, str) and isinstance(spec, OptionSpec) for key, spec in options.items()
+            ):
+                raise ContractError(
+                    f"plugin {plugin}: pvcore_device_options[{device_class!r}] must map option names to OptionSpec"
+                )
+            checked[str(device_class)] = dict(options)
+        return checked
+
+    def plugin_options(self, default: str | Callable[[], str]) -> PluginOptions:
+        """What :func:`pvcore.config.parse_devices` needs to accept plugins' own keys.
+
+        ``default`` is the hypervisor of devices without ``hypervisor=`` (a
+        name, or a function called once when first needed, e.g. detection).
+        """
+        return PluginOptions(self.device_options, default)
 
     def detect(self, host: HostContext) -> list[Detection]:
         """Every plugin's detection on ``host``, most confident first."""

@@ -41,6 +41,42 @@ def test_serve_help_lists_device_keys() -> None:
         assert text in out
 
 
+def test_serve_help_and_plugins_verbose_list_each_plugins_own_keys() -> None:
+    out = pvcore("serve", "--help").stdout
+    plugins = out[out.index("Keys a hypervisor plugin adds"):]
+    kvm, lpar, xen = (plugins.index(f"\n  {name}:\n") for name in ("kvm", "lpar", "xen"))
+    assert kvm < lpar < xen
+    assert "socket-mode (block, net): server" in plugins[kvm:lpar] and "protocol (rng): vhost-user" in plugins[kvm:lpar]
+    assert "socket (rng): the FIFO QEMU's -object rng-random" in plugins[lpar:xen]
+    assert "domain (block, net, rng, console): DOMID/DEVID" in plugins[xen:]
+    common = out[out.index("Keys every class takes:"):out.index("Device classes:")]
+    assert "socket-mode" not in common and "protocol" not in common and "kvm" not in common and "lpar" not in common
+    listed = pvcore("plugins", "-v").stdout
+    kvm_block = listed[listed.index("kvm "):listed.index("\nlpar ")]
+    assert "  device options:\n    socket-mode (block, net): server" in kvm_block
+    assert "device options" not in pvcore("plugins").stdout
+
+
+def test_serve_checks_each_device_against_the_keys_of_the_plugin_serving_it() -> None:
+    done = pvcore("serve", "--hypervisor", "kvm", "--print-qemu-args", "rng:socket=/tmp/vm1-rng.sock,protocol=egd")
+    assert done.returncode == 0, done.stderr
+    assert "-object rng-egd,id=pvrng0r,chardev=pvrng0" in done.stdout
+    done = pvcore("serve", "--hypervisor", "lpar", "--print-qemu-args", "rng:socket=/tmp/p1-rng.fifo,protocol=egd")
+    assert done.returncode == 2
+    assert "rng has no option 'protocol' when served by lpar; options: domain, hypervisor, name, rate, socket" in done.stderr
+    done = pvcore("serve", "--hypervisor", "kvm", "--print-qemu-args",
+                  "net:socket=/tmp/vm1-net.sock,mac=52:54:00:00:00:01,socket-mode=passive")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "socket-mode=passive: expected server (pvcore listens and QEMU connects" in done.stderr
+    assert "or client (QEMU listens" in done.stderr
+
+
+def test_print_qemu_args_gives_a_nic_the_qemu_7_2_tcg_workaround() -> None:
+    done = pvcore("serve", "--hypervisor", "kvm", "--print-qemu-args", "net:socket=/tmp/vm1-net.sock,mac=52:54:00:00:00:01")
+    assert done.returncode == 0, done.stderr
+    assert "-device virtio-net-pci,netdev=pvnet0n,mac=52:54:00:00:00:01,vectors=0" in done.stdout
+
+
 def test_print_qemu_args_for_a_partition() -> None:
     done = pvcore(
         "serve", "--hypervisor", "lpar", "--print-qemu-args",

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pvcore.config import ConfigError, load_config_file, parse_bool, parse_devices, split_spec
+from pvcore.config import (
+    ConfigError,
+    PluginOptions,
+    build_configs,
+    parse_bool,
+    parse_devices,
+    read_config_file,
+    split_spec,
+)
 from pvcore.contract import DeviceClass, OptionSpec
 
 CLASSES = {
@@ -55,14 +63,68 @@ def test_names_and_domains_are_derived_and_unique() -> None:
 def test_toml_config(tmp_path: Path) -> None:
     path = tmp_path / "pvcore.toml"
     path.write_text('hypervisor = "kvm"\n[[device]]\nclass = "block"\npath = "d.img"\nreadonly = true\n')
-    settings, configs = load_config_file(path, CLASSES)
+    settings, devices = read_config_file(path)
     assert settings == {"hypervisor": "kvm"}
+    configs = build_configs(devices, CLASSES)
     assert configs[0].device_class == "block" and configs[0].get("readonly") is True
     path.write_text("[[device]]\npath = 'x'\n")
     with pytest.raises(ConfigError, match="has no class"):
-        load_config_file(path, CLASSES)
+        read_config_file(path)
     path.write_text("device = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_config_file(path, CLASSES)
+        read_config_file(path)
     with pytest.raises(ConfigError, match="no such file"):
-        load_config_file(tmp_path / "missing.toml", CLASSES)
+        read_config_file(tmp_path / "missing.toml")
+
+
+def _parse_mode(text: str) -> str:
+    if text not in ("server", "client"):
+        raise ValueError("expected server or client")
+    return text
+
+
+PLUGINS = {
+    "ringhv": {"rng": {"socket-mode": OptionSpec("who listens", parse=_parse_mode)}},
+    "streamhv": {"rng": {"socket": OptionSpec("the FIFO", required=True)}},
+}
+
+
+def _declared(hypervisor: str) -> dict:
+    if hypervisor not in PLUGINS:
+        raise LookupError(f"no plugin serves hypervisor {hypervisor!r} (available: ringhv, streamhv)")
+    return PLUGINS[hypervisor]
+
+
+def test_a_plugins_keys_are_accepted_only_for_the_devices_it_serves() -> None:
+    (config,) = parse_devices(["rng:socket-mode=client"], CLASSES, PluginOptions(_declared, "ringhv"))
+    assert config.get("socket-mode") == "client"
+    with pytest.raises(ConfigError, match="rng has no option 'socket-mode' when served by streamhv; options: domain, hypervisor, name, rate, socket$"):
+        parse_devices(["rng:socket=/f,socket-mode=client"], CLASSES, PluginOptions(_declared, "streamhv"))
+    # hypervisor= picks the plugin whose keys a device takes, whatever the daemon's default
+    (config,) = parse_devices(["rng:socket-mode=client,hypervisor=ringhv"], CLASSES, PluginOptions(_declared, "streamhv"))
+    assert config.get("socket-mode") == "client"
+    with pytest.raises(ConfigError, match="rng has no option 'socket-mode'; options"):
+        parse_devices(["rng:socket-mode=client"], CLASSES)
+    # a plugin may make a common key required for its devices
+    with pytest.raises(ConfigError, match=r"rng needs socket= \(the FIFO\)"):
+        parse_devices(["rng:rate=1/1s"], CLASSES, PluginOptions(_declared, "streamhv"))
+    with pytest.raises(ConfigError, match="socket-mode=listen: expected server or client"):
+        parse_devices(["rng:socket-mode=listen"], CLASSES, PluginOptions(_declared, "ringhv"))
+    with pytest.raises(ConfigError, match="no plugin serves hypervisor 'nosuch'"):
+        parse_devices(["rng:hypervisor=nosuch"], CLASSES, PluginOptions(_declared, "ringhv"))
+
+
+def test_the_default_hypervisor_is_chosen_only_when_a_device_needs_it() -> None:
+    chosen: list[str] = []
+
+    def detect() -> str:
+        chosen.append("ringhv")
+        return "ringhv"
+
+    options = PluginOptions(_declared, detect)
+    assert parse_devices([], CLASSES, options) == [] and chosen == []
+    with pytest.raises(ConfigError, match="unknown device class"):
+        parse_devices(["disk:path=x"], CLASSES, options)
+    assert chosen == []
+    parse_devices(["rng:socket-mode=server", "rng:name=b,socket-mode=client"], CLASSES, options)
+    assert chosen == ["ringhv"] and options.serving() == "ringhv"

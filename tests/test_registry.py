@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pvcore.contract import CONTRACT_VERSION, DeviceClass, Detection, HostContext, PluginInfo
+from pvcore.contract import CONTRACT_VERSION, ContractError, DeviceClass, Detection, HostContext, OptionSpec, PluginInfo
 from pvcore.hookspecs import hookimpl
 from pvcore.registry import Registry
 
@@ -199,3 +199,29 @@ def test_duplicate_device_class_is_an_error() -> None:
     registry.register(make("two"), name="two")
     with pytest.raises(Exception, match="offered by both one and two"):
         registry.device_classes()
+
+
+def test_device_options_are_the_serving_plugins_and_must_be_option_specs() -> None:
+    def make(name: str, answer: object) -> object:
+        class Plugin:
+            @hookimpl
+            def pvcore_plugin_info(self) -> PluginInfo:
+                return PluginInfo(name=name, contract=CONTRACT_VERSION, hypervisor=name)
+
+            @hookimpl
+            def pvcore_device_options(self) -> object:
+                return answer
+
+        return Plugin()
+
+    registry = Registry()
+    registry.register(make("good", {"rng": {"speed": OptionSpec("how fast")}}), name="good")
+    registry.register(make("bare", None), name="bare")
+    registry.register(make("bad", {"rng": {"speed": "how fast"}}), name="bad")
+    assert registry.device_options("good") == {"rng": {"speed": OptionSpec("how fast")}}
+    assert registry.device_options("bare") == {}
+    with pytest.raises(ContractError, match=r"plugin bad: pvcore_device_options\['rng'\] must map option names to OptionSpec"):
+        registry.device_options("bad")
+    options = registry.plugin_options("bare")
+    assert options.for_device("rng") == ("bare", {})
+    assert options.for_device("rng", "good") == ("good", {"speed": OptionSpec("how fast")})

@@ -190,6 +190,7 @@ class KitSession:
         """A daemon serving one device of each of ``device_classes`` through the plugin, with a guest on each."""
         peer = self.require_peer()
         available = self.registry.device_classes()
+        declared = self.registry.plugin_options(self.hypervisor)
         switch = f"kit-{next(self._counter)}"
         configs, files = [], []
         for index, device_class in enumerate(device_classes):
@@ -197,7 +198,9 @@ class KitSession:
             name = f"kit{number}-{device_class}"
             options, image, mac = self._class_options(device_class, name, number, switch)
             options.update(peer.device_options(device_class, name))
-            configs.append(build_config(device_class, {"name": name, **options}, available, origin=name, index=index))
+            configs.append(build_config(
+                device_class, {"name": name, **options}, available, origin=name, index=index, options=declared
+            ))
             files.append((image, mac))
         daemon = Daemon(self.registry, self.hypervisor, configs, run_dir=self.context.directory / "run")
         self.context.loop.run(daemon.start())

@@ -17,7 +17,7 @@ What is KVM/QEMU specific, and nothing else:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from xml.etree import ElementTree
 
 from pvcore.contract import (
@@ -29,12 +29,14 @@ from pvcore.contract import (
     DeviceSlot,
     FrontDoor,
     HostContext,
+    OptionSpec,
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import EgdFrontDoor
 from pvcore_kvm.backend import VhostUserFrontDoor
+from pvcore_kvm.options import DEVICE_OPTIONS
 from pvcore_kvm.qemu import qemu_arguments
 
 log = logging.getLogger("pvcore.kvm")
@@ -42,8 +44,6 @@ log = logging.getLogger("pvcore.kvm")
 HYPERVISOR = "kvm"
 
 RING_CLASSES = ("block", "net", "rng")
-SOCKET_MODES = ("server", "client")
-RNG_PROTOCOLS = ("vhost-user", "egd")
 
 
 @hookimpl
@@ -134,23 +134,25 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
     socket_path = config.get("socket") or context.run_dir / f"{config.name}.sock"
     if config.device_class == "console":
         return ChardevFrontDoor(device.engine, socket_path)
-    if config.device_class == "rng":
-        protocol = config.get("protocol", "vhost-user")
-        if protocol not in RNG_PROTOCOLS:
-            raise ValueError(f"{config.name}: protocol={protocol}: kvm serves an rng over {' or '.join(RNG_PROTOCOLS)}")
-        if protocol == "egd":
-            return EgdFrontDoor(device.engine, socket_path)
+    if config.device_class == "rng" and config.get("protocol") == "egd":
+        if config.get("socket-mode") == "client":
+            raise ValueError(f"{config.name}: an rng over EGD is served listening (QEMU's rng-egd connects); drop socket-mode=client")
+        return EgdFrontDoor(device.engine, socket_path)
     if config.device_class not in RING_CLASSES or device.virtio is None:
         raise ValueError(
             f"{config.name}: kvm serves block, net and rng over vhost-user and console over a chardev "
             f"socket, not {config.device_class}"
         )
-    mode = config.get("socket-mode", "server")
-    if mode not in SOCKET_MODES:
-        raise ValueError(f"{config.name}: socket-mode={mode} must be server (QEMU connects) or client (QEMU listens)")
     return VhostUserFrontDoor(
-        device.virtio, socket_path, primitives=context.primitives, name=config.name, client=mode == "client"
+        device.virtio, socket_path, primitives=context.primitives, name=config.name,
+        client=config.get("socket-mode") == "client",
     )
+
+
+@hookimpl
+def pvcore_device_options() -> Mapping[str, Mapping[str, OptionSpec]]:
+    """socket-mode= (block, net, rng; a console only listens) and an rng's protocol= (see :mod:`pvcore_kvm.options`)."""
+    return DEVICE_OPTIONS
 
 
 @hookimpl

@@ -11,6 +11,7 @@ import attrs
 import pytest
 from pvcore_kvm.backend import VhostUserFrontDoor
 
+from pvcore.config import ConfigError, parse_devices
 from pvcore.contract import (
     CONTRACT_VERSION,
     DaemonContext,
@@ -23,6 +24,7 @@ from pvcore.contract import (
 )
 from pvcore.devices.console.stream import ConsoleStream
 from pvcore.ring.fdmemory import FdGuestMemory, sealed_memfd
+from pvcore.registry import default_registry
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
 
@@ -188,13 +190,35 @@ def test_front_doors(registry, tmp_path: Path):
         assert isinstance(door, ChardevFrontDoor) and door.socket_path == str(tmp_path / "con0.sock")
         with pytest.raises(ValueError, match="not gpu"):
             registry.call("kvm", "pvcore_front_door", device=FakeDevice(DeviceConfig("gpu", "g")), context=context)
-        with pytest.raises(ValueError, match="socket-mode"):
+        with pytest.raises(ValueError, match="EGD is served listening.*drop socket-mode=client"):
             registry.call(
                 "kvm", "pvcore_front_door",
-                device=FakeDevice(DeviceConfig("net", "n", {"socket-mode": "x"}), virtio=object()), context=context,
+                device=FakeDevice(DeviceConfig("rng", "r", {"protocol": "egd", "socket-mode": "client"})),
+                context=context,
             )
     finally:
         loop.close()
+
+
+def test_socket_mode_and_protocol_are_kvm_options_checked_at_parse_time():
+    installed = default_registry()
+    classes, options = installed.device_classes(), installed.plugin_options("kvm")
+    net, rng, console = parse_devices(
+        ["net:mac=52:54:00:00:00:01,socket-mode=client", "rng:protocol=egd", "console:socket-mode=server"],
+        classes, options,
+    )
+    assert net.get("socket-mode") == "client" and rng.get("protocol") == "egd" and console.get("socket-mode") == "server"
+    for spec, message in [
+        ("net:mac=52:54:00:00:00:01,socket-mode=listen", r"socket-mode=listen: expected server \(pvcore listens"),
+        ("console:socket-mode=client", "socket-mode=client: kvm serves a console only as the listening side"),
+        ("rng:protocol=virtio", r"protocol=virtio: expected vhost-user \(.*\) or egd"),
+        ("block:path=/d.img,protocol=egd", "block has no option 'protocol' when served by kvm; options: .*socket-mode"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_devices([spec], classes, options)
+    # the keys are kvm's: a device another plugin serves is refused them
+    with pytest.raises(ConfigError, match="net has no option 'socket-mode' when served by lpar"):
+        parse_devices(["net:mac=52:54:00:00:00:01,socket=/s,socket-mode=client,hypervisor=lpar"], classes, options)
 
 
 def test_entry_point_declared():

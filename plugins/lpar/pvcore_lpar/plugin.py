@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pvcore.contract import (
@@ -30,6 +30,7 @@ from pvcore.contract import (
     Detection,
     FrontDoor,
     HostContext,
+    OptionSpec,
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
@@ -66,6 +67,12 @@ def pvcore_plugin_info() -> PluginInfo:
         device_classes=set(SOCKET_HELP),
         description="PAPR partitions under QEMU pseries: spapr-vty, spapr-vlan, spapr-vscsi, spapr-rng",
     )
+
+
+@hookimpl
+def pvcore_device_options() -> Mapping[str, Mapping[str, OptionSpec]]:
+    """``socket=`` is required, and names what QEMU pseries reaches for each class (:data:`SOCKET_HELP`)."""
+    return {device_class: {"socket": OptionSpec(f"{text}; required", required=True)} for device_class, text in SOCKET_HELP.items()}
 
 
 @hookimpl

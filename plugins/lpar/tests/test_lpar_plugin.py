@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pvcore.testing.loopthread import LoopThread
 
-from pvcore.config import parse_devices
+from pvcore.config import ConfigError, parse_devices
 from pvcore.contract import DeviceConfig, HostContext
 from pvcore.daemon import Daemon
 from pvcore.registry import Registry
@@ -135,6 +135,14 @@ def test_front_door_refusals(registry: Registry, loop_thread: LoopThread, tmp_pa
     with pytest.raises(ValueError, match="console console0: socket= is required"):
         loop_thread.run(daemon.start())
     assert daemon.served == []
+
+
+def test_socket_is_required_at_parse_time_with_what_it_names(registry: Registry) -> None:
+    options = registry.plugin_options("lpar")
+    (config,) = parse_devices(["rng:socket=/run/p1-rng.fifo"], registry.device_classes(), options)
+    assert config.get("socket") == "/run/p1-rng.fifo"
+    with pytest.raises(ConfigError, match=r"rng needs socket= \(the FIFO QEMU's -object rng-random,filename=... reads"):
+        parse_devices(["rng:rate=1024/1s"], registry.device_classes(), options)
 
 
 def test_other_hypervisors_get_no_door(registry: Registry) -> None:

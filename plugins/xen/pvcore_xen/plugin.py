@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pvcore.contract import (
@@ -34,6 +35,7 @@ from pvcore.contract import (
     DeviceSlot,
     FrontDoor,
     HostContext,
+    OptionSpec,
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
@@ -51,6 +53,12 @@ MAX_DOMID = 0x7FEF
 """DOMID_FIRST_RESERVED - 1: the largest id of a real domain."""
 
 
+DOMAIN_FIX = (
+    "on xen, write the guest's domain id and the device id, e.g. domain=3/0 "
+    "(xl domid NAME; the device id is the <devid> of backend/virtio/<domid>/<devid> in xenstore)"
+)
+
+
 def parse_domain(text: str) -> tuple[int, int]:
     """``DOMID`` or ``DOMID/DEVID`` (the ``domain=`` option) as (domid, devid); devid defaults to 0."""
     domid_text, _, devid_text = str(text).partition("/")
@@ -59,11 +67,25 @@ def parse_domain(text: str) -> tuple[int, int]:
     except ValueError:
         domid = devid = -1
     if not 1 <= domid <= MAX_DOMID or not 0 <= devid <= 0xFFFFFFFF:
-        raise ValueError(
-            f"domain={text!r}: on xen, write the guest's domain id and the device id, e.g. domain=3/0 "
-            "(xl domid NAME; the device id is the <devid> of backend/virtio/<domid>/<devid> in xenstore)"
-        )
+        raise ValueError(f"domain={text!r}: {DOMAIN_FIX}")
     return domid, devid
+
+
+def parse_domain_option(text: str) -> str:
+    """The ``domain=`` option of a device xen serves: ``text`` once :func:`parse_domain` accepts it."""
+    try:
+        parse_domain(text)
+    except ValueError:
+        raise ValueError(DOMAIN_FIX) from None
+    return text
+
+
+DOMAIN_OPTION = OptionSpec(
+    "DOMID/DEVID: the guest's domain id and the xenstore device id (see pvcore probe), e.g. 3/0",
+    parse=parse_domain_option,
+    required=True,
+)
+"""xen's ``domain=``: required, and a domain id with a device id instead of a guest name."""
 
 
 class XenPlugin:
@@ -95,6 +117,11 @@ class XenPlugin:
             device_classes={"block", "net", "rng", "console"},
             description="Xen: xenstore probe, event channels, grant-mapped virtio and the PV console",
         )
+
+    @hookimpl
+    def pvcore_device_options(self) -> Mapping[str, Mapping[str, OptionSpec]]:
+        """``domain=DOMID/DEVID`` for every class: which xenstore device a pvcore device serves."""
+        return {device_class: {"domain": DOMAIN_OPTION} for device_class in ("block", "net", "rng", "console")}
 
     @hookimpl
     def pvcore_detect(self, host: HostContext) -> Detection | None:
@@ -216,6 +243,7 @@ default_plugin = XenPlugin(backend_domid=backend_domid_from_environment())
 
 pvcore_plugin_info = default_plugin.pvcore_plugin_info
 pvcore_detect = default_plugin.pvcore_detect
+pvcore_device_options = default_plugin.pvcore_device_options
 pvcore_probe = default_plugin.pvcore_probe
 pvcore_map_memory = default_plugin.pvcore_map_memory
 pvcore_open_notifier = default_plugin.pvcore_open_notifier

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from pvcore.config import ConfigError, parse_devices
 from pvcore.contract import HostContext
+from pvcore.devices import classes
 from pvcore.registry import Registry
 from pvcore_xen import plugin
 
@@ -48,3 +52,17 @@ def test_no_xen_here(tmp_path):
     (tmp_path / "sys/hypervisor").mkdir(parents=True)
     (tmp_path / "sys/hypervisor/type").write_text("kvm\n")
     assert plugin.pvcore_detect(HostContext(root=tmp_path, environ={})) is None
+
+
+def test_domain_is_a_domid_and_devid_checked_at_parse_time():
+    registry = Registry()
+    for name in ("block", "rng"):
+        registry.register(getattr(classes, name), name=name)
+    registry.register(plugin, name="xen")
+    options = registry.plugin_options("xen")
+    (config,) = parse_devices(["rng:domain=3/2"], registry.device_classes(), options)
+    assert config.get("domain") == "3/2"
+    with pytest.raises(ConfigError, match=r"domain=vm3: on xen, write the guest's domain id and the device id, e.g. domain=3/0"):
+        parse_devices(["rng:domain=vm3"], registry.device_classes(), options)
+    with pytest.raises(ConfigError, match=r"rng needs domain= \(DOMID/DEVID"):
+        parse_devices(["rng:rate=1024/1s"], registry.device_classes(), options)
