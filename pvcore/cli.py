@@ -36,9 +36,10 @@ from pvcore.virtio import DeviceError
 LIBVIRT_EPILOG = """\
 DEVICE is the syntax of `pvcore serve`; socket= is optional here (default
 RUN_DIR/NAME.sock), name= defaults to DOMAIN-CLASSn, and relative paths are made
-absolute. Under libvirt: block is a <disk type='vhostuser'>, net an
+absolute. The hypervisor plugin writes each device's libvirt element and says
+what the domain lacks. kvm: block is a <disk type='vhostuser'>, net an
 <interface type='vhostuser'>, console a <console type='unix'> (virtio), rng an
-<rng> with an EGD backend. vhost-user devices need the domain's RAM shared.
+<rng> with an EGD backend; vhost-user devices need the domain's RAM shared.
 
 example:
   pvcore deploy --connect qemu:///system vm1 block:path=/srv/vm1.img rng:rate=4096/1s
@@ -181,6 +182,7 @@ def add_libvirt_commands(commands: Any) -> None:
 
     undeploy = commands.add_parser("undeploy", help="remove every device pvcore deployed from a libvirt domain")
     undeploy.add_argument("--connect", **connect)
+    undeploy.add_argument("--hypervisor", metavar="NAME", help="plugin whose elements to remove (default: detected from the connection)")
     undeploy.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="how long to wait for the sockets to go")
     undeploy.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
 
@@ -228,7 +230,9 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
             else:
                 from pvcore.libvirt.deploy import undeploy
 
-                lines = list(undeploy(conn, registry, args.connect, args.domain, timeout=args.timeout).lines)
+                lines = list(
+                    undeploy(conn, registry, args.connect, args.domain, hypervisor=args.hypervisor, timeout=args.timeout).lines
+                )
         finally:
             conn.close()
     print("\n".join(lines))

@@ -1,16 +1,19 @@
 """pvcore's libvirt layer against libvirt's test driver (test:///default, no daemon needed).
 
 The test driver parses and validates domain XML with libvirt's own parser,
-keeps metadata, and emits lifecycle and metadata events, so the device XML,
-the metadata record, the shared-memory check, deploy/undeploy and the host
-daemon's lifecycle following are all checked here. The hypervisor plugin is a
-third party's (this file's ``ThirdPartyPlugin``), chosen by the detect hook
-because it answers for the test driver: no core change makes that work.
+keeps metadata, and emits lifecycle and metadata events, so the metadata
+record, deploy/undeploy, probe and the host daemon's lifecycle following are
+all checked here. The hypervisor plugin is a third party's (this file's
+``ThirdPartyPlugin``), chosen by the detect hook because it answers for the
+test driver, and it writes its own device XML (``ThirdPartyXml``: NBD disks
+and virtio channels, nothing of kvm's): no core change makes that work. The
+kvm plugin's XML is checked in plugins/kvm/tests/test_kvm_libvirt.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -19,23 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
+import attrs
 import libvirt
 import pytest
 
 from pvcore.config import parse_devices, split_spec
-from pvcore.contract import CONTRACT_VERSION, Detection, HostContext, PluginInfo
+from pvcore.contract import CONTRACT_VERSION, Detection, DeviceConfig, DeviceSlot, HostContext, LibvirtXml, PluginInfo
 from pvcore.devices import classes
 from pvcore.hookspecs import hookimpl
 from pvcore.libvirt import LibvirtError
 from pvcore.libvirt.connection import choose_hypervisor
 from pvcore.libvirt.deploy import deploy, undeploy
-from pvcore.libvirt.devicexml import (
-    SHARED_MEMORY_XML,
-    device_element,
-    element_socket,
-    next_disk_targets,
-    served_config,
-)
+from pvcore.libvirt.devicexml import free_disk_target, next_disk_targets
 from pvcore.libvirt.follower import HostDaemon
 from pvcore.libvirt.metadata import (
     NAMESPACE,
@@ -73,12 +71,64 @@ class ThirdPartyFrontDoor:
         self._log.append(f"stop {self._name}")
 
 
+CHANNEL = "org.testvirt."
+REFUSED = "no testvirt devices"
+
+
+class ThirdPartyXml:
+    """testvirt's libvirt device XML: a block device is an NBD disk on the device's socket, a console or an
+    rng a virtio channel named org.testvirt.CLASS.NAME; a domain described as "no testvirt devices" refuses them."""
+
+    def element(self, config: DeviceConfig, domain: ElementTree.Element) -> ElementTree.Element:
+        socket = str(config.get("socket"))
+        if config.device_class == "block":
+            disk = ElementTree.Element("disk", type="network", device="disk")
+            source = ElementTree.SubElement(disk, "source", protocol="nbd", name=config.name)
+            ElementTree.SubElement(source, "host", transport="unix", socket=socket)
+            ElementTree.SubElement(disk, "target", dev=free_disk_target(domain), bus="virtio")
+            return disk
+        if config.device_class in ("console", "rng"):
+            channel = ElementTree.Element("channel", type="unix")
+            ElementTree.SubElement(channel, "source", mode="connect", path=socket)
+            ElementTree.SubElement(channel, "target", type="virtio", name=f"{CHANNEL}{config.device_class}.{config.name}")
+            return channel
+        raise ValueError(f"{config.name}: testvirt has no libvirt element for {config.device_class}")
+
+    def served(self, config: DeviceConfig) -> DeviceConfig:
+        protocol = "nbd" if config.device_class == "block" else "channel"
+        return attrs.evolve(config, options={**config.options, "protocol": protocol})
+
+    def _read(self, element: ElementTree.Element) -> tuple[str, str] | None:
+        if element.tag == "disk" and element.get("type") == "network":
+            host = element.find("source[@protocol='nbd']/host[@transport='unix']")
+            return ("block", host.get("socket", "")) if host is not None else None
+        target, source = element.find("target"), element.find("source")
+        name = target.get("name", "") if target is not None else ""
+        if element.tag == "channel" and name.startswith(CHANNEL) and source is not None:
+            return name[len(CHANNEL):].split(".")[0], source.get("path", "")
+        return None
+
+    def socket(self, element: ElementTree.Element) -> str | None:
+        found = self._read(element)
+        return found[1] if found else None
+
+    def slots(self, domain_name: str, domain: ElementTree.Element) -> list[DeviceSlot]:
+        found = [self._read(element) for element in domain.iterfind("devices/*")]
+        return [DeviceSlot("testvirt", kind, path, domain_name, {"socket": path}) for kind, path in filter(None, found)]
+
+    def check(self, domain_name: str, domain: ElementTree.Element, configs) -> list[str]:
+        if domain.findtext("description") != REFUSED or not configs:
+            return []
+        return [f"domain {domain_name} says {REFUSED!r}: change its <description> (virsh desc {domain_name} '')"]
+
+
 class ThirdPartyPlugin:
-    """A third party's hypervisor plugin that answers for libvirt's test driver."""
+    """A third party's hypervisor plugin that answers for libvirt's test driver, with its own device XML."""
 
     def __init__(self) -> None:
         self.doors: list[str] = []
         self.protocols: dict[str, str | None] = {}
+        self.xml = ThirdPartyXml()
 
     @hookimpl
     def pvcore_plugin_info(self) -> PluginInfo:
@@ -89,6 +139,10 @@ class ThirdPartyPlugin:
         if host.libvirt is not None and host.libvirt.getType() == "TEST":
             return Detection("testvirt", 95, "libvirt connection type is TEST")
         return None
+
+    @hookimpl
+    def pvcore_libvirt_xml(self) -> ThirdPartyXml:
+        return self.xml
 
     @hookimpl
     def pvcore_front_door(self, device, context) -> ThirdPartyFrontDoor:
@@ -136,46 +190,21 @@ def domain_name(conn) -> Iterator[str]:
         domain.undefine()
 
 
-def configs_for(tmp_path: Path, registry: Registry, domain: str):
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(1 << 20))
-    specs = [
-        f"block:path={disk},socket={tmp_path}/b.sock,queues=2,name={domain}-b",
-        f"net:mac=52:54:00:12:34:56,socket={tmp_path}/n.sock,name={domain}-n",
-        f"console:socket={tmp_path}/c.sock,name={domain}-c",
-        f"rng:rate=4096/1s,socket={tmp_path}/r.sock,name={domain}-r",
-    ]
-    return specs, parse_devices(specs, registry.device_classes())
-
-
-def test_device_xml_of_each_class_is_accepted_by_libvirt(conn, registry, domain_name, tmp_path) -> None:
-    _, configs = configs_for(tmp_path, registry[0], domain_name)
-    elements = [device_element(c, target_dev="vdb") for c in configs]
-    devices = "".join(ElementTree.tostring(e, encoding="unicode") for e in elements)
-    domain = conn.defineXML(domain_xml(domain_name, devices=devices))
-    root = ElementTree.fromstring(domain.XMLDesc(0))
-    disk = root.find("devices/disk[@type='vhostuser']")
-    assert disk is not None and element_socket(disk) == f"{tmp_path}/b.sock"
-    assert disk.find("target").attrib == {"dev": "vdb", "bus": "virtio"}
-    assert disk.find("driver").get("queues") == "2"
-    assert disk.find("source/reconnect").attrib == {"enabled": "yes", "timeout": "1"}
-    interface = root.find("devices/interface[@type='vhostuser']")
-    assert interface.find("mac").get("address") == "52:54:00:12:34:56"
-    assert interface.find("source").get("mode") == "client"
-    assert element_socket(interface) == f"{tmp_path}/n.sock"
-    console = root.find("devices/console[@type='unix']")
-    assert console.find("target").get("type") == "virtio"
-    assert console.find("source").get("mode") == "connect" and element_socket(console) == f"{tmp_path}/c.sock"
-    rng = root.find("devices/rng")
-    assert rng.find("backend").attrib == {"model": "egd", "type": "unix"}
-    assert element_socket(rng) == f"{tmp_path}/r.sock"
-    assert rng.find("backend/source/reconnect") is not None
-
-
-def test_rng_is_served_over_egd_and_others_keep_their_protocol(registry, tmp_path) -> None:
-    _, configs = configs_for(tmp_path, registry[0], "vm")
-    protocols = {c.device_class: served_config(c).get("protocol") for c in configs}
-    assert protocols == {"block": None, "net": None, "console": None, "rng": "egd"}
+def test_third_party_xml_is_a_libvirt_xml_and_the_test_driver_accepts_it(conn, registry, domain_name, tmp_path) -> None:
+    reg, plugin = registry
+    (tmp_path / "d.img").write_bytes(bytes(4096))
+    assert isinstance(plugin.xml, LibvirtXml)
+    assert reg.call("testvirt", "pvcore_libvirt_xml") is plugin.xml
+    configs = parse_devices(
+        [f"block:path={tmp_path}/d.img,socket={tmp_path}/b.sock,name=b", f"rng:socket={tmp_path}/r.sock,name=r"],
+        reg.device_classes(),
+    )
+    scratch = ElementTree.fromstring(domain_xml(domain_name, devices="<disk type='file'><target dev='vda'/></disk>"))
+    devices = "".join(ElementTree.tostring(plugin.xml.element(c, scratch), encoding="unicode") for c in configs)
+    root = ElementTree.fromstring(conn.defineXML(domain_xml(domain_name, devices=devices)).XMLDesc(0))
+    assert [slot.device_class for slot in plugin.xml.slots(domain_name, root)] == ["block", "rng"]
+    assert root.find("devices/disk[@type='network']/target").get("dev") == "vdb"
+    assert plugin.xml.socket(root.find("devices/channel")) == f"{tmp_path}/r.sock"
 
 
 def test_metadata_round_trips_persistent_and_live(conn, domain_name) -> None:
@@ -212,21 +241,54 @@ def test_next_disk_targets_skip_used_names() -> None:
     assert next_disk_targets(used, 2) == ["vdaa", "vdab"]
 
 
-def test_shared_memory_check_refuses_and_explains(conn, registry, domain_name, tmp_path) -> None:
+def test_the_plugins_check_refuses_and_explains(conn, registry, domain_name, tmp_path) -> None:
     reg, _ = registry
-    conn.defineXML(domain_xml(domain_name, shared=False))
-    disk = tmp_path / "d.img"
-    disk.write_bytes(bytes(4096))
+    root = ElementTree.fromstring(domain_xml(domain_name, shared=False))
+    ElementTree.SubElement(root, "description").text = REFUSED
+    conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
     with pytest.raises(LibvirtError) as refused:
-        deploy(conn, reg, URI, domain_name, [f"block:path={disk}"], run_dir=tmp_path)
-    message = str(refused.value)
-    assert f"domain {domain_name} has no shared memory" in message
-    assert f"block {domain_name}-block0" in message
-    assert f"virsh edit {domain_name}" in message
-    assert SHARED_MEMORY_XML in message
+        deploy(conn, reg, URI, domain_name, ["rng:rate=1/1s"], run_dir=tmp_path)
+    assert str(refused.value) == f"domain {domain_name} says {REFUSED!r}: change its <description> (virsh desc {domain_name} '')"
     domain = conn.lookupByName(domain_name)
     assert read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) == []
-    assert ElementTree.fromstring(domain.XMLDesc(0)).find("devices/disk") is None
+    assert ElementTree.fromstring(domain.XMLDesc(0)).find("devices/channel") is None
+    root = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    root.remove(root.find("description"))  # now the check passes and the element is refused instead
+    conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
+    with pytest.raises(LibvirtError, match="^net-x: testvirt has no libvirt element for net$"):
+        deploy(conn, reg, URI, domain_name, ["net:mac=52:54:00:00:00:01,name=net-x"], run_dir=tmp_path)
+
+
+def test_a_plugin_without_libvirt_xml_cannot_deploy(conn, registry, domain_name, tmp_path) -> None:
+    import pvcore_lpar.plugin
+
+    reg, _ = registry
+    reg.register(pvcore_lpar.plugin, name="lpar")
+    conn.defineXML(domain_xml(domain_name))
+    with pytest.raises(LibvirtError, match="^plugin lpar cannot write libvirt device XML "):
+        deploy(conn, reg, URI, domain_name, ["rng:rate=1/1s"], run_dir=tmp_path, hypervisor="lpar")
+    assert read_specs(conn.lookupByName(domain_name), libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) == []
+
+
+def test_probe_lists_what_the_plugins_xml_could_serve(conn, registry, domain_name, tmp_path) -> None:
+    reg, plugin = registry
+    (tmp_path / "d.img").write_bytes(bytes(4096))
+    configs = parse_devices(
+        [f"block:path={tmp_path}/d.img,socket={tmp_path}/b.sock,name=b", f"console:socket={tmp_path}/c.sock,name=c",
+         f"rng:socket={tmp_path}/r.sock,name=r"],
+        reg.device_classes(),
+    )
+    scratch = ElementTree.fromstring(domain_xml(domain_name))
+    devices = "".join(ElementTree.tostring(plugin.xml.element(c, scratch), encoding="unicode") for c in configs)
+    conn.defineXML(domain_xml(domain_name, devices=devices))
+    lines = probe(conn, reg, URI, run_dir=tmp_path)
+    at = lines.index(f"domain {domain_name}: shut off, shared memory: yes")
+    assert lines[at + 1 : at + 5] == [
+        "  could serve (not deployed by pvcore):",
+        f"    block at {tmp_path}/b.sock",
+        f"    console at {tmp_path}/c.sock",
+        f"    rng at {tmp_path}/r.sock",
+    ]
 
 
 def test_detect_chooses_the_plugin_that_answers_for_the_driver(conn, registry) -> None:
@@ -260,10 +322,20 @@ def test_deploy_and_host_daemon_follow_the_domain_lifecycle(conn, registry, doma
         rng_socket = run_dir / f"{domain_name}-rng0.sock"
         assert block_socket.is_socket() and rng_socket.is_socket()
         assert report.lines[0] == f"domain {domain_name} (shut off; plugin testvirt): deploying 2 device(s)"
-        assert f"  block {domain_name}-block0: <disk vhostuser> vda, socket {block_socket}" in report.lines
+        assert f"  block {domain_name}-block0: <disk network> vda, socket {block_socket}" in report.lines
+        assert f"  rng {domain_name}-rng0: <channel unix>, socket {rng_socket}" in report.lines
         assert any(line.startswith("  served by: the host daemon (pid ") for line in report.lines)
-        assert plugin.protocols == {f"{domain_name}-block0": None, f"{domain_name}-rng0": "egd"}
+        # the host daemon serves each device as the plugin's XML needs it (its served())
+        assert plugin.protocols == {f"{domain_name}-block0": "nbd", f"{domain_name}-rng0": "channel"}
         domain = conn.lookupByName(domain_name)
+        # what lands in the definition is testvirt's XML, and nothing of kvm's
+        root = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        disk_host = root.find("devices/disk[@type='network']/source[@protocol='nbd']/host")
+        assert disk_host.attrib == {"transport": "unix", "socket": str(block_socket)}
+        assert root.find("devices/disk[@type='network']/target").get("dev") == "vda"
+        channel = root.find(f"devices/channel/target[@name='{CHANNEL}rng.{domain_name}-rng0']/..")
+        assert channel.get("type") == "unix" and channel.find("source").get("path") == str(rng_socket)
+        assert root.find("devices/disk[@type='vhostuser']") is None and root.find("devices/rng") is None
         specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt)
         assert specs == [
             f"block:path={disk},name={domain_name}-block0,socket={block_socket},domain={domain_name}",
@@ -278,11 +350,20 @@ def test_deploy_and_host_daemon_follow_the_domain_lifecycle(conn, registry, doma
         lines = probe(conn, reg, URI, run_dir=run_dir)
         assert f"domain {domain_name}: shut off, shared memory: yes" in lines
         assert f"    block {domain_name}-block0 socket {block_socket}: backend socket present" in lines
+        assert f"    rng {domain_name}-rng0 socket {rng_socket}: backend socket present" in lines
+        at = lines.index(f"domain {domain_name}: shut off, shared memory: yes")
+        assert lines[at + 1 : at + 4] == [
+            f"  pvcore devices (served by host daemon (pid {os.getpid()})):",
+            f"    block {domain_name}-block0 socket {block_socket}: backend socket present",
+            f"    rng {domain_name}-rng0 socket {rng_socket}: backend socket present",
+        ]
+        assert not lines[at + 4 :] or lines[at + 4].startswith("domain ")  # nothing else: no problem, no "could serve"
         report = undeploy(conn, reg, URI, domain_name)
         assert not block_socket.exists() and not rng_socket.exists()
         assert report.lines[-1] == "  backends: released, sockets removed"
         root = ElementTree.fromstring(conn.lookupByName(domain_name).XMLDesc(0))
         assert root.find("devices/disk") is None and root.find("devices/rng") is None
+        assert root.find("devices/channel") is None
         assert root.find(f"metadata/{{{NAMESPACE}}}devices") is None
         deploy(conn, reg, URI, domain_name, [f"block:path={disk}"], run_dir=run_dir)
         assert block_socket.is_socket()
@@ -400,3 +481,10 @@ def test_deploy_refuses_a_socket_outside_the_run_directory_at_once(tmp_path: Pat
     with pytest.raises(LibvirtError, match="is not inside the run directory"):
         complete_specs([f"block:path={image},socket=/tmp/elsewhere.sock"], "vm", [], run_dir=run_dir, local=True,
                        registry=registry)
+
+
+def test_cli_deploy_through_a_plugin_without_libvirt_xml_names_it() -> None:
+    done = pvcore("deploy", "--connect", URI, "--hypervisor", "lpar", "test", "rng:rate=1/1s")
+    assert done.returncode == 2
+    assert done.stderr.startswith("pvcore: error: plugin lpar cannot write libvirt device XML ")
+    assert "\n" not in done.stderr.strip()

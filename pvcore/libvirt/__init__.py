@@ -5,8 +5,10 @@ One concept per module:
 * :mod:`pvcore.libvirt.connection` — opening a connection (qemu:///system,
   qemu+ssh://host/system, test:///default...) and choosing the hypervisor
   plugin through the detect hook;
-* :mod:`pvcore.libvirt.devicexml` — the domain XML of each device class, the
-  shared-memory check, finding pvcore's devices in a definition;
+* :mod:`pvcore.libvirt.devicexml` — the plugin's device XML (its
+  ``pvcore_libvirt_xml``: writing, reading back, checking a definition) and
+  what is the same for every hypervisor: placing and finding elements, disk
+  target names;
 * :mod:`pvcore.libvirt.metadata` — the ``<metadata>`` element that records
   the devices pvcore owns (their DEVICE specs);
 * :mod:`pvcore.libvirt.deploy` — ``pvcore deploy`` / ``pvcore undeploy``;

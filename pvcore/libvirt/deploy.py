@@ -2,7 +2,8 @@
 
 Deploy completes each DEVICE spec (``name`` defaults to ``DOMAIN-CLASSn``,
 ``socket`` to ``RUN_DIR/NAME.sock``, ``domain`` is the domain, relative paths
-become absolute), checks the domain's shared memory, and then:
+become absolute), has the hypervisor plugin check the definition (kvm: shared
+memory) and write each device's element (its ``pvcore_libvirt_xml``), and then:
 
 1. rewrites the persistent definition in one ``defineXML`` (what ``virsh
    edit`` does): the device elements and pvcore's metadata change together;
@@ -18,12 +19,14 @@ devices and the host's ``pvcore daemon`` serves them; a running domain gets
 them at its next start (attaching live before the remote backend listens
 would leave QEMU waiting for it).
 
-Undeploy detaches pvcore's devices (live and persistent), removes the
-metadata, and (locally) waits until their sockets are gone.
+Undeploy detaches pvcore's devices (the elements the plugin reads back as
+connecting to their sockets; live and persistent), removes the metadata, and
+(locally) waits until their sockets are gone.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -37,7 +40,7 @@ from xml.etree import ElementTree
 import attrs
 
 from pvcore.config import ConfigError, check_unique, parse_devices, split_spec
-from pvcore.contract import DeviceConfig
+from pvcore.contract import DeviceConfig, LibvirtXml
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import (
     choose_hypervisor,
@@ -45,16 +48,7 @@ from pvcore.libvirt.connection import (
     is_local_uri,
     lookup_domain,
 )
-from pvcore.libvirt.devicexml import (
-    check_shared_memory,
-    device_element,
-    disk_targets,
-    element_socket,
-    elements_by_socket,
-    insert_devices,
-    next_disk_targets,
-    remove_devices,
-)
+from pvcore.libvirt.devicexml import elements_by_socket, insert_devices, remove_devices, require_xml
 from pvcore.libvirt.follower import check_metadata_paths
 from pvcore.libvirt.metadata import (
     format_spec,
@@ -72,19 +66,19 @@ SOCKET_WAIT_SECONDS = 30.0
 
 @attrs.frozen
 class DeployedDevice:
-    """One device deploy added: its parsed config, complete spec and domain element."""
+    """One device deploy added: its parsed config, complete spec, and the domain element the plugin wrote."""
 
     config: DeviceConfig
     spec: str
     element: ElementTree.Element
 
     def describe(self) -> str:
-        """``block vm1-block0: <disk type='vhostuser'> vda, socket /run/pvcore/vm1-block0.sock``."""
-        return f"{self.config.device_class} {self.config.name}: {describe_element(self.element)}"
+        """``block vm1-block0: <disk TYPE> vda, socket /run/pvcore/vm1-block0.sock``."""
+        return f"{self.config.device_class} {self.config.name}: {describe_element(self.element, self.config.get('socket'))}"
 
 
-def describe_element(element: ElementTree.Element) -> str:
-    """A device element in a few words: its tag and type, target and socket."""
+def describe_element(element: ElementTree.Element, socket: str | None) -> str:
+    """A device element in a few words: its tag and type, target and ``socket``."""
     kind = element.get("type") or element.get("model") or ""
     text = f"<{element.tag}{f' {kind}' if kind else ''}>"
     target = element.find("target")
@@ -93,7 +87,7 @@ def describe_element(element: ElementTree.Element) -> str:
     mac = element.find("mac")
     if mac is not None:
         text += f" {mac.get('address')}"
-    return f"{text}, socket {element_socket(element)}"
+    return f"{text}, socket {socket}"
 
 
 def _definition(domain: Any, flags: int) -> ElementTree.Element:
@@ -208,6 +202,7 @@ def deploy(
     if not texts:
         raise LibvirtError("no devices given: pvcore deploy --connect URI DOMAIN CLASS:key=value,... (see --help)")
     plugin = choose_hypervisor(registry, conn, uri, hypervisor)
+    xml = require_xml(registry, plugin)
     domain = lookup_domain(conn, domain_name)
     name, uuid = domain.name(), domain.UUIDString()
     active, persistent, local = bool(domain.isActive()), bool(domain.isPersistent()), is_local_uri(uri)
@@ -220,14 +215,10 @@ def deploy(
     completed = complete_specs(texts, name, existing, run_dir=run_dir, local=local, registry=registry)
     configs = [config for _, config in completed]
     for root in (config_root, live_root):
-        if root is not None:
-            check_shared_memory(name, root, configs)
-    used = set().union(*(disk_targets(r) for r in (config_root, live_root) if r is not None))
-    targets = iter(next_disk_targets(used, sum(c.device_class == "block" for c in configs)))
-    devices = [
-        DeployedDevice(config, spec, device_element(config, target_dev=next(targets) if config.device_class == "block" else "vda"))
-        for spec, config in completed
-    ]
+        problems = xml.check(name, root, configs) if root is not None else []
+        if problems:
+            raise LibvirtError("\n".join(problems))
+    devices = _write_elements(xml, completed, [r for r in (config_root, live_root) if r is not None])
     new_specs = [device.spec for device in devices]
     lines = [f"domain {name} ({'running' if active else 'shut off'}; plugin {plugin}): deploying {len(devices)} device(s)"]
     lines += [f"  {device.describe()}" for device in devices]
@@ -254,6 +245,24 @@ def deploy(
     return DeployReport(tuple(lines))
 
 
+def _write_elements(
+    xml: LibvirtXml, completed: Sequence[tuple[str, DeviceConfig]], roots: Sequence[ElementTree.Element]
+) -> list[DeployedDevice]:
+    """The plugin's element for each device; each sees the definitions' devices and the elements written before it."""
+    scratch = copy.deepcopy(roots[0]) if roots else ElementTree.Element("domain")
+    for other in roots[1:]:
+        insert_devices(scratch, [copy.deepcopy(child) for child in other.iterfind("devices/*")])
+    devices = []
+    for spec, config in completed:
+        try:
+            element = xml.element(config, scratch)
+        except ValueError as exc:
+            raise LibvirtError(str(exc)) from None
+        insert_devices(scratch, [copy.deepcopy(element)])
+        devices.append(DeployedDevice(config, spec, element))
+    return devices
+
+
 def _attach_live(domain: Any, devices: Sequence[DeployedDevice], live_specs: Sequence[str], libvirt: Any) -> str:
     attached: list[DeployedDevice] = []
     for device in devices:
@@ -270,7 +279,15 @@ def _attach_live(domain: Any, devices: Sequence[DeployedDevice], live_specs: Seq
     return "attached"
 
 
-def undeploy(conn: Any, registry: Registry, uri: str, domain_name: str, *, timeout: float = SOCKET_WAIT_SECONDS) -> DeployReport:
+def undeploy(
+    conn: Any,
+    registry: Registry,
+    uri: str,
+    domain_name: str,
+    *,
+    hypervisor: str | None = None,
+    timeout: float = SOCKET_WAIT_SECONDS,
+) -> DeployReport:
     """Detach every device pvcore owns from the domain, remove the metadata, see the sockets go."""
     libvirt = import_libvirt()
     domain = lookup_domain(conn, domain_name)
@@ -281,20 +298,21 @@ def undeploy(conn: Any, registry: Registry, uri: str, domain_name: str, *, timeo
     specs = list(dict.fromkeys([*live_specs, *config_specs]))
     if not specs:
         return DeployReport((f"domain {name}: pvcore owns no devices there; nothing to do",))
+    xml = require_xml(registry, choose_hypervisor(registry, conn, uri, hypervisor))
     sockets = [str(config.get("socket")) for config in _existing_configs(specs, registry, name)]
     lines = [f"domain {name}: undeploying {len(specs)} device(s)"]
     if active:
         problems = []
-        for element in elements_by_socket(_definition(domain, 0), sockets):
+        for element in elements_by_socket(_definition(domain, 0), sockets, xml.socket):
             try:
                 domain.detachDeviceFlags(ElementTree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
-                problems.append(f"{describe_element(element)}: {exc.get_error_message()}")
+                problems.append(f"{describe_element(element, xml.socket(element))}: {exc.get_error_message()}")
         write_live_specs(domain, [], libvirt)
         lines.append(f"  live: detach requested{'; ' + '; '.join(problems) if problems else ''}")
     if persistent:
         root = _definition(domain, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        remove_devices(root, elements_by_socket(root, sockets))
+        remove_devices(root, elements_by_socket(root, sockets, xml.socket))
         set_in_definition(root, [])
         conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
         lines.append("  persistent definition: devices and metadata removed")

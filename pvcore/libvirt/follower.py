@@ -48,11 +48,11 @@ from typing import Any
 import attrs
 
 from pvcore.config import ConfigError, parse_devices
-from pvcore.contract import ContractError, DeviceConfig
+from pvcore.contract import ContractError, DeviceConfig, LibvirtXml
 from pvcore.daemon import Daemon, DaemonError
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
-from pvcore.libvirt.devicexml import served_config
+from pvcore.libvirt.devicexml import plugin_xml
 from pvcore.libvirt.metadata import NAMESPACE, read_specs
 from pvcore.registry import Registry
 from pvcore.virtio import DeviceError
@@ -149,6 +149,7 @@ class HostDaemon:
         self.run_dir = run_dir
         self.requested_hypervisor = hypervisor
         self.hypervisor = ""
+        self.xml: LibvirtXml | None = None
         self.only_domain = only_domain
         self.served: dict[str, ServedDomain] = {}
         self._libvirt = import_libvirt()
@@ -222,6 +223,12 @@ class HostDaemon:
         self._conn = await asyncio.to_thread(open_connection, self.uri)
         libvirt = self._libvirt
         self.hypervisor = choose_hypervisor(self.registry, self._conn, self.uri, self.requested_hypervisor)
+        self.xml = plugin_xml(self.registry, self.hypervisor)
+        if self.xml is None:
+            log.warning(
+                "plugin %s has no libvirt device XML (pvcore_libvirt_xml): its devices are served as their specs say",
+                self.registry.serving(self.hypervisor).name,
+            )
         if not is_local_uri(self.uri):
             self._conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
         self._callbacks = [
@@ -389,7 +396,8 @@ class HostDaemon:
             configs = parse_devices([spec], self.registry.device_classes())
             for config in configs:
                 check_metadata_paths(config, self.run_dir)
-            daemon = Daemon(self.registry, self.hypervisor, [served_config(c) for c in configs], run_dir=self.run_dir)
+            as_served = [self.xml.served(c) for c in configs] if self.xml is not None else configs
+            daemon = Daemon(self.registry, self.hypervisor, as_served, run_dir=self.run_dir)
             await daemon.start()
         except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:
             log.error("domain %s: device %s not served: %s", served.name, spec, exc)

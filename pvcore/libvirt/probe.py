@@ -2,9 +2,11 @@
 
 For the connection: the libvirt driver and every plugin's detection (the
 first one serves). For each domain: its state, whether its RAM is shared,
-the devices pvcore owns (from metadata) with what is wrong with each, and
-the devices the plugin's probe hook found that pvcore could serve but does
-not own.
+the devices pvcore owns (from metadata) with what is wrong with each (its
+element missing, or what the plugin's check says the definition lacks), and
+the devices pvcore could serve but does not own. The serving plugin's
+libvirt XML (``pvcore_libvirt_xml``) reads the elements back; a plugin
+without one is asked through its probe hook instead.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from pvcore.contract import DeviceConfig, DeviceSlot, HostContext
+from pvcore.contract import DeviceConfig, DeviceSlot, HostContext, LibvirtXml
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import detections, driver_type, import_libvirt, is_local_uri
-from pvcore.libvirt.devicexml import VHOST_USER_CLASSES, elements_by_socket, has_shared_memory
+from pvcore.libvirt.devicexml import elements_by_socket, has_shared_memory, plugin_xml
 from pvcore.libvirt.metadata import read_specs
 from pvcore.config import parse_devices
 from pvcore.registry import Registry
@@ -47,17 +49,24 @@ def _who_serves(run_dir: Path, uuid: str) -> str:
     return f"no pvcore daemon runs for {run_dir} (start one: pvcore daemon --connect URI)"
 
 
+def _summary(problem: str) -> str:
+    """A plugin check's problem in a few words: its first line up to the first ': ' (the fix follows)."""
+    return problem.splitlines()[0].split(": ", 1)[0] if problem.strip() else problem
+
+
 def _owned_lines(
-    configs: Sequence[DeviceConfig], root: ElementTree.Element, shared: bool, local: bool
+    configs: Sequence[DeviceConfig], name: str, root: ElementTree.Element, xml: LibvirtXml | None, local: bool
 ) -> list[str]:
     lines = []
     for config in configs:
         socket = str(config.get("socket"))
         problems = []
-        if not elements_by_socket(root, [socket]):
+        if xml is None:
+            problems.append("the hypervisor plugin cannot read libvirt device XML (pvcore_libvirt_xml)")
+        elif not elements_by_socket(root, [socket], xml.socket):
             problems.append("not in the domain definition (run pvcore deploy again, or pvcore undeploy)")
-        if config.device_class in VHOST_USER_CLASSES and not shared:
-            problems.append("the domain has no shared memory (see pvcore deploy's message)")
+        if xml is not None:
+            problems += [f"{_summary(p)} (see pvcore deploy's message)" for p in xml.check(name, root, [config])]
         state = _socket_state(socket) if local else "remote host: ask its pvcore probe or journal"
         lines.append(
             f"    {config.device_class} {config.name} socket {socket}: {state}"
@@ -78,10 +87,12 @@ def probe(conn: Any, registry: Registry, uri: str, *, run_dir: Path) -> list[str
     else:
         lines.append("  hypervisor plugin: none answers for this driver (install one, or pass --hypervisor to daemon/deploy)")
     slots: list[DeviceSlot] = []
+    xml: LibvirtXml | None = None
     if found:
-        host = HostContext(libvirt=conn)
         try:
-            slots.extend(registry.call(found[0].hypervisor, "pvcore_probe", host=host) or ())
+            xml = plugin_xml(registry, found[0].hypervisor)
+            if xml is None:
+                slots.extend(registry.call(found[0].hypervisor, "pvcore_probe", host=HostContext(libvirt=conn)) or ())
         except Exception as exc:  # a plugin's probe failure is reported, never a traceback
             lines.append(f"  probe by plugin {found[0].hypervisor} failed: {exc}")
     local = is_local_uri(uri)
@@ -105,9 +116,15 @@ def probe(conn: Any, registry: Registry, uri: str, *, run_dir: Path) -> list[str
         if configs:
             served_by = _who_serves(run_dir, domain.UUIDString()) if local else "the pvcore daemon on the remote host"
             lines.append(f"  pvcore devices (served by {served_by}):")
-            lines += _owned_lines(configs, root, shared, local)
+            lines += _owned_lines(configs, name, root, xml, local)
         owned = {str(config.get("socket")) for config in configs}
-        others = [slot for slot in slots if slot.domain == name and slot.properties.get("socket") not in owned]
+        here = [slot for slot in slots if slot.domain == name]
+        if xml is not None:
+            try:
+                here = xml.slots(name, root)
+            except Exception as exc:  # a plugin's failure is reported, never a traceback
+                lines.append(f"  probe by plugin {found[0].hypervisor} failed: {exc}")
+        others = [slot for slot in here if slot.properties.get("socket") not in owned]
         if others:
             lines.append("  could serve (not deployed by pvcore):")
             lines += [f"    {slot.device_class} at {slot.address}" for slot in others]

@@ -3,8 +3,9 @@
 What is KVM/QEMU specific, and nothing else:
 
 * detect: ``/dev/kvm``, or a libvirt connection whose type is QEMU;
-* probe: the vhost-user disks and interfaces and the unix-socket serial
-  consoles in each libvirt domain's XML;
+* probe and libvirt XML: the vhost-user disks and interfaces, unix-socket
+  consoles and EGD rngs of each libvirt domain, written and read back by one
+  module (:mod:`pvcore_kvm.libvirt`);
 * memory and notification: vhost-user SET_MEM_TABLE fds and eventfds (KVM
   ioeventfd/irqfd), which the core's default primitives serve;
 * stream/transport: vhost-user for block, net and rng; the core's chardev
@@ -36,6 +37,7 @@ from pvcore.hookspecs import hookimpl
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import EgdFrontDoor
 from pvcore_kvm.backend import VhostUserFrontDoor
+from pvcore_kvm.libvirt import LIBVIRT_XML, KvmLibvirtXml
 from pvcore_kvm.options import DEVICE_OPTIONS
 from pvcore_kvm.qemu import qemu_arguments
 
@@ -71,7 +73,7 @@ def pvcore_detect(host: HostContext) -> Detection | None:
 
 @hookimpl
 def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
-    """The vhost-user disks/interfaces and unix-socket consoles of every libvirt domain.
+    """The devices of every libvirt domain that pvcore could serve, read by :mod:`pvcore_kvm.libvirt`.
 
     A domain whose XML cannot be read (it vanished meanwhile, or the XML is broken) is skipped with a warning.
     """
@@ -88,43 +90,14 @@ def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
         except Exception as exc:  # libvirt raises its own libvirtError, e.g. for a domain that just vanished
             log.warning("libvirt domain %s: cannot read its XML: %s; skipped", name, exc)
             continue
-        slots.extend(_domain_slots(name, root))
+        slots.extend(LIBVIRT_XML.slots(name, root))
     return slots
 
 
-def _domain_slots(domain: str, root: ElementTree.Element) -> list[DeviceSlot]:
-    slots: list[DeviceSlot] = []
-    for disk in root.iterfind("devices/disk[@type='vhostuser']"):
-        source = disk.find("source")
-        if source is None or not source.get("path"):
-            continue
-        path = source.get("path", "")
-        properties = {"socket": path, "socket-mode": "server"}
-        target = disk.find("target")
-        if target is not None and target.get("dev"):
-            properties["target"] = target.get("dev", "")
-        slots.append(DeviceSlot(HYPERVISOR, "block", path, domain, properties))
-    for interface in root.iterfind("devices/interface[@type='vhostuser']"):
-        source = interface.find("source")
-        if source is None or not source.get("path"):
-            continue
-        path = source.get("path", "")
-        # libvirt's mode is QEMU's side: QEMU as client means pvcore listens.
-        properties = {"socket": path, "socket-mode": "client" if source.get("mode") == "server" else "server"}
-        mac = interface.find("mac")
-        if mac is not None and mac.get("address"):
-            properties["mac"] = mac.get("address", "")
-        slots.append(DeviceSlot(HYPERVISOR, "net", path, domain, properties))
-    seen: set[str] = set()
-    for chardev in [*root.iterfind("devices/serial[@type='unix']"), *root.iterfind("devices/console[@type='unix']")]:
-        source = chardev.find("source")
-        if source is None or source.get("mode") != "connect" or not source.get("path"):
-            continue
-        path = source.get("path", "")
-        if path not in seen:
-            seen.add(path)
-            slots.append(DeviceSlot(HYPERVISOR, "console", path, domain, {"socket": path}))
-    return slots
+@hookimpl
+def pvcore_libvirt_xml() -> KvmLibvirtXml:
+    """QEMU/KVM domain XML: vhost-user disks and interfaces, unix consoles, EGD rngs (see :mod:`pvcore_kvm.libvirt`)."""
+    return LIBVIRT_XML
 
 
 @hookimpl
