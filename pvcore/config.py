@@ -252,6 +252,18 @@ def check_unique(configs: list[DeviceConfig]) -> list[DeviceConfig]:
     return configs
 
 
+def parse_choice(*choices: str, fix: str) -> Callable[[str], str]:
+    """A parser for an option that takes one of ``choices`` (any case); anything else is a ``ValueError(fix)``."""
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(fix)
+        return value
+
+    return parse
+
+
 def parse_bool(text: str) -> bool:
     """``on/off``, ``yes/no``, ``true/false``, ``1/0`` (as QEMU accepts)."""
     value = text.strip().lower()

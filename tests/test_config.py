@@ -11,6 +11,7 @@ from pvcore.config import (
     PluginOptions,
     build_configs,
     parse_bool,
+    parse_choice,
     parse_devices,
     read_config_file,
     split_spec,
@@ -77,14 +78,17 @@ def test_toml_config(tmp_path: Path) -> None:
         read_config_file(tmp_path / "missing.toml")
 
 
-def _parse_mode(text: str) -> str:
-    if text not in ("server", "client"):
-        raise ValueError("expected server or client")
-    return text
+def test_parse_choice_takes_one_of_its_values_in_any_case() -> None:
+    parse = parse_choice("server", "client", fix="expected server or client")
+    assert parse(" Client") == "client"
+    with pytest.raises(ValueError, match="^expected server or client$"):
+        parse("listen")
 
 
 PLUGINS = {
-    "ringhv": {"rng": {"socket-mode": OptionSpec("who listens", parse=_parse_mode)}},
+    "ringhv": {
+        "rng": {"socket-mode": OptionSpec("who listens", parse=parse_choice("server", "client", fix="expected server or client"))}
+    },
     "streamhv": {"rng": {"socket": OptionSpec("the FIFO", required=True)}},
 }
 
