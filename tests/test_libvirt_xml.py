@@ -476,11 +476,13 @@ def test_deploy_refuses_a_socket_outside_the_run_directory_at_once(tmp_path: Pat
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
     registry = default_registry()
-    ok = complete_specs([f"block:path={image}"], "vm", [], run_dir=run_dir, local=True, registry=registry)
+    ok = complete_specs(
+        [f"block:path={image}"], "vm", [], run_dir=run_dir, local=True, registry=registry, hypervisor="kvm"
+    )
     assert ok[0][1].get("socket") == str(run_dir / "vm-block0.sock")
     with pytest.raises(LibvirtError, match="is not inside the run directory"):
         complete_specs([f"block:path={image},socket=/tmp/elsewhere.sock"], "vm", [], run_dir=run_dir, local=True,
-                       registry=registry)
+                       registry=registry, hypervisor="kvm")
 
 
 def test_cli_deploy_through_a_plugin_without_libvirt_xml_names_it() -> None:

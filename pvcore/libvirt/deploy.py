@@ -94,9 +94,9 @@ def _definition(domain: Any, flags: int) -> ElementTree.Element:
     return ElementTree.fromstring(domain.XMLDesc(flags))
 
 
-def _existing_configs(specs: Sequence[str], registry: Registry, domain: str) -> list[DeviceConfig]:
+def _existing_configs(specs: Sequence[str], registry: Registry, domain: str, hypervisor: str) -> list[DeviceConfig]:
     try:
-        return parse_devices(specs, registry.device_classes())
+        return parse_devices(specs, registry.device_classes(), registry.plugin_options(hypervisor))
     except Exception as exc:
         raise LibvirtError(f"domain {domain}: pvcore metadata holds a spec this pvcore cannot read: {exc}") from None
 
@@ -109,9 +109,12 @@ def complete_specs(
     run_dir: Path,
     local: bool,
     registry: Registry,
+    hypervisor: str,
 ) -> list[tuple[str, DeviceConfig]]:
-    """Fill in name, socket, domain and absolute paths of each DEVICE text; parse and check them."""
+    """Fill in name, socket, domain and absolute paths of each DEVICE text; parse and check them
+    (with the options of ``hypervisor``'s plugin)."""
     classes = registry.device_classes()
+    options = registry.plugin_options(hypervisor)
     names = {config.name for config in existing}
     completed: list[tuple[str, DeviceConfig]] = []
     for text in texts:
@@ -132,7 +135,7 @@ def complete_specs(
                     raise LibvirtError(f"device {text!r}: {key}={raw[key]} must be an absolute path on the remote host")
                 raw[key] = str(Path(raw[key]).resolve())
         spec = format_spec(device_class, raw)
-        config = parse_devices([spec], classes)[0]
+        config = parse_devices([spec], classes, options)[0]
         if local:  # what the host daemon would refuse from metadata, refused now with the reason
             try:
                 check_metadata_paths(config, run_dir)
@@ -211,8 +214,10 @@ def deploy(
     live_root = _definition(domain, 0) if active else None
     config_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt) if persistent else []
     live_specs = read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) if active else []
-    existing = _existing_configs(list(dict.fromkeys([*live_specs, *config_specs])), registry, name)
-    completed = complete_specs(texts, name, existing, run_dir=run_dir, local=local, registry=registry)
+    existing = _existing_configs(list(dict.fromkeys([*live_specs, *config_specs])), registry, name, plugin)
+    completed = complete_specs(
+        texts, name, existing, run_dir=run_dir, local=local, registry=registry, hypervisor=plugin
+    )
     configs = [config for _, config in completed]
     for root in (config_root, live_root):
         problems = xml.check(name, root, configs) if root is not None else []
@@ -298,8 +303,9 @@ def undeploy(
     specs = list(dict.fromkeys([*live_specs, *config_specs]))
     if not specs:
         return DeployReport((f"domain {name}: pvcore owns no devices there; nothing to do",))
-    xml = require_xml(registry, choose_hypervisor(registry, conn, uri, hypervisor))
-    sockets = [str(config.get("socket")) for config in _existing_configs(specs, registry, name)]
+    plugin = choose_hypervisor(registry, conn, uri, hypervisor)
+    xml = require_xml(registry, plugin)
+    sockets = [str(config.get("socket")) for config in _existing_configs(specs, registry, name, plugin)]
     lines = [f"domain {name}: undeploying {len(specs)} device(s)"]
     if active:
         problems = []

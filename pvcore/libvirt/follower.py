@@ -393,7 +393,7 @@ class HostDaemon:
 
     async def _start_device(self, served: ServedDomain, spec: str) -> None:
         try:
-            configs = parse_devices([spec], self.registry.device_classes())
+            configs = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
             for config in configs:
                 check_metadata_paths(config, self.run_dir)
             as_served = [self.xml.served(c) for c in configs] if self.xml is not None else configs

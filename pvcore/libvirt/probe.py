@@ -97,6 +97,7 @@ def probe(conn: Any, registry: Registry, uri: str, *, run_dir: Path) -> list[str
             lines.append(f"  probe by plugin {found[0].hypervisor} failed: {exc}")
     local = is_local_uri(uri)
     classes = registry.device_classes()
+    options = registry.plugin_options(found[0].hypervisor) if found else None
     for domain in sorted(conn.listAllDomains(0), key=lambda d: d.name()):
         name = domain.name()
         root = ElementTree.fromstring(domain.XMLDesc(0))
@@ -110,7 +111,7 @@ def probe(conn: Any, registry: Registry, uri: str, *, run_dir: Path) -> list[str
             f"{'' if persistent else ', transient'}, shared memory: {'yes' if shared else 'no'}"
         )
         try:
-            configs = parse_devices(specs, classes)
+            configs = parse_devices(specs, classes, options)
         except Exception as exc:
             raise LibvirtError(f"domain {name}: pvcore metadata holds a spec this pvcore cannot read: {exc}") from None
         if configs:

@@ -252,3 +252,15 @@ def test_probe_reports_what_the_check_finds_missing(conn, kvm_registry, domain_n
         f"no shared memory, which vhost-user devices need (block {domain_name}-b) (see pvcore deploy's message)",
         f"    rng {domain_name}-r socket {tmp_path}/r.sock: no socket (no backend listens)",
     ]
+
+
+def test_deploy_accepts_the_kvm_plugins_own_options(tmp_path):
+    """socket-mode= is kvm's option: deploy parses specs with the options of the plugin it deploys through."""
+    from pvcore.libvirt.deploy import complete_specs
+    from pvcore.registry import default_registry
+
+    completed = complete_specs(
+        ["net:mac=52:54:00:00:00:07,socket-mode=client"], "vm", [], run_dir=tmp_path, local=True,
+        registry=default_registry(), hypervisor="kvm",
+    )
+    assert completed[0][1].get("socket-mode") == "client"
