@@ -4,7 +4,7 @@
 two implementations: :class:`LinuxXenHost` (``/dev/xen/evtchn`` and
 ``/dev/xen/gntdev`` of a Linux dom0 or driver domain, through the ioctls of
 the kernel's ``include/uapi/xen/evtchn.h`` and ``gntdev.h``) and the
-simulated host in :mod:`pvcore_xen.sim.host`.
+simulated host in :mod:`pvcore_xen.testing.host`.
 
 An :class:`EventChannel` is also a core :class:`~pvcore.ring.notify.Notifier`:
 on Xen the same interdomain channel carries the guest's kicks and the

@@ -10,7 +10,7 @@ name (``"ENOENT\\0"``). Watch events are unsolicited messages of type
 :attr:`MessageType.WATCH_EVENT` carrying ``path\\0token\\0``.
 
 This module is shared by the client (:mod:`pvcore_xen.xenstore`) and the
-simulated xenstored (:mod:`pvcore_xen.sim.xenstored`).
+simulated xenstored (:mod:`pvcore_xen.testing.xenstored`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pvcore_xen.sim.xenstored import SimulatedXenstored
+from pvcore_xen.testing.xenstored import SimulatedXenstored
 from pvcore_xen.xenstore import XenstoreClient
 
 T = TypeVar("T")

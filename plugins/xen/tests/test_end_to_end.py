@@ -15,7 +15,7 @@ import uuid
 from helpers import run
 from pvcore_xen.console import IN_SIZE, OUT_SIZE
 from pvcore_xen.plugin import XenPlugin
-from pvcore_xen.sim.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend
+from pvcore_xen.testing.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend
 from pvcore_xen.xenbus import XenbusState
 from world import device, xen_world
 

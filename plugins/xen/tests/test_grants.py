@@ -11,7 +11,7 @@ from pvcore_xen.grants import (
 )
 from pvcore_xen.host import PAGE_SIZE
 from pvcore_xen.plugin import XenPlugin
-from pvcore_xen.sim.host import SimulatedXenHost
+from pvcore_xen.testing.host import SimulatedXenHost
 
 from pvcore.ring.memory import GuestMemoryError
 

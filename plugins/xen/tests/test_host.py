@@ -9,7 +9,7 @@ import pytest
 from pvcore.ring.notify import Notifier
 from pvcore_xen import host
 from pvcore_xen.host import PAGE_SIZE, EventChannel, GrantPage, LinuxXenHost, XenHost
-from pvcore_xen.sim.host import SimulatedXenHost
+from pvcore_xen.testing.host import SimulatedXenHost
 
 
 def test_linux_ioctl_numbers_match_the_kernel_headers():

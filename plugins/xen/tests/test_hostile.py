@@ -8,7 +8,7 @@ import pytest
 from helpers import run
 from pvcore_xen.grants import grant_address
 from pvcore_xen.host import PAGE_SIZE
-from pvcore_xen.sim.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend
+from pvcore_xen.testing.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend
 from pvcore_xen.xenbus import XenbusState
 from world import device, xen_world
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from helpers import run
-from pvcore_xen.sim.frontend import SimulatedVirtioFrontend
+from pvcore_xen.testing.frontend import SimulatedVirtioFrontend
 from pvcore_xen.virtio import XenVirtioBackend
 from pvcore_xen.xenbus import XenbusBackend, XenbusState
 from pvcore_xen.xenstore import XenstoreClient

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from helpers import run, simulated_store
-from pvcore_xen.sim.xenstored import SimulatedXenstored
+from pvcore_xen.testing.xenstored import SimulatedXenstored
 from pvcore_xen.xenstore import Transaction, XenstoreClient
 from pvcore_xen.xs_wire import Access, MessageType, Permission, XenstoreError
 

@@ -10,9 +10,9 @@ from typing import Any
 import attrs
 from pvcore_xen.host import PAGE_SIZE
 from pvcore_xen.plugin import XenPlugin, parse_domain
-from pvcore_xen.sim.frontend import add_device
-from pvcore_xen.sim.host import SimulatedXenHost
-from pvcore_xen.sim.xenstored import SimulatedXenstored
+from pvcore_xen.testing.frontend import add_device
+from pvcore_xen.testing.host import SimulatedXenHost
+from pvcore_xen.testing.xenstored import SimulatedXenstored
 from pvcore_xen.virtio import virtio_type
 from pvcore_xen.xenstore import XenstoreClient
 

@@ -15,9 +15,9 @@ from pvcore_xen.console import XenConsoleBackend
 from pvcore_xen.grants import EventChannelSpec, GrantLayout
 from pvcore_xen.host import PAGE_SIZE
 from pvcore_xen.plugin import XenPlugin
-from pvcore_xen.sim.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend, add_device
-from pvcore_xen.sim.host import GrantedRam, SimulatedEventChannel, SimulatedXenHost
-from pvcore_xen.sim.xenstored import SimulatedXenstored
+from pvcore_xen.testing.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend, add_device
+from pvcore_xen.testing.host import GrantedRam, SimulatedEventChannel, SimulatedXenHost
+from pvcore_xen.testing.xenstored import SimulatedXenstored
 from pvcore_xen.virtio import virtio_type
 from pvcore_xen.xenbus import XenbusState
 from pvcore_xen.xenstore import XenstoreClient

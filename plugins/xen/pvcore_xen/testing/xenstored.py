@@ -42,7 +42,7 @@ from pvcore_xen.xs_wire import (
     split_strings,
 )
 
-log = logging.getLogger("pvcore.xen.sim.xenstored")
+log = logging.getLogger("pvcore.xen.testing.xenstored")
 
 SPECIAL_WATCHES = ("@introduceDomain", "@releaseDomain")
 """The watch names that are not nodes: fired when a domain is introduced or released."""

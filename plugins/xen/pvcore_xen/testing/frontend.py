@@ -34,7 +34,7 @@ from pvcore_xen.console import (
     OUT_SIZE,
 )
 from pvcore_xen.host import PAGE_SIZE
-from pvcore_xen.sim.host import DMA_FIRST_REF, SimulatedDomain, SimulatedEventChannel
+from pvcore_xen.testing.host import DMA_FIRST_REF, SimulatedDomain, SimulatedEventChannel
 from pvcore_xen.xenbus import XenbusState, backend_path, frontend_path
 from pvcore_xen.xenstore import XenstoreClient
 from pvcore_xen.xs_wire import Access, Permission
