@@ -3,16 +3,20 @@
 A device engine that wants to be reached through a ring (vhost-user, Xen
 grant-mapped virtio, the in-process loopback) implements :class:`VirtioDevice`.
 It never sees a transport: it gets validated :class:`~pvcore.ring.virtqueue.DescriptorChain`
-objects through a :class:`~pvcore.ring.session.RunningQueue` and completes them.
+objects through a :class:`VirtioQueue` and completes them.
+
+The dependency points one way: the ring session (:mod:`pvcore.ring.session`)
+imports this trait and these feature bits; this module names the session only
+through the :class:`VirtioQueue` protocol its ``RunningQueue`` implements.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from pvcore.ring.session import RunningQueue
+    from pvcore.ring.memory import GuestMemory
     from pvcore.ring.virtqueue import DescriptorChain
 
 VIRTIO_ID_NET = 1
@@ -37,6 +41,36 @@ def bit(n: int) -> int:
 
 class DeviceError(Exception):
     """A device cannot be created or configured as asked (bad options, missing file)."""
+
+
+class RingSession(Protocol):
+    """The ring session a queue belongs to, as far as a device may use it."""
+
+    broken: str | None
+    """Why the device failed (it then needs a reset), or None while it works."""
+
+    def fail(self, reason: str) -> None:
+        """Fail this device (not the daemon, not another guest) because the guest broke the ring."""
+
+
+class VirtioQueue(Protocol):
+    """One started virtqueue as a device sees it (:class:`pvcore.ring.session.RunningQueue` is the one there is)."""
+
+    index: int
+    session: RingSession
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory this queue's buffers live in."""
+
+    def read(self, chain: DescriptorChain) -> bytes:
+        """All readable bytes of ``chain``, concatenated."""
+
+    def write(self, chain: DescriptorChain, data: bytes | memoryview) -> int:
+        """Write ``data`` into the writable buffers of ``chain``; return the bytes written."""
+
+    def complete(self, chain: DescriptorChain, written: int) -> None:
+        """Hand ``chain`` back to the driver with ``written`` bytes written into it."""
 
 
 class VirtioDevice(abc.ABC):
@@ -71,14 +105,14 @@ class VirtioDevice(abc.ABC):
     def activate(self, features: int) -> None:
         """Features were negotiated; remember the ones that change request handling."""
 
-    def queue_started(self, queue: RunningQueue) -> None:
+    def queue_started(self, queue: VirtioQueue) -> None:
         """A queue became ready to carry requests."""
 
     @abc.abstractmethod
-    def handle(self, queue: RunningQueue, chain: DescriptorChain) -> None:
+    def handle(self, queue: VirtioQueue, chain: DescriptorChain) -> None:
         """Serve one validated chain; call ``queue.complete(chain, written)`` when done."""
 
-    def queue_stopping(self, queue: RunningQueue) -> None:
+    def queue_stopping(self, queue: VirtioQueue) -> None:
         """A queue is being stopped: complete (or give up) every chain held back on it."""
 
     def reset(self) -> None:
