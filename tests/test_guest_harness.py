@@ -38,6 +38,8 @@ from pvcore.testing.guest import (
     result_line,
     run_guest,
 )
+from pvcore.testing.guest.modules import module_name, python_depmod
+from pvcore.testing.guest.results import parse_done
 
 
 # ---------------------------------------------------------------- helpers
@@ -113,7 +115,7 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/
 
 
 def names_of(paths: list[str]) -> list[str]:
-    return [g._module_name(p) for p in paths]
+    return [module_name(p) for p in paths]
 
 
 # ---------------------------------------------------------------- cpio
@@ -209,7 +211,7 @@ def test_resolve_modules_dependency_order():
     for name, (_, deps) in dep.items():
         if name in order:
             for d in deps:
-                assert order.index(g._module_name(d)) < order.index(name), (d, name)
+                assert order.index(module_name(d)) < order.index(name), (d, name)
     assert order[:2] == ["virtio_ring", "virtio"]
     assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
 
@@ -239,7 +241,7 @@ def test_python_depmod(tmp_path):
     (mdir / "kernel/a.ko").write_bytes(b"\x7fELF..\x00license=GPL\x00depends=\x00name=a\x00")
     (mdir / "kernel/b.ko").write_bytes(b"\x7fELF..\x00depends=a\x00name=b\x00")
     (mdir / "kernel/c-d.ko.xz").write_bytes(lzma.compress(b"\x00depends=b,a\x00name=c_d\x00"))
-    g._python_depmod(mdir)
+    python_depmod(mdir)
     dep = read_modules_dep((mdir / "modules.dep").read_text())
     assert dep["a"] == ("kernel/a.ko", [])
     assert dep["b"] == ("kernel/b.ko", ["kernel/a.ko"])
@@ -270,7 +272,7 @@ def test_build_initramfs_synthetic(tmp_path):
                    "PVCORE-GUEST-DONE rc=$rc", "poweroff -f"):
         assert needle in init
     insmod_line = next(l for l in init.splitlines() if l.startswith("for m in"))
-    loaded = [g._module_name(w.strip("';")) for w in insmod_line.split()[3:-1]]
+    loaded = [module_name(w.strip("';")) for w in insmod_line.split()[3:-1]]
     # virtio_pci transport added automatically, everything after its deps
     assert loaded[:2] == ["virtio_ring", "virtio"]
     assert set(loaded) == {"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
@@ -310,13 +312,13 @@ def test_parse_results():
 
 def test_done_marker_and_result_object():
     out = "x\nPVCORE-GUEST-MODULE-FAILED kernel/x.ko\nPVCORE-GUEST-READY\nPVCORE-GUEST-DONE rc=7\r\n"
-    assert g._parse_done(out) == 7
+    assert parse_done(out) == 7
     res = GuestResult(output=out, returncode=7, results={})
     assert res.done
     assert res.failed_modules == ["kernel/x.ko"]
     with pytest.raises(GuestError, match="rc=7"):
         res.check()
-    assert g._parse_done("PVCORE-GUEST-READY\n") is None
+    assert parse_done("PVCORE-GUEST-READY\n") is None
 
 
 def test_result_line_runs_in_a_shell():

@@ -1,0 +1,235 @@
+"""The guest's initramfs: a newc cpio writer and the busybox ``/init`` that runs a script.
+
+:func:`build_initramfs` writes a gzip'ed newc cpio (in pure Python,
+:class:`CpioArchive`) with busybox, the requested kernel modules plus their
+dependencies (from the kernel's ``modules.dep``, decompressed if needed) and
+an ``/init`` that mounts proc/sysfs/devtmpfs, loads the modules, prints
+``PVCORE-GUEST-READY``, runs the caller's shell script, prints
+``PVCORE-GUEST-DONE rc=N`` and powers off.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import stat
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from pvcore.testing.guest.kernels import GuestKernel
+from pvcore.testing.guest.modules import (
+    decompress_module,
+    module_name,
+    read_builtin,
+    read_modules_dep,
+    resolve_modules,
+    uncompressed_name,
+)
+from pvcore.testing.guest.results import DONE_MARKER, MODULE_FAILED_MARKER, READY_MARKER
+
+__all__ = ["CpioArchive", "build_initramfs"]
+
+
+class CpioArchive:
+    """A minimal writer for the cpio "newc" (SVR4, ``070701``) format.
+
+    Entries are kept in insertion order; parents of every path are added
+    automatically as directories.  :meth:`to_bytes` returns the archive
+    including the ``TRAILER!!!`` record; :meth:`write_gz` writes it gzip'ed,
+    which is what the Linux kernel accepts as an initramfs.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[str, int, bytes, int, int]] = []
+        self._names: set[str] = set()
+
+    @staticmethod
+    def _norm(path: str) -> str:
+        parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+        if not parts or ".." in parts:
+            raise ValueError(f"bad archive path {path!r}")
+        return "/".join(parts)
+
+    def _add(self, path: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        name = self._norm(path)
+        parent = name.rpartition("/")[0]
+        if parent and parent not in self._names:
+            self.add_dir(parent)
+        if name in self._names:
+            if stat.S_ISDIR(mode):
+                return
+            raise ValueError(f"duplicate archive path {name!r}")
+        self._names.add(name)
+        self._entries.append((name, mode, data, rdev[0], rdev[1]))
+
+    def add_dir(self, path: str, mode: int = 0o755) -> None:
+        """Add a directory (and its parents)."""
+        self._add(path, stat.S_IFDIR | mode)
+
+    def add_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Add a regular file with the given contents and permission bits."""
+        self._add(path, stat.S_IFREG | mode, bytes(data))
+
+    def add_symlink(self, path: str, target: str) -> None:
+        """Add a symbolic link ``path -> target``."""
+        self._add(path, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
+        """Add a character device node."""
+        self._add(path, stat.S_IFCHR | mode, b"", (major, minor))
+
+    def names(self) -> list[str]:
+        """The archive's paths, in order."""
+        return [e[0] for e in self._entries]
+
+    def write(self, out: io.RawIOBase | io.BufferedIOBase) -> None:
+        """Write the uncompressed archive to a binary stream."""
+        ino = 1000
+        for name, mode, data, rmaj, rmin in self._entries:
+            ino += 1
+            nlink = 2 if stat.S_ISDIR(mode) else 1
+            self._record(out, name, ino, mode, nlink, data, rmaj, rmin)
+        self._record(out, "TRAILER!!!", 0, 0, 1, b"", 0, 0)
+
+    @staticmethod
+    def _record(out, name: str, ino: int, mode: int, nlink: int, data: bytes, rmaj: int, rmin: int) -> None:
+        bname = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rmaj, rmin, len(bname), 0)
+        hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+        out.write(hdr)
+        out.write(bname)
+        out.write(b"\0" * (-(len(hdr) + len(bname)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+
+    def to_bytes(self) -> bytes:
+        """The uncompressed archive."""
+        buf = io.BytesIO()
+        self.write(buf)
+        return buf.getvalue()
+
+    def write_gz(self, path: Path, compresslevel: int = 6) -> None:
+        """Write the gzip-compressed archive to ``path`` (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as raw, gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
+            ) as gz:
+                self.write(gz)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+_INIT_TEMPLATE = """#!/bin/busybox sh
+# pvcore real-guest /init (generated by pvcore.testing.guest)
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp /run
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+for m in {modules}; do
+    insmod "/lib/modules/{version}/$m" || echo "{failed} $m"
+done
+echo {ready}
+cd /
+sh /pvcore/script.sh
+rc=$?
+sync
+echo "{done} rc=$rc"
+poweroff -f
+sleep 5
+"""
+
+
+def build_initramfs(
+    kernel: GuestKernel,
+    script: str,
+    modules: Sequence[str],
+    out_dir: Path,
+    files: Mapping[str, bytes] | None = None,
+    *,
+    name: str = "initramfs.cpio.gz",
+    auto_virtio_pci: bool = True,
+) -> Path:
+    """Build a gzip'ed newc initramfs for ``kernel`` and return its path.
+
+    The archive holds busybox (applet links are made at boot by
+    ``busybox --install -s``), the requested ``modules`` plus everything they
+    depend on (from the kernel's ``modules.dep``; compressed modules are
+    decompressed here), ``/pvcore/script.sh`` (the caller's ``script``, a
+    shell script body run with busybox ``sh``), any extra ``files``
+    (``{"path/in/guest": contents}``; files starting with ``#!`` are made
+    executable) and ``/init``, which mounts proc, sysfs and devtmpfs, loads
+    the modules in dependency order, prints ``PVCORE-GUEST-READY``, runs the
+    script, prints ``PVCORE-GUEST-DONE rc=N`` and runs ``poweroff -f``.  A
+    module whose insmod fails is reported as
+    ``PVCORE-GUEST-MODULE-FAILED path``.
+
+    Module names may use dashes or underscores; built-in modules are
+    skipped, unknown ones raise :class:`UnknownModuleError`.  When
+    ``auto_virtio_pci`` is true (default) and a virtio driver is loaded,
+    the ``virtio_pci`` transport is loaded too if it is a module, since no
+    virtio-pci device would appear otherwise.
+
+    The archive is written (atomically) to ``out_dir / name``.
+    """
+    mdir = kernel.modules_dir
+    dep_text = (mdir / "modules.dep").read_text(errors="replace")
+    dep = read_modules_dep(dep_text)
+    builtin = read_builtin(mdir)
+    wanted = list(modules)
+    if auto_virtio_pci:
+        first = resolve_modules(wanted, dep, builtin)
+        names = {module_name(p) for p in first}
+        if "virtio" in names and "virtio_pci" in dep and "virtio_pci" not in names:
+            wanted = ["virtio_pci", *wanted]
+    order = resolve_modules(wanted, dep, builtin)
+
+    arc = CpioArchive()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc", "pvcore"):
+        arc.add_dir(d)
+    arc.add_chardev("dev/console", 5, 1)
+    arc.add_chardev("dev/null", 1, 3, 0o666)
+    arc.add_file("bin/busybox", kernel.busybox.read_bytes(), 0o755)
+    arc.add_symlink("bin/sh", "busybox")
+    base = f"lib/modules/{kernel.version}"
+    arc.add_dir(base)
+    insmod_paths = []
+    for rel in order:
+        data = decompress_module(mdir / rel)
+        target = uncompressed_name(rel)
+        arc.add_file(f"{base}/{target}", data, 0o644)
+        insmod_paths.append(target)
+    for extra in ("modules.dep", "modules.builtin", "modules.order"):
+        if (mdir / extra).exists():
+            arc.add_file(f"{base}/{extra}", (mdir / extra).read_bytes())
+    arc.add_file("pvcore/script.sh", script.encode() + (b"" if script.endswith("\n") else b"\n"), 0o755)
+    for path, data in (files or {}).items():
+        mode = 0o755 if bytes(data[:2]) == b"#!" else 0o644
+        arc.add_file(path, bytes(data), mode)
+    init = _INIT_TEMPLATE.format(
+        modules=" ".join(_shell_quote(p) for p in insmod_paths) if insmod_paths else "",
+        version=kernel.version,
+        ready=READY_MARKER,
+        done=DONE_MARKER,
+        failed=MODULE_FAILED_MARKER,
+    )
+    arc.add_file("init", init.encode(), 0o755)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / name
+    arc.write_gz(out)
+    return out
