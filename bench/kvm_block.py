@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args
 
 IMAGE_MIB = 64
 CHUNK = 128
@@ -206,8 +206,8 @@ def run(rounds: int, ios: int) -> dict[tuple[str, str], tuple[float, float, floa
         ours.write_bytes(os.urandom(IMAGE_MIB << 20))
         shutil.copyfile(ours, peers)
         sockets = {"pvcore": work / "pvcore.sock", "peer": work / "peer.sock"}
-        serve = ["serve", "--hypervisor", "kvm", "--run-dir", str(work / "run"),
-                 f"block:path={ours},socket={sockets['pvcore']},serial=pvcore,name=bench-vda"]
+        device = f"block:path={ours},socket={sockets['pvcore']},serial=pvcore,name=bench-vda"
+        serve = ["serve", "--hypervisor", "kvm", "--run-dir", str(work / "run"), device]
         storage_daemon = [
             "qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={peers}",
             "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sockets['peer']},writable=on",
@@ -224,9 +224,9 @@ def run(rounds: int, ios: int) -> dict[tuple[str, str], tuple[float, float, floa
         wait_for_socket(sockets["peer"], peer, "qemu-storage-daemon")
         script = GUEST_SCRIPT.format(blocks=(IMAGE_MIB << 20) // 4096, chunk=CHUNK, ios=ios, rounds=rounds)
         initrd = build_initramfs(kernel, script, ["virtio_blk"], work)
-        qemu_args = []
-        for name, path in sockets.items():
-            qemu_args += ["-chardev", f"socket,id={name},path={path}", "-device", f"vhost-user-blk-pci,chardev={name}"]
+        # The peer's disk is the same QEMU device as pvcore's (the kvm plugin's arguments) on the peer's socket.
+        peer_device = f"block:path={peers},socket={sockets['peer']},name=bench-peer"
+        qemu_args = plugin_qemu_args("kvm", [device, peer_device])["bench"]
         timeout = 120 + rounds * ios * 6 * 0.002
         guest = cleanup.enter_context(Guest(kernel, initrd, qemu_args, name="bench", max_runtime=timeout + 30))
         print(f"guest booting (TCG, 1 vCPU); {rounds} rounds of {ios} I/Os per workload per disk", flush=True)

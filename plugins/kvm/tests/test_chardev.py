@@ -12,7 +12,7 @@ import pytest
 
 from pvcore.devices.console.stream import ConsoleStream
 from pvcore.streams.chardev import ChardevFrontDoor
-from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, result_line
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
 
 
 class Person:
@@ -118,6 +118,8 @@ def test_real_guest_console_through_qemu_chardev(loop_thread, tmp_path):
     kernel = fetch_kernel("x86_64")
     script = "\n".join(
         [
+            # virtio-serial adds the port when QEMU's PORT_ADD message arrives, after insmod returned
+            "i=0; while [ ! -c /dev/hvc0 ] && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done",
             "exec 3<>/dev/hvc0",  # keep the port open: a closed console drops input
             "stty raw -echo <&3",
             # QEMU drops what the guest writes while its chardev socket is not connected
@@ -128,10 +130,7 @@ def test_real_guest_console_through_qemu_chardev(loop_thread, tmp_path):
         ]
     )
     initramfs = build_initramfs(kernel, script, ["virtio_console"], tmp_path)
-    qemu_args = [
-        "-chardev", f"socket,id=con0,path={path},reconnect=1",
-        "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=con0",
-    ]
+    (qemu_args,) = plugin_qemu_args("kvm", [f"console:socket={path},name=vm-console"]).values()
     try:
         with Guest(kernel, initramfs, qemu_args, name="kvm-chardev", max_runtime=180) as guest:
             try:

@@ -9,7 +9,7 @@ import pytest
 from pvcore_kvm.backend import VhostUserFrontDoor
 
 from pvcore.devices.block import create_block_device
-from pvcore.testing.guest import result_line, run_guest
+from pvcore.testing.guest import plugin_qemu_args, result_line, run_guest
 
 DISK_SIZE = 4 << 20
 MARK = b"written by the guest through pvcore"
@@ -25,6 +25,7 @@ def test_guest_reads_and_writes_vhost_user_blk_disk(loop_thread, registry, tmp_p
     backend, device = create_block_device({"path": str(image)}, name="vda")
     door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
     loop_thread.run(door.start())
+    (qemu_args,) = plugin_qemu_args("kvm", [f"block:path={image},socket={path},name=vda"]).values()
     try:
         result = run_guest(
             "x86_64",
@@ -38,7 +39,7 @@ def test_guest_reads_and_writes_vhost_user_blk_disk(loop_thread, registry, tmp_p
                 ]
             ),
             modules=["virtio_pci", "virtio_blk"],
-            qemu_args=["-chardev", f"socket,id=c0,path={path}", "-device", "vhost-user-blk-pci,chardev=c0"],
+            qemu_args=qemu_args,
             timeout=240,
             work_dir=tmp_path,
             name="kvm-vhost-user-blk",

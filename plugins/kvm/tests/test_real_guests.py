@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, result_line
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
 
 pytestmark = pytest.mark.guest
 
@@ -99,28 +99,6 @@ def _script_a() -> str:
     )
 
 
-def _qemu_vhost_args(sockets: dict[str, Path], mac: str, with_disks: bool) -> list[str]:
-    args = [
-        "-chardev", f"socket,id=net0,path={sockets['net']},reconnect=1",
-        "-netdev", "vhost-user,id=n0,chardev=net0",
-        # vectors=0: QEMU 7.2 segfaults in vhost_net_start with MSI-X under TCG
-        "-device", f"virtio-net-pci,netdev=n0,mac={mac},vectors=0",
-    ]
-    if with_disks:
-        args += [
-            "-chardev", f"socket,id=vda,path={sockets['vda']},reconnect=1",
-            "-device", "vhost-user-blk-pci,chardev=vda,num-queues=2",
-            "-chardev", f"socket,id=vdb,path={sockets['vdb']},reconnect=1",
-            "-device", "vhost-user-blk-pci,chardev=vdb,num-queues=1",
-            # no reconnect=: QEMU 7.2's vhost-user-rng-pci asserts ("Failed to set msg fds") with it
-            "-chardev", f"socket,id=rng0,path={sockets['rng']}",
-            "-device", "vhost-user-rng-pci,chardev=rng0",
-            "-chardev", f"socket,id=con0,path={sockets['con']},reconnect=1",
-            "-device", "virtio-serial-pci", "-device", "virtconsole,chardev=con0",
-        ]
-    return args
-
-
 class Served:
     """A `pvcore serve` subprocess and its log."""
 
@@ -157,8 +135,7 @@ def guests(tmp_path_factory: pytest.TempPathFactory):
     disk_md5 = hashlib.md5(disk.read_bytes()).hexdigest()
     sockets = {name: work / f"vm-{name}.sock" for name in ("vda", "vdb", "net", "rng", "con", "bnet")}
     console_log = work / "console.log"
-    serve_args = [
-        sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm",
+    devices = [
         f"block:path={disk},socket={sockets['vda']},queues=2,name=vma-vda",
         f"block:path={readonly_disk},socket={sockets['vdb']},readonly=on,name=vma-vdb",
         f"net:socket={sockets['net']},mac={MAC_A},switch=lan0,name=vma-net",
@@ -166,6 +143,9 @@ def guests(tmp_path_factory: pytest.TempPathFactory):
         f"console:socket={sockets['con']},log={console_log},name=vma-con",
         f"net:socket={sockets['bnet']},mac={MAC_B},switch=lan0,name=vmb-net",
     ]
+    serve_args = [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", *devices]
+    # Per guest (vma, vmb: the names' domains), what `pvcore serve --print-qemu-args` prints for these devices.
+    qemu_args = plugin_qemu_args("kvm", devices)
     served = Served(serve_args, work / "pvcore.log", run_dir)
     served.start()
 
@@ -173,8 +153,8 @@ def guests(tmp_path_factory: pytest.TempPathFactory):
     modules = ["virtio_blk", "virtio_net", "virtio_console", "virtio_rng"]
     init_a = build_initramfs(kernel, _script_a(), modules, work / "a")
     init_b = build_initramfs(kernel, SCRIPT_B, ["virtio_net"], work / "b")
-    guest_b = Guest(kernel, init_b, _qemu_vhost_args({"net": sockets["bnet"]}, MAC_B, False), name="guest-b")
-    guest_a = Guest(kernel, init_a, _qemu_vhost_args(sockets, MAC_A, True), name="guest-a", smp=2)
+    guest_b = Guest(kernel, init_b, qemu_args["vmb"], name="guest-b")
+    guest_a = Guest(kernel, init_a, qemu_args["vma"], name="guest-a", smp=2)
     facts: dict[str, object] = {"disk_md5": disk_md5}
     try:
         guest_b.start()
