@@ -4,8 +4,8 @@ One ``pvcore serve --hypervisor kvm`` subprocess (the CLI contract) serves two
 NICs on switch ``lan0``: the x86_64 guest's virtio-net through the kvm
 plugin's vhost-user door, and the partition's spapr-vlan (ibmveth) through
 the lpar plugin's netdev-stream door, picked by the device's
-``hypervisor=lpar`` option. The partition's QEMU arguments are what
-``pvcore serve --print-qemu-args`` prints for the same device spec.
+``hypervisor=lpar`` option. Both guests' QEMU arguments are what
+``pvcore serve --print-qemu-args`` prints for the same device specs.
 
 Both guests boot in parallel under TCG. Each puts an address from TEST-NET-1
 (192.0.2.0/24) on eth0, pings the other until it answers, pings three more
@@ -123,12 +123,8 @@ def test_pseries_ibmveth_and_x86_virtio_net_ping_through_one_switch(tmp_path: Pa
         "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={pseries_socket}",
         "-device", f"spapr-vlan,netdev=n0,mac={PSERIES_MAC}",
     ]
-    x86_args = [
-        "-chardev", f"socket,id=net0,path={x86_socket},reconnect=1",
-        "-netdev", "vhost-user,id=n0,chardev=net0",
-        # vectors=0: QEMU 7.2 segfaults in vhost_net_start with MSI-X under TCG
-        "-device", f"virtio-net-pci,netdev=n0,mac={X86_MAC},vectors=0",
-    ]
+    header, x86_args = _print_qemu_args(x86_spec)
+    assert header == "# x86 (kvm)"
 
     x86_kernel, pseries_kernel = fetch_kernel("x86_64"), fetch_kernel("ppc64")
     x86_initramfs = build_initramfs(x86_kernel, _guest_script(X86_IP, PSERIES_IP), ["virtio_net"], tmp_path / "x86")

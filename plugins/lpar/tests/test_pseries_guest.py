@@ -2,7 +2,7 @@
 
 One guest boot checks everything: the daemon (hypervisor ``lpar``) runs on an
 asyncio loop in a background thread; QEMU is started with exactly the
-arguments :func:`pvcore_lpar.qemu.qemu_arguments` prints, plus ``-serial
+arguments the lpar plugin's ``pvcore_qemu_args`` gives, plus ``-serial
 stdio`` for the harness's own console. That console vty comes first in the
 device tree, so it is the guest's hvc0 and the one pvcore serves is hvc1.
 
@@ -28,9 +28,8 @@ from pvcore.daemon import Daemon
 from pvcore.devices.console import console_exchange, console_socket_path
 from pvcore.devices.net import Port, get_switch, parse_mac
 from pvcore.registry import Registry
-from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, result_line
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
 from pvcore_lpar.devicetree import device_slots, read_dtb
-from pvcore_lpar.qemu import qemu_arguments
 
 GUEST_MAC = "52:54:00:7a:00:02"
 GUEST_IP = "192.168.77.2"
@@ -134,7 +133,7 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
         ],
         registry.device_classes(),
     )
-    (qemu_args,) = qemu_arguments(configs).values()
+    (qemu_args,) = plugin_qemu_args("lpar", configs, registry).values()
     assert qemu_args[0] == "-nodefaults"
     daemon = Daemon(registry, "lpar", configs, run_dir=run)
     loop_thread.run(daemon.start())
