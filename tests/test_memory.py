@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvcore.ring.driver import DriverError, GuestRam, GuestRamFullError
 from pvcore.ring.memory import ADDRESS_LIMIT, GuestMemory, GuestMemoryError, MemoryRegion, gather, scatter
+from pvcore.testing.driver import DriverError, GuestRam, GuestRamFullError
 
 REGION_A = 0x1000
 REGION_B = 0x2000  # directly after A: a buffer may span the two

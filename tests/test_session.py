@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pvcore.ring.driver import DeviceProtocolError
+from pvcore.testing.driver import DeviceProtocolError
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.ring.session import RunningQueue, SessionError, VirtioSession
 from pvcore.ring.virtqueue import DescriptorChain

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from pvcore.ring.driver import DeviceProtocolError, DriverError, DriverQueue, GuestRam, QueueFullError
 from pvcore.ring.memory import GuestMemory, MemoryRegion, gather, scatter
 from pvcore.ring.virtqueue import (
     MAX_INDIRECT_DESCRIPTORS,
@@ -28,6 +27,7 @@ from pvcore.ring.virtqueue import (
     VirtqueueError,
     need_event,
 )
+from pvcore.testing.driver import DeviceProtocolError, DriverError, DriverQueue, GuestRam, QueueFullError
 
 RAM_SIZE = 0x10000
 NEIGHBOUR = 0x10000  # a plain region right after the driver's RAM

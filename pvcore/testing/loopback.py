@@ -9,7 +9,7 @@ through the real ring engine without QEMU or a guest kernel:
   a transport would (features, guest memory, queue sizes and addresses, eventfd
   kick/call/error notifiers, start);
 * the calling thread plays the guest: it posts chains with
-  :class:`~pvcore.ring.driver.DriverQueue`, kicks through the kick eventfd when
+  :class:`~pvcore.testing.driver.DriverQueue`, kicks through the kick eventfd when
   the device asks for kicks, and waits for used chains by polling the call
   eventfd (re-checking the used ring, so a suppressed interrupt is no hang).
 
@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pvcore.ring.driver import DriverQueue, GuestRam, UsedBuffer
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.ring.session import DEFAULT_INTERRUPT_DELAY, VirtioSession
+from pvcore.testing.driver import DriverQueue, GuestRam, UsedBuffer
 from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, bit
 
 DEFAULT_RAM_SIZE = 16 << 20

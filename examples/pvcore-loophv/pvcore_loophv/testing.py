@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, HostContext
-from pvcore.ring.driver import DriverQueue, GuestRam
 from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, RingGuest
+from pvcore.testing.driver import DriverQueue, GuestRam
 from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 from pvcore_loophv.transport import LoopFrontDoor
 

@@ -1,9 +1,11 @@
-"""pvcore-kvm: the KVM/QEMU plugin of pvcore (vhost-user and chardev front doors).
+"""pvcore-kvm: the KVM/QEMU plugin of pvcore.
 
-* :mod:`pvcore_kvm.protocol`: the vhost-user message codec and its validation;
-* :mod:`pvcore_kvm.backend`: :class:`~pvcore_kvm.backend.VhostUserFrontDoor`,
-  the backend side serving a core :class:`~pvcore.virtio.VirtioDevice`;
-* :mod:`pvcore_kvm.plugin`: the hook implementations;
-* :mod:`pvcore_kvm.frontend`: a Python vhost-user frontend (QEMU's side) for
-  tests and benchmarks.
+It keeps only what is KVM/QEMU's own; the vhost-user transport it serves
+block, net and rng over is the core's (:mod:`pvcore.transports.vhost_user`),
+and the console is the core's chardev front door.
+
+* :mod:`pvcore_kvm.plugin`: the hook implementations (detect, probe, front door choice);
+* :mod:`pvcore_kvm.qemu`: the QEMU arguments that attach a guest (``pvcore_qemu_args``);
+* :mod:`pvcore_kvm.libvirt`: the libvirt device XML, written and read back (``pvcore_libvirt_xml``);
+* :mod:`pvcore_kvm.options`: the device options only kvm understands (``pvcore_device_options``).
 """

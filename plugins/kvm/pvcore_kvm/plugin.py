@@ -36,7 +36,7 @@ from pvcore.contract import (
 from pvcore.hookspecs import hookimpl
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import EgdFrontDoor
-from pvcore_kvm.backend import VhostUserFrontDoor
+from pvcore.transports.vhost_user import VhostUserFrontDoor
 from pvcore_kvm.libvirt import LIBVIRT_XML, KvmLibvirtXml
 from pvcore_kvm.options import DEVICE_OPTIONS
 from pvcore_kvm.qemu import qemu_arguments

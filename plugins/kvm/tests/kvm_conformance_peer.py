@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 
 import attrs
-from pvcore_kvm.backend import VhostUserFrontDoor
-from pvcore_kvm.frontend import VhostUserFrontend
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, HostContext
-from pvcore.ring.driver import GuestRam
 from pvcore.testing.conformance import ConformancePeer, EventFdChannelEnd, RingGuest
+from pvcore.testing.driver import GuestRam
+from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 DOMAIN_XML = """<domain type='kvm'><name>vm1</name><devices>
   <disk type='vhostuser' device='disk'><source type='unix' path='/run/pvcore/vm1-vda.sock'/><target dev='vda'/></disk>

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-from pvcore_kvm.backend import VhostUserFrontDoor
 
 from pvcore.config import ConfigError, parse_devices
 from pvcore.contract import (
@@ -27,6 +26,7 @@ from pvcore.ring.fdmemory import FdGuestMemory, sealed_memfd
 from pvcore.registry import default_registry
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
+from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 DOMAIN_XML = """
 <domain type='qemu'>

@@ -1,4 +1,10 @@
-"""End to end: a real Linux guest under QEMU (TCG) reads and writes a disk served by pvcore over vhost-user-blk."""
+"""End to end: a real Linux guest under QEMU (TCG) reads and writes a disk served by pvcore over vhost-user-blk.
+
+The transport is the core's (its own tests are tests/test_vhost_user.py); this
+test stays with the kvm plugin because the guest is attached with the kvm
+plugin's ``pvcore_qemu_args``, so it checks that what ``--print-qemu-args``
+prints (QEMU 7.2 workarounds included) really reaches the core back end.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,10 @@ import hashlib
 import os
 
 import pytest
-from pvcore_kvm.backend import VhostUserFrontDoor
 
 from pvcore.devices.block import create_block_device
 from pvcore.testing.guest import plugin_qemu_args, result_line, run_guest
+from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 DISK_SIZE = 4 << 20
 MARK = b"written by the guest through pvcore"

@@ -37,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from pvcore.contract import DeviceInstance, FrontDoor, HostContext
-from pvcore.ring.driver import DriverQueue, GuestRam, UsedBuffer
+from pvcore.testing.driver import DriverQueue, GuestRam, UsedBuffer
 from pvcore.testing.loopthread import LoopThread
 
 RECHECK_INTERVAL = 0.02

@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-from pvcore.ring.driver import DriverQueue, UsedBuffer
+from pvcore.testing.driver import DriverQueue, UsedBuffer
 from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 from pvcore_xen.console import (
     IN_CONS,

@@ -8,7 +8,7 @@ mapping domain, read-only grants cannot be mapped writable, a port must have
 been allocated for the binding domain and is bound at most once.
 
 A domain's RAM is a :class:`GrantedRam`: the core reference driver's
-:class:`~pvcore.ring.driver.GuestRam` whose addresses are grant DMA addresses
+:class:`~pvcore.testing.driver.GuestRam` whose addresses are grant DMA addresses
 (as Linux's xen-grant-dma hands them to virtio) and whose allocator grants
 the pages of each block to the backend domain while it is allocated. Frame
 ``f`` is always granted as ref :data:`DMA_FIRST_REF` + ``f``.
@@ -23,7 +23,7 @@ import os
 
 import attrs
 
-from pvcore.ring.driver import GuestRam
+from pvcore.testing.driver import GuestRam
 from pvcore_xen.grants import grant_address
 from pvcore_xen.host import PAGE_SIZE
 

@@ -1,4 +1,4 @@
-"""pvcore.ring.fdmemory: fd memory tables mapped into GuestMemory (core code the kvm plugin relies on)."""
+"""pvcore.ring.fdmemory: fd memory tables mapped into GuestMemory (the core's default memory primitive, vhost-user's SET_MEM_TABLE)."""
 
 from __future__ import annotations
 

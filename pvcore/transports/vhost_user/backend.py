@@ -1,4 +1,8 @@
-"""The vhost-user backend: QEMU's messages translated into a core ring session.
+"""The vhost-user back end: a front end's messages translated into a core ring session.
+
+The front end is whichever VMM speaks vhost-user (QEMU with any accelerator,
+cloud-hypervisor, crosvm, Firecracker...); nothing here depends on the
+hypervisor underneath.
 
 :class:`VhostUserConnection` serves one frontend connection. It owns a fresh
 :class:`~pvcore.ring.session.VirtioSession` for the device and turns each
@@ -20,11 +24,11 @@ line; the device is reset and the front door keeps serving new connections
 
 :class:`VhostUserFrontDoor` is the :class:`~pvcore.contract.FrontDoor`: in
 server mode it listens on a Unix socket (mode 0600; a stale socket file is
-replaced; it is removed on stop) and QEMU connects
-(``-chardev socket,id=c0,path=S``); in client mode it connects to a socket
-QEMU listens on (``-chardev socket,id=c0,path=S,server=on``) and reconnects
-when QEMU goes away and comes back (backing off up to a few seconds while
-connections end at once). A failed accept or connect is logged and retried.
+replaced; it is removed on stop) and the front end connects (QEMU:
+``-chardev socket,id=c0,path=S``); in client mode it connects to a socket the
+front end listens on (QEMU: ``-chardev socket,id=c0,path=S,server=on``) and
+reconnects when the front end goes away and comes back (backing off up to a
+few seconds while connections end at once). A failed accept or connect is logged and retried.
 One frontend at a time.
 """
 
@@ -43,7 +47,7 @@ from pvcore.ring.session import SessionError, VirtioSession
 from pvcore.ring.virtqueue import ring_sizes
 from pvcore.streams.unix import bind_private_socket
 from pvcore.virtio import DeviceError, VirtioDevice, bit
-from pvcore_kvm.protocol import (
+from pvcore.transports.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     FLAG_REPLY,
     VERSION,
@@ -67,7 +71,7 @@ from pvcore_kvm.protocol import (
     read_message,
 )
 
-log = logging.getLogger("pvcore.kvm")
+log = logging.getLogger("pvcore.vhost_user")
 
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)

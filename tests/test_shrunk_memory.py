@@ -4,6 +4,10 @@ Touching a mapped page past the end of a file raises SIGBUS, which would end
 ``pvcore serve`` and every guest it serves. The daemon therefore maps only
 memory sealed against shrinking. Run in a real ``pvcore serve`` process, so
 that a SIGBUS would show as the daemon's death, not as a test crash.
+
+The refusal is the core's (the vhost-user transport and its default memory
+primitive); ``--hypervisor kvm`` only because ``pvcore serve`` needs a
+hypervisor whose front door is vhost-user, and kvm is the in-tree one.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pvcore_kvm.frontend import FrontendError, VhostUserFrontend
 
 from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
 from pvcore.ring.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0) -> None:

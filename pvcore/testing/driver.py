@@ -1,8 +1,9 @@
 """The reference driver: the guest (driver) side of a VIRTIO 1.x split virtqueue.
 
-Tests, benchmarks, the kvm plugin's Python vhost-user frontend and the xen
-simulator drive pvcore's device side with this module instead of a real guest
-kernel. It follows what Linux's ``virtio_ring.c`` does, step by step:
+Tests, benchmarks, the Python vhost-user frontend
+(:mod:`pvcore.testing.vhost_user_frontend`) and the xen simulator drive
+pvcore's device side with this module instead of a real guest kernel. It is a
+test peer: nothing that serves a guest imports it. It follows what Linux's ``virtio_ring.c`` does, step by step:
 
 * :class:`GuestRam` is guest RAM in a memfd, so it can be handed to another
   process (vhost-user SET_MEM_TABLE) and mapped there; its

@@ -1,11 +1,11 @@
-"""A vhost-user frontend in Python: QEMU's side of the protocol, for tests and benchmarks.
+"""A vhost-user frontend in Python: the front end's (QEMU's) side of the protocol, a test peer.
 
 :class:`VhostUserFrontend` talks to a vhost-user backend over a Unix socket
 the way QEMU does: it negotiates features and protocol features, shares guest
-RAM (a memfd :class:`~pvcore.ring.driver.GuestRam`) with SET_MEM_TABLE, sets
+RAM (a memfd :class:`~pvcore.testing.driver.GuestRam`) with SET_MEM_TABLE, sets
 up each vring (size, base, user addresses, eventfd kick/call/err) and enables
 it. Requests are then posted with the core's reference driver
-(:class:`~pvcore.ring.driver.DriverQueue`) and their completions collected
+(:class:`~pvcore.testing.driver.DriverQueue`) and their completions collected
 from the used ring, waking on the call eventfd. This exercises a backend's
 protocol handling and data path in seconds, without booting a guest.
 
@@ -22,9 +22,8 @@ import socket
 import time
 from collections.abc import Sequence
 
-from pvcore.ring.driver import DriverQueue, GuestRam, UsedBuffer
-from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
-from pvcore_kvm.protocol import (
+from pvcore.testing.driver import DriverQueue, GuestRam, UsedBuffer
+from pvcore.transports.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -47,6 +46,7 @@ from pvcore_kvm.protocol import (
     encode_state,
     encode_u64,
 )
+from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 
 WANTED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
 REPLIED_REQUESTS = frozenset(

@@ -16,9 +16,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pvcore_kvm.backend import OFFERED_PROTOCOL_FEATURES, VhostUserConnection, VhostUserFrontDoor
-from pvcore_kvm.frontend import FrontendError, VhostUserFrontend
-from pvcore_kvm.protocol import (
+
+from pvcore.devices.block import create_block_device
+from pvcore.devices.block.virtio_blk import (
+    REQUEST_HEADER,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+from pvcore.primitives import HypervisorPrimitives
+from pvcore.ring.fdmemory import sealed_memfd
+from pvcore.ring.session import RunningQueue
+from pvcore.ring.virtqueue import DescriptorChain
+from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
+from pvcore.transports.vhost_user import OFFERED_PROTOCOL_FEATURES, VhostUserConnection, VhostUserFrontDoor
+from pvcore.transports.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     HEADER,
     VERSION,
@@ -33,18 +46,6 @@ from pvcore_kvm.protocol import (
     encode_state,
     encode_u64,
 )
-
-from pvcore.devices.block import create_block_device
-from pvcore.devices.block.virtio_blk import (
-    REQUEST_HEADER,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
-)
-from pvcore.ring.fdmemory import sealed_memfd
-from pvcore.ring.session import RunningQueue
-from pvcore.ring.virtqueue import DescriptorChain
 from pvcore.virtio import VirtioDevice
 
 CONFIG = b"pvcore echo config"
@@ -90,9 +91,15 @@ def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+@pytest.fixture
+def primitives() -> HypervisorPrimitives:
+    """No hypervisor: the core's defaults map the memfd memory and adopt the eventfds, as for any VMM."""
+    return HypervisorPrimitives()
+
+
 @contextlib.contextmanager
-def serving(loop_thread, registry, device: VirtioDevice, path: Path, **kwargs) -> Iterator[VhostUserFrontDoor]:
-    door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name=path.stem, **kwargs)
+def serving(loop_thread, primitives, device: VirtioDevice, path: Path, **kwargs) -> Iterator[VhostUserFrontDoor]:
+    door = VhostUserFrontDoor(device, path, primitives=primitives, name=path.stem, **kwargs)
     loop_thread.run(door.start())
     try:
         yield door
@@ -104,10 +111,10 @@ def idle(door: VhostUserFrontDoor) -> bool:
     return door.connection is None
 
 
-def test_echo_round_trip_and_config(loop_thread, registry, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pvcore.kvm")
+def test_echo_round_trip_and_config(loop_thread, primitives, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pvcore.vhost_user")
     device = EchoDevice(queues=2)
-    with serving(loop_thread, registry, device, tmp_path / "echo.sock") as door:
+    with serving(loop_thread, primitives, device, tmp_path / "echo.sock") as door:
         with VhostUserFrontend.connect(tmp_path / "echo.sock") as frontend:
             assert frontend.get_features() & (1 << F_PROTOCOL_FEATURES)
             frontend.start(queue_size=64)
@@ -130,9 +137,9 @@ def test_echo_round_trip_and_config(loop_thread, registry, tmp_path, caplog):
     assert "frontend closed the connection; queue 0: 2 completions, 2 interrupts; queue 1: 1 completions" in caplog.text
 
 
-def test_rings_start_disabled_until_enabled(loop_thread, registry, tmp_path):
+def test_rings_start_disabled_until_enabled(loop_thread, primitives, tmp_path):
     device = EchoDevice(queues=1)
-    with serving(loop_thread, registry, device, tmp_path / "e.sock") as door:
+    with serving(loop_thread, primitives, device, tmp_path / "e.sock") as door:
         with VhostUserFrontend.connect(tmp_path / "e.sock") as frontend:
             offered = frontend.get_features()
             frontend.call(Request.SET_FEATURES, encode_u64(offered))
@@ -147,8 +154,8 @@ def test_rings_start_disabled_until_enabled(loop_thread, registry, tmp_path):
             assert frontend.wait_used(0, 1)[0].data == b"ba"
 
 
-def test_without_protocol_features_rings_are_enabled(loop_thread, registry, tmp_path):
-    with serving(loop_thread, registry, EchoDevice(queues=1), tmp_path / "e.sock"):
+def test_without_protocol_features_rings_are_enabled(loop_thread, primitives, tmp_path):
+    with serving(loop_thread, primitives, EchoDevice(queues=1), tmp_path / "e.sock"):
         with VhostUserFrontend.connect(tmp_path / "e.sock") as frontend:
             offered = frontend.get_features() & ~(1 << F_PROTOCOL_FEATURES)
             frontend.features = offered
@@ -158,9 +165,9 @@ def test_without_protocol_features_rings_are_enabled(loop_thread, registry, tmp_
             assert frontend.request(0, [b"xyz"], [3]).data == b"zyx"
 
 
-def test_get_vring_base_stops_and_resumes(loop_thread, registry, tmp_path):
+def test_get_vring_base_stops_and_resumes(loop_thread, primitives, tmp_path):
     device = EchoDevice(queues=1)
-    with serving(loop_thread, registry, device, tmp_path / "b.sock") as door:
+    with serving(loop_thread, primitives, device, tmp_path / "b.sock") as door:
         with VhostUserFrontend.connect(tmp_path / "b.sock") as frontend:
             frontend.start(queue_size=16)
             for n in range(5):
@@ -177,9 +184,9 @@ def test_get_vring_base_stops_and_resumes(loop_thread, registry, tmp_path):
             assert frontend.get_vring_base(0) == 6
 
 
-def test_reset_owner_and_reset_device(loop_thread, registry, tmp_path):
+def test_reset_owner_and_reset_device(loop_thread, primitives, tmp_path):
     device = EchoDevice(queues=1)
-    with serving(loop_thread, registry, device, tmp_path / "r.sock") as door:
+    with serving(loop_thread, primitives, device, tmp_path / "r.sock") as door:
         with VhostUserFrontend.connect(tmp_path / "r.sock") as frontend:
             frontend.start(queue_size=8)
             frontend.request(0, [b"1"], [1])
@@ -191,10 +198,10 @@ def test_reset_owner_and_reset_device(loop_thread, registry, tmp_path):
             assert frontend.request(0, [b"12"], [2]).data == b"21"
 
 
-def test_reconnect_gets_a_fresh_session(loop_thread, registry, tmp_path):
+def test_reconnect_gets_a_fresh_session(loop_thread, primitives, tmp_path):
     device = EchoDevice(queues=1)
     path = tmp_path / "re.sock"
-    with serving(loop_thread, registry, device, path) as door:
+    with serving(loop_thread, primitives, device, path) as door:
         for round_ in range(3):
             with VhostUserFrontend.connect(path) as frontend:
                 frontend.start(queue_size=8)
@@ -204,12 +211,12 @@ def test_reconnect_gets_a_fresh_session(loop_thread, registry, tmp_path):
     assert device.resets == 3
 
 
-def test_second_concurrent_frontend_is_refused(loop_thread, registry, tmp_path, caplog):
+def test_second_concurrent_frontend_is_refused(loop_thread, primitives, tmp_path, caplog):
     path = tmp_path / "one.sock"
-    with serving(loop_thread, registry, EchoDevice(queues=1), path):
+    with serving(loop_thread, primitives, EchoDevice(queues=1), path):
         with VhostUserFrontend.connect(path) as first:
             first.start(queue_size=8)
-            with caplog.at_level(logging.WARNING, logger="pvcore.kvm"):
+            with caplog.at_level(logging.WARNING, logger="pvcore.vhost_user"):
                 with VhostUserFrontend.connect(path, timeout=2.0) as second:
                     with pytest.raises((FrontendError, ConnectionError)):
                         second.get_features()
@@ -217,22 +224,22 @@ def test_second_concurrent_frontend_is_refused(loop_thread, registry, tmp_path, 
             assert first.request(0, [b"still"], [5]).data == b"llits"
 
 
-def test_server_socket_file(loop_thread, registry, tmp_path):
+def test_server_socket_file(loop_thread, primitives, tmp_path):
     path = tmp_path / "mode.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(os.fspath(path))
     stale.close()
-    with serving(loop_thread, registry, EchoDevice(queues=1), path) as door:
+    with serving(loop_thread, primitives, EchoDevice(queues=1), path) as door:
         info = os.lstat(path)
         assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
         assert door.description == f"vhost-user server socket {path}"
     assert not path.exists()
 
 
-def test_client_mode_connects_and_reconnects(loop_thread, registry, tmp_path):
+def test_client_mode_connects_and_reconnects(loop_thread, primitives, tmp_path):
     path = tmp_path / "qemu.sock"
     device = EchoDevice(queues=1)
-    with serving(loop_thread, registry, device, path, client=True, retry_interval=0.05) as door:
+    with serving(loop_thread, primitives, device, path, client=True, retry_interval=0.05) as door:
         time.sleep(0.1)  # the door is retrying: nobody listens yet
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(os.fspath(path))
@@ -248,7 +255,7 @@ def test_client_mode_connects_and_reconnects(loop_thread, registry, tmp_path):
         assert door.connections >= 2
 
 
-def test_accept_failure_is_logged_and_retried(loop_thread, registry, tmp_path, monkeypatch, caplog):
+def test_accept_failure_is_logged_and_retried(loop_thread, primitives, tmp_path, monkeypatch, caplog):
     path = tmp_path / "emfile.sock"
     failures = [OSError(errno.EMFILE, "Too many open files")]
     accept = loop_thread.loop.sock_accept
@@ -259,8 +266,8 @@ def test_accept_failure_is_logged_and_retried(loop_thread, registry, tmp_path, m
         return await accept(sock)
 
     monkeypatch.setattr(loop_thread.loop, "sock_accept", failing_once)
-    with caplog.at_level(logging.WARNING, logger="pvcore.kvm"):
-        with serving(loop_thread, registry, EchoDevice(queues=1), path, retry_interval=0.05):
+    with caplog.at_level(logging.WARNING, logger="pvcore.vhost_user"):
+        with serving(loop_thread, primitives, EchoDevice(queues=1), path, retry_interval=0.05):
             with VhostUserFrontend.connect(path, timeout=2.0) as frontend:
                 frontend.start(queue_size=8)
                 assert frontend.request(0, [b"again"], [5]).data == b"niaga"
@@ -268,7 +275,7 @@ def test_accept_failure_is_logged_and_retried(loop_thread, registry, tmp_path, m
     assert not path.exists()
 
 
-def test_stop_after_a_failed_accept_task_still_removes_the_socket(loop_thread, registry, tmp_path, monkeypatch,
+def test_stop_after_a_failed_accept_task_still_removes_the_socket(loop_thread, primitives, tmp_path, monkeypatch,
                                                                    caplog):
     path = tmp_path / "broken.sock"
 
@@ -276,21 +283,21 @@ def test_stop_after_a_failed_accept_task_still_removes_the_socket(loop_thread, r
         raise RuntimeError("accept bug")
 
     monkeypatch.setattr(loop_thread.loop, "sock_accept", broken)
-    door = VhostUserFrontDoor(EchoDevice(queues=1), path, primitives=registry.primitives("kvm"), name="broken")
+    door = VhostUserFrontDoor(EchoDevice(queues=1), path, primitives=primitives, name="broken")
     loop_thread.run(door.start())
     wait_until(lambda: door._task.done())
-    with caplog.at_level(logging.ERROR, logger="pvcore.kvm"):
+    with caplog.at_level(logging.ERROR, logger="pvcore.vhost_user"):
         loop_thread.run(door.stop())
     assert "accept bug" in caplog.text
     assert not path.exists()
 
 
-def test_client_mode_retries_after_any_connect_error(loop_thread, registry, tmp_path, caplog):
+def test_client_mode_retries_after_any_connect_error(loop_thread, primitives, tmp_path, caplog):
     parent = tmp_path / "later"
     parent.write_bytes(b"")  # a file where the socket's directory should be: ENOTDIR, not ENOENT
     path = parent / "qemu.sock"
-    with caplog.at_level(logging.INFO, logger="pvcore.kvm"):
-        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+    with caplog.at_level(logging.INFO, logger="pvcore.vhost_user"):
+        with serving(loop_thread, primitives, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
             wait_until(lambda: "Not a directory" in caplog.text)
             parent.unlink()
             parent.mkdir()
@@ -306,7 +313,7 @@ def test_client_mode_retries_after_any_connect_error(loop_thread, registry, tmp_
     assert caplog.text.count("Not a directory") == 1
 
 
-def test_client_mode_backs_off_when_the_frontend_hangs_up_at_once(loop_thread, registry, tmp_path):
+def test_client_mode_backs_off_when_the_frontend_hangs_up_at_once(loop_thread, primitives, tmp_path):
     """Each wait between attempts is at least twice the one before (0.05, 0.1, 0.2, 0.4 s...).
 
     Only lower bounds are checked, so a slow machine cannot fail it; a door that
@@ -319,7 +326,7 @@ def test_client_mode_backs_off_when_the_frontend_hangs_up_at_once(loop_thread, r
     listener.settimeout(30.0)
     attempts: list[float] = []
     try:
-        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+        with serving(loop_thread, primitives, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
             while len(attempts) < 5:
                 sock, _ = listener.accept()
                 attempts.append(time.monotonic())
@@ -347,11 +354,11 @@ def _end_session_failing_once(monkeypatch, *, hold: float = 0.0) -> list[str]:
     return raised
 
 
-def test_a_failed_connection_never_stops_the_listener(loop_thread, registry, tmp_path, monkeypatch, caplog):
+def test_a_failed_connection_never_stops_the_listener(loop_thread, primitives, tmp_path, monkeypatch, caplog):
     path = tmp_path / "listener.sock"
     raised = _end_session_failing_once(monkeypatch, hold=0.5)
-    with caplog.at_level(logging.ERROR, logger="pvcore.kvm"):
-        with serving(loop_thread, registry, EchoDevice(queues=1), path) as door:
+    with caplog.at_level(logging.ERROR, logger="pvcore.vhost_user"):
+        with serving(loop_thread, primitives, EchoDevice(queues=1), path) as door:
             with VhostUserFrontend.connect(path) as first:
                 first.start(queue_size=8)
             # The next frontend arrives while the first one's clean-up is still running, then fails.
@@ -365,14 +372,14 @@ def test_a_failed_connection_never_stops_the_listener(loop_thread, registry, tmp
     assert raised and "clean-up bug" in caplog.text
 
 
-def test_client_mode_reconnects_after_a_failed_connection(loop_thread, registry, tmp_path, monkeypatch):
+def test_client_mode_reconnects_after_a_failed_connection(loop_thread, primitives, tmp_path, monkeypatch):
     path = tmp_path / "qemu.sock"
     raised = _end_session_failing_once(monkeypatch)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.fspath(path))
     listener.listen(1)
     try:
-        with serving(loop_thread, registry, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
+        with serving(loop_thread, primitives, EchoDevice(queues=1), path, client=True, retry_interval=0.05):
             for round_ in range(2):
                 with VhostUserFrontend.accept(listener, timeout=30.0) as frontend:
                     frontend.start(queue_size=8)
@@ -382,13 +389,13 @@ def test_client_mode_reconnects_after_a_failed_connection(loop_thread, registry,
     assert raised
 
 
-def test_block_engine_read_write_flush(loop_thread, registry, tmp_path):
+def test_block_engine_read_write_flush(loop_thread, primitives, tmp_path):
     image = tmp_path / "disk.img"
     content = os.urandom(1 << 20)
     image.write_bytes(content)
     backend, device = create_block_device({"path": str(image)}, name="disk0")
     try:
-        with serving(loop_thread, registry, device, tmp_path / "blk.sock"):
+        with serving(loop_thread, primitives, device, tmp_path / "blk.sock"):
             with VhostUserFrontend.connect(tmp_path / "blk.sock") as frontend:
                 frontend.start(queue_size=128)
                 config = frontend.get_config(0, 60)
@@ -529,15 +536,15 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_message_closes_only_that_connection(case, loop_thread, registry, tmp_path, caplog):
+def test_hostile_message_closes_only_that_connection(case, loop_thread, primitives, tmp_path, caplog):
     send_hostile, reason = HOSTILE[case]
     victim_path, bystander_path = tmp_path / "victim.sock", tmp_path / "bystander.sock"
-    with serving(loop_thread, registry, EchoDevice(queues=1), victim_path) as door, \
-            serving(loop_thread, registry, EchoDevice(queues=1), bystander_path):
+    with serving(loop_thread, primitives, EchoDevice(queues=1), victim_path) as door, \
+            serving(loop_thread, primitives, EchoDevice(queues=1), bystander_path):
         with VhostUserFrontend.connect(bystander_path) as bystander:
             bystander.start(queue_size=8)
             before = open_fds()
-            with caplog.at_level(logging.INFO, logger="pvcore.kvm"):
+            with caplog.at_level(logging.INFO, logger="pvcore.vhost_user"):
                 with VhostUserFrontend.connect(victim_path) as hostile:
                     hostile.start(queue_size=8)
                     send_hostile(hostile)
@@ -556,8 +563,8 @@ def test_hostile_message_closes_only_that_connection(case, loop_thread, registry
             assert bystander.request(0, [b"unharmed"], [8]).data == b"demrahnu"
 
 
-def test_nack_before_closing_when_reply_ack_negotiated(loop_thread, registry, tmp_path):
-    with serving(loop_thread, registry, EchoDevice(queues=1), tmp_path / "n.sock"):
+def test_nack_before_closing_when_reply_ack_negotiated(loop_thread, primitives, tmp_path):
+    with serving(loop_thread, primitives, EchoDevice(queues=1), tmp_path / "n.sock"):
         with VhostUserFrontend.connect(tmp_path / "n.sock") as frontend:
             frontend.start(queue_size=8)
             with pytest.raises(FrontendError, match="refused"):
@@ -566,8 +573,8 @@ def test_nack_before_closing_when_reply_ack_negotiated(loop_thread, registry, tm
                 frontend.receive()
 
 
-def test_broken_ring_signals_the_error_eventfd(loop_thread, registry, tmp_path):
-    with serving(loop_thread, registry, EchoDevice(queues=1), tmp_path / "err.sock") as door:
+def test_broken_ring_signals_the_error_eventfd(loop_thread, primitives, tmp_path):
+    with serving(loop_thread, primitives, EchoDevice(queues=1), tmp_path / "err.sock") as door:
         with VhostUserFrontend.connect(tmp_path / "err.sock") as frontend:
             frontend.start(queue_size=8)
             queue = frontend.queues[0]
