@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pvcore_lpar.plugin
 import pytest
 
 from pvcore.devices import classes
 from pvcore.registry import Registry
-from pvcore.testing.loopthread import LoopThread
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    """A fresh background event loop."""
-    runner = LoopThread()
-    try:
-        yield runner
-    finally:
-        runner.close()
+from pvcore.testing.fixtures import loop_thread  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
