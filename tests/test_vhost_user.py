@@ -211,17 +211,20 @@ def test_reconnect_gets_a_fresh_session(loop_thread, primitives, tmp_path):
     assert device.resets == 3
 
 
-def test_second_concurrent_frontend_is_refused(loop_thread, primitives, tmp_path, caplog):
+def test_third_concurrent_frontend_is_refused(loop_thread, primitives, tmp_path, caplog):
+    """Two front ends at once (a migration's source and destination); a third is refused."""
     path = tmp_path / "one.sock"
     with serving(loop_thread, primitives, EchoDevice(queues=1), path):
-        with VhostUserFrontend.connect(path) as first:
+        with VhostUserFrontend.connect(path) as first, VhostUserFrontend.connect(path) as second:
             first.start(queue_size=8)
+            second.start(queue_size=8)
             with caplog.at_level(logging.WARNING, logger="pvcore.vhost_user"):
-                with VhostUserFrontend.connect(path, timeout=2.0) as second:
+                with VhostUserFrontend.connect(path, timeout=2.0) as third:
                     with pytest.raises((FrontendError, ConnectionError)):
-                        second.get_features()
-            assert "refused a second frontend" in caplog.text
+                        third.get_features()
+            assert "refused a frontend" in caplog.text
             assert first.request(0, [b"still"], [5]).data == b"llits"
+            assert second.request(0, [b"too"], [3]).data == b"oot"
 
 
 def test_server_socket_file(loop_thread, primitives, tmp_path):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -50,6 +51,9 @@ from pvcore.virtio import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VirtioDevice,
 )
+
+if TYPE_CHECKING:
+    from pvcore.ring.dirtylog import DirtyLog
 
 log = logging.getLogger("pvcore.ring")
 
@@ -75,6 +79,8 @@ class QueueSetup:
     call: Notifier | None = None
     err: Notifier | None = None
     enabled: bool = True
+    log_addr: int | None = None
+    """Guest-physical address to log the used ring's writes at (migration), or None: not logged."""
 
 
 class RunningQueue:
@@ -182,6 +188,9 @@ class RunningQueue:
         if self.session.broken or self._detached:
             return
         try:
+            dirty = self.session.dirty_log
+            if dirty is not None:  # a migration is logging: what the device wrote, then the used ring
+                dirty.mark_buffers(chain.writable, written)
             self.vq.push_used(chain.head, written)
         except GuestMemoryError as exc:
             self.session.fail(f"queue {self.index}: {exc}")
@@ -295,6 +304,35 @@ class VirtioSession:
         self.setups = [QueueSetup() for _ in range(device.num_queues())]
         self.running: dict[int, RunningQueue] = {}
         self.broken: str | None = None
+        self.dirty_log: DirtyLog | None = None
+        """While a migration logs dirty pages: every guest write of this session is marked in it."""
+
+    def set_dirty_log(self, log: DirtyLog | None) -> None:
+        """Start (a log) or stop (None) marking guest writes; running queues follow at once.
+
+        Data the device writes into a chain's buffers is marked when the chain
+        completes (up to the length written), before its used element; the
+        used ring's writes are marked at the queue's ``log_addr`` if the
+        front end asked for them to be logged.
+        """
+        self.dirty_log = log
+        for index, queue in self.running.items():
+            self._log_used_ring(queue.vq, self.setups[index])
+
+    def set_queue_log(self, index: int, log_addr: int | None) -> None:
+        """Log queue ``index``'s used-ring writes at guest address ``log_addr`` (None: do not)."""
+        setup = self.queue_setup(index)
+        setup.log_addr = log_addr
+        queue = self.running.get(index)
+        if queue is not None:
+            self._log_used_ring(queue.vq, setup)
+
+    def _log_used_ring(self, vq: Virtqueue, setup: QueueSetup) -> None:
+        if self.dirty_log is not None and setup.log_addr is not None:
+            vq.log_used_addr = setup.log_addr
+            vq.dirty_log = self.dirty_log
+        else:
+            vq.dirty_log = None
 
     def __repr__(self) -> str:
         return f"VirtioSession({self.name!r})"
@@ -304,6 +342,8 @@ class VirtioSession:
         extra = features & ~self.offered_features
         if extra:
             raise SessionError(f"{self.name}: driver accepted features never offered: {extra:#x}")
+        if features == self.features and self.running:
+            return  # the same set again (vhost-user re-sends it to switch logging): nothing to redo
         self.features = features
         self.device.activate(features)
 
@@ -418,6 +458,7 @@ class VirtioSession:
             )
         except (VirtqueueError, GuestMemoryError) as exc:
             raise SessionError(f"{self.name}: queue {index}: {exc}") from None
+        self._log_used_ring(vq, setup)
         queue = RunningQueue(self, index, vq, setup)
         self.running[index] = queue
         self.device.queue_started(queue)
@@ -458,17 +499,24 @@ class VirtioSession:
             await self.stop_queue(index)
         self.close()
 
-    def close(self) -> None:
-        """End the session at once: detach queues, close notifiers, reset the device."""
+    def close(self, *, reset_device: bool = True) -> None:
+        """End the session at once: detach queues, close notifiers, reset the device.
+
+        ``reset_device=False`` leaves the device alone: another session of the
+        same device (a migration's destination, connected beside its source)
+        is still using it.
+        """
         for queue in self.running.values():
             queue.detach()
         self.running.clear()
+        self.dirty_log = None
         for setup in self.setups:
             for notifier in (setup.kick, setup.call, setup.err):
                 if notifier is not None:
                     notifier.close()
         self.setups = [QueueSetup() for _ in self.setups]
-        self.device.reset()
+        if reset_device:
+            self.device.reset()
 
     def stats(self) -> dict[str, int]:
         """Counters summed over running queues: kicks, completions, interrupts."""

@@ -26,11 +26,15 @@ architecture.
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 import attrs
 
 from pvcore.ring.barrier import full_barrier, read_barrier, write_barrier
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
+
+if TYPE_CHECKING:
+    from pvcore.ring.dirtylog import DirtyLog
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -127,6 +131,10 @@ class Virtqueue:
         self.next_used = memory.read_u16(used_addr + 2) if next_used is None else next_used & 0xFFFF
         self.signalled_used = self.next_used
         self._published = self.next_used
+        self.dirty_log: DirtyLog | None = None
+        """While a migration logs dirty pages: the log every used-ring write is marked in."""
+        self.log_used_addr = used_addr
+        """Guest-physical address the used ring's writes are logged at (vhost-user's log_guest_addr)."""
 
     @property
     def memory(self) -> GuestMemory:
@@ -159,6 +167,8 @@ class Virtqueue:
             fmt.pack_into(self._used, offset, *values)
         else:
             self._memory.write(self.used_addr + offset, fmt.pack(*values))
+        if self.dirty_log is not None:
+            self.dirty_log.mark(self.log_used_addr + offset, fmt.size)
 
     def avail_idx(self) -> int:
         """The driver's current available index."""

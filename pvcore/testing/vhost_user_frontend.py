@@ -24,12 +24,15 @@ from collections.abc import Sequence
 
 from pvcore.testing.driver import DriverQueue, GuestRam, UsedBuffer
 from pvcore.transports.vhost_user.protocol import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER,
     VERSION,
+    VRING_F_LOG,
     ConfigSpace,
+    LogDesc,
     MemoryTable,
     ProtocolFeature,
     RegionDesc,
@@ -42,13 +45,17 @@ from pvcore.transports.vhost_user.protocol import (
     encode,
     encode_addr,
     encode_config,
+    encode_log,
     encode_memory,
     encode_state,
     encode_u64,
 )
 from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 
-WANTED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+WANTED_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.LOG_SHMFD)
+)
 REPLIED_REQUESTS = frozenset(
     {
         Request.GET_FEATURES,
@@ -81,6 +88,7 @@ class VhostUserFrontend:
         sock.settimeout(timeout)
         self.ram = GuestRam(ram_size, sealed=sealed_ram)
         self.features = 0
+        self.offered = 0
         self.protocol_features = 0
         self.queues: dict[int, DriverQueue] = {}
         self.kicks: dict[int, int] = {}
@@ -196,7 +204,9 @@ class VhostUserFrontend:
     def start(self, *, num_queues: int | None = None, queue_size: int = 128, features: int | None = None) -> None:
         """The handshake QEMU makes, then every queue set up and enabled.
 
-        ``features`` defaults to everything offered except the protocol-features bit.
+        ``features`` defaults to everything offered except the protocol-features
+        bit and VHOST_F_LOG_ALL (a front end sets that one only to migrate, see
+        :meth:`start_logging`).
         """
         offered = self.get_features()
         if offered & bit(F_PROTOCOL_FEATURES):
@@ -206,7 +216,8 @@ class VhostUserFrontend:
             num_queues = self.get_queue_num()
         self.call(Request.SET_OWNER)
         if features is None:
-            features = offered & ~bit(F_PROTOCOL_FEATURES)
+            features = offered & ~(bit(F_PROTOCOL_FEATURES) | bit(F_LOG_ALL))
+        self.offered = offered
         self.features = features
         self.call(Request.SET_FEATURES, encode_u64(features | (offered & bit(F_PROTOCOL_FEATURES))))
         self.set_mem_table()
@@ -214,6 +225,29 @@ class VhostUserFrontend:
             self.setup_queue(index, queue_size)
             if offered & bit(F_PROTOCOL_FEATURES):
                 self.enable_queue(index)
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """SET_LOG_BASE with LOG_SHMFD: the log is ``size`` bytes of ``fd`` from ``offset``; waits for the reply."""
+        self.send(Request.SET_LOG_BASE, encode_log(LogDesc(size, offset)), [fd])
+        reply_request, flags, _ = self.receive()
+        if reply_request != Request.SET_LOG_BASE or not flags & FLAG_REPLY:
+            raise FrontendError(f"SET_LOG_BASE: got reply to request {reply_request} with flags {flags:#x}")
+
+    def start_logging(self, fd: int, size: int, offset: int = 0) -> None:
+        """What QEMU does as a migration starts: SET_LOG_BASE, features with LOG_ALL, rings with VRING_F_LOG."""
+        self.set_log_base(fd, size, offset)
+        self.set_logging(True)
+
+    def set_logging(self, on: bool) -> None:
+        """SET_FEATURES with or without VHOST_F_LOG_ALL, then SET_VRING_ADDR of every ring with(out) VRING_F_LOG."""
+        protocol = self.offered & bit(F_PROTOCOL_FEATURES)
+        self.call(Request.SET_FEATURES, encode_u64(self.features | protocol | (bit(F_LOG_ALL) if on else 0)))
+        for index, queue in self.queues.items():
+            addresses = VringAddr(
+                index, VRING_F_LOG if on else 0, self.user_addr(queue.desc_addr), self.user_addr(queue.used_addr),
+                self.user_addr(queue.avail_addr), queue.used_addr if on else 0,
+            )
+            self.call(Request.SET_VRING_ADDR, encode_addr(addresses))
 
     def set_mem_table(self) -> None:
         """SET_MEM_TABLE with the guest RAM memfd as the one region."""

@@ -29,7 +29,15 @@ replaced; it is removed on stop) and the front end connects (QEMU:
 front end listens on (QEMU: ``-chardev socket,id=c0,path=S,server=on``) and
 reconnects when the front end goes away and comes back (backing off up to a
 few seconds while connections end at once). A failed accept or connect is logged and retried.
-One frontend at a time.
+
+In server mode a device takes up to :data:`MAX_CONNECTIONS` front ends at
+once: a live migration's destination VMM connects to the same socket while
+the source is still connected. Each connection has its own memory table,
+rings and dirty log (its own session); a ring runs only once its own front
+end started it. Ending a connection resets the device only when no other
+connection is using it, so the source going away after the switch-over does
+not disturb the destination. One more connection is refused with one log
+line naming its peer (pid, uid). In client mode there is one connection.
 """
 
 from __future__ import annotations
@@ -38,9 +46,12 @@ import asyncio
 import logging
 import os
 import socket
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, Primitives
+from pvcore.ring.dirtylog import ATOMIC_OR_AVAILABLE, DirtyLog
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.ring.session import SessionError, VirtioSession
@@ -48,6 +59,7 @@ from pvcore.ring.virtqueue import ring_sizes
 from pvcore.streams.unix import bind_private_socket
 from pvcore.virtio import DeviceError, VirtioDevice, bit
 from pvcore.transports.vhost_user.protocol import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     FLAG_REPLY,
     VERSION,
@@ -56,6 +68,7 @@ from pvcore.transports.vhost_user.protocol import (
     VRING_NOFD,
     Body,
     ConfigSpace,
+    LogDesc,
     MemoryTable,
     Message,
     ProtocolError,
@@ -76,8 +89,17 @@ log = logging.getLogger("pvcore.vhost_user")
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
+    | (bit(ProtocolFeature.LOG_SHMFD) if ATOMIC_OR_AVAILABLE else 0)
 )
-"""Protocol features a pvcore backend offers (no INFLIGHT_SHMFD, LOG_SHMFD, BACKEND_REQ...)."""
+"""Protocol features a pvcore backend offers (LOG_SHMFD where the log can be marked atomically;
+no INFLIGHT_SHMFD, BACKEND_REQ...)."""
+
+LOGGING_FEATURES = bit(F_LOG_ALL) if ATOMIC_OR_AVAILABLE else 0
+"""Transport feature bits offered beside the device's: VHOST_F_LOG_ALL with LOG_SHMFD."""
+
+MAX_CONNECTIONS = 2
+"""Front ends a server-mode device takes at once: a guest's VMM, and during a live migration
+the destination's beside the source's. One more is refused with one log line."""
 
 _HANDLER_ERRORS = (SessionError, GuestMemoryError, DeviceError, ValueError, OSError)
 
@@ -92,9 +114,14 @@ class VhostUserConnection:
     """One frontend connection driving a fresh ring session of ``device``."""
 
     def __init__(
-        self, device: VirtioDevice, sock: socket.socket, *, primitives: Primitives, name: str, number: int = 1
+        self, device: VirtioDevice, sock: socket.socket, *, primitives: Primitives, name: str, number: int = 1,
+        alone: Callable[[VhostUserConnection], bool] | None = None,
     ) -> None:
         self.device = device
+        self.alone = alone or (lambda connection: True)
+        """Whether no other connection uses the device (then ending this session resets it)."""
+        self.dirty_log: DirtyLog | None = None
+        self.log_all = False
         self.number = number
         self.sock = sock
         self.primitives = primitives
@@ -177,10 +204,13 @@ class VhostUserConnection:
     async def _handle(self, request: Request, body: Body, message: Message) -> bytes | None:
         session = self.session
         if request is Request.GET_FEATURES:
-            return encode_u64(session.offered_features | bit(F_PROTOCOL_FEATURES))
+            return encode_u64(session.offered_features | bit(F_PROTOCOL_FEATURES) | LOGGING_FEATURES)
         if request is Request.SET_FEATURES:
             assert isinstance(body, int)
-            session.negotiate(body & ~bit(F_PROTOCOL_FEATURES))
+            if body & bit(F_LOG_ALL) and not LOGGING_FEATURES:
+                raise ProtocolError("VHOST_F_LOG_ALL was never offered")
+            session.negotiate(body & ~(bit(F_PROTOCOL_FEATURES) | bit(F_LOG_ALL)))
+            self._set_logging(bool(body & bit(F_LOG_ALL)))
             if not body & bit(F_PROTOCOL_FEATURES):
                 for index in range(len(self.enabled)):
                     self.enabled[index] = True
@@ -200,6 +230,10 @@ class VhostUserConnection:
             await self._end_session()
             self.session = VirtioSession(self.device, name=self.name, loop=self.loop)
             self.enabled = [False] * len(self.enabled)
+        elif request is Request.SET_LOG_BASE:
+            assert isinstance(body, LogDesc)
+            self._set_log_base(body, message)
+            return b""  # LOG_SHMFD: an empty reply once the log is in place
         elif request is Request.SET_MEM_TABLE:
             assert isinstance(body, MemoryTable)
             self._set_memory(body, message)
@@ -261,6 +295,41 @@ class VhostUserConnection:
         self.session.set_memory(memory)
         _close_memory(old)
 
+    def _set_log_base(self, desc: LogDesc, message: Message) -> None:
+        """Map the dirty log (it may replace one in use while rings run: QEMU resizes it so)."""
+        if not self.protocol_features & bit(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        fd = message.fds.pop()
+        try:
+            log_ = DirtyLog(fd, desc.size, desc.offset)
+        finally:
+            os.close(fd)
+        try:
+            if self.memory is not None:
+                log_.check_covers(self.memory)
+            for index, setup in enumerate(self.session.setups):
+                if setup.log_addr is not None and not log_.covers(setup.log_addr, self._used_len(index)):
+                    raise ProtocolError(f"queue {index}: used ring log address {setup.log_addr:#x} is past the log")
+        except BaseException:
+            log_.close()
+            raise
+        old, self.dirty_log = self.dirty_log, log_
+        self._set_logging(self.log_all)
+        if old is not None:
+            old.close()
+        log.info("%s: dirty log of %#x bytes mapped (covers %#x bytes of guest memory)", self.name, log_.size,
+                 log_.pages * 4096)
+
+    def _set_logging(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL was set (or cleared): mark every guest write while it is set and a log exists."""
+        if on != self.log_all:
+            log.info("%s: dirty page logging %s", self.name, "on" if on else "off")
+        self.log_all = on
+        self.session.set_dirty_log(self.dirty_log if on else None)
+
+    def _used_len(self, index: int) -> int:
+        return ring_sizes(self.session.setups[index].size or 1)[2]
+
     def _set_addresses(self, addr: VringAddr) -> None:
         setup = self.session.queue_setup(addr.index)
         if addr.flags & ~VRING_F_LOG:
@@ -274,7 +343,19 @@ class VhostUserConnection:
             used = self.memory.user_to_guest(addr.used, used_len)
         except GuestMemoryError as exc:
             raise ProtocolError(f"queue {addr.index}: ring address not in the memory table: {exc}") from None
+        log_addr = None
+        if addr.flags & VRING_F_LOG:
+            log_addr = addr.log
+            try:
+                self.memory.check(log_addr, used_len)
+            except GuestMemoryError:
+                raise ProtocolError(
+                    f"queue {addr.index}: used ring log address {log_addr:#x}+{used_len:#x} is outside guest memory"
+                ) from None
+            if self.dirty_log is not None and not self.dirty_log.covers(log_addr, used_len):
+                raise ProtocolError(f"queue {addr.index}: used ring log address {log_addr:#x} is past the log")
         self.session.set_queue_addresses(addr.index, desc, avail, used)
+        self.session.set_queue_log(addr.index, log_addr)
 
     async def _set_notifier(self, request: Request, value: int, message: Message) -> None:
         index = value & VRING_INDEX_MASK
@@ -329,9 +410,13 @@ class VhostUserConnection:
         try:
             await self._stop_rings()
         finally:
-            self.session.close()
+            self.session.close(reset_device=self.alone(self))
             _close_memory(self.memory)
             self.memory = None
+            if self.dirty_log is not None:
+                self.dirty_log.close()
+                self.dirty_log = None
+            self.log_all = False
 
 
 def _close_memory(memory: GuestMemory | None) -> None:
@@ -352,6 +437,7 @@ class VhostUserFrontDoor:
         name: str,
         client: bool = False,
         retry_interval: float = 1.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.device = device
         self.socket_path = Path(socket_path)
@@ -361,7 +447,10 @@ class VhostUserFrontDoor:
         self.retry_interval = retry_interval
         self.description = f"vhost-user {'client' if client else 'server'} socket {self.socket_path}"
         self.connections = 0
-        self.connection: VhostUserConnection | None = None
+        self.max_connections = max_connections
+        self.live: dict[VhostUserConnection, asyncio.Task[None]] = {}
+        """Connections being served (a closing one stays until its clean-up is done)."""
+        self._serving: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._socket_inode: tuple[int, int] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -369,6 +458,14 @@ class VhostUserFrontDoor:
 
     def __repr__(self) -> str:
         return f"VhostUserFrontDoor({self.name!r}, {self.description!r})"
+
+    @property
+    def connection(self) -> VhostUserConnection | None:
+        """The newest connection being served, or None."""
+        return next(reversed(self.live), None) if self.live else None
+
+    def _alone(self, connection: VhostUserConnection) -> bool:
+        return not any(other is not connection and not other.closing for other in self.live)
 
     async def start(self) -> None:
         """Listen on the socket (server) or start connecting to it (client)."""
@@ -383,7 +480,7 @@ class VhostUserFrontDoor:
     async def stop(self) -> None:
         """Stop accepting, end the connection (finishing in-flight requests), remove the socket."""
         try:
-            for task in (self._task, self._connection_task):
+            for task in (self._task, self._connection_task, *self._serving):
                 if task is not None:
                     task.cancel()
                     try:
@@ -425,18 +522,15 @@ class VhostUserFrontDoor:
                 await asyncio.sleep(self.retry_interval)
                 continue
             failed_errno = None
-            previous = self._connection_task
-            if previous is not None and not previous.done():
-                if self.connection is not None and not self.connection.closing:
-                    log.warning("vhost-user %s: refused a second frontend while one is connected", self.name)
-                    sock.close()
-                    continue
-                try:
-                    await previous  # the last frontend's requests are still finishing
-                except BaseException:
-                    sock.close()
-                    raise
-            self._connection_task = loop.create_task(self._serve(sock))
+            connected = sum(not connection.closing for connection in self.live)
+            if connected >= self.max_connections:
+                log.warning("vhost-user %s: refused a frontend (%s): %d connected, the limit is %d", self.name,
+                            _peer(sock), connected, self.max_connections)
+                sock.close()
+                continue
+            task = loop.create_task(self._serve(sock))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
 
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -478,18 +572,32 @@ class VhostUserFrontDoor:
         number = self.connections
         try:
             connection = VhostUserConnection(
-                self.device, sock, primitives=self.primitives, name=f"vhost-user {self.name}", number=number
+                self.device, sock, primitives=self.primitives, name=f"vhost-user {self.name}", number=number,
+                alone=self._alone,
             )
         except Exception:
             sock.close()
             log.exception("vhost-user %s: connection %d could not be set up", self.name, number)
             return
-        self.connection = connection
-        log.info("%s: frontend connected (connection %d) on %s", connection.name, number, self.socket_path)
+        task = asyncio.current_task()
+        assert task is not None
+        self.live[connection] = task
+        others = sum(other is not connection for other in self.live)
+        log.info("%s: frontend connected (connection %d) on %s (%s)%s", connection.name, number, self.socket_path,
+                 _peer(sock), f"; {others} other connection(s) open" if others else "")
         try:
             await connection.serve()
         except Exception:
             log.exception("%s: connection %d failed while closing", connection.name, number)
         finally:
-            self.connection = None
+            self.live.pop(connection, None)
+
+
+def _peer(sock: socket.socket) -> str:
+    """Who is at the other end of a Unix socket: pid and uid (SO_PEERCRED)."""
+    try:
+        pid, uid, _gid = struct.unpack("=iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return "peer unknown"
+    return f"pid {pid}, uid {uid}"
 

@@ -29,6 +29,8 @@ FLAG_REPLY = 0x4
 FLAG_NEED_REPLY = 0x8
 
 F_PROTOCOL_FEATURES = 30
+F_LOG_ALL = 26
+"""VHOST_F_LOG_ALL: a vhost (transport) feature bit; set, the back end logs every guest write (migration)."""
 """The virtio feature bit (reserved by VIRTIO) that announces protocol features."""
 
 VRING_INDEX_MASK = 0xFF
@@ -49,6 +51,7 @@ HEADER = struct.Struct("=III")
 _U64 = struct.Struct("=Q")
 _STATE = struct.Struct("=II")
 _ADDR = struct.Struct("=IIQQQQ")
+_LOG = struct.Struct("=QQ")
 _MEMORY_HEAD = struct.Struct("=II")
 _REGION = struct.Struct("=QQQQ")
 _CONFIG_HEAD = struct.Struct("=III")
@@ -133,6 +136,7 @@ class Payload(enum.Enum):
     STATE = "vring state"
     ADDR = "vring address"
     MEMORY = "memory table"
+    LOG = "log description"
     CONFIG = "config space"
 
 
@@ -156,6 +160,7 @@ SUPPORTED: dict[Request, Payload] = {
     Request.GET_CONFIG: Payload.CONFIG,
     Request.SET_CONFIG: Payload.CONFIG,
     Request.RESET_DEVICE: Payload.NONE,
+    Request.SET_LOG_BASE: Payload.LOG,
 }
 """Every request a pvcore backend serves, with its payload shape."""
 
@@ -180,6 +185,14 @@ class VringAddr:
     used: int
     avail: int
     log: int = 0
+
+
+@attrs.frozen
+class LogDesc:
+    """Where the dirty log is in the fd that comes with SET_LOG_BASE (LOG_SHMFD)."""
+
+    size: int
+    offset: int
 
 
 @attrs.frozen
@@ -209,7 +222,7 @@ class ConfigSpace:
     payload: bytes
 
 
-Body = int | VringState | VringAddr | MemoryTable | ConfigSpace | None
+Body = int | VringState | VringAddr | MemoryTable | ConfigSpace | LogDesc | None
 
 
 @attrs.define
@@ -254,6 +267,11 @@ def encode_u64(value: int) -> bytes:
 def encode_state(state: VringState) -> bytes:
     """A vring state payload."""
     return _STATE.pack(state.index, state.num)
+
+
+def encode_log(log: LogDesc) -> bytes:
+    """A SET_LOG_BASE payload (size, then offset)."""
+    return _LOG.pack(log.size, log.offset)
 
 
 def encode_addr(addr: VringAddr) -> bytes:
@@ -308,12 +326,16 @@ def _decode_memory(payload: bytes) -> MemoryTable:
     return MemoryTable(regions)
 
 
-_FIXED_SIZES = {Payload.NONE: 0, Payload.U64: _U64.size, Payload.STATE: _STATE.size, Payload.ADDR: _ADDR.size}
+_FIXED_SIZES = {
+    Payload.NONE: 0, Payload.U64: _U64.size, Payload.STATE: _STATE.size, Payload.ADDR: _ADDR.size,
+    Payload.LOG: _LOG.size,
+}
 _FIXED_PARSERS = {
     Payload.NONE: lambda payload: None,
     Payload.U64: decode_u64,
     Payload.STATE: decode_state,
     Payload.ADDR: lambda payload: VringAddr(*_ADDR.unpack(payload)),
+    Payload.LOG: lambda payload: LogDesc(*_LOG.unpack(payload)),
 }
 
 
@@ -324,6 +346,8 @@ def _expected_fds(request: Request, body: Body) -> int:
     if request in NOTIFIER_REQUESTS:
         assert isinstance(body, int)
         return 0 if body & VRING_NOFD else 1
+    if request is Request.SET_LOG_BASE:
+        return 1
     return 0
 
 
