@@ -187,6 +187,13 @@ class VirtioNet(VirtioDevice):
     def queue_started(self, queue: RunningQueue) -> None:
         """Remember the receive queue; frames for the guest flow from now on."""
         if queue.index == RX_QUEUE:
+            previous = self._rx
+            if previous is not None and previous is not queue:
+                # another connection's receive queue (a migration's source) hands over: its buffers go back
+                held = list(self._held)
+                self._held.clear()
+                for chain, _ in held:
+                    previous.complete(chain, 0)
             self._rx = queue
             self._held.clear()
 
@@ -199,13 +206,12 @@ class VirtioNet(VirtioDevice):
 
     def queue_stopping(self, queue: RunningQueue) -> None:
         """Receive queue: give every held buffer back unused and drop the backlog."""
-        if queue.index != RX_QUEUE:
-            return
+        if queue.index != RX_QUEUE or self._rx is not queue:
+            return  # not the receive queue frames flow to (another connection's took over)
         held = list(self._held)
         self._held.clear()
         self._backlog.clear()
-        if self._rx is queue:
-            self._rx = None
+        self._rx = None
         for chain, _ in held:
             queue.complete(chain, 0)
 

@@ -1,0 +1,157 @@
+"""End to end: QEMU live-migrates a guest on one host while it writes to a pvcore vhost-user-blk disk.
+
+A source QEMU and a destination QEMU (started with ``-incoming``) are both
+connected to the same pvcore socket: the device takes the destination's
+connection beside the source's. The guest writes numbered 4 KiB records with
+O_DIRECT and prints an acknowledgement after each; QMP ``migrate`` moves it
+mid-write (pvcore logs every page it writes into guest memory, so the
+destination gets them), the source goes away, and the guest finishes on the
+destination. Every record the guest acknowledged, on either side, must be in
+the disk image, and the guest reads every record back on the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import struct
+import time
+
+import pytest
+
+from pvcore.devices.block import create_block_device
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
+from pvcore.ring.fdmemory import sealed_memfd
+from pvcore.testing.guest.qmp import Qmp
+from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
+from pvcore.transports.vhost_user import VhostUserFrontDoor
+
+RECORDS = 400
+RECORD = 4096
+DISK_SIZE = (RECORDS + 8) * RECORD
+MEMORY_MB = 256
+
+SCRIPT = f"""
+n=1
+while [ $n -le {RECORDS} ]; do
+  printf 'REC %08d\\n' $n | dd of=/dev/vda bs={RECORD} seek=$n count=1 conv=sync,notrunc oflag=direct 2>/dev/null \\
+    && echo "ACK $n"
+  n=$((n + 1))
+done
+good=0
+n=1
+while [ $n -le {RECORDS} ]; do
+  got=$(dd if=/dev/vda bs={RECORD} skip=$n count=1 iflag=direct 2>/dev/null | head -c 12)
+  [ "$got" = "$(printf 'REC %08d' $n)" ] && good=$((good + 1))
+  n=$((n + 1))
+done
+{result_line("readback", "echo $good")}
+"""
+
+
+def record(image: bytes, n: int) -> bytes:
+    return image[n * RECORD : n * RECORD + 12]
+
+
+@pytest.mark.guest
+def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread, registry, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pvcore.vhost_user")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK_SIZE))
+    path = tmp_path / "vda.sock"
+    backend, device = create_block_device({"path": str(image)}, name="vda")
+    door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
+    loop_thread.run(door.start())
+    (qemu_args,) = plugin_qemu_args("kvm", [f"block:path={image},socket={path},name=vda"]).values()
+    kernel = fetch_kernel("x86_64")
+    initrd = build_initramfs(kernel, SCRIPT, ["virtio_pci", "virtio_blk"], tmp_path, name="migrate.cpio.gz")
+    src_qmp, dst_qmp, migration = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
+
+    def guest(name: str, extra: list[str]) -> Guest:
+        return Guest(kernel, initrd, [*qemu_args, *extra], memory_mb=MEMORY_MB, name=name, max_runtime=400)
+
+    source = guest("source", ["-qmp", f"unix:{src_qmp},server=on,wait=off"])
+    destination = guest("destination", ["-qmp", f"unix:{dst_qmp},server=on,wait=off",
+                                        "-incoming", f"unix:{migration}"])
+    started = time.monotonic()
+    try:
+        with source, contextlib.ExitStack() as stack:
+            source.wait_for("ACK 20", 240)
+            hostile_second_connections(path, door, caplog)
+            stack.enter_context(destination)
+            dqmp = Qmp.connect(str(dst_qmp))
+            wait_for(lambda: door.connections >= 2 and len(door.live) == 2, 60, "the destination's connection")
+            sqmp = Qmp.connect(str(src_qmp))
+            migrate_started = time.monotonic()
+            sqmp.command("migrate", uri=f"unix:{migration}")
+            while (info := sqmp.command("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+                assert time.monotonic() - migrate_started < 240, info
+                time.sleep(0.2)
+            assert info["status"] == "completed", info
+            acked_on_source = acks(source.output)
+            sqmp.command("quit")
+            sqmp.close()
+            wait_for(lambda: dqmp.command("query-status")["status"] == "running", 60, "the destination to run")
+            dqmp.close()
+            result = destination.wait(300)
+    finally:
+        loop_thread.run(door.stop(), timeout=30)
+        backend.close()
+    data = image.read_bytes()
+    acked = acked_on_source | acks(result.output)
+    print(f"migration: total {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+          f"{len(acked_on_source)} records acknowledged on the source, {len(acks(result.output))} on the "
+          f"destination, {time.monotonic() - started:.0f}s wall")
+    assert result.returncode == 0, result.output[-3000:]
+    assert acks(result.output), "the guest wrote nothing after the migration: it did not move mid-write"
+    assert acked == set(range(1, RECORDS + 1))
+    missing = [n for n in sorted(acked) if record(data, n) != b"REC %08d" % n]
+    assert not missing, f"acknowledged records missing from the image: {missing[:20]}"
+    assert result.results["readback"] == str(len(acked))
+    assert door.connections == 2 + len(HOSTILE)
+    assert "dirty page logging on" in caplog.text and "dirty log of" in caplog.text
+    assert caplog.text.count("protocol error") == len(HOSTILE) and "needs reset" not in caplog.text
+
+
+HOSTILE = ("garbage", "log too small", "log base outside its file", "SET_LOG_BASE while rings run, too small")
+
+
+def hostile_second_connections(path, door: VhostUserFrontDoor, caplog) -> None:
+    """Each hostile case as a second connection beside the running source: only it fails, with one line."""
+    log_bytes = (MEMORY_MB << 20) // 4096 // 8
+    fd = sealed_memfd("hostile-log", log_bytes)
+    try:
+        for number, case in enumerate(HOSTILE, start=2):
+            before = len([r for r in caplog.records if r.levelno >= logging.WARNING])
+            with VhostUserFrontend.connect(path, ram_size=MEMORY_MB << 20, timeout=5.0) as bad:
+                with contextlib.suppress(FrontendError, OSError):
+                    if case == "garbage":
+                        bad.sock.sendall(struct.pack("=III", 0xDEAD, 1, 4) + os.urandom(4))
+                    else:
+                        bad.start(queue_size=8)
+                        if case == "log too small":
+                            bad.set_log_base(fd, log_bytes // 8)
+                        elif case == "log base outside its file":
+                            bad.set_log_base(fd, log_bytes, offset=4096)
+                        else:
+                            bad.start_logging(fd, log_bytes)
+                            bad.set_log_base(fd, 64)
+                    bad.get_features()
+                wait_for(lambda: door.connections == number and len(door.live) == 1, 30, f"{case} to fail")
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING][before:]
+            assert len(warnings) == 1 and "protocol error" in warnings[0], (case, warnings)
+    finally:
+        os.close(fd)
+
+
+def acks(output: str) -> set[int]:
+    return {int(n) for n in re.findall(r"^ACK (\d+)\s*$", output, re.M)}
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
