@@ -64,8 +64,13 @@ class XenConsoleBackend(XenbusBackend):
     async def announce(self, client: XenstoreClient) -> None:
         """The console backend publishes nothing but its state."""
 
-    async def connect(self, client: XenstoreClient) -> None:
-        """Map the ring page, bind the event channel, take the stream's input, drain what is there."""
+    async def connect(self, client: XenstoreClient, *, resume: bool = False) -> None:
+        """Map the ring page, bind the event channel, take the stream's input, drain what is there.
+
+        A pick-up (``resume``) is the same: the indexes are in the page, so
+        output the guest wrote while no backend ran is drained now; the guest
+        is signalled once, in case it waits for room.
+        """
         ref = await require_number(client, f"{self.frontend_path}/ring-ref", limit=MAX_GRANT_REF)
         port = await require_number(client, f"{self.frontend_path}/port", limit=MAX_GRANT_REF)
         self.memory = self.map_memory()
@@ -84,6 +89,8 @@ class XenConsoleBackend(XenbusBackend):
         asyncio.get_running_loop().add_reader(self.channel.fileno(), self._on_event)
         self.stream.on_input = self._to_guest
         self._service()
+        if resume and self.channel is not None:
+            self.channel.signal()
 
     async def disconnect(self) -> None:
         """Release the ring page and the event channel; input goes nowhere until the next connect."""

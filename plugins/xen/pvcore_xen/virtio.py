@@ -12,6 +12,14 @@ queue's event channel (``pvcore_open_notifier``; one channel carries both the
 guest's kicks and the backend's interrupts) and starts the queues. Rings,
 validation and the device are the core's; when the ring engine breaks the
 session, the error notifier fails the device through the handshake.
+
+A pick-up after a backend restart (``connect(..., resume=True)``) does the
+same on rings the driver is already using, and starts each queue at the used
+ring's ``idx`` (the last completion the previous backend published): every
+chain the driver made available after that is handled now, which includes
+the ones the previous backend had taken but not completed (they run again).
+Each channel is signalled once, in case the previous backend published
+completions but died before the interrupt.
 """
 
 from __future__ import annotations
@@ -79,8 +87,8 @@ class XenVirtioBackend(XenbusBackend):
         ):
             await client.write(f"{self.backend_path}/{node}", value)
 
-    async def connect(self, client: XenstoreClient) -> None:
-        """Read the frontend's queues and start a ring session on them."""
+    async def connect(self, client: XenstoreClient, *, resume: bool = False) -> None:
+        """Read the frontend's queues and start a ring session on them (from the used index, to ``resume``)."""
         front = self.frontend_path
         features = await require_number(client, f"{front}/features", limit=U64, base=16)
         queues = []
@@ -98,20 +106,33 @@ class XenVirtioBackend(XenbusBackend):
             self.session.negotiate(features)
             self.memory = self.map_memory()
             self.session.set_memory(self.memory)
+            channels = []
             for index, (size, (desc, avail, used), port) in enumerate(queues):
                 channel = self.open_channel(port, f"queue {index}")
+                channels.append(channel)
                 self.session.configure_queue(
                     index, size=size, desc=desc, avail=avail, used=used, kick=channel, call=channel, err=self._error
                 )
+                if resume:
+                    try:
+                        self.session.set_queue_base(index, self.memory.read_u16(used + 2))
+                    except GuestMemoryError as exc:
+                        raise XenDeviceError(f"queue {index}: used ring: {exc}") from None
             for index in range(len(queues)):
                 self.session.start_queue(index)
+            if resume:
+                for channel in channels:
+                    channel.signal()
         except (SessionError, GuestMemoryError, DeviceError, ValueError) as exc:
             await self.disconnect()
             raise XenDeviceError(str(exc)) from None
         except Exception:
             await self.disconnect()
             raise
-        log.info("%s: dom%d virtio %s %d connected, %d queues", self.name, self.domid, self.device_class, self.devid, len(queues))
+        log.info(
+            "%s: dom%d virtio %s %d %s, %d queues",
+            self.name, self.domid, self.device_class, self.devid, "picked up" if resume else "connected", len(queues),
+        )
 
     def _on_session_error(self) -> None:
         if self._error is not None:

@@ -19,6 +19,19 @@ state, a ring the engine rejects) fails the device: one logged line with the
 reason, the device disconnected and the backend Closing, until the frontend
 closes and starts over. Subclasses supply :meth:`~XenbusBackend.announce`,
 :meth:`~XenbusBackend.connect` and :meth:`~XenbusBackend.disconnect`.
+
+Restart without the frontend noticing, as Xen's own backends do: stopping
+(the daemon's SIGTERM, an upgrade) finishes in-flight requests and releases
+the mappings and event channels but leaves both ``state`` nodes as they are;
+a new backend that finds its own ``state`` Connected and the frontend
+Initialised or Connected *picks the device up*: it reads the frontend's nodes
+again, maps the rings, binds the event channels and carries on from the ring
+indexes in shared memory (``connect(..., resume=True)``), writing nothing to
+xenstore. A pick-up the nodes no longer allow (garbage ring refs, a port
+that cannot be bound) fails that device as a connect would. A backend that
+finds itself Closing or Closed stays there until the frontend starts over.
+Taking a device away from a guest is the toolstack's job (it drives the
+frontend to Closing), not a side effect of a daemon stopping.
 """
 
 from __future__ import annotations
@@ -101,7 +114,8 @@ class XenbusBackend(abc.ABC):
     """One device's backend side: watches, the state handshake, failure and teardown.
 
     It is a :class:`~pvcore.contract.FrontDoor`: :meth:`start` connects to
-    xenstore and begins watching; :meth:`stop` disconnects and writes Closed.
+    xenstore and begins watching (picking up a device a previous backend left
+    Connected); :meth:`stop` disconnects and leaves the state nodes as they are.
     """
 
     kind: str = ""
@@ -137,6 +151,8 @@ class XenbusBackend(abc.ABC):
         self._watches: list[Watch] = []
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
+        self._first_step = True
+        self.resumed = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, dom{self.domid} {self.kind} {self.devid})"
@@ -146,8 +162,12 @@ class XenbusBackend(abc.ABC):
         """Publish the backend's nodes for the frontend (before InitWait)."""
 
     @abc.abstractmethod
-    async def connect(self, client: XenstoreClient) -> None:
-        """Read the frontend's nodes and start serving; raise :class:`XenDeviceError` if they are wrong."""
+    async def connect(self, client: XenstoreClient, *, resume: bool = False) -> None:
+        """Read the frontend's nodes and start serving; raise :class:`XenDeviceError` if they are wrong.
+
+        ``resume`` is a pick-up after a backend restart: the rings are already
+        in use, so serving continues from the indexes in shared memory.
+        """
 
     @abc.abstractmethod
     async def disconnect(self) -> None:
@@ -181,7 +201,12 @@ class XenbusBackend(abc.ABC):
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"xenbus {self.name}")
 
     async def stop(self) -> None:
-        """Disconnect the device, say Closed, stop watching and close the xenstore connection."""
+        """Disconnect the device (finishing in-flight requests), stop watching, close the xenstore connection.
+
+        Both ``state`` nodes stay as they are: a frontend that was Connected
+        stays Connected, and the next backend started for this device picks
+        it up from there (see the module's docstring).
+        """
         if self._runner is not None:
             self._stopping = True
             self._wake.set()  # the runner ends even if asyncio.wait_for swallowed the cancellation (Python 3.11)
@@ -194,10 +219,8 @@ class XenbusBackend(abc.ABC):
                 log.exception("%s: the xenbus handshake had already failed", self.name)
         await self._disconnect()
         if self.client is not None:
-            with contextlib.suppress(XenstoreError, XenstoreProtocolError, TimeoutError):
-                if await self.client.exists(self.backend_path):
-                    await self.client.write(f"{self.backend_path}/state", str(int(XenbusState.CLOSED)))
-            await self.client.close()
+            with contextlib.suppress(XenstoreError, XenstoreProtocolError, TimeoutError, OSError):
+                await self.client.close()
             self.client = None
 
     def fail(self, reason: str) -> None:
@@ -261,6 +284,20 @@ class XenbusBackend(abc.ABC):
         value = await read_number(self.client, f"{self.frontend_path}/state", limit=int(XenbusState.RECONFIGURED))
         return None if value is None else XenbusState(value)
 
+    async def _adopt(self, frontend: XenbusState | None) -> bool:
+        """First step after start: take over the state a previous backend left; True if it picked the device up."""
+        assert self.client is not None
+        with contextlib.suppress(XenDeviceError):  # a state node that holds no state: start over with InitWait
+            left = await read_number(self.client, f"{self.backend_path}/state", limit=int(XenbusState.RECONFIGURED))
+            if left in (XenbusState.CONNECTED, XenbusState.CLOSING, XenbusState.CLOSED):
+                self.state = XenbusState(left)
+        if self.state != XenbusState.CONNECTED or frontend not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            return False
+        await self.connect(self.client, resume=True)
+        self.connected = self.resumed = True
+        log.info("%s: picked up dom%d %s device %d as the last backend left it", self.name, self.domid, self.kind, self.devid)
+        return True
+
     async def _step(self) -> None:
         """Move the backend's state one handshake step on from what the nodes say now."""
         assert self.client is not None
@@ -268,6 +305,11 @@ class XenbusBackend(abc.ABC):
             await self._disconnect()
             self.state = None
             return
+        if self._first_step:  # until the adoption ran without a xenstore error
+            picked_up = await self._adopt(await self._frontend_state())
+            self._first_step = False
+            if picked_up:
+                return
         if self.state is None:
             await self._set_state(XenbusState.INIT_WAIT)
         frontend = await self._frontend_state()

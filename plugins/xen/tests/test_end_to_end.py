@@ -151,6 +151,11 @@ def test_probe_lists_the_backend_tree(tmp_path):
 
     async def body() -> None:
         async with xen_world(tmp_path, configs) as world:
+            for front in (
+                SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=51712),
+                SimulatedConsoleFrontend(world.host.domains[2], world.clients[2], devid=0),
+            ):  # the handshake moves the state nodes the probe reads: let it settle first
+                await front.wait_backend(XenbusState.INIT_WAIT)
             plugin: XenPlugin = world.plugin
             host = HostContext(environ={})
             slots = await asyncio.get_running_loop().run_in_executor(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ async def xen_world(directory: Path, configs: Sequence[DeviceConfig], domids: Se
     host = SimulatedXenHost(backend_domid=0)
     clients: dict[int, XenstoreClient] = {}
     daemon: Daemon | None = None
+    world: World | None = None
     try:
         for domid in (0, *domids):
             socket_path = directory / f"xenstored-dom{domid}.sock"
@@ -74,11 +76,60 @@ async def xen_world(directory: Path, configs: Sequence[DeviceConfig], domids: Se
         registry.register(plugin, name="xen")
         daemon = Daemon(registry, "xen", configs, run_dir=directory / "run")
         await daemon.start()
-        yield World(store, host, clients, registry, plugin, daemon)
+        world = World(store, host, clients, registry, plugin, daemon)
+        yield world
     finally:
+        if world is not None:
+            daemon = world.daemon  # a test may have restarted it
         if daemon is not None:
             await daemon.stop()
         for client in clients.values():
             await client.close()
         await store.close()
         host.close()
+
+
+async def stop_daemon(world: World, *, crash: bool = False) -> None:
+    """Stop the daemon as SIGTERM does, or (``crash``) drop it as a killed process would.
+
+    A crash finishes nothing, publishes nothing and writes nothing to
+    xenstore: every queue is detached where it stands (requests the device
+    had taken stay unfinished), the xenstore connections close, and the
+    simulated host unbinds the backend's event channels as Xen does when the
+    backend's process dies. The engines are then closed only to release
+    their threads and files (a dead process's writes are in the page cache).
+    """
+    if not crash:
+        await world.daemon.stop()
+        return
+    loop = asyncio.get_running_loop()
+    for instance, door in world.daemon.served:
+        door._stopping = True
+        if door._runner is not None:
+            door._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await door._runner
+        session = getattr(door, "session", None)
+        if session is not None:
+            for queue in session.running.values():
+                queue.detach()
+            loop.remove_reader(door._error.fileno())
+        channel = getattr(door, "channel", None)
+        if channel is not None:
+            loop.remove_reader(channel.fileno())
+            door.stream.on_input = None
+        client, door.client = door.client, None
+        if client is not None:
+            await client.close()
+    for instance, _ in world.daemon.served:
+        await instance.close()
+    world.daemon.served.clear()
+    world.host.backend_exited()
+
+
+async def start_daemon(world: World, configs: Sequence[DeviceConfig]) -> Daemon:
+    """A fresh daemon with ``configs`` on the same simulated host and xenstore (a restart); it becomes ``world.daemon``."""
+    daemon = Daemon(world.registry, "xen", configs, run_dir=world.daemon.run_dir)
+    await daemon.start()
+    world.daemon = daemon
+    return daemon

@@ -20,6 +20,7 @@ import errno
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 
 import attrs
 
@@ -50,12 +51,17 @@ class SimulatedGrantPage:
 
 
 class SimulatedEventChannel:
-    """One end of a simulated interdomain channel: reads one eventfd, signals the other."""
+    """One end of a simulated interdomain channel: reads one eventfd, signals the other.
 
-    def __init__(self, local_port: int, incoming: int, outgoing: int) -> None:
+    ``on_close`` runs when this end is closed: the backend's end unbinds the
+    channel, as Xen leaves the guest's port unbound for a new backend to bind.
+    """
+
+    def __init__(self, local_port: int, incoming: int, outgoing: int, on_close: Callable[[], None] | None = None) -> None:
         self.local_port = local_port
         self._incoming = incoming
         self._outgoing = outgoing
+        self._on_close = on_close
 
     def __repr__(self) -> str:
         return f"SimulatedEventChannel(port {self.local_port})"
@@ -76,7 +82,10 @@ class SimulatedEventChannel:
         os.eventfd_write(self._outgoing, 1)
 
     def close(self) -> None:
-        """Nothing to release per end: the channel's eventfds belong to the simulated domain."""
+        """Unbind (the backend's end); the channel's eventfds belong to the simulated domain."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 @attrs.define(eq=False)
@@ -185,7 +194,16 @@ class SimulatedDomain:
         if channel.bound:
             raise OSError(errno.EBUSY, f"domain {self.domid} event channel {port}: already bound")
         channel.bound = True
-        return SimulatedEventChannel(port, channel.to_backend, channel.to_guest)
+
+        def unbind() -> None:
+            channel.bound = False
+
+        return SimulatedEventChannel(port, channel.to_backend, channel.to_guest, unbind)
+
+    def backend_exited(self) -> None:
+        """The backend's process died: Xen closes its ports, so every channel is unbound again."""
+        for channel in self._channels.values():
+            channel.bound = False
 
     def close(self) -> None:
         """Release the domain's memory and event channels."""
@@ -228,6 +246,11 @@ class SimulatedXenHost:
         frame = domain.granted_frame(ref, self.backend_domid, writable)
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         return SimulatedGrantPage(mmap.mmap(domain.memory_fd, PAGE_SIZE, access=access, offset=frame * PAGE_SIZE))
+
+    def backend_exited(self) -> None:
+        """The backend's process died without closing anything (a crash): its event channels are unbound."""
+        for domain in self.domains.values():
+            domain.backend_exited()
 
     def close(self) -> None:
         """Release every simulated domain."""
