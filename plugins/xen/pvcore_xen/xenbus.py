@@ -329,7 +329,7 @@ class XenbusBackend(abc.ABC):
                 await self._set_state(XenbusState.CONNECTED)
         elif frontend == XenbusState.CLOSING:
             await self._disconnect()
-            if self.state != XenbusState.CLOSED:
+            if self.state not in (XenbusState.CLOSING, XenbusState.CLOSED):
                 await self._set_state(XenbusState.CLOSING)
         elif frontend != XenbusState.INIT_WAIT:
             raise XenDeviceError(f"frontend state {frontend.name} is not one a frontend may be in")

@@ -217,7 +217,8 @@ def test_avail_index_beyond_the_queue_fails_the_pick_up(tmp_path, caplog):
             assert (await good.request(0, [], [16])).written == 16
 
     run(body)
-    assert any("avail index jumped" in line for line in failures(caplog)), caplog.text
+    xen = [r.getMessage() for r in caplog.records if r.name == "pvcore.xen" and r.levelno >= logging.ERROR]
+    assert len(xen) == 1 and "dom1-rng" in xen[0] and "avail index jumped by 1000" in xen[0], caplog.text
 
 
 def test_a_failed_device_stays_failed_across_a_restart(tmp_path):
@@ -236,6 +237,33 @@ def test_a_failed_device_stays_failed_across_a_restart(tmp_path):
             assert not door.connected and not door.resumed
             await front.set_state(XenbusState.CLOSED)
             await front.wait_backend(XenbusState.CLOSED)
+            await front.set_state(XenbusState.INITIALISING)
+            again = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            await again.connect()
+            assert (await again.request(0, [], [16])).written == 16
+
+    run(body)
+
+
+def test_a_frontend_that_closed_while_no_backend_ran_is_answered(tmp_path, monkeypatch):
+    """The new backend adopts Connected and follows the handshake: Closing, Closed, then a fresh connection."""
+    configs = [device("rng", "dom1-rng", "1/0")]
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            front = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            await front.connect()
+            await stop_daemon(world, crash=True)
+            writes = state_writes(monkeypatch)
+            await front.set_state(XenbusState.CLOSING)
+            await start_daemon(world, configs)
+            assert await front.wait_backend(XenbusState.CLOSING) == XenbusState.CLOSING
+            await front.set_state(XenbusState.CLOSED)
+            await front.wait_backend(XenbusState.CLOSED)
+            _, door = world.served("dom1-rng")
+            assert not door.resumed and not door.connected
+            backend = [value for path, value in writes if path.startswith("/local/domain/0/")]
+            assert backend == ["5", "6"], writes
             await front.set_state(XenbusState.INITIALISING)
             again = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
             await again.connect()
