@@ -262,3 +262,53 @@ def test_fifo_replaces_a_stale_fifo_and_refuses_other_files(tmp_path):
     asyncio.run(scenario())
     assert regular.read_text() == "keep me"
     assert not stale.exists()
+
+
+def test_fifo_survives_a_restart_for_a_reader_that_keeps_it_open(tmp_path):
+    """QEMU's rng-random opens the FIFO once: a restarted door must feed that same FIFO, not a new one."""
+    path = tmp_path / "rng.fifo"
+
+    async def read_some(fd: int, count: int) -> bytes:
+        data = bytearray()
+        async with asyncio.timeout(TIMEOUT):
+            while len(data) < count:
+                try:
+                    chunk = os.read(fd, count - len(data))
+                except BlockingIOError:
+                    chunk = b""
+                if not chunk:  # nothing yet, or no writer at all (end of file) for now
+                    await asyncio.sleep(0.002)
+                data += chunk
+        return bytes(data)
+
+    def drain(fd: int) -> bytes:
+        """What is left in a pipe nobody writes to: read up to end of file."""
+        data = bytearray()
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return bytes(data)
+
+    async def scenario():
+        first = RngFifoFrontDoor(EntropySource("dom1"), path)
+        await first.start()
+        inode = path.lstat().st_ino
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # as QEMU holds it for the guest's whole life
+        try:
+            await read_some(reader, 2 * first.capacity)
+            await first.stop()  # the same as a daemon that died: nobody writes
+            assert path.lstat().st_ino == inode, "a FIFO a reader still has open must stay"
+            assert len(drain(reader)) <= first.capacity  # what was left in the pipe, then end of file
+            second = RngFifoFrontDoor(EntropySource("dom1"), path)
+            await second.start()
+            assert path.lstat().st_ino == inode
+            assert len(await read_some(reader, 3 * second.capacity)) == 3 * second.capacity
+            await second.stop()
+        finally:
+            os.close(reader)
+        assert path.exists()
+        third = RngFifoFrontDoor(EntropySource("dom1"), path)
+        await third.start()
+        await third.stop()  # no reader now: removed
+        assert not path.exists()
+
+    asyncio.run(scenario())

@@ -6,15 +6,24 @@ handler waits while the main loop is not polling the chardev), so a pseries
 
     -object rng-random,id=rng0,filename=FIFO -device spapr-rng,rng=rng0
 
-:class:`RngFifoFrontDoor` creates the FIFO (mode 0600, replacing a stale one),
-shrinks its pipe buffer to :data:`PIPE_SIZE` bytes, and opens it read-write
-and non-blocking: opening never waits for a reader, and a reader never sees
+:class:`RngFifoFrontDoor` creates the FIFO (mode 0600), shrinks its pipe
+buffer to :data:`PIPE_SIZE` bytes, and opens it read-write and non-blocking: opening never waits for a reader, and a reader never sees
 end-of-file when there is no writer. Whenever the pipe has room the door asks
 the domain's :class:`~pvcore.devices.rng.EntropySource` for that many bytes
 and writes them; while the rate limit holds a request back, the door waits
 for it and does not poll the pipe. So the FIFO holds at most one pipe buffer
 of entropy and the rate limit bounds what the reader gets beyond that. The
-bytes are never logged. Stopping the door removes the FIFO.
+bytes are never logged.
+
+A restarted daemon must reach the reader the last one fed: QEMU opens the
+FIFO once, at start, and keeps that open file, so a FIFO replaced by a new
+one at the same path would never give QEMU another byte (and a pseries
+guest's next H_RANDOM would wait for ever). So a FIFO already at the path
+that this user owns with mode 0600 (what a daemon killed with SIGKILL leaves)
+is reused, not replaced; anything else there that is a FIFO is replaced.
+Stopping the door removes the FIFO only when no reader has it open; while
+QEMU still reads it, it stays for the next daemon. While no daemon writes,
+the reader gets what is left in the pipe, then waits.
 """
 
 from __future__ import annotations
@@ -83,7 +92,10 @@ class RngFifoFrontDoor:
         self._loop = asyncio.get_running_loop()
         self._create()
         try:
-            self._fd = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._fd = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+            info = os.fstat(self._fd)
+            if (info.st_dev, info.st_ino) != self._inode:
+                raise OSError(f"{self.fifo_path} was replaced while it was being opened")
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, self.pipe_size)
             self._capacity = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
         except OSError as exc:
@@ -93,7 +105,7 @@ class RngFifoFrontDoor:
         log.info("%s: serving %s (pipe buffer %d bytes)", self._what, self.description, self._capacity)
 
     async def stop(self) -> None:
-        """Stop filling, close and remove the FIFO."""
+        """Stop filling and close the FIFO; remove it unless a reader (QEMU) still has it open."""
         if self._fd < 0:
             return
         self._close()
@@ -110,7 +122,12 @@ class RngFifoFrontDoor:
         if existing is not None:
             if not stat.S_ISFIFO(existing.st_mode):
                 raise FifoError(f"{self._what}: {path} exists and is not a FIFO; remove it or choose another path")
-            log.info("%s: replacing stale FIFO %s", self._what, path)
+            if existing.st_uid == os.geteuid() and stat.S_IMODE(existing.st_mode) == FIFO_MODE:
+                # Left by an earlier daemon: a reader that kept it open (QEMU's rng-random) is fed again.
+                log.info("%s: reusing FIFO %s left by an earlier daemon", self._what, path)
+                self._inode = (existing.st_dev, existing.st_ino)
+                return
+            log.info("%s: replacing stale FIFO %s (not mode 0600 or not ours)", self._what, path)
             path.unlink()
         try:
             os.mkfifo(path, FIFO_MODE)
@@ -162,5 +179,18 @@ class RngFifoFrontDoor:
         if inode is not None:
             with contextlib.suppress(FileNotFoundError):
                 info = self.fifo_path.lstat()
-                if (info.st_dev, info.st_ino) == inode:
-                    self.fifo_path.unlink()
+                if (info.st_dev, info.st_ino) != inode:
+                    return
+                if self._has_reader():
+                    log.info("%s: a reader still has %s open; leaving it for the next daemon", self._what, self.fifo_path)
+                    return
+                self.fifo_path.unlink()
+
+    def _has_reader(self) -> bool:
+        """Whether some process has the FIFO open for reading (a non-blocking write-only open fails with ENXIO if not)."""
+        try:
+            fd = os.open(self.fifo_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
