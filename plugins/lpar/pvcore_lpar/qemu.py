@@ -6,6 +6,15 @@ partition's vty, l-lan, v-scsi disk and rng, each connected to the socket (or
 FIFO) the lpar plugin's front door serves. ``-nodefaults`` keeps QEMU from
 adding its own vty, v-scsi and NIC. Start ``pvcore serve`` first: QEMU
 connects to the sockets when it starts.
+
+Every device comes back by itself when pvcore restarts on the same paths:
+the vty's chardev has ``reconnect=1``, QEMU's rng-random keeps reading the
+same FIFO, and the NBD drive has ``file.reconnect-delay=``
+:data:`NBD_RECONNECT_DELAY`: while the server is gone, disk requests wait
+(QEMU retries the connection 1, 3, 7 and 15 s after it dropped, then every
+16 s) instead of failing, and a request that had no reply is sent again on
+the new connection. QEMU 7.2 takes the option only in this form: a
+``reconnect-delay`` in the URI's query is refused ("No valid URL specified").
 """
 
 from __future__ import annotations
@@ -17,6 +26,13 @@ from pvcore.config import parse_bool
 from pvcore.contract import DeviceConfig
 from pvcore.qemu import arguments_per_domain, option_value
 from pvcore.devices.net.switch import format_mac, parse_mac
+
+NBD_RECONNECT_DELAY = 20
+"""Seconds a v-scsi disk's requests wait for pvcore's NBD server to come back before they fail with EIO.
+
+Long enough for QEMU's retry 15 s after the connection dropped; shorter than
+the 30 s a Linux guest's sd driver waits for a SCSI command before it aborts.
+"""
 
 
 def qemu_arguments(configs: Sequence[DeviceConfig]) -> dict[str, list[str]]:
@@ -48,6 +64,7 @@ def _device_arguments(config: DeviceConfig, path: str, index: int) -> list[str]:
     if config.device_class == "block":
         uri = "nbd+unix:///?socket=" + urllib.parse.quote(path, safe="/")
         readonly = ",readonly=on" if parse_bool(str(config.get("readonly", "off"))) else ""
-        return ["-drive", f"file={option_value(uri)},format=raw,if=none,id=d{index},cache=none{readonly}",
+        drive = f"file={option_value(uri)},file.reconnect-delay={NBD_RECONNECT_DELAY},format=raw,if=none,id=d{index}"
+        return ["-drive", f"{drive},cache=none{readonly}",
                 "-device", f"spapr-vscsi,id=vs{index}", "-device", f"scsi-hd,drive=d{index},bus=vs{index}.0"]
     raise ValueError(f"{config.name}: the lpar plugin attaches console, net, block and rng, not {config.device_class}")

@@ -164,7 +164,7 @@ def test_qemu_arguments_for_a_partition(registry: Registry, tmp_path: Path) -> N
             "-device", "spapr-rng,rng=rng0",
             "-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path=/run/pvcore/p1-net.sock",
             "-device", "spapr-vlan,netdev=n0,mac=52:54:00:00:00:21",
-            "-drive", "file=nbd+unix:///?socket=/run/pvcore/p1-disk.sock,format=raw,if=none,id=d0,cache=none",
+            "-drive", "file=nbd+unix:///?socket=/run/pvcore/p1-disk.sock,file.reconnect-delay=20,format=raw,if=none,id=d0,cache=none",
             "-device", "spapr-vscsi,id=vs0",
             "-device", "scsi-hd,drive=d0,bus=vs0.0",
         ]
@@ -185,7 +185,7 @@ def test_qemu_arguments_per_domain_and_quoting(registry: Registry) -> None:
     assert sorted(args) == ["vm1", "vm2"]
     assert args["vm1"][1:5] == ["-chardev", "socket,id=vty0,path=/run/a,,b/vm1-vty.sock,reconnect=1",
                                 "-device", "spapr-vty,chardev=vty0"]
-    assert "file=nbd+unix:///?socket=/run/vm1-disk%201.sock,format=raw,if=none,id=d0,cache=none,readonly=on" in args["vm1"]
+    assert "file=nbd+unix:///?socket=/run/vm1-disk%201.sock,file.reconnect-delay=20,format=raw,if=none,id=d0,cache=none,readonly=on" in args["vm1"]
     assert "scsi-hd,drive=d1,bus=vs1.0" in args["vm1"]
     assert args["vm2"] == ["-nodefaults", "-chardev", "socket,id=vty0,path=/run/vm2-vty.sock,reconnect=1",
                            "-device", "spapr-vty,chardev=vty0"]
