@@ -126,6 +126,8 @@ class DirtyLog:
         self._skip = offset - start
         self.size = size
         self.pages = size * 8
+        self.marks = 0
+        """How many writes were marked (for the log line when the log goes away)."""
 
     def __repr__(self) -> str:
         return f"DirtyLog({self.size:#x} bytes, {self.pages} pages)"
@@ -147,6 +149,7 @@ class DirtyLog:
         """Set the bit of every page that ``[addr, addr+length)`` touches."""
         if length <= 0:
             return
+        self.marks += 1
         first = addr >> PAGE_SHIFT
         last = (addr + length - 1) >> PAGE_SHIFT
         if first < 0 or last >= self.pages:

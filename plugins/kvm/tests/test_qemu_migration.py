@@ -3,7 +3,8 @@
 A source QEMU and a destination QEMU (started with ``-incoming``) are both
 connected to the same pvcore socket: the device takes the destination's
 connection beside the source's. The guest writes numbered 4 KiB records with
-O_DIRECT and prints an acknowledgement after each; QMP ``migrate`` moves it
+O_DIRECT, prints an acknowledgement after each and reads it back with O_DIRECT
+(so pvcore writes guest pages during the migration too); QMP ``migrate`` moves it
 mid-write (pvcore logs every page it writes into guest memory, so the
 destination gets them), the source goes away, and the guest finishes on the
 destination. Every record the guest acknowledged, on either side, must be in
@@ -13,6 +14,7 @@ the disk image, and the guest reads every record back on the destination.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -30,24 +32,35 @@ from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 RECORDS = 400
 RECORD = 4096
-DISK_SIZE = (RECORDS + 8) * RECORD
+READ_START, READ_BLOCKS = 512, 2048
+"""A region of random data (8 MiB from 2 MiB) the guest reads over and over, 1 MiB per O_DIRECT read into one
+buffer that only pvcore writes: without dirty logging the destination would see a stale buffer."""
+DISK_SIZE = (READ_START + READ_BLOCKS) * RECORD
 MEMORY_MB = 256
 
-SCRIPT = f"""
+SCRIPT = """
+(while [ ! -e /tmp/stop ]; do
+  sum=$(dd if=/dev/vda bs=1M skip={read_start_mb} count={read_mb} iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+  if [ "$sum" = "{expected}" ]; then echo READ-OK; else echo "READ-BAD $sum"; fi
+done; touch /tmp/reader-done) &
 n=1
-while [ $n -le {RECORDS} ]; do
-  printf 'REC %08d\\n' $n | dd of=/dev/vda bs={RECORD} seek=$n count=1 conv=sync,notrunc oflag=direct 2>/dev/null \\
+while [ $n -le {records} ]; do
+  printf 'REC %08d\\n' $n | dd of=/dev/vda bs={record} seek=$n count=1 conv=sync,notrunc oflag=direct 2>/dev/null \\
     && echo "ACK $n"
+  got=$(dd if=/dev/vda bs={record} skip=$n count=1 iflag=direct 2>/dev/null | head -c 12)
+  [ "$got" = "$(printf 'REC %08d' $n)" ] || echo "BAD $n"
   n=$((n + 1))
 done
+touch /tmp/stop
+while [ ! -e /tmp/reader-done ]; do sleep 0.1; done
 good=0
 n=1
-while [ $n -le {RECORDS} ]; do
-  got=$(dd if=/dev/vda bs={RECORD} skip=$n count=1 iflag=direct 2>/dev/null | head -c 12)
+while [ $n -le {records} ]; do
+  got=$(dd if=/dev/vda bs={record} skip=$n count=1 iflag=direct 2>/dev/null | head -c 12)
   [ "$got" = "$(printf 'REC %08d' $n)" ] && good=$((good + 1))
   n=$((n + 1))
 done
-{result_line("readback", "echo $good")}
+{readback}
 """
 
 
@@ -59,14 +72,18 @@ def record(image: bytes, n: int) -> bytes:
 def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread, registry, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pvcore.vhost_user")
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(DISK_SIZE))
+    region = os.urandom(READ_BLOCKS * RECORD)
+    image.write_bytes(bytes(READ_START * RECORD) + region)
+    script = SCRIPT.format(record=RECORD, read_start_mb=READ_START * RECORD >> 20, read_mb=READ_BLOCKS * RECORD >> 20,
+                           records=RECORDS,
+                           expected=hashlib.md5(region).hexdigest(), readback=result_line("readback", "echo $good"))
     path = tmp_path / "vda.sock"
     backend, device = create_block_device({"path": str(image)}, name="vda")
     door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
     loop_thread.run(door.start())
     (qemu_args,) = plugin_qemu_args("kvm", [f"block:path={image},socket={path},name=vda"]).values()
     kernel = fetch_kernel("x86_64")
-    initrd = build_initramfs(kernel, SCRIPT, ["virtio_pci", "virtio_blk"], tmp_path, name="migrate.cpio.gz")
+    initrd = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk"], tmp_path, name="migrate.cpio.gz")
     src_qmp, dst_qmp, migration = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
 
     def guest(name: str, extra: list[str]) -> Guest:
@@ -107,11 +124,15 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
     assert result.returncode == 0, result.output[-3000:]
     assert acks(result.output), "the guest wrote nothing after the migration: it did not move mid-write"
     assert acked == set(range(1, RECORDS + 1))
+    assert "BAD" not in result.output and "BAD" not in source.output, "a read (O_DIRECT) returned stale data"
+    assert "READ-OK" in result.output
     missing = [n for n in sorted(acked) if record(data, n) != b"REC %08d" % n]
     assert not missing, f"acknowledged records missing from the image: {missing[:20]}"
     assert result.results["readback"] == str(len(acked))
     assert door.connections == 2 + len(HOSTILE)
-    assert "dirty page logging on" in caplog.text and "dirty log of" in caplog.text
+    assert "dirty page logging on" in caplog.text
+    marked = [int(n) for n in re.findall(r"dirty log of \S+ bytes unmapped after (\d+) marked writes", caplog.text)]
+    assert marked and max(marked) > 0, "pvcore marked nothing in QEMU's dirty log during the migration"
     assert caplog.text.count("protocol error") == len(HOSTILE) and "needs reset" not in caplog.text
 
 

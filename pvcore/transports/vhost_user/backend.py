@@ -315,8 +315,7 @@ class VhostUserConnection:
             raise
         old, self.dirty_log = self.dirty_log, log_
         self._set_logging(self.log_all)
-        if old is not None:
-            old.close()
+        self._close_log(old)
         log.info("%s: dirty log of %#x bytes mapped (covers %#x bytes of guest memory)", self.name, log_.size,
                  log_.pages * 4096)
 
@@ -326,6 +325,12 @@ class VhostUserConnection:
             log.info("%s: dirty page logging %s", self.name, "on" if on else "off")
         self.log_all = on
         self.session.set_dirty_log(self.dirty_log if on else None)
+
+    def _close_log(self, dirty_log: DirtyLog | None) -> None:
+        if dirty_log is not None:
+            log.info("%s: dirty log of %#x bytes unmapped after %d marked writes", self.name, dirty_log.size,
+                     dirty_log.marks)
+            dirty_log.close()
 
     def _used_len(self, index: int) -> int:
         return ring_sizes(self.session.setups[index].size or 1)[2]
@@ -413,9 +418,8 @@ class VhostUserConnection:
             self.session.close(reset_device=self.alone(self))
             _close_memory(self.memory)
             self.memory = None
-            if self.dirty_log is not None:
-                self.dirty_log.close()
-                self.dirty_log = None
+            self._close_log(self.dirty_log)
+            self.dirty_log = None
             self.log_all = False
 
 
