@@ -11,6 +11,7 @@ import pytest
 
 from pvcore.devices.block import create_block_device
 from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from pvcore.devices.rng import create_rng_device
 from pvcore.ring.dirtylog import LOG_PAGE_SIZE, DirtyLog
 from pvcore.ring.fdmemory import sealed_memfd
 from pvcore.ring.virtqueue import ring_sizes
@@ -123,6 +124,22 @@ def test_dirty_log_marks_generic_queue_writes_and_stops_when_off(loop_thread, pr
                 log.clear()
                 frontend.request(0, [b"quiet"], [5])
                 assert log.pages() == set()
+    finally:
+        log.close()
+
+
+def test_dirty_log_marks_rng_entropy(loop_thread, primitives, tmp_path):
+    log = Log()
+    try:
+        with serving(loop_thread, primitives, create_rng_device({}, name="rng0"), tmp_path / "rng.sock"):
+            with VhostUserFrontend.connect(tmp_path / "rng.sock", ram_size=RAM) as frontend:
+                frontend.start(queue_size=8)
+                frontend.start_logging(log.fd, log.size)
+                head = frontend.submit(0, [], [6000])
+                (addr, length), = frontend.queues[0]._posted[head].writable
+                used = frontend.wait_used(0, 1)[0]
+                assert used.written == 6000
+                assert log.pages() == pages_of(addr, 6000) | used_ring_pages(frontend)
     finally:
         log.close()
 
