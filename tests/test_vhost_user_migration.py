@@ -11,6 +11,8 @@ import pytest
 
 from pvcore.devices.block import create_block_device
 from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from pvcore.devices.net.switch import Switch
+from pvcore.devices.net.virtio_net import VirtioNet
 from pvcore.devices.rng import create_rng_device
 from pvcore.ring.dirtylog import LOG_PAGE_SIZE, DirtyLog
 from pvcore.ring.fdmemory import sealed_memfd
@@ -28,6 +30,7 @@ from pvcore.transports.vhost_user.protocol import (
     encode_log,
 )
 from pvcore.virtio import bit
+from tests.test_net import MAC_A, MAC_B, RecordingPort, frame
 from tests.test_vhost_user import EchoDevice, primitives, serving, wait_until  # noqa: F401  (fixture)
 
 RAM = 16 << 20
@@ -248,3 +251,45 @@ def test_dirty_log_bounds():
             log.mark(0, 1)
     finally:
         os.close(fd)
+
+
+def test_net_frames_go_to_the_connection_whose_receive_queue_runs(loop_thread, primitives, tmp_path):
+    switch = Switch("mig")
+    device = VirtioNet(name="nic", mac=MAC_A, switch=switch)
+    peer = RecordingPort("peer", MAC_B)
+    switch.attach(peer)
+    log = Log()
+
+    def inject(payload: bytes) -> None:
+        loop_thread.call(peer.send, frame(MAC_A, MAC_B, payload))
+
+    path = tmp_path / "net.sock"
+    try:
+        with serving(loop_thread, primitives, device, path) as door:
+            source = VhostUserFrontend.connect(path, ram_size=RAM)
+            source.start(queue_size=8)
+            source.start_logging(log.fd, log.size)
+            head = source.submit(0, [], [2048])
+            (addr, _), = source.queues[0]._posted[head].writable
+            source.submit(0, [], [2048])
+            inject(b"to the source")
+            got = source.wait_used(0, 1)[0]
+            assert got.data.endswith(b"to the source")
+            assert log.pages() == pages_of(addr, got.written) | used_ring_pages(source)
+            # the destination connects beside it; its receive queue takes over when it starts
+            with VhostUserFrontend.connect(path, ram_size=RAM) as destination:
+                destination.start(queue_size=8)
+                destination.submit(0, [], [2048])
+                handed_back = source.wait_used(0, 1)[0]
+                assert handed_back.written == 0
+                inject(b"to the destination")
+                assert destination.wait_used(0, 1)[0].data.endswith(b"to the destination")
+                assert source.get_vring_base(0) == 2
+                source.close()
+                wait_until(lambda: len(door.live) == 1)
+                destination.submit(0, [], [2048])
+                inject(b"after the source left")
+                assert destination.wait_used(0, 1)[0].data.endswith(b"after the source left")
+    finally:
+        log.close()
+        device.close()
