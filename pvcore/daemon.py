@@ -82,7 +82,10 @@ class Daemon:
         try:
             await instance.start()
             hypervisor = config.get("hypervisor") or self.hypervisor
-            door = self.registry.call(hypervisor, "pvcore_front_door", device=instance, context=context)
+            try:
+                door = self.registry.call(hypervisor, "pvcore_front_door", device=instance, context=context)
+            except ValueError as exc:  # the contract: a device the plugin cannot serve, with the reason
+                raise DaemonError(f"{config.name}: {exc}") from None
             if door is None:
                 raise DaemonError(f"{config.name}: plugin {hypervisor} has no front door for {config.device_class}")
             await door.start()

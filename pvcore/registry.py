@@ -190,7 +190,7 @@ class Registry:
         ``LookupError`` when no plugin serves ``hypervisor``.
         """
         record = self.serving(hypervisor)
-        others = [r.plugin for r in self.records if r.plugin is not None and r is not record]
+        others = [plugin for plugin in self.pm.get_plugins() if plugin is not record.plugin]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
     def primitives(self, hypervisor: str) -> HypervisorPrimitives:

@@ -78,18 +78,18 @@ def pvcore_plugin_info() -> PluginInfo:
 @hookimpl
 def pvcore_detect(host: HostContext) -> Detection | None:
     """Is {name} here? Look only under host.root (host.path(...)) and at host.libvirt."""
-    raise NotImplementedError("pvcore-{name}: pvcore_detect is not written yet (docs/porting.md, step 2: detect)")
+    raise NotImplementedError("pvcore-{name}: pvcore_detect is not written yet (docs/porting.md, step 4: detect)")
 
 
 @hookimpl
 def pvcore_probe(host: HostContext) -> list[DeviceSlot]:
     """The devices on host that want a backend."""
-    raise NotImplementedError("pvcore-{name}: pvcore_probe is not written yet (docs/porting.md, step 3: probe)")
+    raise NotImplementedError("pvcore-{name}: pvcore_probe is not written yet (docs/porting.md, step 5: probe)")
 
 
 @hookimpl
 def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDoor:
-    """Each class through the core's stream front door at socket= (docs/porting.md, step 4 for a ring transport)."""
+    """Each class through the core's stream front door at socket= (docs/porting.md, steps 7 and 8 for a ring transport)."""
     config = device.config
     path = config.get("socket") or context.run_dir / f"{{config.name}}.sock"
     if config.device_class == "console":
@@ -112,7 +112,7 @@ from pvcore.testing.conformance import ConformancePeer
 
 
 class Peer(ConformancePeer):
-    """Override present_host and probe_host (docs/porting.md, steps 2 and 3); open_guest for a ring transport."""
+    """Override present_host and probe_host (docs/porting.md, steps 4 and 5); open_guest for a ring transport."""
 
     def device_options(self, device_class: str, name: str) -> dict[str, str]:
         """Each device's front door listens in the kit's directory."""

@@ -225,3 +225,39 @@ def test_device_options_are_the_serving_plugins_and_must_be_option_specs() -> No
     options = registry.plugin_options("bare")
     assert options.for_device("rng") == ("bare", {})
     assert options.for_device("rng", "good") == ("good", {"speed": OptionSpec("how fast")})
+
+
+class RecordingHypervisor:
+    """A hypervisor plugin that records every hypervisor hook call it gets."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[str] = []
+
+    @hookimpl
+    def pvcore_plugin_info(self) -> PluginInfo:
+        return PluginInfo(name=self.name, contract=CONTRACT_VERSION, hypervisor=self.name, primitives={"probe", "stream"})
+
+    @hookimpl
+    def pvcore_probe(self, host):
+        self.calls.append("probe")
+        return [self.name]
+
+    @hookimpl
+    def pvcore_front_door(self, device, context):
+        self.calls.append("front_door")
+        return self.name
+
+
+def test_hypervisor_hooks_reach_the_named_plugin_only() -> None:
+    registry = Registry()
+    first, second = RecordingHypervisor("firsthv"), RecordingHypervisor("secondhv")
+    assert registry.register(first, name="firsthv").error is None
+    assert registry.register(second, name="secondhv").error is None
+    assert registry.call("firsthv", "pvcore_probe", host=HostContext()) == ["firsthv"]
+    assert registry.call("secondhv", "pvcore_front_door", device=None, context=None) == "secondhv"
+    assert first.calls == ["probe"] and second.calls == ["front_door"]
+    with pytest.raises(LookupError, match="no plugin serves hypervisor 'thirdhv'"):
+        registry.call("thirdhv", "pvcore_probe", host=HostContext())
+    duplicate = registry.register(RecordingHypervisor("firsthv"), name="other")
+    assert "already served by plugin firsthv" in duplicate.error

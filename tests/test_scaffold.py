@@ -14,7 +14,7 @@ from pvcore.testing.conformance.install import build_wheel
 from pvcore.testing.kit import run_kit
 
 LEFT_TO_DO = {
-    "test_detect_says_none_on_an_empty_host": "pvcore_detect is not written yet (docs/porting.md, step 2: detect)",
+    "test_detect_says_none_on_an_empty_host": "pvcore_detect is not written yet (docs/porting.md, step 4: detect)",
     "test_detect_finds_the_hypervisor_where_present": "does not implement present_host",
     "test_probe_lists_device_slots": "does not implement probe_host",
 }

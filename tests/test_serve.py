@@ -120,6 +120,19 @@ def test_a_device_that_cannot_start_fails_serve_with_one_line(tmp_path: Path) ->
     assert not (tmp_path / "ok.sock").exists()
 
 
+def test_a_front_door_the_plugin_refuses_fails_serve_with_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, PVCORE_RUN_DIR=str(tmp_path / "run"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm",
+         f"rng:socket={tmp_path}/egd.sock,protocol=egd,socket-mode=client"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pvcore: error:") and "socket-mode=client" in last
+    assert "Traceback" not in done.stderr
+
+
 def test_the_command_line_of_the_contract_serves_all_four_classes(tmp_path: Path) -> None:
     """The DEVICE strings users script against, relative paths included (issue example shape)."""
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))

@@ -119,6 +119,7 @@ def _check_region(index: int, region: FdRegion) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{where}: not a regular file (guest RAM is a memfd or a file)")
     _check_sealed(where, region.fd)
+    info = os.fstat(region.fd)  # sealed now: this size can only grow, so it bounds the mapping safely
     if region.offset + region.size > info.st_size:
         raise ValueError(
             f"{where}: offset {region.offset:#x} + size {region.size:#x} runs past the end of the "

@@ -148,8 +148,16 @@ class KvmLibvirtXml:
     def check(self, domain_name: str, domain: ElementTree.Element, configs: Sequence[DeviceConfig]) -> list[str]:
         """vhost-user devices need the domain's RAM shared: the problem, with the exact XML to add."""
         needing = [f"{c.device_class} {c.name}" for c in configs if c.device_class in VHOST_USER_CLASSES]
-        if not needing or has_shared_memory(domain):
+        if not needing:
             return []
+        if has_shared_memory(domain):
+            if domain.find("memoryBacking/source[@type='memfd']") is not None:
+                return []
+            return [
+                f"domain {domain_name} shares its memory from a file or hugepages, not a memfd, and pvcore maps only "
+                f"guest memory sealed against shrinking ({', '.join(needing)}): set <source type='memfd'/> in its "
+                f"<memoryBacking> (virsh edit {domain_name}), then start the domain again"
+            ]
         backing = domain.find("memoryBacking")
         if backing is None:
             fix = f"add inside <domain>:\n{SHARED_MEMORY_XML}"

@@ -264,3 +264,23 @@ def test_deploy_accepts_the_kvm_plugins_own_options(tmp_path):
         registry=default_registry(), hypervisor="kvm",
     )
     assert completed[0][1].get("socket-mode") == "client"
+
+
+@pytest.mark.parametrize("backing", [
+    "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>",
+    "<memoryBacking><hugepages/><access mode='shared'/></memoryBacking>",
+])
+def test_shared_memory_that_is_not_a_memfd_is_a_problem(backing):
+    from xml.etree import ElementTree
+
+    from pvcore.contract import DeviceConfig
+    from pvcore_kvm.libvirt import LIBVIRT_XML
+
+    domain = ElementTree.fromstring(f"<domain><name>vm</name>{backing}<devices/></domain>")
+    disk = DeviceConfig("block", "vm-block0", {"socket": "/run/x.sock"})
+    (problem,) = LIBVIRT_XML.check("vm", domain, [disk])
+    assert "not a memfd" in problem and "<source type='memfd'/>" in problem
+    memfd = ElementTree.fromstring(
+        "<domain><name>vm</name><memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking></domain>"
+    )
+    assert LIBVIRT_XML.check("vm", memfd, [disk]) == []

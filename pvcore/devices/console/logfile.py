@@ -144,23 +144,32 @@ class ConsoleLog:
         self._unreported += count
 
     def _run(self) -> None:
+        """The writer thread: one item at a time, in order; an unexpected failure costs that item only."""
         while True:
             with self._lock:
                 while not self._items:
                     self._wake.wait()
                 item = self._items.popleft()
             if item is _CLOSE:
-                os.close(self._fd)
+                try:
+                    os.close(self._fd)
+                except OSError as exc:
+                    log.warning("console %s: closing log %s: %s", self.name, self.path, exc.strerror or exc)
                 if self.bytes_dropped:
                     log.info("console %s: %d bytes of output never reached log %s", self.name, self.bytes_dropped,
                              self.path)
                 return
-            if item is _REOPEN:
-                self._reopen()
-                continue
-            self._append(item)
-            with self._lock:
-                self._queued -= len(item)
+            try:
+                if item is _REOPEN:
+                    self._reopen()
+                else:
+                    self._append(item)
+            except Exception:
+                log.exception("console %s: log %s: writing failed", self.name, self.path)
+            finally:
+                if item is not _REOPEN:
+                    with self._lock:
+                        self._queued -= len(item)
 
     def _open(self) -> tuple[int, int]:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

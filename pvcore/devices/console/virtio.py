@@ -129,21 +129,22 @@ class VirtioConsole(VirtioDevice):
             self._deliver_input()
             return
         memory = queue.memory
-        budget = MAX_TRANSMIT_BYTES
+        passed = 0
         for addr, length in chain.readable:
-            if length > budget:
-                if not self.output_dropped:
-                    log.warning(
-                        "console %s: a transmit chain of %d bytes; passing on %d bytes per chain, dropping the rest",
-                        self.stream.name, chain.readable_len, MAX_TRANSMIT_BYTES,
-                    )
-                self.output_dropped += chain.readable_len - MAX_TRANSMIT_BYTES
-                length = budget
+            length = min(length, MAX_TRANSMIT_BYTES - passed)
             for offset in range(0, length, TRANSMIT_CHUNK):
                 self.stream.output(memory.read(addr + offset, min(TRANSMIT_CHUNK, length - offset)))
-            budget -= length
-            if not budget:
+            passed += length
+            if passed == MAX_TRANSMIT_BYTES:
                 break
+        dropped = chain.readable_len - passed
+        if dropped:
+            if not self.output_dropped:
+                log.warning(
+                    "console %s: a transmit chain of %d bytes; passing on %d bytes per chain, dropping the rest",
+                    self.stream.name, chain.readable_len, MAX_TRANSMIT_BYTES,
+                )
+            self.output_dropped += dropped
         queue.complete(chain, 0)
 
     def input(self, data: bytes) -> None:
