@@ -13,7 +13,7 @@ from pvcore.testing.loopthread import LoopThread
 
 from pvcore.config import ConfigError, parse_devices
 from pvcore.contract import DeviceConfig, HostContext
-from pvcore.daemon import Daemon
+from pvcore.daemon import Daemon, DaemonError
 from pvcore.registry import Registry
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.fifo import RngFifoFrontDoor
@@ -132,7 +132,7 @@ def test_daemon_serves_each_class_through_its_stream_door(
 def test_front_door_refusals(registry: Registry, loop_thread: LoopThread, tmp_path: Path) -> None:
     (config,) = parse_devices([f"console:log={tmp_path}/c.log"], registry.device_classes())
     daemon = Daemon(registry, "lpar", [config], run_dir=tmp_path)
-    with pytest.raises(ValueError, match="console console0: socket= is required"):
+    with pytest.raises(DaemonError, match="console console0: socket= is required"):
         loop_thread.run(daemon.start())
     assert daemon.served == []
 
