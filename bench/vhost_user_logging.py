@@ -33,29 +33,17 @@ from pvcore.primitives import HypervisorPrimitives
 from pvcore.ring.fdmemory import sealed_memfd
 from pvcore.testing.vhost_user_frontend import VhostUserFrontend
 from pvcore.transports.vhost_user import VhostUserFrontDoor
+from loopback_block import backend_cpu_seconds
 
 IMAGE = 64 << 20
 RAM = 64 << 20
-
-
-def thread_cpu(exclude: int) -> float:
-    total = 0
-    for task in os.listdir("/proc/self/task"):
-        if int(task) == exclude:
-            continue
-        try:
-            fields = Path(f"/proc/self/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run(frontend: VhostUserFrontend, depth: int, seconds: float) -> tuple[float, float]:
     me = threading.get_native_id()
     sectors = IMAGE // 512 // 8
     done = 0
-    cpu0, t0 = thread_cpu(me), time.perf_counter()
+    cpu0, t0 = backend_cpu_seconds(me), time.perf_counter()
     outstanding = 0
     while time.perf_counter() - t0 < seconds:
         while outstanding < depth:
@@ -66,7 +54,7 @@ def run(frontend: VhostUserFrontend, depth: int, seconds: float) -> tuple[float,
         outstanding -= len(got)
         done += len(got)
     frontend.wait_used(0, outstanding) if outstanding else None
-    elapsed, cpu = time.perf_counter() - t0, thread_cpu(me) - cpu0
+    elapsed, cpu = time.perf_counter() - t0, backend_cpu_seconds(me) - cpu0
     return done / elapsed, cpu / done * 1e6
 
 
