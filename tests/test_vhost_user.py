@@ -27,6 +27,7 @@ from pvcore.devices.block.virtio_blk import (
 )
 from pvcore.primitives import HypervisorPrimitives
 from pvcore.ring.fdmemory import sealed_memfd
+from pvcore.ring.inflight import queue_region_size
 from pvcore.ring.session import RunningQueue
 from pvcore.ring.virtqueue import DescriptorChain
 from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
@@ -36,12 +37,15 @@ from pvcore.transports.vhost_user.protocol import (
     HEADER,
     VERSION,
     VRING_NOFD,
+    InflightDesc,
     MemoryTable,
+    ProtocolFeature,
     RegionDesc,
     Request,
     VringAddr,
     VringState,
     encode_addr,
+    encode_inflight,
     encode_memory,
     encode_state,
     encode_u64,
@@ -492,7 +496,7 @@ HOSTILE = {
         "ring address not in the memory table",
     ),
     "unknown request": (lambda f: _send_closing(f, 99), "unknown request 99"),
-    "unsupported request": (lambda f: _send_closing(f, Request.GET_INFLIGHT_FD, bytes(20)), "not supported"),
+    "unsupported request": (lambda f: _send_closing(f, Request.POSTCOPY_ADVISE), "not supported"),
     "huge size": (lambda f: f.sock.sendall(HEADER.pack(Request.SET_OWNER, VERSION, 1 << 30)), "exceeds"),
     "bad version": (lambda f: _send_closing(f, Request.SET_OWNER, flags=0x2), "version 2"),
     "kick is not an eventfd": (
@@ -525,7 +529,7 @@ HOSTILE = {
         "10 regions",
     ),
     "protocol feature never offered": (
-        lambda f: _send_closing(f, Request.SET_PROTOCOL_FEATURES, encode_u64(1 << 12)), "never offered"
+        lambda f: _send_closing(f, Request.SET_PROTOCOL_FEATURES, encode_u64(1 << ProtocolFeature.BACKEND_REQ)), "never offered"
     ),
     "virtio feature never offered": (
         lambda f: _send_closing(f, Request.SET_FEATURES, encode_u64(1 << 40)), "never offered"
@@ -535,6 +539,23 @@ HOSTILE = {
     ),
     "enable value": (lambda f: _send_closing(f, Request.SET_VRING_ENABLE, encode_state(VringState(0, 5))), "not 0 or 1"),
     "truncated header": (lambda f: f.sock.sendall(b"\x03\0\0"), "inside a message header"),
+    "inflight for more queues than the device": (
+        lambda f: _send_closing(f, Request.GET_INFLIGHT_FD, encode_inflight(InflightDesc(0, 0, 4, 8))),
+        "inflight region for 4 queues, the device has 1",
+    ),
+    "inflight description size": (
+        lambda f: _send_closing(f, Request.GET_INFLIGHT_FD, encode_u64(1)), "inflight description of 8 bytes"
+    ),
+    "inflight region unsealed": (
+        lambda f: _send_closing(f, Request.SET_INFLIGHT_FD, encode_inflight(InflightDesc(queue_region_size(8), 0, 1, 8)),
+                                [_unsealed_memfd(4096)]),
+        "not sealed",
+    ),
+    "inflight region too small": (
+        lambda f: _send_closing(f, Request.SET_INFLIGHT_FD, encode_inflight(InflightDesc(64, 0, 1, 128)),
+                                [_memfd(4096)]),
+        "cannot hold",
+    ),
 }
 
 

@@ -54,6 +54,7 @@ from pvcore.virtio import (
 
 if TYPE_CHECKING:
     from pvcore.ring.dirtylog import DirtyLog
+    from pvcore.ring.inflight import InflightArea
 
 log = logging.getLogger("pvcore.ring")
 
@@ -306,6 +307,17 @@ class VirtioSession:
         self.broken: str | None = None
         self.dirty_log: DirtyLog | None = None
         """While a migration logs dirty pages: every guest write of this session is marked in it."""
+        self.inflight: InflightArea | None = None
+        """Where queues started from now on record what they have in flight (and resume from it)."""
+
+    def set_inflight(self, area: InflightArea | None) -> None:
+        """Track in-flight requests in ``area`` (None: do not) for queues started from now on.
+
+        A queue that starts with a region first resumes what a previous back
+        end left in it (see :mod:`pvcore.ring.inflight`): the requests it had
+        in flight are handed to the device again before any new one.
+        """
+        self.inflight = area
 
     def set_dirty_log(self, log: DirtyLog | None) -> None:
         """Start (a log) or stop (None) marking guest writes; running queues follow at once.
@@ -446,6 +458,9 @@ class VirtioSession:
             raise SessionError(f"{self.name}: queue {index} cannot start, missing: {', '.join(missing)}")
         assert self.memory is not None and setup.desc_addr is not None
         try:
+            inflight = None
+            if self.inflight is not None and index < self.inflight.num_queues:
+                inflight = self.inflight.queue(index, setup.size)
             vq = Virtqueue(
                 self.memory,
                 setup.size,
@@ -455,9 +470,13 @@ class VirtioSession:
                 event_idx=bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
                 indirect=bool(self.features & (1 << VIRTIO_RING_F_INDIRECT_DESC)),
                 next_avail=setup.base,
+                inflight=inflight,
             )
         except (VirtqueueError, GuestMemoryError) as exc:
             raise SessionError(f"{self.name}: queue {index}: {exc}") from None
+        if vq.resubmit:
+            log.info("%s: queue %d resumes %d requests a previous back end had in flight (heads %s)", self.name,
+                     index, len(vq.resubmit), ",".join(map(str, vq.resubmit)))
         self._log_used_ring(vq, setup)
         queue = RunningQueue(self, index, vq, setup)
         self.running[index] = queue

@@ -21,6 +21,11 @@ the avail flags) are separated by :func:`~pvcore.ring.barrier.full_barrier`, as
 are the store of ``avail_event`` and the re-read of the avail index when kicks
 are re-enabled. See :mod:`pvcore.ring.barrier` for what each costs per
 architecture.
+
+Inflight tracking (see :mod:`pvcore.ring.inflight`): given a region, the queue
+records each head it takes and each batch it publishes there, and at start
+resumes from what a previous back end left: the heads it had in flight are
+taken again (oldest first) before any new chain.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pvcore.ring.memory import GuestMemory, GuestMemoryError
 
 if TYPE_CHECKING:
     from pvcore.ring.dirtylog import DirtyLog
+    from pvcore.ring.inflight import InflightQueue
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -105,6 +111,7 @@ class Virtqueue:
         indirect: bool = False,
         next_avail: int = 0,
         next_used: int | None = None,
+        inflight: InflightQueue | None = None,
     ) -> None:
         if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise VirtqueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
@@ -135,6 +142,15 @@ class Virtqueue:
         """While a migration logs dirty pages: the log every used-ring write is marked in."""
         self.log_used_addr = used_addr
         """Guest-physical address the used ring's writes are logged at (vhost-user's log_guest_addr)."""
+        self.inflight = inflight
+        self._batch: list[int] = []
+        self.resubmit: list[int] = []
+        """Heads a previous back end had in flight, taken again (in this order) before new chains."""
+        if inflight is not None:
+            recovered = inflight.recover(self.next_used)
+            if recovered is not None:
+                self.resubmit = recovered
+                self.next_avail = (self.next_used + len(recovered)) & 0xFFFF
 
     @property
     def memory(self) -> GuestMemory:
@@ -185,6 +201,8 @@ class Virtqueue:
             raise VirtqueueError(
                 f"avail index jumped by {pending} (queue size {self.size}, last seen {self.next_avail})"
             )
+        if self.resubmit:
+            return pending + len(self.resubmit)
         return pending
 
     def pop(self) -> DescriptorChain | None:
@@ -199,10 +217,15 @@ class Virtqueue:
         For a caller that takes what :meth:`pending` counted without asking
         again each time; anything else should :meth:`pop`.
         """
+        if self.resubmit:
+            return self._walk(self.resubmit.pop(0))
         read_barrier()
         head = self._avail_u16(4 + 2 * (self.next_avail % self.size))
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return self._walk(head)
+        chain = self._walk(head)
+        if self.inflight is not None:
+            self.inflight.taken(head)
+        return chain
 
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
@@ -267,6 +290,8 @@ class Virtqueue:
         """Write a used element; it becomes visible to the driver at :meth:`publish`."""
         self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), head, written)
         self.next_used = (self.next_used + 1) & 0xFFFF
+        if self.inflight is not None:
+            self._batch.append(head)
 
     def unpublished(self) -> int:
         """How many used elements were pushed that :meth:`publish` has not yet made visible."""
@@ -276,9 +301,15 @@ class Virtqueue:
         """Make pushed used elements visible; True if there was anything new."""
         if self.next_used == self._published:
             return False
+        batch = self._batch
+        if self.inflight is not None and batch:
+            self.inflight.batch_publishing(batch)
         write_barrier()
         self._put_used(_U16, 2, self.next_used)
         self._published = self.next_used
+        if self.inflight is not None and batch:
+            self.inflight.batch_published(batch, self.next_used)
+            self._batch = []
         return True
 
     def needs_interrupt(self) -> bool:

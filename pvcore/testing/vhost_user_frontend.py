@@ -32,6 +32,7 @@ from pvcore.transports.vhost_user.protocol import (
     VERSION,
     VRING_F_LOG,
     ConfigSpace,
+    InflightDesc,
     LogDesc,
     MemoryTable,
     ProtocolFeature,
@@ -40,11 +41,13 @@ from pvcore.transports.vhost_user.protocol import (
     VringAddr,
     VringState,
     decode_config,
+    decode_inflight,
     decode_state,
     decode_u64,
     encode,
     encode_addr,
     encode_config,
+    encode_inflight,
     encode_log,
     encode_memory,
     encode_state,
@@ -54,7 +57,7 @@ from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, 
 
 WANTED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
-    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.LOG_SHMFD) | bit(ProtocolFeature.INFLIGHT_SHMFD)
 )
 REPLIED_REQUESTS = frozenset(
     {
@@ -95,6 +98,8 @@ class VhostUserFrontend:
         self.calls: dict[int, int] = {}
         self.errs: dict[int, int] = {}
         self._collected: dict[int, list[UsedBuffer]] = {}
+        self.inflight: tuple[int, InflightDesc] | None = None
+        """The inflight region's fd and description, once :meth:`start` asked the back end for one."""
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], **kwargs: float | bool) -> VhostUserFrontend:
@@ -127,6 +132,9 @@ class VhostUserFrontend:
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
+        if self.inflight is not None:
+            os.close(self.inflight[0])
+            self.inflight = None
         self.ram.close()
 
     def send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (), *, flags: int = VERSION) -> None:
@@ -192,6 +200,26 @@ class VhostUserFrontend:
         assert reply is not None
         return decode_config(reply).payload
 
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, InflightDesc]:
+        """GET_INFLIGHT_FD: the back end makes an inflight region; returns its fd (now ours) and description."""
+        self.send(Request.GET_INFLIGHT_FD, encode_inflight(InflightDesc(0, 0, num_queues, queue_size)))
+        header, fds, _flags, _ = socket.recv_fds(self.sock, HEADER.size, 1)
+        try:
+            if len(header) != HEADER.size or len(fds) != 1:
+                raise FrontendError(f"GET_INFLIGHT_FD: reply of {len(header)} header bytes with {len(fds)} fds")
+            request, flags, size = HEADER.unpack(header)
+            if request != Request.GET_INFLIGHT_FD or not flags & FLAG_REPLY:
+                raise FrontendError(f"GET_INFLIGHT_FD: got reply to request {request} with flags {flags:#x}")
+            return fds[0], decode_inflight(self._read_exact(size))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def set_inflight_fd(self, fd: int, desc: InflightDesc) -> None:
+        """SET_INFLIGHT_FD: hand a kept inflight region (``fd`` stays ours) to the back end."""
+        self.call(Request.SET_INFLIGHT_FD, encode_inflight(desc), [fd])
+
     def get_vring_base(self, index: int) -> int:
         """GET_VRING_BASE: stop the ring; return where the backend stopped."""
         reply = self.call(Request.GET_VRING_BASE, encode_state(VringState(index, 0)))
@@ -201,13 +229,29 @@ class VhostUserFrontend:
             raise FrontendError(f"GET_VRING_BASE for queue {index} answered for queue {state.index}")
         return state.num
 
-    def start(self, *, num_queues: int | None = None, queue_size: int = 128, features: int | None = None) -> None:
+    def start(
+        self, *, num_queues: int | None = None, queue_size: int = 128, features: int | None = None,
+        inflight: bool = False,
+    ) -> None:
         """The handshake QEMU makes, then every queue set up and enabled.
 
         ``features`` defaults to everything offered except the protocol-features
         bit and VHOST_F_LOG_ALL (a front end sets that one only to migrate, see
-        :meth:`start_logging`).
+        :meth:`start_logging`). With ``inflight`` the back end makes an
+        inflight region (GET_INFLIGHT_FD), kept as :attr:`inflight` and handed
+        back (SET_INFLIGHT_FD) before the rings, as QEMU's vhost-user-blk does.
         """
+        num_queues = self._handshake(num_queues, features)
+        if inflight:
+            self.inflight = self.get_inflight_fd(num_queues, queue_size)
+            self.set_inflight_fd(*self.inflight)
+        self.set_mem_table()
+        for index in range(num_queues):
+            self.setup_queue(index, queue_size)
+            if self.offered & bit(F_PROTOCOL_FEATURES):
+                self.enable_queue(index)
+
+    def _handshake(self, num_queues: int | None, features: int | None) -> int:
         offered = self.get_features()
         if offered & bit(F_PROTOCOL_FEATURES):
             self.protocol_features = self.get_protocol_features() & WANTED_PROTOCOL_FEATURES
@@ -220,10 +264,25 @@ class VhostUserFrontend:
         self.offered = offered
         self.features = features
         self.call(Request.SET_FEATURES, encode_u64(features | (offered & bit(F_PROTOCOL_FEATURES))))
+        return num_queues
+
+    def reconnect(self, sock: socket.socket) -> None:
+        """What QEMU does when a back end comes back: the same guest RAM and rings over a new connection.
+
+        Each ring resumes at its used index (QEMU's base after a lost back
+        end); the :attr:`inflight` region, if :meth:`start` got one, is handed
+        to the new back end, which resumes what its predecessor had in flight.
+        """
+        self.sock.close()
+        self.sock = sock
+        sock.settimeout(self.timeout)
+        self._handshake(len(self.queues), self.features)
+        if self.inflight is not None:
+            self.set_inflight_fd(*self.inflight)
         self.set_mem_table()
-        for index in range(num_queues):
-            self.setup_queue(index, queue_size)
-            if offered & bit(F_PROTOCOL_FEATURES):
+        for index, queue in self.queues.items():
+            self._configure_queue(index, queue, queue.used_idx())
+            if self.offered & bit(F_PROTOCOL_FEATURES):
                 self.enable_queue(index)
 
     def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
@@ -270,7 +329,11 @@ class VhostUserFrontend:
         )
         self.queues[index] = queue
         self._collected[index] = []
-        self.call(Request.SET_VRING_NUM, encode_state(VringState(index, size)))
+        self._configure_queue(index, queue, base)
+        return queue
+
+    def _configure_queue(self, index: int, queue: DriverQueue, base: int) -> None:
+        self.call(Request.SET_VRING_NUM, encode_state(VringState(index, queue.size)))
         self.call(Request.SET_VRING_BASE, encode_state(VringState(index, base)))
         addresses = VringAddr(
             index, 0, self.user_addr(queue.desc_addr), self.user_addr(queue.used_addr), self.user_addr(queue.avail_addr)
@@ -282,7 +345,6 @@ class VhostUserFrontend:
                 os.close(fds.pop(index))
             fds[index] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self.call(request, encode_u64(index), [fds[index]])
-        return queue
 
     def enable_queue(self, index: int, enabled: bool = True) -> None:
         """SET_VRING_ENABLE."""

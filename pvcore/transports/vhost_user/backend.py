@@ -52,6 +52,7 @@ from pathlib import Path
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, Primitives
 from pvcore.ring.dirtylog import ATOMIC_OR_AVAILABLE, DirtyLog
+from pvcore.ring.inflight import InflightArea
 from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.ring.session import SessionError, VirtioSession
@@ -68,6 +69,7 @@ from pvcore.transports.vhost_user.protocol import (
     VRING_NOFD,
     Body,
     ConfigSpace,
+    InflightDesc,
     LogDesc,
     MemoryTable,
     Message,
@@ -79,20 +81,22 @@ from pvcore.transports.vhost_user.protocol import (
     decode,
     encode,
     encode_config,
+    encode_inflight,
     encode_state,
     encode_u64,
     read_message,
+    send_message,
 )
 
 log = logging.getLogger("pvcore.vhost_user")
 
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
-    | bit(ProtocolFeature.RESET_DEVICE)
+    | bit(ProtocolFeature.RESET_DEVICE) | bit(ProtocolFeature.INFLIGHT_SHMFD)
     | (bit(ProtocolFeature.LOG_SHMFD) if ATOMIC_OR_AVAILABLE else 0)
 )
 """Protocol features a pvcore backend offers (LOG_SHMFD where the log can be marked atomically;
-no INFLIGHT_SHMFD, BACKEND_REQ...)."""
+no BACKEND_REQ, POSTCOPY...)."""
 
 LOGGING_FEATURES = bit(F_LOG_ALL) if ATOMIC_OR_AVAILABLE else 0
 """Transport feature bits offered beside the device's: VHOST_F_LOG_ALL with LOG_SHMFD."""
@@ -122,6 +126,7 @@ class VhostUserConnection:
         """Whether no other connection uses the device (then ending this session resets it)."""
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
+        self.inflight: InflightArea | None = None
         self.number = number
         self.sock = sock
         self.primitives = primitives
@@ -184,8 +189,8 @@ class VhostUserConnection:
             message.close_fds()
         if reply is not None:
             await self._reply(request, reply)
-        elif message.need_reply and self._acks:
-            await self._reply(request, encode_u64(0))
+        elif message.need_reply and self._acks and request is not Request.GET_INFLIGHT_FD:
+            await self._reply(request, encode_u64(0))  # GET_INFLIGHT_FD answered with its region
 
     @property
     def _acks(self) -> bool:
@@ -193,6 +198,9 @@ class VhostUserConnection:
 
     async def _reply(self, request: Request, payload: bytes) -> None:
         await self.loop.sock_sendall(self.sock, encode(request, payload, flags=VERSION | FLAG_REPLY))
+
+    async def _reply_with_fd(self, request: Request, payload: bytes, fd: int) -> None:
+        await send_message(self.loop, self.sock, encode(request, payload, flags=VERSION | FLAG_REPLY), [fd])
 
     async def _nack(self, message: Message, request: Request) -> None:
         if message.need_reply and self._acks:
@@ -230,6 +238,12 @@ class VhostUserConnection:
             await self._end_session()
             self.session = VirtioSession(self.device, name=self.name, loop=self.loop)
             self.enabled = [False] * len(self.enabled)
+        elif request is Request.GET_INFLIGHT_FD:
+            assert isinstance(body, InflightDesc)
+            await self._get_inflight(body)
+        elif request is Request.SET_INFLIGHT_FD:
+            assert isinstance(body, InflightDesc)
+            self._set_inflight(body, message)
         elif request is Request.SET_LOG_BASE:
             assert isinstance(body, LogDesc)
             self._set_log_base(body, message)
@@ -294,6 +308,42 @@ class VhostUserConnection:
         old, self.memory = self.memory, memory
         self.session.set_memory(memory)
         _close_memory(old)
+
+    def _check_inflight_queues(self, desc: InflightDesc) -> None:
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            raise ProtocolError("inflight region without INFLIGHT_SHMFD negotiated")
+        if desc.num_queues > len(self.enabled):
+            raise ProtocolError(f"inflight region for {desc.num_queues} queues, the device has {len(self.enabled)}")
+
+    async def _get_inflight(self, desc: InflightDesc) -> None:
+        """GET_INFLIGHT_FD: make a fresh region for the front end to keep (and hand back after a restart)."""
+        self._check_inflight_queues(desc)
+        area, fd = InflightArea.create(desc.num_queues, desc.queue_size)
+        try:
+            self._use_inflight(area)
+            reply = InflightDesc(area.size, 0, desc.num_queues, desc.queue_size)
+            await self._reply_with_fd(Request.GET_INFLIGHT_FD, encode_inflight(reply), fd)
+        finally:
+            os.close(fd)
+
+    def _set_inflight(self, desc: InflightDesc, message: Message) -> None:
+        """SET_INFLIGHT_FD: the region a front end kept; rings started from now on resume from it."""
+        self._check_inflight_queues(desc)
+        fd = message.fds.pop()
+        try:
+            area = InflightArea.open(
+                fd, size=desc.mmap_size, offset=desc.mmap_offset, num_queues=desc.num_queues,
+                queue_size=desc.queue_size,
+            )
+        finally:
+            os.close(fd)
+        self._use_inflight(area)
+
+    def _use_inflight(self, area: InflightArea | None) -> None:
+        old, self.inflight = self.inflight, area
+        self.session.set_inflight(area)
+        if old is not None:
+            old.close()
 
     def _set_log_base(self, desc: LogDesc, message: Message) -> None:
         """Map the dirty log (it may replace one in use while rings run: QEMU resizes it so)."""
@@ -418,6 +468,7 @@ class VhostUserConnection:
             self.session.close(reset_device=self.alone(self))
             _close_memory(self.memory)
             self.memory = None
+            self._use_inflight(None)
             self._close_log(self.dirty_log)
             self.dirty_log = None
             self.log_all = False

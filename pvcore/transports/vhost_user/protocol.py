@@ -55,6 +55,8 @@ _LOG = struct.Struct("=QQ")
 _MEMORY_HEAD = struct.Struct("=II")
 _REGION = struct.Struct("=QQQQ")
 _CONFIG_HEAD = struct.Struct("=III")
+_INFLIGHT = struct.Struct("=QQHH4x")
+"""QEMU's struct VhostUserInflight, padded to its 8-byte alignment (24 bytes)."""
 
 
 class ProtocolError(Exception):
@@ -138,6 +140,7 @@ class Payload(enum.Enum):
     MEMORY = "memory table"
     LOG = "log description"
     CONFIG = "config space"
+    INFLIGHT = "inflight description"
 
 
 SUPPORTED: dict[Request, Payload] = {
@@ -161,6 +164,8 @@ SUPPORTED: dict[Request, Payload] = {
     Request.SET_CONFIG: Payload.CONFIG,
     Request.RESET_DEVICE: Payload.NONE,
     Request.SET_LOG_BASE: Payload.LOG,
+    Request.GET_INFLIGHT_FD: Payload.INFLIGHT,
+    Request.SET_INFLIGHT_FD: Payload.INFLIGHT,
 }
 """Every request a pvcore backend serves, with its payload shape."""
 
@@ -196,6 +201,16 @@ class LogDesc:
 
 
 @attrs.frozen
+class InflightDesc:
+    """The inflight region (INFLIGHT_SHMFD): its place in the fd, and the queues it was made for."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
+@attrs.frozen
 class RegionDesc:
     """One region of a memory table."""
 
@@ -222,7 +237,7 @@ class ConfigSpace:
     payload: bytes
 
 
-Body = int | VringState | VringAddr | MemoryTable | ConfigSpace | LogDesc | None
+Body = int | VringState | VringAddr | MemoryTable | ConfigSpace | LogDesc | InflightDesc | None
 
 
 @attrs.define
@@ -272,6 +287,18 @@ def encode_state(state: VringState) -> bytes:
 def encode_log(log: LogDesc) -> bytes:
     """A SET_LOG_BASE payload (size, then offset)."""
     return _LOG.pack(log.size, log.offset)
+
+
+def encode_inflight(inflight: InflightDesc) -> bytes:
+    """A GET/SET_INFLIGHT_FD payload."""
+    return _INFLIGHT.pack(inflight.mmap_size, inflight.mmap_offset, inflight.num_queues, inflight.queue_size)
+
+
+def decode_inflight(payload: bytes) -> InflightDesc:
+    """Parse a GET/SET_INFLIGHT_FD payload (24 bytes as QEMU sends it; 20 without the tail padding)."""
+    if len(payload) not in (_INFLIGHT.size, _INFLIGHT.size - 4):
+        raise ProtocolError(f"inflight description of {len(payload)} bytes (expected {_INFLIGHT.size})")
+    return InflightDesc(*_INFLIGHT.unpack(payload.ljust(_INFLIGHT.size, b"\0")))
 
 
 def encode_addr(addr: VringAddr) -> bytes:
@@ -346,7 +373,7 @@ def _expected_fds(request: Request, body: Body) -> int:
     if request in NOTIFIER_REQUESTS:
         assert isinstance(body, int)
         return 0 if body & VRING_NOFD else 1
-    if request is Request.SET_LOG_BASE:
+    if request in (Request.SET_LOG_BASE, Request.SET_INFLIGHT_FD):
         return 1
     return 0
 
@@ -381,6 +408,8 @@ def _decode(message: Message) -> tuple[Request, Body]:
         body = _decode_memory(payload)
     elif shape is Payload.CONFIG:
         body = decode_config(payload)
+    elif shape is Payload.INFLIGHT:
+        body = decode_inflight(payload)
     else:
         expected = _FIXED_SIZES[shape]
         if len(payload) != expected:
@@ -392,18 +421,30 @@ def _decode(message: Message) -> tuple[Request, Body]:
     return request, body
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool = False) -> None:
     ready = loop.create_future()
 
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(sock.fileno(), wake)
+    (loop.add_writer if write else loop.add_reader)(sock.fileno(), wake)
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        (loop.remove_writer if write else loop.remove_reader)(sock.fileno())
+
+
+async def send_message(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send ``data`` on non-blocking ``sock`` with ``fds`` attached to its first bytes (SCM_RIGHTS)."""
+    while True:
+        try:
+            sent = socket.send_fds(sock, [data], fds)
+            break
+        except BlockingIOError:
+            await _ready(loop, sock, write=True)
+    if sent < len(data):
+        await loop.sock_sendall(sock, data[sent:])
 
 
 async def read_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Message | None:
@@ -422,7 +463,7 @@ async def read_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
                     sock, HEADER.size - len(header), MAX_FDS, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
-                await _readable(loop, sock)
+                await _ready(loop, sock)
                 continue
             fds.extend(new_fds)
             if msg_flags & socket.MSG_CTRUNC:
