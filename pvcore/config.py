@@ -136,7 +136,9 @@ def build_config(
 
     The table is :data:`COMMON_OPTIONS`, the class's own options and, with
     ``options``, those the plugin serving the device declares for its class
-    (without ``options``: none, so a plugin's keys are refused).
+    (without ``options``: none, so a plugin's keys are refused). A plugin may
+    redeclare a common key (to make ``socket=`` required, say) but not one of
+    the class's own: that is a :class:`ConfigError` naming both.
     """
     spec = classes.get(device_class)
     if spec is None:
@@ -150,6 +152,13 @@ def build_config(
         except LookupError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
         served = f" when served by {hypervisor}"
+        clash = sorted(set(declared) & set(spec.options))
+        if clash:
+            raise ConfigError(
+                f"{origin}: the plugin serving {hypervisor} declares {', '.join(clash)} for {device_class}, which "
+                f"the {device_class} class already defines; a plugin may redeclare only the common keys "
+                f"({', '.join(sorted(COMMON_OPTIONS))})"
+            )
     table = {**COMMON_OPTIONS, **spec.options, **declared}
     parsed: dict[str, Any] = {}
     for key, value in raw.items():

@@ -90,6 +90,7 @@ PLUGINS = {
         "rng": {"socket-mode": OptionSpec("who listens", parse=parse_choice("server", "client", fix="expected server or client"))}
     },
     "streamhv": {"rng": {"socket": OptionSpec("the FIFO", required=True)}},
+    "greedyhv": {"rng": {"rate": OptionSpec("a rate of its own")}},
 }
 
 
@@ -116,6 +117,11 @@ def test_a_plugins_keys_are_accepted_only_for_the_devices_it_serves() -> None:
         parse_devices(["rng:socket-mode=listen"], CLASSES, PluginOptions(_declared, "ringhv"))
     with pytest.raises(ConfigError, match="no plugin serves hypervisor 'nosuch'"):
         parse_devices(["rng:hypervisor=nosuch"], CLASSES, PluginOptions(_declared, "ringhv"))
+
+
+def test_a_plugin_cannot_redefine_a_classs_own_key() -> None:
+    with pytest.raises(ConfigError, match="the plugin serving greedyhv declares rate for rng, which the rng class already"):
+        parse_devices(["rng:socket=/s"], CLASSES, PluginOptions(_declared, "greedyhv"))
 
 
 def test_the_default_hypervisor_is_chosen_only_when_a_device_needs_it() -> None:
