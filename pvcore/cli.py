@@ -299,11 +299,9 @@ def print_qemu_args(registry: Registry, hypervisor: str, configs: list[DeviceCon
         by_hypervisor.setdefault(config.get("hypervisor") or hypervisor, []).append(config)
     for name, group in by_hypervisor.items():
         try:
-            per_domain = registry.call(name, "pvcore_qemu_args", configs=group)
+            per_domain = registry.qemu_args(name, group)
         except (ValueError, LookupError) as exc:
             raise UsageError(str(exc)) from None
-        if per_domain is None:
-            raise UsageError(f"plugin {name!r} cannot print QEMU arguments (is it installed? see pvcore plugins)")
         for domain, arguments in per_domain.items():
             print(f"# {domain} ({name})")
             print(shlex.join(arguments))

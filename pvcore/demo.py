@@ -226,12 +226,9 @@ def guest_arguments(registry: Registry, devices: Sequence[str]) -> dict[str, lis
     """
     try:
         configs = parse_devices(devices, registry.device_classes(), registry.plugin_options("kvm"))
-        arguments = registry.call("kvm", "pvcore_qemu_args", configs=configs)
+        return dict(registry.qemu_args("kvm", configs))
     except (ConfigError, LookupError, ValueError) as exc:
         raise DemoError(f"cannot attach the demo's devices: {exc}") from None
-    if arguments is None:
-        raise DemoError("the kvm plugin gives no QEMU arguments (pvcore_qemu_args); see `pvcore plugins`")
-    return arguments
 
 
 def _follow(guest: Guest, timeout: float, on_line: Callable[[str], None]) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -36,6 +36,7 @@ from pvcore.contract import (
     SUPPORTED_CONTRACTS,
     ContractError,
     DeviceClass,
+    DeviceConfig,
     Detection,
     HostContext,
     OptionSpec,
@@ -192,6 +193,19 @@ class Registry:
         record = self.serving(hypervisor)
         others = [plugin for plugin in self.pm.get_plugins() if plugin is not record.plugin]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+    def qemu_args(self, hypervisor: str, configs: Sequence[DeviceConfig]) -> Mapping[str, list[str]]:
+        """Per domain, the QEMU arguments the plugin serving ``hypervisor`` gives for ``configs``.
+
+        ``LookupError`` when no plugin serves ``hypervisor`` or its plugin has
+        no ``pvcore_qemu_args``; a device it cannot attach raises its ``ValueError``.
+        """
+        arguments = self.call(hypervisor, "pvcore_qemu_args", configs=list(configs))
+        if arguments is None:
+            raise LookupError(
+                f"the {hypervisor} plugin gives no QEMU arguments (no pvcore_qemu_args); see `pvcore plugins`"
+            )
+        return arguments
 
     def primitives(self, hypervisor: str) -> HypervisorPrimitives:
         """The memory and notification primitives of ``hypervisor``: its plugin's, then the core's defaults."""

@@ -36,7 +36,7 @@ def plugin_qemu_args(
     specs = [device for device in devices if isinstance(device, str)]
     parsed = iter(parse_devices(specs, registry.device_classes(), registry.plugin_options(hypervisor)))
     configs = [next(parsed) if isinstance(device, str) else device for device in devices]
-    arguments = registry.call(hypervisor, "pvcore_qemu_args", configs=configs)
-    if arguments is None:
-        raise GuestError(f"the {hypervisor} plugin gives no QEMU arguments (no pvcore_qemu_args); see `pvcore plugins`")
-    return arguments
+    try:
+        return dict(registry.qemu_args(hypervisor, configs))
+    except LookupError as exc:
+        raise GuestError(str(exc)) from None
