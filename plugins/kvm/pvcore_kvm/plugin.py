@@ -45,7 +45,8 @@ log = logging.getLogger("pvcore.kvm")
 
 HYPERVISOR = "kvm"
 
-RING_CLASSES = ("block", "net", "rng")
+RING_CLASSES = ("block", "net", "rng", "scsi")
+"""Classes served over vhost-user; scsi is the pvcore-scsi plugin's (QEMU vhost-user-scsi-pci)."""
 
 
 @hookimpl
@@ -56,8 +57,8 @@ def pvcore_plugin_info() -> PluginInfo:
         contract=CONTRACT_VERSION,
         hypervisor=HYPERVISOR,
         primitives={"detect", "probe", "stream"},
-        device_classes={"block", "net", "rng", "console"},
-        description="KVM/QEMU: vhost-user (block, net, rng) and chardev (console) front doors",
+        device_classes={"block", "net", "rng", "console", "scsi"},
+        description="KVM/QEMU: vhost-user (block, net, rng, scsi) and chardev (console) front doors",
     )
 
 
@@ -113,7 +114,7 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
         return EgdFrontDoor(device.engine, socket_path)
     if config.device_class not in RING_CLASSES or device.virtio is None:
         raise ValueError(
-            f"{config.name}: kvm serves block, net and rng over vhost-user and console over a chardev "
+            f"{config.name}: kvm serves block, net, rng and scsi over vhost-user and console over a chardev "
             f"socket, not {config.device_class}"
         )
     return VhostUserFrontDoor(

@@ -43,6 +43,10 @@ def _device_arguments(config: DeviceConfig, socket: str, index: int) -> list[str
         return _chardev(ident, config, socket) + [
             "-object", f"rng-egd,id={ident}r,chardev={ident}", "-device", f"virtio-rng-pci,rng={ident}r",
         ]
+    if kind == "scsi":
+        return _chardev(ident, config, socket, reconnect=False) + [
+            "-device", f"vhost-user-scsi-pci,chardev={ident},num_queues={option_value(str(config.get('queues', 1)))}",
+        ]
     if kind == "rng":
         # QEMU 7.2's vhost-user-rng-pci asserts when its chardev has reconnect=
         return _chardev(ident, config, socket, reconnect=False) + ["-device", f"vhost-user-rng-pci,chardev={ident}"]
