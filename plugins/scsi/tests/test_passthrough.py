@@ -1,0 +1,137 @@
+"""Passthrough at the ioctl boundary: everything above SG_IO is real, the ioctl is a stand-in.
+
+No host here has a SCSI device (no /dev/sg*, no optical drive), so
+:class:`FakeSg` plays the kernel's SG_IO: it reads the ``sg_io_hdr`` the unit
+built (the CDB, direction, lengths, timeout and buffer addresses) from the
+unit's own memory, writes data-in, sense and the status fields back as the
+kernel would, and records every call. The allow-list, the CDB length, data
+in both directions, sense and timeouts are then checked through the ring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from scsi_driver import command
+
+from pvcore.contract import DeviceConfig
+from pvcore.testing.loopback import Loopback
+from pvcore_scsi.passthrough import DID_TIME_OUT, SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV, SG_IO, SG_IO_HDR
+from pvcore_scsi.plugin import build_units, close_units
+from pvcore_scsi.sense import CHECK_CONDITION, Sense, fixed_sense
+from pvcore_scsi.virtio_scsi import VirtioScsi
+
+INQUIRY_DATA = bytes([0x05, 0x80, 0x05, 0x02, 31, 0, 0, 0]) + b"HLDTST  DVDRAM GH24NSD1 LG00"
+
+
+class FakeSg:
+    """The SG_IO ioctl of a CD writer: INQUIRY answers, TEST UNIT READY says no disc, WRITE(10) is kept."""
+
+    def __init__(self, *, block: bool = False, timeout: bool = False) -> None:
+        self.calls: list[dict[str, object]] = []
+        self.written = b""
+        self.block, self.timeout = block, timeout
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, fd: int, request: int, header: bytearray) -> int:
+        assert request == SG_IO and len(header) == SG_IO_HDR.size
+        fields = list(SG_IO_HDR.unpack(header))
+        interface, direction, cmd_len, max_sense, _, size, data, cdbp, sensep, timeout = fields[:10]
+        assert interface == ord("S")
+        cdb = ctypes.string_at(cdbp, cmd_len)
+        self.calls.append({"cdb": cdb, "direction": direction, "size": size, "timeout": timeout})
+        if self.block:
+            self.started.set()
+            self.release.wait(30)
+        status, sense, resid, host = 0, b"", 0, 0
+        if self.timeout:
+            host = DID_TIME_OUT
+        elif cdb[0] == 0x12 and direction == SG_DXFER_FROM_DEV:
+            reply = INQUIRY_DATA[:size]
+            ctypes.memmove(data, reply, len(reply))
+            resid = size - len(reply)
+        elif cdb[0] == 0x00:
+            status, sense = CHECK_CONDITION, fixed_sense(Sense(0x2, 0x3A, 0x01))
+        elif cdb[0] == 0x2A and direction == SG_DXFER_TO_DEV:
+            self.written += ctypes.string_at(data, size)
+        sense = sense[:max_sense]
+        ctypes.memmove(sensep, sense, len(sense))
+        fields[13], fields[16], fields[17], fields[19] = status, len(sense), host, resid
+        header[:] = SG_IO_HDR.pack(*fields)
+        return 0
+
+
+@contextlib.contextmanager
+def passthrough_target(path: Path, fake: FakeSg, **options: object) -> Iterator[tuple[Loopback, VirtioScsi]]:
+    """A target whose LUN 0 is ``path`` passed through with ``fake`` as the ioctl."""
+    config = DeviceConfig("scsi", "pt", {"passthrough": [str(path)], **options})
+    units = build_units(config)
+    units[0]._ioctl = fake
+    device = VirtioScsi(units, name="pt")
+    try:
+        with Loopback(device, name="pt") as lb:
+            yield lb, device
+    finally:
+        close_units(units)
+
+
+def _device_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sg0"
+    path.write_bytes(b"")
+    return path
+
+
+def test_inquiry_goes_through_sg_io_with_its_cdb_length_and_timeout(tmp_path: Path) -> None:
+    fake = FakeSg()
+    with passthrough_target(_device_file(tmp_path), fake, timeout=7.5) as (lb, _):
+        answer = command(lb, bytes([0x12, 0, 0, 0, 96, 0]), 96)
+    assert answer.status == 0 and answer.data == INQUIRY_DATA and answer.residual == 96 - len(INQUIRY_DATA)
+    (call,) = fake.calls
+    assert call == {"cdb": bytes([0x12, 0, 0, 0, 96, 0]), "direction": SG_DXFER_FROM_DEV, "size": 96, "timeout": 7500}
+
+
+def test_device_sense_reaches_the_guest(tmp_path: Path) -> None:
+    with passthrough_target(_device_file(tmp_path), FakeSg()) as (lb, _):
+        answer = command(lb, bytes(6))
+    assert answer.status == CHECK_CONDITION and answer.sense_triple == (0x2, 0x3A, 0x01)
+
+
+def test_opcodes_off_the_allow_list_never_reach_the_device(tmp_path: Path) -> None:
+    fake = FakeSg()
+    with passthrough_target(_device_file(tmp_path), fake) as (lb, _):
+        for cdb in (bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), bytes([0xA1] + [0] * 11), bytes([0x7F] + [0] * 31),
+                    bytes([0xC5] + [0] * 11)):
+            answer = command(lb, cdb, data_out=b"w" * 2048 if cdb[0] == 0x2A else b"")
+            assert answer.status == CHECK_CONDITION and answer.sense_triple == (0x5, 0x20, 0x00)
+    assert fake.calls == []
+
+
+def test_allow_write_passes_a_write_with_its_data_out(tmp_path: Path) -> None:
+    fake = FakeSg()
+    with passthrough_target(_device_file(tmp_path), fake, allow="write") as (lb, _):
+        answer = command(lb, bytes([0x2A, 0, 0, 0, 0, 9, 0, 0, 1, 0]), data_out=b"burn" * 512)
+    assert answer.status == 0
+    assert fake.calls[0]["direction"] == SG_DXFER_TO_DEV and fake.written == b"burn" * 512
+
+
+def test_a_timed_out_command_is_aborted_command(tmp_path: Path) -> None:
+    with passthrough_target(_device_file(tmp_path), FakeSg(timeout=True)) as (lb, _):
+        answer = command(lb, bytes([0x12, 0, 0, 0, 36, 0]), 36)
+    assert answer.status == CHECK_CONDITION and answer.sense_triple == (0xB, 0x2E, 0x02)
+
+
+def test_a_failing_ioctl_is_a_target_failure_not_a_crash(tmp_path: Path) -> None:
+    def broken(fd: int, request: int, header: bytearray) -> int:
+        raise OSError(5, "Input/output error")
+
+    fake = FakeSg()
+    with passthrough_target(_device_file(tmp_path), fake) as (lb, device):
+        device.units[0]._ioctl = broken
+        answer = command(lb, bytes([0x12, 0, 0, 0, 36, 0]), 36)
+        assert answer.status == CHECK_CONDITION and answer.sense_triple == (0x4, 0x44, 0x00)
+        device.units[0]._ioctl = fake
+        assert command(lb, bytes([0x12, 0, 0, 0, 36, 0]), 36).data == INQUIRY_DATA[:36]
