@@ -89,12 +89,13 @@ class Transfer:
 class Deferred:
     """Blocking work run on a thread: ``job(data_out)`` returns the :class:`Reply`.
 
-    The transport gathers at most ``data_out_limit`` bytes of data-out for it
-    (a larger buffer fails the command before the job runs).
+    The transport gathers the data-out for it on that thread; a data-in or
+    data-out buffer larger than ``data_limit`` fails the command
+    (INVALID FIELD IN CDB) before the job runs.
     """
 
     job: Callable[[bytes], Reply]
-    data_out_limit: int = MAX_DATA_IN
+    data_limit: int = MAX_DATA_IN
 
 
 Outcome = Reply | Transfer | Deferred

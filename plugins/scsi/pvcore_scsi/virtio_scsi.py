@@ -378,7 +378,7 @@ class VirtioScsi(VirtioDevice):
         transfer.backend.submit(block_request, done)
 
     def _defer(self, request: _InFlight, deferred: Deferred, data_in: Buffers, data_out: Buffers) -> None:
-        if request.data_in_len > deferred.data_out_limit or sum(n for _, n in data_out) > deferred.data_out_limit:
+        if max(request.data_in_len, sum(n for _, n in data_out)) > deferred.data_limit:
             self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(INVALID_FIELD_IN_CDB)), ())
             return
         memory = request.queue.memory

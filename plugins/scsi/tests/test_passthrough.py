@@ -135,3 +135,11 @@ def test_a_failing_ioctl_is_a_target_failure_not_a_crash(tmp_path: Path) -> None
         assert answer.status == CHECK_CONDITION and answer.sense_triple == (0x4, 0x44, 0x00)
         device.units[0]._ioctl = fake
         assert command(lb, bytes([0x12, 0, 0, 0, 36, 0]), 36).data == INQUIRY_DATA[:36]
+
+
+def test_a_buffer_past_the_data_limit_never_reaches_the_device(tmp_path: Path) -> None:
+    fake = FakeSg()
+    with passthrough_target(_device_file(tmp_path), fake) as (lb, _):
+        answer = command(lb, bytes([0x28, 0, 0, 0, 0, 0, 0, 0x04, 0x00, 0]), 2 << 20)
+    assert answer.status == CHECK_CONDITION and answer.sense_triple == (0x5, 0x24, 0x00)
+    assert fake.calls == []
