@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pvcore.contract import DeviceConfig
-from pvcore.testing.fixtures import loop_thread  # noqa: F401  (a fixture)
 from pvcore.testing.loopback import Loopback
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from pvcore_scsi.plugin import build_units, close_units  # noqa: E402
-from pvcore_scsi.virtio_scsi import VirtioScsi  # noqa: E402
-
-DISC_BLOCKS = 64
+from pvcore_scsi.plugin import build_units, close_units
+from pvcore_scsi.virtio_scsi import VirtioScsi
+from scsi_driver import DISC_BLOCKS
 
 
 @pytest.fixture

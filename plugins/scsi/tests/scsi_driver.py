@@ -9,6 +9,8 @@ import attrs
 from pvcore.testing.loopback import Loopback
 
 REQUEST_QUEUE = 2
+DISC_BLOCKS = 64
+"""Blocks of the test disc the fixtures make."""
 RESPONSE_SIZE = 12 + 96
 
 

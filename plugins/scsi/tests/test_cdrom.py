@@ -5,8 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from conftest import DISC_BLOCKS
-from scsi_driver import command
+from scsi_driver import DISC_BLOCKS, command
 
 from pvcore_scsi.media import MediaControl
 

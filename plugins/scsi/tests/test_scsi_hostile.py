@@ -12,8 +12,8 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_passthrough import FakeSg, passthrough_target
 from scsi_driver import REQUEST_QUEUE, RESPONSE_SIZE, command, lun_address, parse_answer, request_header, tmf
+from sg_double import FakeSg, passthrough_target
 
 from pvcore_scsi.virtio_scsi import (
     S_BAD_TARGET,

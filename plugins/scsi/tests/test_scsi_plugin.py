@@ -63,3 +63,11 @@ def test_a_disc_smaller_than_a_block_is_refused(tmp_path: Path) -> None:
     tiny.write_bytes(b"x" * 100)
     with pytest.raises(DeviceError, match="smaller than one 2048-byte block"):
         build_units(DeviceConfig("scsi", "bad", {"media": [str(tiny)]}))
+
+
+def test_kvm_attaches_the_class_with_vhost_user_scsi_pci(tmp_path: Path) -> None:
+    from pvcore.testing.guest import plugin_qemu_args
+
+    arguments = plugin_qemu_args("kvm", [f"scsi:media={tmp_path}/x.iso,socket={tmp_path}/s.sock,queues=2,name=vm-cd"])
+    assert arguments == {"vm": ["-chardev", f"socket,id=pvscsi0,path={tmp_path}/s.sock",
+                                "-device", "vhost-user-scsi-pci,chardev=pvscsi0,num_queues=2"]}
