@@ -6,7 +6,9 @@ with one of:
 
 * :class:`Reply` — status, data-in bytes it made (INQUIRY, READ TOC...) and sense;
 * :class:`Transfer` — a read or write of its block engine into or out of the
-  guest's buffers directly (READ(10), WRITE(10), SYNCHRONIZE CACHE);
+  guest's buffers directly (READ(10), WRITE(10), SYNCHRONIZE CACHE), or
+  discards of several ranges (UNMAP);
+* :class:`WithParameters` — first the command's parameter list (data-out, bounded), then the answer;
 * :class:`Deferred` — blocking work (an SG_IO ioctl) run on a thread.
 
 A command the unit refuses raises :class:`~pvcore_scsi.sense.ScsiError`.
@@ -83,6 +85,20 @@ class Transfer:
     fua: bool = False
     error: Sense | None = None
     """The sense a failed transfer answers with (a read error, a write error)."""
+    ranges: tuple[tuple[int, int], ...] = ()
+    """For DISCARD: the (offset, length) byte ranges, each one block-engine request."""
+
+
+@attrs.frozen
+class WithParameters:
+    """A command that carries a parameter list: the transport reads the data-out first.
+
+    A data-out buffer larger than ``limit`` is CHECK CONDITION PARAMETER LIST
+    LENGTH ERROR; otherwise ``then(parameters)`` gives the outcome.
+    """
+
+    limit: int
+    then: Callable[[bytes], Reply | Transfer]
 
 
 @attrs.frozen
@@ -98,7 +114,7 @@ class Deferred:
     data_limit: int = MAX_DATA_IN
 
 
-Outcome = Reply | Transfer | Deferred
+Outcome = Reply | Transfer | Deferred | WithParameters
 
 
 def be16(cdb: bytes, at: int) -> int:
@@ -141,8 +157,11 @@ def standard_inquiry(device_type: int, *, removable: bool, product: str) -> byte
     return bytes(data)
 
 
-def inquiry(cdb: bytes, *, device_type: int, removable: bool, product: str, serial: str) -> bytes:
-    """INQUIRY: the standard data, or VPD page 0x00 (supported pages), 0x80 (serial) or 0x83 (identification)."""
+def inquiry(cdb: bytes, *, device_type: int, removable: bool, product: str, serial: str,
+            pages: Mapping[int, bytes] | None = None) -> bytes:
+    """INQUIRY: the standard data, or VPD page 0x00 (supported pages), 0x80 (serial), 0x83 (identification)
+    or one of the unit's own ``pages`` (by page code: the page's body, after its 4-byte header)."""
+    pages = pages or {}
     evpd, page, allocation = cdb[1] & 1, cdb[2], be16(cdb, 3)
     if not evpd:
         if page:
@@ -150,12 +169,14 @@ def inquiry(cdb: bytes, *, device_type: int, removable: bool, product: str, seri
         return allocated(standard_inquiry(device_type, removable=removable, product=product), allocation)
     serial_bytes = serial.encode("ascii", "replace")[:64]
     if page == 0x00:
-        body = bytes([0x00, 0x80, 0x83])
+        body = bytes(sorted({0x00, 0x80, 0x83, *pages}))
     elif page == 0x80:
         body = serial_bytes
     elif page == 0x83:
         identifier = VENDOR + ascii_field(product, 16) + serial_bytes
         body = bytes([0x02, 0x01, 0x00, len(identifier)]) + identifier  # ASCII, T10 vendor ID, logical unit
+    elif page in pages:
+        body = pages[page]
     else:
         raise ScsiError(INVALID_FIELD_IN_CDB, f"INQUIRY VPD page {page:#x} is not supported")
     return allocated(bytes([device_type, page]) + struct.pack(">H", len(body)) + body, allocation)

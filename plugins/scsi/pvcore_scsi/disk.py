@@ -5,8 +5,10 @@ guest's buffers, so the engine's I/O threads, flush barriers (SYNCHRONIZE
 CACHE is a FLUSH, ordered after every write before it), FUA writes and cache
 modes carry over unchanged. 512-byte blocks. Commands: INQUIRY, TEST UNIT
 READY, REQUEST SENSE, READ CAPACITY(10/16), READ and WRITE (6/10/12/16),
-SYNCHRONIZE CACHE(10/16), MODE SENSE(6/10) (caching page), START STOP UNIT,
-PREVENT ALLOW MEDIUM REMOVAL; anything else is INVALID COMMAND OPERATION CODE.
+SYNCHRONIZE CACHE(10/16), UNMAP (discard: a writable disk says so in READ
+CAPACITY(16) and VPD pages 0xB0 block limits and 0xB2 provisioning, as
+Linux's sd asks), MODE SENSE(6/10) (caching page), START STOP UNIT, PREVENT
+ALLOW MEDIUM REMOVAL; anything else is INVALID COMMAND OPERATION CODE.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pvcore_scsi.commands import (
     Outcome,
     Reply,
     Transfer,
+    WithParameters,
     allocated,
     be16,
     be32,
@@ -36,6 +39,7 @@ from pvcore_scsi.commands import (
 from pvcore_scsi.sense import (
     INVALID_COMMAND_OPERATION_CODE,
     INVALID_FIELD_IN_CDB,
+    INVALID_FIELD_IN_PARAMETER_LIST,
     LBA_OUT_OF_RANGE,
     NO_ADDITIONAL_SENSE,
     UNRECOVERED_READ_ERROR,
@@ -50,6 +54,12 @@ log = logging.getLogger("pvcore.scsi")
 BLOCK_SIZE = 512
 MAX_TRANSFER_BLOCKS = 1 << 18
 """The most blocks one READ or WRITE may move (128 MiB)."""
+MAX_UNMAP_BLOCKS = 1 << 22
+"""The most blocks one UNMAP descriptor may discard (2 GiB), as VPD page 0xB0 says."""
+MAX_UNMAP_DESCRIPTORS = 32
+"""The most descriptors one UNMAP may carry, as VPD page 0xB0 says."""
+UNMAP_HEADER = 8
+UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 READ_6, READ_10, READ_12, READ_16 = 0x08, 0x28, 0xA8, 0x88
 WRITE_6, WRITE_10, WRITE_12, WRITE_16 = 0x0A, 0x2A, 0xAA, 0x8A
@@ -62,6 +72,7 @@ MODE_SENSE_6 = 0x1A
 MODE_SENSE_10 = 0x5A
 START_STOP_UNIT = 0x1B
 PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+UNMAP = 0x42
 
 
 def _address(cdb: bytes) -> tuple[int, int]:
@@ -113,8 +124,13 @@ class DiskUnit:
         return handler(self, command.cdb)
 
     def _inquiry(self, cdb: bytes) -> Reply:
+        pages = {}
+        if not self.backend.readonly:
+            limits = bytearray(60)  # block limits: the unmap limits, nothing else stated
+            limits[16:24] = struct.pack(">II", MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS)
+            pages = {0xB0: bytes(limits), 0xB2: bytes([0, 0x80, 0, 0])}  # provisioning: LBPU (UNMAP works)
         return Reply(data=inquiry(cdb, device_type=TYPE_DISK, removable=False, product="VIRTUAL DISK",
-                                  serial=f"{self.name}-{self.lun}"))
+                                  serial=f"{self.name}-{self.lun}", pages=pages))
 
     def _good(self, cdb: bytes) -> Reply:
         return Reply()
@@ -128,7 +144,9 @@ class DiskUnit:
     def _service_action_in(self, cdb: bytes) -> Reply:
         if cdb[1] & 0x1F != READ_CAPACITY_16:
             raise ScsiError(INVALID_FIELD_IN_CDB, f"SERVICE ACTION IN(16) action {cdb[1] & 0x1F:#x}")
-        return Reply(data=allocated(struct.pack(">QI20x", self.blocks - 1, BLOCK_SIZE), be32(cdb, 10)))
+        provisioning = 0 if self.backend.readonly else 0x80  # LBPME: UNMAP is supported
+        data = struct.pack(">QIxxB17x", self.blocks - 1, BLOCK_SIZE, provisioning)
+        return Reply(data=allocated(data, be32(cdb, 10)))
 
     def _transfer(self, cdb: bytes) -> Transfer:
         write = cdb[0] in (WRITE_6, WRITE_10, WRITE_12, WRITE_16)
@@ -142,6 +160,30 @@ class DiskUnit:
         fua = write and cdb[0] != WRITE_6 and bool(cdb[1] & 0x08)
         return Transfer(self.backend, BlockOp.WRITE if write else BlockOp.READ, lba * BLOCK_SIZE,
                         blocks * BLOCK_SIZE, fua=fua, error=WRITE_ERROR if write else UNRECOVERED_READ_ERROR)
+
+    def _unmap(self, cdb: bytes) -> WithParameters:
+        if self.backend.readonly:
+            raise ScsiError(WRITE_PROTECTED, "UNMAP of a read-only disk")
+        return WithParameters(UNMAP_HEADER + MAX_UNMAP_DESCRIPTORS * UNMAP_DESCRIPTOR.size, self._unmap_list)
+
+    def _unmap_list(self, parameters: bytes) -> Reply | Transfer:
+        """The UNMAP parameter list: every descriptor is checked before any range is discarded."""
+        if not parameters:
+            return Reply()
+        if len(parameters) < UNMAP_HEADER:
+            raise ScsiError(INVALID_FIELD_IN_PARAMETER_LIST, f"UNMAP list of {len(parameters)} bytes")
+        size = be16(parameters, 2)
+        if size % UNMAP_DESCRIPTOR.size or UNMAP_HEADER + size > len(parameters):
+            raise ScsiError(INVALID_FIELD_IN_PARAMETER_LIST, f"UNMAP descriptors of {size} bytes")
+        ranges = []
+        for lba, blocks in UNMAP_DESCRIPTOR.iter_unpack(parameters[UNMAP_HEADER : UNMAP_HEADER + size]):
+            if blocks > MAX_UNMAP_BLOCKS:
+                raise ScsiError(INVALID_FIELD_IN_PARAMETER_LIST, f"UNMAP of {blocks} blocks, at most {MAX_UNMAP_BLOCKS}")
+            if lba + blocks > self.blocks:
+                raise ScsiError(LBA_OUT_OF_RANGE, f"UNMAP of blocks {lba}+{blocks} past the disk ({self.blocks})")
+            if blocks:
+                ranges.append((lba * BLOCK_SIZE, blocks * BLOCK_SIZE))
+        return Transfer(self.backend, BlockOp.DISCARD, ranges=tuple(ranges), error=WRITE_ERROR)
 
     def _synchronize(self, cdb: bytes) -> Transfer:
         return Transfer(self.backend, BlockOp.FLUSH, error=WRITE_ERROR)
@@ -170,5 +212,6 @@ _HANDLERS: dict[int, Callable[[DiskUnit, bytes], Outcome]] = {
     MODE_SENSE_10: DiskUnit._mode_sense,
     START_STOP_UNIT: DiskUnit._good,
     PREVENT_ALLOW_MEDIUM_REMOVAL: DiskUnit._good,
+    UNMAP: DiskUnit._unmap,
 }
 """The SBC commands a disk unit answers."""

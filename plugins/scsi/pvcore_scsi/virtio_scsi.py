@@ -52,6 +52,7 @@ from pvcore_scsi.commands import (
     Outcome,
     Reply,
     Transfer,
+    WithParameters,
     absent_unit_inquiry,
     report_luns,
 )
@@ -61,6 +62,7 @@ from pvcore_scsi.sense import (
     INVALID_FIELD_IN_CDB,
     LOGICAL_UNIT_NOT_SUPPORTED,
     MEDIUM_MAY_HAVE_CHANGED,
+    PARAMETER_LIST_LENGTH_ERROR,
     ScsiError,
     fixed_sense,
 )
@@ -317,6 +319,8 @@ class VirtioScsi(VirtioDevice):
         request = _InFlight(queue, chain, self._generation, lun, tag, response, data_in_len)
         try:
             outcome = self._execute(lun, command)
+            if isinstance(outcome, WithParameters):
+                outcome = self._with_parameters(queue, outcome, data_out)
         except ScsiError as exc:
             log.debug("%s: lun %d opcode %#04x: %s", self.name, lun, cdb[0], exc)
             self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(exc.sense)), data_in)
@@ -340,9 +344,18 @@ class VirtioScsi(VirtioDevice):
             return Reply(data=fixed_sense(LOGICAL_UNIT_NOT_SUPPORTED)[: command.cdb[4]])
         raise ScsiError(LOGICAL_UNIT_NOT_SUPPORTED, f"no logical unit {lun}")
 
+    def _with_parameters(self, queue: VirtioQueue, outcome: WithParameters, data_out: Buffers) -> Outcome:
+        """Read a command's parameter list (bounded by the unit's limit) and let the unit answer."""
+        if sum(length for _, length in data_out) > outcome.limit:
+            raise ScsiError(PARAMETER_LIST_LENGTH_ERROR, f"parameter list longer than {outcome.limit} bytes")
+        return outcome.then(gather(queue.memory, data_out) if data_out else b"")
+
     def _transfer(self, request: _InFlight, transfer: Transfer, data_in: Buffers, data_out: Buffers) -> None:
         queue, memory = request.queue, request.queue.memory
         op = transfer.op
+        if op is BlockOp.DISCARD:
+            self._discard(request, transfer)
+            return
         if op is BlockOp.READ or op is BlockOp.WRITE:
             buffers = data_in if op is BlockOp.READ else data_out
             if sum(length for _, length in buffers) < transfer.length:
@@ -376,6 +389,30 @@ class VirtioScsi(VirtioDevice):
                 self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(sense)), ())
 
         transfer.backend.submit(block_request, done)
+
+    def _discard(self, request: _InFlight, transfer: Transfer) -> None:
+        """Every range of an UNMAP as one block-engine DISCARD; GOOD once all are done, else the first error."""
+        if not transfer.ranges:
+            self._finish(request, Reply(), (), data_written=0)
+            return
+        self._in_flight.add(request)
+        outstanding = [len(transfer.ranges)]
+        failures: list[BlockResult] = []
+
+        def done(result: BlockResult) -> None:
+            outstanding[0] -= 1
+            if not result.ok:
+                failures.append(result)
+            if outstanding[0] or not self._track_done(request):
+                return
+            if failures:
+                log.warning("%s: lun %d discard failed: %s", self.name, request.lun, failures[0].message)
+                self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(transfer.error or INTERNAL_TARGET_FAILURE)), ())
+            else:
+                self._finish(request, Reply(), (), data_written=0)
+
+        for offset, length in transfer.ranges:
+            transfer.backend.submit(BlockRequest(BlockOp.DISCARD, offset, length), done)
 
     def _defer(self, request: _InFlight, deferred: Deferred, data_in: Buffers, data_out: Buffers) -> None:
         if max(request.data_in_len, sum(n for _, n in data_out)) > deferred.data_limit:

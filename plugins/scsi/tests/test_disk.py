@@ -58,3 +58,41 @@ def test_readonly_disk_refuses_writes_with_write_protected(disk_image: Path) -> 
     finally:
         close_units(units)
     assert disk_image.read_bytes() == before
+
+
+def unmap_list(*ranges: tuple[int, int]) -> bytes:
+    descriptors = b"".join(struct.pack(">QI4x", lba, blocks) for lba, blocks in ranges)
+    return struct.pack(">HH4x", len(descriptors) + 6, len(descriptors)) + descriptors
+
+
+def test_unmap_discards_ranges_and_is_advertised(target, disk_image: Path) -> None:
+    lb, _ = target
+    capacity16 = command(lb, bytes([0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0]), 32, lun=DISK)
+    assert capacity16.data[14] & 0x80  # LBPME
+    pages = command(lb, bytes([0x12, 1, 0x00, 0, 255, 0]), 255, lun=DISK).data[4:]
+    assert 0xB0 in pages and 0xB2 in pages
+    limits = command(lb, bytes([0x12, 1, 0xB0, 0, 255, 0]), 255, lun=DISK).data
+    assert struct.unpack_from(">II", limits, 20) == (1 << 22, 32)
+    assert command(lb, bytes([0x12, 1, 0xB2, 0, 255, 0]), 255, lun=DISK).data[5] & 0x80  # LBPU
+    answer = command(lb, bytes([0x42] + [0] * 6 + [0, 40, 0]), lun=DISK, data_out=unmap_list((8, 8), (100, 16)))
+    assert answer.status == 0
+    image = disk_image.read_bytes()
+    assert image[8 * 512 : 16 * 512] == bytes(8 * 512) and image[100 * 512 : 116 * 512] == bytes(16 * 512)
+    assert image[16 * 512 : 17 * 512] != bytes(512)
+
+
+def test_bad_unmap_lists_fail_before_anything_is_discarded(target, disk_image: Path) -> None:
+    lb, _ = target
+    before = disk_image.read_bytes()
+    cases = [
+        (unmap_list((2040, 16)), (0x5, 0x21, 0x00)),  # past the end
+        (unmap_list((0, 8), (0, 1 << 23)), (0x5, 0x26, 0x00)),  # one descriptor too big: nothing done
+        (struct.pack(">HH4x", 22, 17) + bytes(17), (0x5, 0x26, 0x00)),  # not whole descriptors
+        (struct.pack(">HH4x", 38, 32) + bytes(16), (0x5, 0x26, 0x00)),  # says more than it carries
+        (bytes(5), (0x5, 0x26, 0x00)),
+        (unmap_list(*[(0, 1)] * 33), (0x5, 0x1A, 0x00)),  # past the 32-descriptor limit
+    ]
+    for data, sense in cases:
+        answer = command(lb, bytes([0x42] + [0] * 9), lun=DISK, data_out=data)
+        assert answer.status == 2 and answer.sense_triple == sense, data
+    assert disk_image.read_bytes() == before

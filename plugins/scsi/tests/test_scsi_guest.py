@@ -10,8 +10,9 @@ The guest (virtio_scsi, sr_mod, sd_mod, sg, isofs) checks, in one boot:
   after it is CHECK CONDITION NOT READY / MEDIUM NOT PRESENT; an unknown
   opcode is ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE;
 * a disc the host inserts through the media control socket mounts, with its own files;
-* /dev/sda (the disk LUN) reads back the image's md5, and an O_DIRECT write
-  from the guest is in the host file after poweroff.
+* /dev/sda (the disk LUN) reads back the image's md5, an O_DIRECT write
+  from the guest is in the host file after poweroff, and Linux's sd sees
+  UNMAP support: blkdiscard zeroes a range of the host file.
 
 busybox has neither eject nor sg_raw: ``guest/scsitool.c`` is compiled
 static here (gcc is one of the project's Debian packages) and put in the
@@ -41,6 +42,7 @@ SECOND_FILES = {"second.txt": b"the host changed the disc\n" * 100}
 DISK_SIZE = 4 << 20
 PATTERN = b"PVCORE-SCSI-DIRECT-WRITE".ljust(4096, b".")
 PATTERN_BLOCK = 100  # 4 KiB blocks: byte offset 400 KiB
+DISCARD_OFFSET, DISCARD_LENGTH = 1 << 20, 64 << 10
 
 SCRIPT = r"""
 chmod 755 /pvcore/scsitool
@@ -62,6 +64,7 @@ umount /mnt 2>/dev/null
 {disk_md5}
 printf 'PVCORE-SCSI-DIRECT-WRITE' > /tmp/p; dd if=/dev/zero bs=4072 count=1 2>/dev/null | tr '\0' '.' >> /tmp/p
 {disk_write}
+{discard}
 """
 
 
@@ -81,6 +84,8 @@ def _script(first: dict[str, bytes], second: dict[str, bytes]) -> str:
         disk_write=result_line(
             "disk_write", f"dd if=/tmp/p of=/dev/sda bs=4096 seek={PATTERN_BLOCK} count=1 oflag=direct conv=fsync "
             "2>/dev/null && echo done"),
+        discard=result_line("discard", f"cat /sys/block/sda/queue/discard_max_bytes; "
+                            f"blkdiscard -o {DISCARD_OFFSET} -l {DISCARD_LENGTH} /dev/sda && echo done"),
     )
 
 
@@ -197,3 +202,9 @@ def test_disk_lun_reads_the_image_and_takes_a_direct_write(guest_run) -> None:
     assert results["disk_write"] == "done"
     block = guest_run["disk"][PATTERN_BLOCK * 4096 : (PATTERN_BLOCK + 1) * 4096]
     assert block == PATTERN
+
+
+def test_disk_lun_discard_reaches_the_host_file(guest_run) -> None:
+    max_bytes, done = _results(guest_run)["discard"].split()
+    assert int(max_bytes) > 0 and done == "done"
+    assert guest_run["disk"][DISCARD_OFFSET : DISCARD_OFFSET + DISCARD_LENGTH] == bytes(DISCARD_LENGTH)
