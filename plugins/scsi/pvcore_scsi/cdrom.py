@@ -28,6 +28,8 @@ from pvcore.devices.block import BlockBackend, BlockOp, RawFileStore, StoreError
 from pvcore.virtio import DeviceError
 from pvcore_scsi.commands import (
     INQUIRY,
+    MODE_SENSE_6,
+    MODE_SENSE_10,
     REPORT_LUNS,
     REQUEST_SENSE,
     TEST_UNIT_READY,
@@ -66,8 +68,6 @@ READ_12 = 0xA8
 READ_TOC = 0x43
 GET_CONFIGURATION = 0x46
 GET_EVENT_STATUS_NOTIFICATION = 0x4A
-MODE_SENSE_6 = 0x1A
-MODE_SENSE_10 = 0x5A
 START_STOP_UNIT = 0x1B
 PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
 READ_DISC_INFORMATION = 0x51
@@ -223,7 +223,7 @@ class CdromUnit:
         disc = self._ready()
         return Reply(data=struct.pack(">II", disc.blocks - 1, BLOCK_SIZE))
 
-    def _read(self, cdb: bytes) -> Transfer:
+    def _read(self, cdb: bytes) -> Transfer | Reply:
         lba = be32(cdb, 2)
         blocks = be16(cdb, 7) if cdb[0] == READ_10 else be32(cdb, 6)
         disc = self._ready()
@@ -231,6 +231,8 @@ class CdromUnit:
             raise ScsiError(INVALID_FIELD_IN_CDB, f"READ of {blocks} blocks, at most {MAX_READ_BLOCKS}")
         if lba + blocks > disc.blocks:
             raise ScsiError(LBA_OUT_OF_RANGE, f"blocks {lba}+{blocks} end past the disc ({disc.blocks})")
+        if not blocks:
+            return Reply()
         return Transfer(disc.backend, BlockOp.READ, lba * BLOCK_SIZE, blocks * BLOCK_SIZE,
                         error=UNRECOVERED_READ_ERROR)
 

@@ -21,6 +21,8 @@ from pvcore.devices.block import BlockBackend, BlockOp, CacheMode, RawFileStore,
 from pvcore.virtio import DeviceError
 from pvcore_scsi.commands import (
     INQUIRY,
+    MODE_SENSE_6,
+    MODE_SENSE_10,
     REQUEST_SENSE,
     TEST_UNIT_READY,
     TYPE_DISK,
@@ -68,8 +70,6 @@ SERVICE_ACTION_IN_16 = 0x9E
 READ_CAPACITY_16 = 0x10
 SYNCHRONIZE_CACHE_10 = 0x35
 SYNCHRONIZE_CACHE_16 = 0x91
-MODE_SENSE_6 = 0x1A
-MODE_SENSE_10 = 0x5A
 START_STOP_UNIT = 0x1B
 PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
 UNMAP = 0x42
@@ -148,7 +148,7 @@ class DiskUnit:
         data = struct.pack(">QIxxB17x", self.blocks - 1, BLOCK_SIZE, provisioning)
         return Reply(data=allocated(data, be32(cdb, 10)))
 
-    def _transfer(self, cdb: bytes) -> Transfer:
+    def _transfer(self, cdb: bytes) -> Transfer | Reply:
         write = cdb[0] in (WRITE_6, WRITE_10, WRITE_12, WRITE_16)
         if write and self.backend.readonly:
             raise ScsiError(WRITE_PROTECTED, "write to a read-only disk")
@@ -157,6 +157,8 @@ class DiskUnit:
             raise ScsiError(INVALID_FIELD_IN_CDB, f"transfer of {blocks} blocks, at most {MAX_TRANSFER_BLOCKS}")
         if lba + blocks > self.blocks:
             raise ScsiError(LBA_OUT_OF_RANGE, f"blocks {lba}+{blocks} end past the disk ({self.blocks})")
+        if not blocks:
+            return Reply()
         fua = write and cdb[0] != WRITE_6 and bool(cdb[1] & 0x08)
         return Transfer(self.backend, BlockOp.WRITE if write else BlockOp.READ, lba * BLOCK_SIZE,
                         blocks * BLOCK_SIZE, fua=fua, error=WRITE_ERROR if write else UNRECOVERED_READ_ERROR)

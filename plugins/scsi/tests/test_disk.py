@@ -96,3 +96,24 @@ def test_bad_unmap_lists_fail_before_anything_is_discarded(target, disk_image: P
         answer = command(lb, bytes([0x42] + [0] * 9), lun=DISK, data_out=data)
         assert answer.status == 2 and answer.sense_triple == sense, data
     assert disk_image.read_bytes() == before
+
+
+def test_zero_block_transfers_move_nothing(target) -> None:
+    lb, _ = target
+    assert command(lb, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0]), lun=DISK).status == 0
+    assert command(lb, bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 0, 0]), lun=DISK).status == 0
+    assert command(lb, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0])).status == 0  # the CD-ROM too
+
+
+def test_every_request_queue_serves(disk_image: Path) -> None:
+    units = build_units(DeviceConfig("scsi", "mq", {"disk": [str(disk_image)]}))
+    try:
+        device = VirtioScsi(units, name="mq", queues=3)
+        assert device.num_queues() == 5 and struct.unpack_from("<I", device.config())[0] == 3
+        with Loopback(device) as lb:
+            for queue in (2, 3, 4):
+                header = bytes([1, 0, 0x40, 0, 0, 0, 0, 0]) + struct.pack("<QBBB", queue, 0, 0, 0)
+                used = lb.request(queue, [header + bytes([0x25]).ljust(32, b"\0")], [108, 8])
+                assert struct.unpack(">II", used.data[108:116]) == (2047, 512)
+    finally:
+        close_units(units)
