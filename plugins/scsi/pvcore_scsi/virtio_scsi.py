@@ -303,7 +303,7 @@ class VirtioScsi(VirtioDevice):
             self._answer(queue, chain, response, code=S_FAILURE)
             return
         lun_bytes, tag, _attr, _prio, _crn = REQUEST_FIXED.unpack_from(header)
-        cdb = header[REQUEST_FIXED.size:]
+        cdb = header[REQUEST_FIXED.size:].ljust(DEFAULT_CDB_SIZE, b"\0")  # a driver's short field reads as zeros
         address = decode_lun(lun_bytes)
         if address is None or address[0] != 0:
             self._answer(queue, chain, response, code=S_BAD_TARGET)
@@ -324,6 +324,10 @@ class VirtioScsi(VirtioDevice):
         except ScsiError as exc:
             log.debug("%s: lun %d opcode %#04x: %s", self.name, lun, cdb[0], exc)
             self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(exc.sense)), data_in)
+            return
+        except Exception:  # a unit's bug answers this command, it does not fail the device
+            log.exception("%s: lun %d opcode %#04x: unit error", self.name, lun, cdb[0])
+            self._finish(request, Reply(CHECK_CONDITION, sense=fixed_sense(INTERNAL_TARGET_FAILURE)), data_in)
             return
         if isinstance(outcome, Reply):
             self._finish(request, outcome, data_in)

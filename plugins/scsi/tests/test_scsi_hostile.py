@@ -181,6 +181,40 @@ def test_random_requests_never_break_the_device(target, header: bytes, data_out:
     assert lb.session.broken is None
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cdb=st.binary(min_size=1, max_size=32), lun=st.sampled_from([0, 1, 5]),
+       data_in=st.integers(min_value=0, max_value=8192))
+def test_random_cdbs_are_answered_and_never_break_the_device(target, cdb: bytes, lun: int, data_in: int) -> None:
+    lb, _ = target
+    answer = command(lb, cdb, data_in, lun=lun)
+    assert answer.response in (0, S_OVERRUN) and answer.status in (0, 2)
+    if answer.status == 2:  # not ready, illegal request, unit attention, write protect: never a unit's own error
+        assert answer.sense_triple[0] in (0x2, 0x5, 0x6, 0x7), answer.sense_triple
+    assert lb.session.broken is None
+
+
+@pytest.mark.parametrize("fill", [0x00, 0xFF, 0x01])
+def test_every_opcode_with_extreme_fields_is_answered(target, fill: int) -> None:
+    lb, _ = target
+    for lun in (0, 1, 5):
+        for opcode in range(256):
+            answer = command(lb, bytes([opcode]) + bytes([fill]) * 31, 4096, lun=lun)
+            assert answer.response in (0, S_OVERRUN), (lun, opcode)
+            if answer.status == 2:
+                assert answer.sense_triple[0] in (0x2, 0x5, 0x6, 0x7), (lun, hex(opcode), answer.sense_triple)
+    assert lb.session.broken is None
+
+
+def test_a_driver_that_shrinks_the_cdb_field_still_gets_answers(target) -> None:
+    lb, device = target
+    lb.run_in_loop(device.write_config, 24, struct.pack("<I", 1))
+    header = request_header(b"")[:19] + bytes([0x43])  # READ TOC with a 1-byte CDB field
+    used = raw(lb, [header], [RESPONSE_SIZE, 12])
+    assert parse_answer(used.data, used.written).response == 0
+    lb.run_in_loop(device.write_config, 24, struct.pack("<I", 32))
+    still_serving(lb)
+
+
 def test_an_aborted_request_is_answered_before_its_tmf(tmp_path) -> None:
     device_file = tmp_path / "sg9"
     device_file.write_bytes(b"")
