@@ -21,7 +21,9 @@ request fails that request, never the device:
 * data in both directions (VIRTIO_SCSI_F_INOUT is not offered): FAILURE;
 * a data-in (or data-out) buffer smaller than what the command moves: OVERRUN,
   with nothing transferred;
-* an unknown opcode: CHECK CONDITION ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.
+* an unknown opcode: CHECK CONDITION ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE;
+* a unit whose code fails on a command: CHECK CONDITION HARDWARE ERROR /
+  INTERNAL TARGET FAILURE for that command (logged), the device goes on.
 
 Task management answers as SAM-5 says: ABORT TASK of a tag that is not in
 flight is FUNCTION COMPLETE (nothing to abort), QUERY TASK of one is FUNCTION
