@@ -221,8 +221,9 @@ class VirtioScsi(VirtioDevice):
         return FIRST_REQUEST_QUEUE + self.queues
 
     def features(self) -> int:
-        """VIRTIO_SCSI_F_CHANGE: unit attentions (a new disc) are also sent as events."""
-        return bit(VIRTIO_SCSI_F_CHANGE)
+        """CHANGE: unit attentions (a new disc) are also sent as events; HOTPLUG, with which Linux
+        lends the event buffers at all (the units never come or go, so no hot-plug event is sent)."""
+        return bit(VIRTIO_SCSI_F_CHANGE) | bit(VIRTIO_SCSI_F_HOTPLUG)
 
     def config(self) -> bytes:
         """struct virtio_scsi_config: one channel, one target, LUNs up to the highest unit's."""
@@ -245,6 +246,8 @@ class VirtioScsi(VirtioDevice):
     def activate(self, features: int) -> None:
         """Remember the negotiated features."""
         self.negotiated = features
+        log.debug("%s: driver accepted features %#x (CHANGE events %s)", self.name, features,
+                  "on" if features & bit(VIRTIO_SCSI_F_CHANGE) else "off")
 
     def reset(self) -> None:
         """Forget the session: late completions are dropped, lent event buffers forgotten, sizes restored."""
@@ -586,6 +589,7 @@ class VirtioScsi(VirtioDevice):
                 event |= T_EVENTS_MISSED
                 self._events_missed = False
             self._write_control(queue, chain, EVENT.pack(event, lun_bytes, reason))
+            log.debug("%s: event %#x (lun field %s, reason %#x) sent", self.name, event, lun_bytes.hex(), reason)
         if len(self._pending_events) > MAX_EVENT_BUFFERS:
             self._pending_events.clear()
             self._events_missed = True

@@ -125,7 +125,7 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory):
                                 ["virtio_scsi", "sr_mod", "sd_mod", "sg", "isofs"], work / "initramfs",
                                 files={"pvcore/scsitool": _scsitool(work)})
     with open(log, "wb") as log_file:
-        served = subprocess.Popen([sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", device],
+        served = subprocess.Popen([sys.executable, "-m", "pvcore.cli", "--log-level", "debug", "serve", "--hypervisor", "kvm", device],
                                   stdout=log_file, stderr=subprocess.STDOUT, env=env)
     guest = Guest(kernel, initramfs, qemu_args, name="scsi-guest")
     facts: dict[str, object] = {"disk_md5": disk_md5, "first_blocks": first.stat().st_size // 2048}
@@ -192,6 +192,7 @@ def test_guest_eject_reaches_pvcore_and_the_next_read_is_not_ready(guest_run) ->
 def test_host_inserted_disc_is_mounted_by_the_guest(guest_run) -> None:
     assert guest_run["insert"].startswith("ok lun 0: cdrom tray closed"), guest_run["insert"]
     assert "host inserted" in guest_run["log"]
+    assert "event 0x3 (lun field 0100400000000000, reason 0x28) sent" in guest_run["log"]  # into a guest's buffer
     expected = " ".join(hashlib.md5(data).hexdigest() for data in SECOND_FILES.values())
     assert _results(guest_run)["second_md5"] == expected
 
