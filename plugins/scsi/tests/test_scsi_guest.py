@@ -4,7 +4,8 @@
 LUN 0 a CD-ROM holding an ISO that genisoimage builds here, LUN 1 a raw disk.
 The guest (virtio_scsi, sr_mod, sd_mod, sg, isofs) checks, in one boot:
 
-* /dev/sr0 mounts as iso9660 and its files' md5 are the host's;
+* /dev/sr0 mounts as iso9660 and its files' md5 are the host's; while it is
+  mounted (Linux locks the tray) a raw START STOP UNIT eject is refused;
 * SG_IO with raw CDBs through /dev/sg0 (INQUIRY, READ CAPACITY) answers what pvcore emulates;
 * CDROMEJECT from the guest reaches pvcore (its log says so) and a READ(10)
   after it is CHECK CONDITION NOT READY / MEDIUM NOT PRESENT; an unknown
@@ -51,6 +52,7 @@ for i in $(seq 1 120); do [ -b /dev/sr0 ] && [ -b /dev/sda ] && [ -c /dev/sg0 ] 
 mkdir -p /mnt
 mount -t iso9660 -o ro /dev/sr0 /mnt
 {first_md5}
+{locked_eject}
 umount /mnt
 {inquiry}
 {capacity}
@@ -73,6 +75,7 @@ def _script(first: dict[str, bytes], second: dict[str, bytes]) -> str:
     return SCRIPT.format(
         devices=result_line("devices", "ls /dev/sr0 /dev/sda /dev/sg0 /dev/sg1 2>&1"),
         first_md5=result_line("first_md5", " ; ".join(f"md5sum /mnt/{name} | cut -d' ' -f1" for name in first)),
+        locked_eject=result_line("locked_eject", f"{tool} sgio /dev/sg0 1b0000000200 0"),
         inquiry=result_line("inquiry", f"{tool} sgio /dev/sg0 120000002400 36"),
         capacity=result_line("capacity", f"{tool} sgio /dev/sg0 25000000000000000000 8"),
         unknown=result_line("unknown", f"{tool} sgio /dev/sg0 ea0000000000 0"),
@@ -180,6 +183,10 @@ def test_sg_io_inquiry_and_read_capacity_with_raw_cdbs(guest_run) -> None:
 
 def test_unknown_opcode_is_invalid_command_operation_code(guest_run) -> None:
     assert _results(guest_run)["unknown"].startswith("status=2 sense=5/20/00")
+
+
+def test_tray_the_mounting_kernel_locked_refuses_a_raw_eject(guest_run) -> None:
+    assert _results(guest_run)["locked_eject"].startswith("status=2 sense=5/53/02")
 
 
 def test_guest_eject_reaches_pvcore_and_the_next_read_is_not_ready(guest_run) -> None:
