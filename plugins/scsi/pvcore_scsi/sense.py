@@ -47,7 +47,6 @@ INVALID_FIELD_IN_PARAMETER_LIST = Sense(ILLEGAL_REQUEST, 0x26, 0x00)
 MEDIUM_NOT_PRESENT_TRAY_CLOSED = Sense(NOT_READY, 0x3A, 0x01)
 MEDIUM_NOT_PRESENT_TRAY_OPEN = Sense(NOT_READY, 0x3A, 0x02)
 MEDIUM_MAY_HAVE_CHANGED = Sense(UNIT_ATTENTION, 0x28, 0x00)
-POWER_ON_RESET = Sense(UNIT_ATTENTION, 0x29, 0x00)
 UNRECOVERED_READ_ERROR = Sense(MEDIUM_ERROR, 0x11, 0x00)
 WRITE_ERROR = Sense(MEDIUM_ERROR, 0x0C, 0x00)
 INTERNAL_TARGET_FAILURE = Sense(HARDWARE_ERROR, 0x44, 0x00)
@@ -73,14 +72,3 @@ def fixed_sense(sense: Sense) -> bytes:
     data[13] = sense.ascq
     return bytes(data)
 
-
-def parse_sense(data: bytes) -> Sense | None:
-    """The key, ASC and ASCQ of fixed (0x70/0x71) or descriptor (0x72/0x73) sense data; None if too short."""
-    if len(data) < 4:
-        return None
-    code = data[0] & 0x7F
-    if code in (0x72, 0x73):
-        return Sense(data[1] & 0x0F, data[2], data[3])
-    if code in (0x70, 0x71) and len(data) >= 14:
-        return Sense(data[2] & 0x0F, data[12], data[13])
-    return None
