@@ -71,3 +71,16 @@ def test_kvm_attaches_the_class_with_vhost_user_scsi_pci(tmp_path: Path) -> None
     arguments = plugin_qemu_args("kvm", [f"scsi:media={tmp_path}/x.iso,socket={tmp_path}/s.sock,queues=2,name=vm-cd"])
     assert arguments == {"vm": ["-chardev", f"socket,id=pvscsi0,path={tmp_path}/s.sock",
                                 "-device", "vhost-user-scsi-pci,chardev=pvscsi0,num_queues=2"]}
+
+
+def test_a_hypervisor_without_a_door_for_the_class_is_a_clean_error(disc: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from pvcore.daemon import Daemon, DaemonError
+
+    registry = default_registry()
+    (config,) = parse_devices([f"scsi:media={disc},socket={tmp_path}/s.sock,name=vm-cd"], registry.device_classes())
+    daemon = Daemon(registry, "lpar", [config], run_dir=tmp_path / "run")
+    with pytest.raises(DaemonError, match="lpar plugin serves block, console, net, rng, not scsi"):
+        asyncio.run(daemon.start())
+    assert daemon.served == [] and not (tmp_path / "run" / "vm-cd.media").exists()
