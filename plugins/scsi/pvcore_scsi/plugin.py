@@ -79,26 +79,29 @@ OPTIONS: Mapping[str, OptionSpec] = {
 
 
 def build_units(config: DeviceConfig, loop: asyncio.AbstractEventLoop | None = None) -> dict[int, object]:
-    """The logical units ``config`` asks for, by LUN; any that opened are closed again on an error."""
+    """The logical units ``config`` asks for, by LUN; any that opened are closed again on an error.
+
+    With ``loop`` (the daemon's), a disc the host takes out is closed on its executor.
+    """
     name = config.name
+    wanted = ([("media", item) for item in config.get("media", [])]
+              + [("disk", item) for item in config.get("disk", [])]
+              + [("passthrough", item) for item in config.get("passthrough", [])])
+    if not wanted:
+        raise DeviceError(f"{name}: a scsi device needs at least one unit: media=, disk= or passthrough=")
+    if len(wanted) > MAX_LUN + 1:
+        raise DeviceError(f"{name}: {len(wanted)} units, at most {MAX_LUN + 1}")
     closer = (lambda disc: loop.run_in_executor(None, disc.close)) if loop is not None else Disc.close
     units: dict[int, object] = {}
-    makers = (
-        [lambda lun, item=item: CdromUnit(None if item == EMPTY else item, name=name, lun=lun, closer=closer)
-         for item in config.get("media", [])]
-        + [lambda lun, item=item: DiskUnit(item, name=name, lun=lun, readonly=bool(config.get("disk-readonly")))
-           for item in config.get("disk", [])]
-        + [lambda lun, item=item: PassthroughUnit(item, name=name, lun=lun, allow_write=config.get("allow") == "write",
-                                                  timeout=config.get("timeout", 30.0))
-           for item in config.get("passthrough", [])]
-    )
-    if not makers:
-        raise DeviceError(f"{name}: a scsi device needs at least one unit: media=, disk= or passthrough=")
-    if len(makers) > MAX_LUN + 1:
-        raise DeviceError(f"{name}: {len(makers)} units, at most {MAX_LUN + 1}")
     try:
-        for lun, make in enumerate(makers):
-            units[lun] = make(lun)
+        for lun, (kind, item) in enumerate(wanted):
+            if kind == "media":
+                units[lun] = CdromUnit(None if item == EMPTY else item, name=name, lun=lun, closer=closer)
+            elif kind == "disk":
+                units[lun] = DiskUnit(item, name=name, lun=lun, readonly=bool(config.get("disk-readonly")))
+            else:
+                units[lun] = PassthroughUnit(item, name=name, lun=lun, allow_write=config.get("allow") == "write",
+                                             timeout=config.get("timeout", 30.0))
     except BaseException:
         close_units(units)
         raise
