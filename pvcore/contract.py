@@ -143,7 +143,8 @@ class DeviceInstance(Protocol):
     (None if the class has no ring form); ``engine`` is the
     transport-independent engine that stream front doors use (a
     ``BlockBackend``, a switch port factory, a ``ConsoleStream``, an
-    ``EntropySource``).
+    ``EntropySource``; an engine whose stream form is a block medium has a
+    ``block_export()``, see :func:`pvcore.streams.nbd.block_export`).
     """
 
     config: DeviceConfig

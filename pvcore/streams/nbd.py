@@ -1,9 +1,9 @@
 """The NBD front door: a block engine exported over the Network Block Device protocol.
 
 For hypervisors whose own device model owns the ring (QEMU pseries serving a
-PAPR guest's v-scsi disk, or any QEMU ``-drive file=nbd+unix://...``),
+PAPR guest's v-scsi disk or CD-ROM, or any QEMU ``-drive file=nbd+unix://...``),
 :class:`NbdFrontDoor` serves one :class:`~pvcore.devices.block.backend.BlockBackend`
-as one export on a Unix socket. It speaks the fixed newstyle handshake and
+as one export on a Unix socket; :func:`block_export` finds it for a device. It speaks the fixed newstyle handshake and
 the transmission phase with simple replies, as described in the protocol
 document of the NetworkBlockDevice project (doc/proto.md):
 
@@ -194,6 +194,25 @@ def _check_export_name(name: str) -> bytes:
     if len(encoded) > MAX_EXPORT_NAME_LEN or "\0" in name:
         raise ValueError(f"export name {name!r}: at most {MAX_EXPORT_NAME_LEN} bytes of UTF-8 without NUL")
     return encoded
+
+
+def block_export(device) -> BlockBackend:
+    """The block engine an NBD front door exports for ``device`` (a :class:`~pvcore.contract.DeviceInstance`).
+
+    The block class's engine is one; a class whose stream form is a block
+    medium gives it from its engine's ``block_export()`` (the scsi class:
+    the disc of a one-CD-ROM target), which raises ``ValueError`` saying why
+    when this device has none. Any other engine is a ``ValueError`` naming
+    the device.
+    """
+    engine = device.engine
+    if isinstance(engine, BlockBackend):
+        return engine
+    export = getattr(engine, "block_export", None)
+    if export is None:
+        config = device.config
+        raise ValueError(f"{config.device_class} {config.name}: the class has no block form for an NBD export")
+    return export()
 
 
 class NbdFrontDoor:

@@ -120,7 +120,9 @@ class CdromUnit:
     """A CD-ROM drive: tray, disc, lock and pending events; :meth:`execute` answers one command.
 
     ``closer`` runs a disc's blocking :meth:`Disc.close` off the event loop
-    (the daemon passes one that uses its executor).
+    (the daemon passes one that uses its executor). ``fixed``, when set, is
+    why the host may not change the disc (it is served to a drive another
+    program emulates) and the answer to every host eject or insert.
     """
 
     def __init__(self, media: str | None, *, name: str, lun: int,
@@ -133,6 +135,7 @@ class CdromUnit:
         self.event = EVENT_NONE
         self.attention: Sense | None = None
         self._closer = closer or Disc.close
+        self.fixed: str | None = None
 
     def __repr__(self) -> str:
         return f"CdromUnit({self.name!r}, lun={self.lun}, disc={self.disc.path if self.disc else None})"
@@ -150,6 +153,7 @@ class CdromUnit:
 
     def host_eject(self, *, force: bool = False) -> str:
         """The host takes the disc out; a tray the guest locked refuses unless ``force``."""
+        self._check_not_fixed()
         if self.locked and not force:
             self.event = EVENT_EJECT_REQUEST
             raise ScsiError(MEDIUM_REMOVAL_PREVENTED, f"{self.name}: the guest locked the tray; use force to eject")
@@ -161,6 +165,7 @@ class CdromUnit:
 
     def host_insert(self, path: str, *, force: bool = False) -> str:
         """The host puts ``path`` in the tray and closes it; the guest sees a new disc."""
+        self._check_not_fixed()
         if self.locked and self.disc is not None and not force:
             raise ScsiError(MEDIUM_REMOVAL_PREVENTED, f"{self.name}: the guest locked the tray; use force to change")
         disc = Disc(path, name=self.name)
@@ -170,6 +175,10 @@ class CdromUnit:
         self.attention = MEDIUM_MAY_HAVE_CHANGED
         log.info("%s: host inserted %s (lun %d)", self.name, path, self.lun)
         return self.describe()
+
+    def _check_not_fixed(self) -> None:
+        if self.fixed:
+            raise DeviceError(f"{self.name}: lun {self.lun}: {self.fixed}")
 
     def _remove_disc(self) -> None:
         disc, self.disc = self.disc, None

@@ -10,7 +10,10 @@ also listens on ``RUN_DIR/NAME.media`` for host-side eject and insert (see
 
 The class offers the ring form (:class:`~pvcore_scsi.virtio_scsi.VirtioScsi`);
 any hypervisor plugin with a virtio ring front door serves it (kvm:
-vhost-user-scsi-pci). It supplies no hypervisor primitive.
+vhost-user-scsi-pci). Its engine (:class:`ScsiTarget`) also has a stream
+form for a hypervisor whose own device model is the SCSI target: the disc of
+a one-CD-ROM target as a block export (lpar: NBD to QEMU's scsi-cd). It
+supplies no hypervisor primitive.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Mapping
 
 from pvcore.config import parse_bool, parse_choice
 from pvcore.contract import CONTRACT_VERSION, DaemonContext, DeviceClass, DeviceConfig, OptionSpec, PluginInfo
+from pvcore.devices.block import BlockBackend
 from pvcore.devices.classes import ServedDevice
 from pvcore.hookspecs import hookimpl
 from pvcore.virtio import DeviceError
@@ -114,6 +118,32 @@ def close_units(units: Mapping[int, object]) -> None:
         unit.close()
 
 
+class ScsiTarget:
+    """The engine of a scsi device: its units by LUN, and its stream form."""
+
+    def __init__(self, units: Mapping[int, object], *, name: str) -> None:
+        self.units = units
+        self.name = name
+
+    def block_export(self) -> BlockBackend:
+        """The disc of a target that is one CD-ROM unit, as a read-only block engine for an NBD front door.
+
+        This is for a hypervisor whose own device model is the SCSI target
+        (QEMU pseries: scsi-cd on spapr-vscsi). That model emulates the drive,
+        its tray and events, so the disc is fixed from then on: the media
+        socket refuses to change it. ``ValueError`` for any other target.
+        """
+        units = list(self.units.values())
+        unit = units[0] if len(units) == 1 else None
+        if not isinstance(unit, CdromUnit) or unit.disc is None:
+            raise ValueError(
+                f"scsi {self.name}: this hypervisor's own SCSI target emulates the drive and reads only a disc "
+                "over NBD: give one CD-ROM unit holding a disc (media=FILE.iso), nothing else; serve disks with the block class"
+            )
+        unit.fixed = "the disc is served over NBD to a drive the hypervisor emulates; the host cannot change it here"
+        return unit.disc.backend
+
+
 def _create(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
     units = build_units(config, context.loop)
     virtio = VirtioScsi(units, name=config.name, queues=config.get("queues", 1))
@@ -128,7 +158,7 @@ def _create(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
         await control.close()
         await context.loop.run_in_executor(None, close_units, units)
 
-    return ServedDevice(config, virtio, units, starter=start, closer=close)
+    return ServedDevice(config, virtio, ScsiTarget(units, name=config.name), starter=start, closer=close)
 
 
 @hookimpl
