@@ -69,6 +69,37 @@ def pvcore_detect(host):
     return Detection("loophv", 70, "/run/loophv is there")
 '''
 
+TAPE = '''
+"""A device-class plugin of a third party's: the tape class (never served: only its name matters here)."""
+from pvcore.contract import CONTRACT_VERSION, DeviceClass, PluginInfo
+from pvcore.hookspecs import hookimpl
+
+
+@hookimpl
+def pvcore_plugin_info():
+    return PluginInfo(name="tape", contract=CONTRACT_VERSION, device_classes={"tape"})
+
+
+@hookimpl
+def pvcore_device_classes():
+    return [DeviceClass("tape", "a tape drive", {}, None)]
+'''
+
+CLASSY = '''
+"""loophv, also claiming the installed tape class and a disc class no plugin offers."""
+from pvcore.contract import PluginInfo
+from pvcore.hookspecs import hookimpl
+from pvcore_loophv import plugin
+from pvcore_loophv.plugin import pvcore_detect, pvcore_front_door, pvcore_probe  # noqa: F401
+
+
+@hookimpl
+def pvcore_plugin_info():
+    info = plugin.pvcore_plugin_info()
+    return PluginInfo(name="classyhv", contract=info.contract, hypervisor=info.hypervisor,
+                      primitives=info.primitives, device_classes=info.device_classes | {"tape", "disc"})
+'''
+
 
 def register(site: Path, distribution: str, entry_points: dict[str, str]) -> None:
     """Make ``entry_points`` (group pvcore.plugins) visible to importlib.metadata from ``site``."""
@@ -113,6 +144,16 @@ def test_broken_detect_and_a_false_claim_fail_the_kit(site: Path, tmp_path: Path
     assert "primitive 'notification' is claimed but pvcore_open_notifier is not implemented" in run.output
     assert "FileNotFoundError" in run.output
     assert run.outcomes["test_device_class_serves_end_to_end[block]"] == "passed"
+
+
+def test_a_class_an_installed_class_plugin_offers_may_be_claimed(site: Path, tmp_path: Path) -> None:
+    (site / "tapeclass.py").write_text(textwrap.dedent(TAPE))
+    (site / "classyhv.py").write_text(textwrap.dedent(CLASSY))
+    register(site, "tapeclass", {"tape": "tapeclass"})
+    register(site, "classyhv", {"classyhv": "classyhv"})
+    run = run_kit("classyhv", tmp_path, peer=EXAMPLE_PEER, pythonpath=[site])
+    assert run.failures() == ["test_plugin_describes_itself_within_the_contract"], run.output
+    assert "claims unknown device classes ['disc']" in run.output
 
 
 def test_a_plugin_without_a_peer_is_told_what_to_write(site: Path, tmp_path: Path) -> None:

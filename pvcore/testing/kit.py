@@ -4,7 +4,9 @@ Registered through the ``pytest11`` entry point ``pvcore`` of the pvcore
 distribution, so installing pvcore is enough. Without ``--pvcore-plugin`` the
 kit adds nothing to a test run. With it, the suite of
 :mod:`pvcore.testing.conformance.suite` is added to the run: the plugin is
-loaded from its ``pvcore.plugins`` entry point and checked — detect and probe
+loaded from its ``pvcore.plugins`` entry point, beside the core's device
+classes and every installed device-class plugin (so it may claim, say, the
+scsi class), and checked — detect and probe
 answer in the documented shapes; the memory and notification primitives work
 (both directions, with suppression honoured on the ring); every device class
 it claims serves requests end to end through its own transport; hostile
@@ -91,6 +93,25 @@ def load_peer(plugin_name: str, spec: str | None) -> tuple[ConformancePeer | Non
     return peer, ""
 
 
+def register_class_plugins(registry: Registry, plugin_name: str) -> None:
+    """Register every installed device-class plugin (one that names no hypervisor) but ``plugin_name``.
+
+    These are the classes a hypervisor plugin may claim besides the core's.
+    One that does not load is left out: its own tests report it, and a
+    plugin under test that claims its class fails as claiming an unknown one.
+    """
+    for found in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        if found.name == plugin_name or any(record.name == found.name for record in registry.records):
+            continue
+        try:
+            plugin = found.load()
+            info = plugin.pvcore_plugin_info()
+        except Exception:  # a broken or foreign plugin is not the one under test
+            continue
+        if isinstance(info, PluginInfo) and not info.hypervisor and info.device_classes:
+            registry.register(plugin, name=found.name, distribution=found.dist.metadata["Name"] if found.dist else "?")
+
+
 def entry_point(plugin_name: str) -> importlib.metadata.EntryPoint | None:
     """The ``pvcore.plugins`` entry point called ``plugin_name``, if one is installed."""
     for candidate in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -118,7 +139,7 @@ class KitDevice:
 
 @attrs.define
 class KitSession:
-    """The plugin under test, its peer, a registry holding it and the core's device classes, and a loop."""
+    """The plugin under test, its peer, a registry holding it and the installed device classes, and a loop."""
 
     plugin_name: str
     context: KitContext
@@ -221,7 +242,7 @@ class KitSession:
 
 @pytest.fixture(scope="session")
 def pvcore_kit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KitSession]:
-    """The plugin named by ``--pvcore-plugin``, loaded beside the core's device classes, and its peer started."""
+    """The plugin named by ``--pvcore-plugin``, loaded beside the installed device classes, and its peer started."""
     plugin_name = request.config.getoption("pvcore_plugin")
     if not plugin_name:
         pytest.skip("the conformance suite needs --pvcore-plugin=NAME")
@@ -234,6 +255,7 @@ def pvcore_kit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         registry = Registry()
         for builtin in (classes.block, classes.net, classes.console, classes.rng):
             registry.register(builtin, name=builtin.name)
+        register_class_plugins(registry, plugin_name)
         plugin = peer.plugin() if peer is not None else None
         if plugin is not None:
             record = registry.register(plugin, name=plugin_name, distribution="(conformance peer)")
