@@ -11,7 +11,8 @@ What is PAPR specific, and nothing else:
   through one of the core's stream front doors, at the path in the device's
   ``socket=`` option: the chardev door (spapr-vty), the FIFO door that
   QEMU's ``rng-random`` reads (spapr-rng), the netdev stream door
-  (spapr-vlan) and the NBD door (spapr-vscsi's disk).
+  (spapr-vlan) and the NBD door (spapr-vscsi's disk; and its CD-ROM, whose
+  disc is the scsi class's, QEMU's scsi-cd being the drive).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pvcore.contract import (
 from pvcore.hookspecs import hookimpl
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.fifo import RngFifoFrontDoor
-from pvcore.streams.nbd import NbdFrontDoor
+from pvcore.streams.nbd import NbdFrontDoor, block_export
 from pvcore.streams.netdev_stream import NetdevStreamFrontDoor
 from pvcore_lpar import HYPERVISOR
 from pvcore_lpar.devicetree import device_slots, read_dtb, read_tree_directory
@@ -52,6 +53,7 @@ SOCKET_HELP = {
     "rng": "the FIFO QEMU's -object rng-random,filename=... reads",
     "net": "the socket QEMU's -netdev stream,server=off,addr.path=... connects to",
     "block": "the NBD socket QEMU's -drive file=nbd+unix:///?socket=... connects to",
+    "scsi": "the NBD socket QEMU's scsi-cd drive reads the one disc (media=FILE.iso) from",
 }
 """What ``socket=`` names for each device class the lpar plugin serves."""
 
@@ -147,8 +149,8 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
         return ChardevFrontDoor(device.engine, path)
     if config.device_class == "rng":
         return RngFifoFrontDoor(device.engine, path)
-    if config.device_class == "block":
-        return NbdFrontDoor(device.engine, path)
+    if config.device_class in ("block", "scsi"):
+        return NbdFrontDoor(block_export(device), path)
     endpoint = device.engine
     return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name)
 

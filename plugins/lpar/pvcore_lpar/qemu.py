@@ -2,8 +2,9 @@
 
 :func:`qemu_arguments` turns the daemon's device configurations into, for
 each domain, the arguments to add to ``qemu-system-ppc64 -M pseries``: the
-partition's vty, l-lan, v-scsi disk and rng, each connected to the socket (or
-FIFO) the lpar plugin's front door serves. ``-nodefaults`` keeps QEMU from
+partition's vty, l-lan, v-scsi disk or CD-ROM (a scsi device: QEMU's
+read-only scsi-cd reading the disc over NBD) and rng, each connected to the
+socket (or FIFO) the lpar plugin's front door serves. ``-nodefaults`` keeps QEMU from
 adding its own vty, v-scsi and NIC. Start ``pvcore serve`` first: QEMU
 connects to the sockets when it starts.
 
@@ -61,10 +62,12 @@ def _device_arguments(config: DeviceConfig, path: str, index: int) -> list[str]:
             raise ValueError(f"net {config.name}: mac={config.get('mac')}: {exc}") from None
         return ["-netdev", f"stream,id=n{index},server=off,addr.type=unix,addr.path={option_value(path)}",
                 "-device", f"spapr-vlan,netdev=n{index},mac={mac}"]
-    if config.device_class == "block":
+    if config.device_class in ("block", "scsi"):
+        cdrom = config.device_class == "scsi"
         uri = "nbd+unix:///?socket=" + urllib.parse.quote(path, safe="/")
-        readonly = ",readonly=on" if parse_bool(str(config.get("readonly", "off"))) else ""
-        drive = f"file={option_value(uri)},file.reconnect-delay={NBD_RECONNECT_DELAY},format=raw,if=none,id=d{index}"
-        return ["-drive", f"{drive},cache=none{readonly}",
-                "-device", f"spapr-vscsi,id=vs{index}", "-device", f"scsi-hd,drive=d{index},bus=vs{index}.0"]
-    raise ValueError(f"{config.name}: the lpar plugin attaches console, net, block and rng, not {config.device_class}")
+        readonly = ",readonly=on" if cdrom or parse_bool(str(config.get("readonly", "off"))) else ""
+        ident, bus = (f"cd{index}", f"vscd{index}") if cdrom else (f"d{index}", f"vs{index}")
+        drive = f"file={option_value(uri)},file.reconnect-delay={NBD_RECONNECT_DELAY},format=raw,if=none,id={ident}"
+        return ["-drive", f"{drive},cache=none{readonly}{',media=cdrom' if cdrom else ''}",
+                "-device", f"spapr-vscsi,id={bus}", "-device", f"scsi-{'cd' if cdrom else 'hd'},drive={ident},bus={bus}.0"]
+    raise ValueError(f"{config.name}: the lpar plugin attaches console, net, block, scsi and rng, not {config.device_class}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import struct
@@ -18,16 +19,18 @@ from pvcore.registry import Registry
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.fifo import RngFifoFrontDoor
 from pvcore.streams.nbd import NbdFrontDoor
+from pvcore.testing.conformance.guests import GuestError, NbdBlockGuest
 from pvcore.streams.netdev_stream import NetdevStreamFrontDoor
 from pvcore_lpar import plugin
 from pvcore_lpar.qemu import qemu_arguments
+from pvcore_scsi.media import send
 
 
 def test_registers_as_the_lpar_hypervisor(registry: Registry) -> None:
     record = registry.hypervisors()["lpar"]
     assert record.info is not None
     assert record.info.primitives == {"detect", "probe", "stream"}
-    assert record.info.device_classes == {"console", "net", "block", "rng"}
+    assert record.info.device_classes == {"console", "net", "block", "rng", "scsi"}
 
 
 class FakeDomain:
@@ -169,6 +172,53 @@ def test_qemu_arguments_for_a_partition(registry: Registry, tmp_path: Path) -> N
             "-device", "scsi-hd,drive=d0,bus=vs0.0",
         ]
     }
+
+
+def test_a_scsi_disc_is_a_read_only_nbd_export_the_host_cannot_change(
+    registry: Registry, loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    disc = tmp_path / "disc.iso"
+    disc.write_bytes(os.urandom(8 * 2048))
+    (config,) = parse_devices([f"scsi:media={disc},socket={tmp_path}/cd.sock,name=p1-cd"], registry.device_classes())
+    daemon = Daemon(registry, "lpar", [config], run_dir=tmp_path / "run")
+    loop_thread.run(daemon.start())
+    try:
+        ((_, door),) = daemon.served
+        assert isinstance(door, NbdFrontDoor) and door.readonly
+        guest = NbdBlockGuest(tmp_path / "cd.sock")
+        try:
+            assert guest.size == disc.stat().st_size
+            assert guest.read(3, 5) == disc.read_bytes()[3 * 512:8 * 512]
+            with pytest.raises(GuestError, match="error 1,"):  # NBD EPERM: the disc is read-only
+                guest.write(0, bytes(512))
+        finally:
+            guest.close()
+        answer = send(str(tmp_path / "run" / "p1-cd.media"), "eject 0")
+        assert answer.startswith("error ") and "the host cannot change it here" in answer
+    finally:
+        loop_thread.run(daemon.stop())
+
+
+def test_a_scsi_target_other_than_one_disc_is_refused(registry: Registry, loop_thread: LoopThread, tmp_path: Path) -> None:
+    disc = tmp_path / "disc.iso"
+    disc.write_bytes(bytes(2048))
+    for units in (f"media={disc}+empty", "media=empty", f"media={disc},disk={disc}"):
+        (config,) = parse_devices([f"scsi:{units},socket={tmp_path}/cd.sock,name=p1-cd"], registry.device_classes())
+        daemon = Daemon(registry, "lpar", [config], run_dir=tmp_path / "run")
+        with pytest.raises(DaemonError, match=r"p1-cd: scsi p1-cd: .*give one CD-ROM unit holding a disc \(media=FILE.iso\)"):
+            loop_thread.run(daemon.start())
+        assert daemon.served == []
+
+
+def test_qemu_arguments_for_a_scsi_disc() -> None:
+    args = qemu_arguments([DeviceConfig("scsi", "p1-cd", {"socket": "/run/p1-cd.sock", "media": ["/iso/a.iso"]})])
+    assert args == {"p1-cd": [
+        "-nodefaults",
+        "-drive", "file=nbd+unix:///?socket=/run/p1-cd.sock,file.reconnect-delay=20,format=raw,if=none,id=cd0,"
+                  "cache=none,readonly=on,media=cdrom",
+        "-device", "spapr-vscsi,id=vscd0",
+        "-device", "scsi-cd,drive=cd0,bus=vscd0.0",
+    ]}
 
 
 def test_qemu_arguments_per_domain_and_quoting(registry: Registry) -> None:

@@ -1,10 +1,13 @@
-"""A real ppc64 pseries partition under QEMU TCG whose vty, rng, v-scsi disk and l-lan pvcore serves.
+"""A real ppc64 pseries partition under QEMU TCG whose vty, rng, v-scsi disk and CD-ROM and l-lan pvcore serves.
 
 One guest boot checks everything: the daemon (hypervisor ``lpar``) runs on an
 asyncio loop in a background thread; QEMU is started with exactly the
 arguments the lpar plugin's ``pvcore_qemu_args`` gives, plus ``-serial
 stdio`` for the harness's own console. That console vty comes first in the
 device tree, so it is the guest's hvc0 and the one pvcore serves is hvc1.
+
+The CD-ROM is the scsi class's one disc (an ISO genisoimage builds here)
+over NBD, QEMU's scsi-cd on a second spapr-vscsi being the drive.
 
 The l-lan pings an in-process station (:class:`EchoStation`) plugged into the
 same pvcore switch; the cross-guest ping (an x86_64 virtio-net guest and this
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -38,12 +42,14 @@ STATION_IP = "192.168.77.1"
 INPUT_MARKER = "PVCORE-LPAR-WAITING-FOR-INPUT"
 HOST_INPUT = "typed-through-pvcore-attach"
 PATTERN_OFFSET = 10 * 4096
+DISC_FILES = {"hello.txt": b"hello from a pvcore disc\n", "random.bin": os.urandom(200_000)}
 
 MODULES = [
     # v-scsi disk: sd_mod's crc chain in the order the notes found working, then the SRP client.
     "scsi_common", "crc64", "crc64-rocksoft", "crc64_rocksoft_generic", "crct10dif_common",
     "crct10dif_generic", "crc-t10dif", "t10-pi", "sd_mod", "scsi_transport_srp", "ibmvscsi",
     "ibmveth", "pseries-rng",
+    "sr_mod", "isofs",  # the v-scsi CD-ROM (sr_mod brings cdrom)
 ]
 
 GUEST_SCRIPT = "\n".join([
@@ -59,6 +65,11 @@ GUEST_SCRIPT = "\n".join([
     result_line("disk_md5", "md5sum /dev/sda | cut -d' ' -f1"),
     "yes pvcore-lpar-write | head -c 4096 > /tmp/pattern",
     result_line("disk_write", f"dd if=/tmp/pattern of=/dev/sda bs=4096 seek={PATTERN_OFFSET // 4096} conv=fsync 2>&1 | tail -1"),
+    "for i in $(seq 1 60); do [ -b /dev/sr0 ] && break; sleep 0.5; done",
+    result_line("cd_ro", "cat /sys/block/sr0/ro"),
+    "mkdir -p /mnt && mount -t iso9660 -o ro /dev/sr0 /mnt",
+    result_line("cd_md5", " ; ".join(f"md5sum /mnt/{name} | cut -d' ' -f1" for name in DISC_FILES)),
+    result_line("cd_write", "dd if=/dev/zero of=/dev/sr0 bs=2048 count=1 2>/dev/null && echo written || echo refused"),
     result_line("eth0_driver", "basename $(readlink /sys/class/net/eth0/device/driver)"),
     result_line("eth0_mac", "cat /sys/class/net/eth0/address"),
     f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0",
@@ -114,6 +125,16 @@ class EchoStation(Port):
         return source + self.mac + ethertype + bytes(header) + bytes(icmp)
 
 
+def _make_iso(directory: Path) -> Path:
+    """An ISO of :data:`DISC_FILES`, built with genisoimage (Rock Ridge and Joliet names)."""
+    tree, iso = directory / "disc", directory / "disc.iso"
+    tree.mkdir()
+    for name, data in DISC_FILES.items():
+        (tree / name).write_bytes(data)
+    subprocess.run(["genisoimage", "-quiet", "-r", "-J", "-V", "PVCORE", "-o", str(iso), str(tree)], check=True, timeout=120)
+    return iso
+
+
 @pytest.mark.guest
 def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: LoopThread, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -123,6 +144,7 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(16 << 20))
     host_md5 = hashlib.md5(image.read_bytes()).hexdigest()
+    disc = _make_iso(tmp_path)
     switch_name = f"lpar-guest-{os.getpid()}"
     configs = parse_devices(
         [
@@ -130,6 +152,7 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
             f"rng:socket={run}/p1-rng.fifo",
             f"net:socket={run}/p1-net.sock,mac={GUEST_MAC},switch={switch_name}",
             f"block:path={image},socket={run}/p1-disk.sock",
+            f"scsi:media={disc},socket={run}/p1-cd.sock,name=p1-cd",
         ],
         registry.device_classes(),
     )
@@ -139,7 +162,7 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
     loop_thread.run(daemon.start())
     # What QEMU builds from these arguments (it opens every backend, so pvcore serves first) is what the probe finds.
     dtb = dump_pseries_dtb(tmp_path / "partition.dtb", *qemu_args)
-    assert sorted(slot.device_class for slot in device_slots(read_dtb(dtb))) == ["block", "console", "net", "rng"]
+    assert sorted(slot.device_class for slot in device_slots(read_dtb(dtb))) == ["block", "block", "console", "net", "rng"]
     station = EchoStation("echo-station", STATION_MAC, STATION_IP, loop_thread)
     loop_thread.call(get_switch(switch_name).attach, station)
     served = {instance.config.device_class: (instance, door) for instance, door in daemon.served}
@@ -165,7 +188,8 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
     assert results["console_input"] == HOST_INPUT
 
     # The guest's own device tree holds the nodes the probe reported for QEMU's blob.
-    assert {"vty@71000000", "vty@71000002", "l-lan@71000003", "v-scsi@71000004"} <= set(results["vdevices"].split())
+    assert {"vty@71000000", "vty@71000002", "l-lan@71000003", "v-scsi@71000004", "v-scsi@71000005"} <= set(
+        results["vdevices"].split())
 
     # rng: pseries-rng read through QEMU's rng-random from pvcore's FIFO. The pipe holds at most one
     # buffer, so everything written beyond that was read by QEMU for the guest's H_RANDOM calls.
@@ -179,6 +203,11 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
     with open(image, "rb") as disk:
         disk.seek(PATTERN_OFFSET)
         assert disk.read(4096) == (b"pvcore-lpar-write\n" * 300)[:4096]
+
+    # v-scsi CD-ROM: QEMU's scsi-cd read pvcore's disc over NBD; the guest mounted it and read known files.
+    assert results["cd_ro"] == "1"
+    assert results["cd_md5"].split() == [hashlib.md5(data).hexdigest() for data in DISC_FILES.values()]
+    assert results["cd_write"] == "refused"
 
     # l-lan (ibmveth) on the pvcore switch reaches the in-process station.
     assert results["eth0_driver"] == "ibmveth"

@@ -73,14 +73,14 @@ def test_kvm_attaches_the_class_with_vhost_user_scsi_pci(tmp_path: Path) -> None
                                 "-device", "vhost-user-scsi-pci,chardev=pvscsi0,num_queues=2"]}
 
 
-def test_a_hypervisor_without_a_door_for_the_class_is_a_clean_error(disc: Path, tmp_path: Path) -> None:
+def test_a_hypervisor_that_cannot_carry_the_target_is_a_clean_error(disc: Path, tmp_path: Path) -> None:
     import asyncio
 
     from pvcore.daemon import Daemon, DaemonError
 
     registry = default_registry()
-    (config,) = parse_devices([f"scsi:media={disc},socket={tmp_path}/s.sock,name=vm-cd"], registry.device_classes())
+    (config,) = parse_devices([f"scsi:media={disc}+empty,socket={tmp_path}/s.sock,name=vm-cd"], registry.device_classes())
     daemon = Daemon(registry, "lpar", [config], run_dir=tmp_path / "run")
-    with pytest.raises(DaemonError, match="lpar plugin serves block, console, net, rng, not scsi"):
+    with pytest.raises(DaemonError, match=r"vm-cd: scsi vm-cd: .* give one CD-ROM unit holding a disc"):
         asyncio.run(daemon.start())
     assert daemon.served == [] and not (tmp_path / "run" / "vm-cd.media").exists()
