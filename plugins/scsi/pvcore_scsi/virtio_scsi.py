@@ -44,7 +44,7 @@ import attrs
 
 from pvcore.devices.block import BlockOp, BlockRequest, BlockResult
 from pvcore.ring.memory import GuestMemoryError, gather, scatter
-from pvcore.virtio import VirtioDevice, VirtioQueue, bit
+from pvcore.virtio import VIRTIO_ID_SCSI, VirtioDevice, VirtioQueue, bit
 from pvcore_scsi.commands import (
     INQUIRY,
     REPORT_LUNS,
@@ -70,8 +70,6 @@ from pvcore_scsi.sense import (
 )
 
 log = logging.getLogger("pvcore.scsi")
-
-VIRTIO_ID_SCSI = 8
 
 VIRTIO_SCSI_F_INOUT = 0
 VIRTIO_SCSI_F_HOTPLUG = 1

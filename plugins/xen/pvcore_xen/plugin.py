@@ -114,14 +114,14 @@ class XenPlugin:
             contract=CONTRACT_VERSION,
             hypervisor=HYPERVISOR,
             primitives={"detect", "probe", "memory", "notification", "stream"},
-            device_classes={"block", "net", "rng", "console"},
+            device_classes={*VIRTIO_TYPES, "console"},
             description="Xen: xenstore probe, event channels, grant-mapped virtio and the PV console",
         )
 
     @hookimpl
     def pvcore_device_options(self) -> Mapping[str, Mapping[str, OptionSpec]]:
         """``domain=DOMID/DEVID`` for every class: which xenstore device a pvcore device serves."""
-        return {device_class: {"domain": DOMAIN_OPTION} for device_class in ("block", "net", "rng", "console")}
+        return {device_class: {"domain": DOMAIN_OPTION} for device_class in (*VIRTIO_TYPES, "console")}
 
     @hookimpl
     def pvcore_detect(self, host: HostContext) -> Detection | None:
@@ -141,7 +141,7 @@ class XenPlugin:
 
     @hookimpl
     def pvcore_probe(self, host: HostContext) -> list[DeviceSlot]:
-        """The virtio (block, net, rng) and console devices of this backend domain's xenstore tree.
+        """The virtio (block, net, rng, scsi) and console devices of this backend domain's xenstore tree.
 
         Runs its own event loop in a worker thread, so it may be called from
         any thread (but must not block the loop that serves the xenstore it reads).
@@ -192,7 +192,7 @@ class XenPlugin:
 
     @hookimpl
     def pvcore_front_door(self, device: DeviceInstance, context: DaemonContext) -> FrontDoor:
-        """A xenbus backend: grant-mapped virtio for block/net/rng, the PV console ring for console."""
+        """A xenbus backend: grant-mapped virtio for the classes in ``VIRTIO_TYPES``, the PV console ring for console."""
         config = device.config
         domid, devid = parse_domain(config.get("domain", ""))
         where = {
@@ -208,7 +208,7 @@ class XenPlugin:
             return XenConsoleBackend(device.engine, **where)
         if config.device_class not in VIRTIO_TYPES or device.virtio is None:
             raise ValueError(
-                f"{config.name}: xen serves block, net and rng as grant-mapped virtio and console as the PV "
+                f"{config.name}: xen serves {', '.join(VIRTIO_TYPES)} as grant-mapped virtio and console as the PV "
                 f"console ring, not {config.device_class}"
             )
         return XenVirtioBackend(device.virtio, config.device_class, **where)

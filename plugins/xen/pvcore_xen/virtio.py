@@ -36,6 +36,7 @@ from pvcore.virtio import (
     VIRTIO_ID_BLOCK,
     VIRTIO_ID_NET,
     VIRTIO_ID_RNG,
+    VIRTIO_ID_SCSI,
     DeviceError,
     VirtioDevice,
 )
@@ -45,8 +46,11 @@ from pvcore_xen.xenstore import XenstoreClient
 
 log = logging.getLogger("pvcore.xen")
 
-VIRTIO_TYPES = {"block": VIRTIO_ID_BLOCK, "net": VIRTIO_ID_NET, "rng": VIRTIO_ID_RNG}
-"""Device class -> virtio device id; libxl's backend ``type`` node is ``virtio,device<id in hex>``."""
+VIRTIO_TYPES = {"block": VIRTIO_ID_BLOCK, "net": VIRTIO_ID_NET, "rng": VIRTIO_ID_RNG, "scsi": VIRTIO_ID_SCSI}
+"""Device class -> virtio device id; libxl's backend ``type`` node is ``virtio,device<id in hex>``.
+
+scsi is the pvcore-scsi plugin's class (virtio-scsi); any class with a ring form could be listed here.
+"""
 
 U64 = (1 << 64) - 1
 MAX_PORT = (1 << 32) - 1

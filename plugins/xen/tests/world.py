@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pvcore_scsi.plugin
 from pvcore_xen.host import PAGE_SIZE
 from pvcore_xen.plugin import XenPlugin, parse_domain
 from pvcore_xen.testing.frontend import add_device
@@ -72,6 +73,7 @@ async def xen_world(directory: Path, configs: Sequence[DeviceConfig], domids: Se
         registry = Registry()
         for builtin in (classes.block, classes.net, classes.console, classes.rng):
             registry.register(builtin, name=builtin.name)
+        registry.register(pvcore_scsi.plugin, name="scsi")  # a device-class plugin, as a third party's would be
         plugin = XenPlugin(host, xenstore_path=str(directory / "xenstored-dom0.sock"), backend_domid=0)
         registry.register(plugin, name="xen")
         daemon = Daemon(registry, "xen", configs, run_dir=directory / "run")
