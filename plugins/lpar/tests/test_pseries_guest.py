@@ -67,6 +67,7 @@ GUEST_SCRIPT = "\n".join([
     result_line("disk_write", f"dd if=/tmp/pattern of=/dev/sda bs=4096 seek={PATTERN_OFFSET // 4096} conv=fsync 2>&1 | tail -1"),
     "for i in $(seq 1 60); do [ -b /dev/sr0 ] && break; sleep 0.5; done",
     result_line("cd_ro", "cat /sys/block/sr0/ro"),
+    result_line("cd_inquiry", "cat /sys/block/sr0/device/vendor /sys/block/sr0/device/model"),
     "mkdir -p /mnt && mount -t iso9660 -o ro /dev/sr0 /mnt",
     result_line("cd_md5", " ; ".join(f"md5sum /mnt/{name} | cut -d' ' -f1" for name in DISC_FILES)),
     result_line("cd_write", "dd if=/dev/zero of=/dev/sr0 bs=2048 count=1 2>/dev/null && echo written || echo refused"),
@@ -205,7 +206,9 @@ def test_pseries_partition_served_by_pvcore(registry: Registry, loop_thread: Loo
         assert disk.read(4096) == (b"pvcore-lpar-write\n" * 300)[:4096]
 
     # v-scsi CD-ROM: QEMU's scsi-cd read pvcore's disc over NBD; the guest mounted it and read known files.
+    # The drive answering the guest's commands is QEMU's (its INQUIRY), not the scsi class's CD-ROM unit.
     assert results["cd_ro"] == "1"
+    assert results["cd_inquiry"].split() == ["QEMU", "QEMU", "CD-ROM"]
     assert results["cd_md5"].split() == [hashlib.md5(data).hexdigest() for data in DISC_FILES.values()]
     assert results["cd_write"] == "refused"
 
