@@ -57,7 +57,7 @@ def pvcore_plugin_info() -> PluginInfo:
         contract=CONTRACT_VERSION,
         hypervisor=HYPERVISOR,
         primitives={"detect", "probe", "stream"},
-        device_classes={"block", "net", "rng", "console"},
+        device_classes={*RING_CLASSES, "console"},
         description="KVM/QEMU: vhost-user (block, net, rng, scsi) and chardev (console) front doors",
     )
 

@@ -93,7 +93,7 @@ def test_plugin_info(registry):
     (info,) = registry.hook.pvcore_plugin_info()
     assert info.name == "kvm" and info.hypervisor == "kvm" and info.contract == CONTRACT_VERSION
     assert info.primitives == {"detect", "probe", "stream"}
-    assert info.device_classes == {"block", "net", "rng", "console"}
+    assert info.device_classes == {"block", "net", "rng", "scsi", "console"}
     assert set(registry.hypervisors()) == {"kvm"}
 
 
