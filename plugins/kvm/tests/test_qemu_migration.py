@@ -1,4 +1,4 @@
-"""End to end: QEMU live-migrates a guest on one host while it writes to a pvcore vhost-user-blk disk.
+"""End to end: QEMU live-migrates a guest on one host while it writes to a pvcore vhost-user-blk disk and pings.
 
 A source QEMU and a destination QEMU (started with ``-incoming``) are both
 connected to the same pvcore socket: the device takes the destination's
@@ -9,6 +9,12 @@ mid-write (pvcore logs every page it writes into guest memory, so the
 destination gets them), the source goes away, and the guest finishes on the
 destination. Every record the guest acknowledged, on either side, must be in
 the disk image, and the guest reads every record back on the destination.
+
+The same guest has a pvcore vhost-user NIC on a pvcore switch and pings a
+second guest (a peer on the same switch) every 0.2 s the whole time: the
+destination's connection takes the NIC's receive side when its ring starts,
+so replies must go on after the switch-over (a few lost pings during it are
+fine, and counted).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 import pytest
 
 from pvcore.devices.block import create_block_device
+from pvcore.devices.net import create_net_device
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
 from pvcore.ring.fdmemory import sealed_memfd
 from pvcore.testing.guest.qmp import Qmp
@@ -37,8 +44,24 @@ READ_START, READ_BLOCKS = 512, 2048
 buffer that only pvcore writes: without dirty logging the destination would see a stale buffer."""
 DISK_SIZE = (READ_START + READ_BLOCKS) * RECORD
 MEMORY_MB = 256
+PEER_MEMORY_MB = 128
+MAC, PEER_MAC = "52:54:00:00:0d:01", "52:54:00:00:0d:02"
+PING_INTERVAL = 0.2
+REPLIES_AFTER = 10
+"""Ping replies the guest must get on the destination (its NIC really works there)."""
+MAX_LOST_PINGS = 50
+"""Pings lost around the switch-over (10 s of them) before the test calls the NIC broken."""
+
+PEER_SCRIPT = r"""
+ip link set eth0 up; ip addr add 192.0.2.2/24 dev eth0
+echo PEER-UP
+sleep 900
+"""
 
 SCRIPT = """
+ip link set eth0 up; ip addr add 192.0.2.1/24 dev eth0
+ping -i {ping_interval} 192.0.2.2 &
+ping_pid=$!
 (while [ ! -e /tmp/stop ]; do
   sum=$(dd if=/dev/vda bs=1M skip={read_start_mb} count={read_mb} iflag=direct 2>/dev/null | md5sum | cut -c1-32)
   if [ "$sum" = "{expected}" ]; then echo READ-OK; else echo "READ-BAD $sum"; fi
@@ -52,6 +75,7 @@ while [ $n -le {records} ]; do
   n=$((n + 1))
 done
 touch /tmp/stop
+kill $ping_pid
 while [ ! -e /tmp/reader-done ]; do sleep 0.1; done
 good=0
 n=1
@@ -75,15 +99,26 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
     region = os.urandom(READ_BLOCKS * RECORD)
     image.write_bytes(bytes(READ_START * RECORD) + region)
     script = SCRIPT.format(record=RECORD, read_start_mb=READ_START * RECORD >> 20, read_mb=READ_BLOCKS * RECORD >> 20,
-                           records=RECORDS,
+                           records=RECORDS, ping_interval=PING_INTERVAL,
                            expected=hashlib.md5(region).hexdigest(), readback=result_line("readback", "echo $good"))
-    path = tmp_path / "vda.sock"
+    path, net_path, peer_path = tmp_path / "vda.sock", tmp_path / "net.sock", tmp_path / "peer-net.sock"
     backend, device = create_block_device({"path": str(image)}, name="vda")
     door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
-    loop_thread.run(door.start())
-    (qemu_args,) = plugin_qemu_args("kvm", [f"block:path={image},socket={path},name=vda"]).values()
+    net_door, peer_door = (
+        VhostUserFrontDoor(create_net_device({"mac": mac, "switch": "migration"}, name=name), sock,
+                           primitives=registry.primitives("kvm"), name=name)
+        for mac, sock, name in ((MAC, net_path, "mig-net"), (PEER_MAC, peer_path, "peer-net"))
+    )
+    for front_door in (door, net_door, peer_door):
+        loop_thread.run(front_door.start())
+    args = plugin_qemu_args("kvm", [f"block:path={image},socket={path},name=mig-vda",
+                                    f"net:socket={net_path},mac={MAC},name=mig-net",
+                                    f"net:socket={peer_path},mac={PEER_MAC},name=peer-net"])
+    qemu_args = args["mig"]
     kernel = fetch_kernel("x86_64")
-    initrd = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk"], tmp_path, name="migrate.cpio.gz")
+    initrd = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk", "virtio_net"], tmp_path,
+                             name="migrate.cpio.gz")
+    peer_initrd = build_initramfs(kernel, PEER_SCRIPT, ["virtio_pci", "virtio_net"], tmp_path, name="peer.cpio.gz")
     src_qmp, dst_qmp, migration = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
 
     def guest(name: str, extra: list[str]) -> Guest:
@@ -92,10 +127,13 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
     source = guest("source", ["-qmp", f"unix:{src_qmp},server=on,wait=off"])
     destination = guest("destination", ["-qmp", f"unix:{dst_qmp},server=on,wait=off",
                                         "-incoming", f"unix:{migration}"])
+    peer = Guest(kernel, peer_initrd, args["peer"], memory_mb=PEER_MEMORY_MB, name="peer", max_runtime=400)
     started = time.monotonic()
     try:
-        with source, contextlib.ExitStack() as stack:
+        with peer, source, contextlib.ExitStack() as stack:
+            peer.wait_for("PEER-UP", 240)
             source.wait_for("ACK 20", 240)
+            source.wait_for("seq=", 120)
             hostile_second_connections(path, door, caplog)
             stack.enter_context(destination)
             dqmp = Qmp.connect(str(dst_qmp))
@@ -114,14 +152,21 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
             dqmp.close()
             result = destination.wait(300)
     finally:
-        loop_thread.run(door.stop(), timeout=30)
+        for front_door in (door, net_door, peer_door):
+            loop_thread.run(front_door.stop(), timeout=30)
         backend.close()
     data = image.read_bytes()
     acked = acked_on_source | acks(result.output)
+    before, after = replies(source.output), replies(result.output)
+    lost = max(after, default=0) + 1 - min(before, default=0) - len(before | after)
     print(f"migration: total {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
           f"{len(acked_on_source)} records acknowledged on the source, {len(acks(result.output))} on the "
-          f"destination, {time.monotonic() - started:.0f}s wall")
+          f"destination, ping replies {len(before)} on the source and {len(after)} on the destination "
+          f"({lost} lost), {time.monotonic() - started:.0f}s wall")
     assert result.returncode == 0, result.output[-3000:]
+    assert before, "no ping reply before the migration"
+    assert len(after) >= REPLIES_AFTER, f"{len(after)} ping replies after the switch-over: {result.output[-3000:]}"
+    assert lost <= MAX_LOST_PINGS, f"{lost} pings lost across the migration"
     assert acks(result.output), "the guest wrote nothing after the migration: it did not move mid-write"
     assert acked == set(range(1, RECORDS + 1))
     assert "BAD" not in result.output and "BAD" not in source.output, "a read (O_DIRECT) returned stale data"
@@ -165,6 +210,11 @@ def hostile_second_connections(path, door: VhostUserFrontDoor, caplog) -> None:
             assert len(warnings) == 1 and "protocol error" in warnings[0], (case, warnings)
     finally:
         os.close(fd)
+
+
+def replies(output: str) -> set[int]:
+    """Sequence numbers of the ping replies in a guest's console output (busybox ping)."""
+    return {int(n) for n in re.findall(r"bytes from 192\.0\.2\.2: seq=(\d+)", output)}
 
 
 def acks(output: str) -> set[int]:
