@@ -15,6 +15,15 @@ second guest (a peer on the same switch) every 0.2 s the whole time: the
 destination's connection takes the NIC's receive side when its ring starts,
 so replies must go on after the switch-over (a few lost pings during it are
 fine, and counted).
+
+The destination starts paused (``-S``): at the switch-over its RAM is compared
+page by page with the stopped source's (:mod:`pvcore.testing.guest.migration`).
+A differing page holding disk data is a write pvcore did not mark in QEMU's
+dirty log, and fails the test. Differing pages of anything else are writes of
+the guest's own CPU that QEMU 7.2's TCG dirty tracking lost (seen with QEMU's
+own virtio-blk and no pvcore at all, about one migration in twenty: the
+destination's kernel then oopses); that attempt is reported as a QEMU TCG
+migration failure and a fresh guest is migrated once more, which must be clean.
 """
 
 from __future__ import annotations
@@ -27,21 +36,26 @@ import re
 import struct
 import time
 
+import attrs
 import pytest
 
 from pvcore.devices.block import create_block_device
 from pvcore.devices.net import create_net_device
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
 from pvcore.ring.fdmemory import sealed_memfd
+from pvcore.testing.guest.migration import LostPages, compare_ram, pieces
 from pvcore.testing.guest.qmp import Qmp
+from pvcore.testing.guest.results import GuestResult
 from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
 from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 RECORDS = 400
 RECORD = 4096
-READ_START, READ_BLOCKS = 512, 2048
-"""A region of random data (8 MiB from 2 MiB) the guest reads over and over, 1 MiB per O_DIRECT read into one
-buffer that only pvcore writes: without dirty logging the destination would see a stale buffer."""
+READ_START, READ_BLOCKS = 512, 4096
+"""A region of random data (16 MiB from 2 MiB) the guest reads over and over, 1 MiB per O_DIRECT read, sixteen
+reads by one dd into one buffer that only pvcore writes: without dirty logging the destination would hold a stale
+buffer (the RAM comparison at the switch-over finds it as pages of this data)."""
+OOPS = re.compile(r"Oops|BUG:|Kernel panic|general protection fault")
 DISK_SIZE = (READ_START + READ_BLOCKS) * RECORD
 MEMORY_MB = 256
 PEER_MEMORY_MB = 128
@@ -92,16 +106,70 @@ def record(image: bytes, n: int) -> bytes:
     return image[n * RECORD : n * RECORD + 12]
 
 
+@attrs.frozen
+class Attempt:
+    """What one boot-and-migrate showed (the checks are made on it afterwards)."""
+
+    info: dict
+    lost: LostPages
+    source_output: str
+    result: GuestResult
+    image: bytes
+    connections: int
+    log: str
+    seconds: float
+
+
 @pytest.mark.guest
 def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread, registry, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pvcore.vhost_user")
-    image = tmp_path / "disk.img"
+    attempt = migrate(loop_thread, registry, tmp_path / "1", caplog)
+    if attempt.lost.other and not attempt.lost.backend:
+        oops = " (the destination's kernel oopsed)" if OOPS.search(attempt.result.output) else ""
+        print(f"QEMU TCG migration failure: {attempt.lost}{oops}; none is pvcore's (none holds disk data): the "
+              f"guest's own writes were lost by QEMU 7.2's TCG dirty tracking, as with QEMU's own virtio-blk "
+              f"(docs/transports/vhost-user.md). Migrating a fresh guest once more.")
+        attempt = migrate(loop_thread, registry, tmp_path / "2", caplog)
+    info, result, source_output = attempt.info, attempt.result, attempt.source_output
+    acked_on_source = acks(source_output)
+    acked = acked_on_source | acks(result.output)
+    before, after = replies(source_output), replies(result.output)
+    lost = max(after, default=0) + 1 - min(before, default=0) - len(before | after)
+    print(f"migration: total {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+          f"{len(acked_on_source)} records acknowledged on the source, {len(acks(result.output))} on the "
+          f"destination, ping replies {len(before)} on the source and {len(after)} on the destination "
+          f"({lost} lost), RAM at the switch-over: {attempt.lost or 'identical'}, {attempt.seconds:.0f}s wall")
+    assert not attempt.lost.backend, f"pvcore wrote guest pages it did not mark in QEMU's dirty log: {attempt.lost}"
+    assert not attempt.lost, f"QEMU lost guest pages in two migrations running: {attempt.lost}"
+    assert result.returncode == 0, result.output[-3000:]
+    assert before, "no ping reply before the migration"
+    assert len(after) >= REPLIES_AFTER, f"{len(after)} ping replies after the switch-over: {result.output[-3000:]}"
+    assert lost <= MAX_LOST_PINGS, f"{lost} pings lost across the migration"
+    assert acks(result.output), "the guest wrote nothing after the migration: it did not move mid-write"
+    assert acked == set(range(1, RECORDS + 1))
+    assert "BAD" not in result.output and "BAD" not in source_output, "a read (O_DIRECT) returned stale data"
+    assert "READ-OK" in result.output
+    missing = [n for n in sorted(acked) if record(attempt.image, n) != b"REC %08d" % n]
+    assert not missing, f"acknowledged records missing from the image: {missing[:20]}"
+    assert result.results["readback"] == str(len(acked))
+    assert attempt.connections == 2 + len(HOSTILE)
+    assert "dirty page logging on" in attempt.log
+    marked = [int(n) for n in re.findall(r"dirty log of \S+ bytes unmapped after (\d+) marked writes", attempt.log)]
+    assert marked and max(marked) > 0, "pvcore marked nothing in QEMU's dirty log during the migration"
+    assert attempt.log.count("protocol error") == len(HOSTILE) and "needs reset" not in attempt.log
+
+
+def migrate(loop_thread, registry, work, caplog) -> Attempt:
+    """Boot the peer and the source, migrate the source mid-write to a paused destination, compare RAM, run it."""
+    work.mkdir()
+    caplog.clear()
+    image = work / "disk.img"
     region = os.urandom(READ_BLOCKS * RECORD)
     image.write_bytes(bytes(READ_START * RECORD) + region)
     script = SCRIPT.format(record=RECORD, read_start_mb=READ_START * RECORD >> 20, read_mb=READ_BLOCKS * RECORD >> 20,
                            records=RECORDS, ping_interval=PING_INTERVAL,
                            expected=hashlib.md5(region).hexdigest(), readback=result_line("readback", "echo $good"))
-    path, net_path, peer_path = tmp_path / "vda.sock", tmp_path / "net.sock", tmp_path / "peer-net.sock"
+    path, net_path, peer_path = work / "vda.sock", work / "net.sock", work / "peer-net.sock"
     backend, device = create_block_device({"path": str(image)}, name="vda")
     door = VhostUserFrontDoor(device, path, primitives=registry.primitives("kvm"), name="vda")
     net_door, peer_door = (
@@ -116,17 +184,17 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
                                     f"net:socket={peer_path},mac={PEER_MAC},name=peer-net"])
     qemu_args = args["mig"]
     kernel = fetch_kernel("x86_64")
-    initrd = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk", "virtio_net"], tmp_path,
+    initrd = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk", "virtio_net"], work,
                              name="migrate.cpio.gz")
-    peer_initrd = build_initramfs(kernel, PEER_SCRIPT, ["virtio_pci", "virtio_net"], tmp_path, name="peer.cpio.gz")
-    src_qmp, dst_qmp, migration = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "mig.sock"
+    peer_initrd = build_initramfs(kernel, PEER_SCRIPT, ["virtio_pci", "virtio_net"], work, name="peer.cpio.gz")
+    src_qmp, dst_qmp, migration = work / "src.qmp", work / "dst.qmp", work / "mig.sock"
 
     def guest(name: str, extra: list[str]) -> Guest:
         return Guest(kernel, initrd, [*qemu_args, *extra], memory_mb=MEMORY_MB, name=name, max_runtime=400)
 
     source = guest("source", ["-qmp", f"unix:{src_qmp},server=on,wait=off"])
     destination = guest("destination", ["-qmp", f"unix:{dst_qmp},server=on,wait=off",
-                                        "-incoming", f"unix:{migration}"])
+                                        "-incoming", f"unix:{migration}", "-S"])
     peer = Guest(kernel, peer_initrd, args["peer"], memory_mb=PEER_MEMORY_MB, name="peer", max_runtime=400)
     started = time.monotonic()
     try:
@@ -145,7 +213,8 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
                 assert time.monotonic() - migrate_started < 240, info
                 time.sleep(0.2)
             assert info["status"] == "completed", info
-            acked_on_source = acks(source.output)
+            lost = compare_ram(sqmp, dqmp, MEMORY_MB << 20, work, pieces(region))
+            dqmp.command("cont")
             sqmp.command("quit")
             sqmp.close()
             wait_for(lambda: dqmp.command("query-status")["status"] == "running", 60, "the destination to run")
@@ -155,30 +224,8 @@ def test_live_migration_on_one_host_keeps_every_acknowledged_record(loop_thread,
         for front_door in (door, net_door, peer_door):
             loop_thread.run(front_door.stop(), timeout=30)
         backend.close()
-    data = image.read_bytes()
-    acked = acked_on_source | acks(result.output)
-    before, after = replies(source.output), replies(result.output)
-    lost = max(after, default=0) + 1 - min(before, default=0) - len(before | after)
-    print(f"migration: total {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
-          f"{len(acked_on_source)} records acknowledged on the source, {len(acks(result.output))} on the "
-          f"destination, ping replies {len(before)} on the source and {len(after)} on the destination "
-          f"({lost} lost), {time.monotonic() - started:.0f}s wall")
-    assert result.returncode == 0, result.output[-3000:]
-    assert before, "no ping reply before the migration"
-    assert len(after) >= REPLIES_AFTER, f"{len(after)} ping replies after the switch-over: {result.output[-3000:]}"
-    assert lost <= MAX_LOST_PINGS, f"{lost} pings lost across the migration"
-    assert acks(result.output), "the guest wrote nothing after the migration: it did not move mid-write"
-    assert acked == set(range(1, RECORDS + 1))
-    assert "BAD" not in result.output and "BAD" not in source.output, "a read (O_DIRECT) returned stale data"
-    assert "READ-OK" in result.output
-    missing = [n for n in sorted(acked) if record(data, n) != b"REC %08d" % n]
-    assert not missing, f"acknowledged records missing from the image: {missing[:20]}"
-    assert result.results["readback"] == str(len(acked))
-    assert door.connections == 2 + len(HOSTILE)
-    assert "dirty page logging on" in caplog.text
-    marked = [int(n) for n in re.findall(r"dirty log of \S+ bytes unmapped after (\d+) marked writes", caplog.text)]
-    assert marked and max(marked) > 0, "pvcore marked nothing in QEMU's dirty log during the migration"
-    assert caplog.text.count("protocol error") == len(HOSTILE) and "needs reset" not in caplog.text
+    return Attempt(info, lost, source.output, result, image.read_bytes(), door.connections, caplog.text,
+                   time.monotonic() - started)
 
 
 HOSTILE = ("garbage", "log too small", "log base outside its file", "SET_LOG_BASE while rings run, too small")
