@@ -6,7 +6,10 @@ The setup starts libvirtd as shared/notes/real-guests.md describes
 initramfs, memfd shared memory, its serial console written to a file. The
 guest reads its vhost-user disk (md5sum) and /dev/hwrng (virtio-rng on an EGD
 backend), says it is waiting, then polls a sector of the disk with O_DIRECT
-until the host writes a marker there, reads a block and powers off.
+until the host writes a marker there, reads a block, then writes numbered
+4 KiB records with O_DIRECT (an acknowledgement on the console after each)
+until the host writes a stop marker, while reading /dev/hwrng twice a second
+in the background; it reads the records back (md5) and powers off.
 
 Two boots:
 
@@ -16,7 +19,16 @@ Two boots:
 2. ``pvcore daemon`` runs; libvirt alone starts the domain; the daemon serves
    it from metadata. While the guest waits, the daemon is stopped (SIGTERM)
    and started again; then the marker is written and the guest's next disk
-   reads go through the new daemon (QEMU reconnected).
+   reads go through the new daemon (QEMU reconnected). While the guest writes
+   records, the daemon is restarted again as ``systemctl restart`` would
+   (SIGTERM, then the same command): the writes go on, none fails, every
+   acknowledged record is in the image. Then ``virsh save`` mid-write (every
+   record acknowledged before it is in the image), ``virsh restore``: the
+   guest goes on writing and reads back every record, before and after.
+   The rng across the restart: QEMU 7.2's rng-egd never sends again a
+   request the old daemon had taken, so the guest's reads may wait; the test
+   prints what happened and, if they wait, checks that ``virsh suspend`` and
+   ``resume`` (and later the restore) make QEMU ask again.
 
 Net is not part of this test: libvirt 9.0 cannot ask QEMU 7.2 for
 ``vectors=0`` on a vhost-user NIC, without which QEMU 7.2 under TCG
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,10 +57,22 @@ from pvcore.testing.libvirtd import ensure_libvirtd
 
 pytestmark = pytest.mark.guest
 
-DISK_SIZE = 4 << 20
+DISK_SIZE = 8 << 20
 MARKER_OFFSET = 3 << 20
 MARKER = b"PVCORE-MARKER-AFTER-RESTART"
 AFTER_BLOCK = 200  # the 4 KiB block the guest reads after the restart
+STOP_OFFSET = MARKER_OFFSET + 4096
+STOP = b"PVCORE-STOP-WRITING"
+RECORD = 4096
+RECORDS_BASE = 1024
+"""Record n is the 4 KiB block RECORDS_BASE + n (the second half of the disk)."""
+MAX_RECORDS = 1000
+PHASE_RECORDS = 15
+RNG_WAIT = 30.0
+"""How long the test waits for the guest's first rng read after a resume or a restore."""
+RNG_WAIT_AFTER_RESTART = 10.0
+"""How long it waits for one after the daemon restart before it pauses and resumes the guest."""
+"""Records the guest must acknowledge after each step (daemon restart, restore) before the next."""
 
 SCRIPT = r"""
 {md5}
@@ -61,6 +86,26 @@ while [ $i -lt 300 ]; do
 done
 {marker_seen}
 {after_restart}
+dmesg > /tmp/dmesg.before
+echo PVCORE-WRITING
+(while [ ! -e /tmp/stop ]; do
+  [ "$(dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)" = 64 ] && echo RNG-OK
+  sleep 0.5
+done) &
+n=0; last=0
+while [ $n -lt {max_records} ]; do
+  n=$((n + 1))
+  printf 'REC %08d\n' $n | dd of=/dev/vda bs={record} seek=$(({records_base} + n)) count=1 conv=sync,notrunc \
+    oflag=direct 2>/tmp/err || {{ echo "WRITE-FAILED $n: $(cat /tmp/err)"; break; }}
+  echo "ACK $n"; last=$n
+  sleep 0.05
+  [ $((n % 4)) -eq 0 ] && dd if=/dev/vda bs=4096 skip={stop_block} count=1 iflag=direct 2>/dev/null | grep -q {stop} && break
+done
+touch /tmp/stop
+{records}
+{records_md5}
+{rng_after}
+{dmesg_problems}
 """
 
 
@@ -75,7 +120,33 @@ def guest_script() -> str:
         after_restart=result_line(
             "after_restart", f"dd if=/dev/vda bs=4096 skip={AFTER_BLOCK} count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1"
         ),
+        max_records=MAX_RECORDS,
+        record=RECORD,
+        records_base=RECORDS_BASE,
+        stop_block=STOP_OFFSET // 4096,
+        stop=STOP.decode(),
+        records=result_line("records", "echo $last"),
+        records_md5=result_line(
+            "records_md5",
+            f"dd if=/dev/vda bs={RECORD} skip=$(({RECORDS_BASE} + 1)) count=$last iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1",
+        ),
+        rng_after=result_line("rng_after", "timeout -s KILL 30 dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c"),
+        dmesg_problems=result_line(
+            "dmesg_problems",
+            "dmesg | grep -v -x -F -f /tmp/dmesg.before | grep -i -e error -e abort -e reset -e timeout -e virtio",
+        ),
     )
+
+
+def acks(output: str) -> list[int]:
+    """The record numbers the guest acknowledged, in console order."""
+    return [int(n) for n in re.findall(r"^ACK (\d+)\s*$", output, re.M)]
+
+
+def records_in(image: bytes, numbers) -> list[int]:
+    """Those of ``numbers`` whose record is not in ``image`` (empty when all are)."""
+    start = RECORDS_BASE * RECORD
+    return [n for n in numbers if image[start + n * RECORD : start + n * RECORD + 13] != b"REC %08d\n" % n]
 
 
 def domain_xml(name: str, kernel: Path, initrd: Path, log: Path) -> str:
@@ -90,7 +161,7 @@ def domain_xml(name: str, kernel: Path, initrd: Path, log: Path) -> str:
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='{log}'/><target port='0'/></serial>
+    <serial type='file'><source path='{log}' append='on'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
 </domain>"""
@@ -119,6 +190,93 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` into the image file at ``offset`` from the host, as the guest's disk sees it."""
+    with open(path, "r+b") as image:
+        image.seek(offset)
+        image.write(data)
+
+
+def wait_for_acks(log: Path, count: int, timeout: float, domain) -> float:
+    """Wait until the guest has acknowledged ``count`` records; return when the last one was seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = log.read_text(errors="replace")
+        if "WRITE-FAILED" in output:
+            raise AssertionError(f"the guest's write failed:\n{output[-3000:]}")
+        if len(acks(output)) >= count:
+            return time.monotonic()
+        if not domain.isActive() or time.monotonic() > deadline:
+            raise AssertionError(f"the guest acknowledged {len(acks(output))} of {count} records (domain active: "
+                                 f"{domain.isActive()}):\n{output[-3000:]}")
+        time.sleep(0.05)
+
+
+def qemu_log_tail(name: str) -> str:
+    """The end of libvirt's log of the domain's QEMU (where QEMU says why a save or restore failed)."""
+    path = Path(f"/var/log/libvirt/qemu/{name}.log")
+    return path.read_text(errors="replace")[-3000:] if path.exists() else f"(no {path})"
+
+
+def seconds_to_rng_read(log: Path, offset: int, since: float, timeout: float) -> float | None:
+    """Seconds from ``since`` until the console shows an rng read (RNG-OK) past ``offset``; None if none in ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while "RNG-OK" not in log.read_text(errors="replace")[offset:]:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
+def restart_save_restore_under_writes(virsh, name, domain, host_daemon, disk, log, work, sockets) -> dict[str, object]:
+    """While the guest writes numbered records: restart the daemon (SIGTERM, start), then virsh save and restore.
+
+    Each step waits for :data:`PHASE_RECORDS` acknowledgements after the one before, so records are
+    written across both. Returns what the tests check: the acknowledgements at each step, the records
+    missing from the image at the save, when the guest's rng read again, and the times taken.
+    """
+    facts: dict[str, object] = {}
+    wait_for_acks(log, PHASE_RECORDS, 180, domain)
+    text = log.read_text(errors="replace")
+    facts["acks_before_restart"] = len(acks(text))
+    restarted = time.monotonic()
+    assert host_daemon.stop() == 0
+    host_daemon.start()
+    facts["restart_seconds"] = time.monotonic() - restarted
+    facts["restart_to_next_ack_seconds"] = wait_for_acks(log, facts["acks_before_restart"] + 1, 120, domain) - restarted
+    wait_for_acks(log, facts["acks_before_restart"] + PHASE_RECORDS, 180, domain)
+    facts["rng_back_seconds"] = seconds_to_rng_read(log, len(text), restarted, RNG_WAIT_AFTER_RESTART)
+    if facts["rng_back_seconds"] is None:
+        # QEMU 7.2's rng-egd never sends again a request the old daemon had taken: a pause and
+        # resume of the VM makes virtio-rng ask again (docs/operations.md, upgrades).
+        paused_at, paused = len(log.read_text(errors="replace")), time.monotonic()
+        for command in ("suspend", "resume"):
+            subprocess.run([*virsh, command, name], check=True, capture_output=True, timeout=60)
+        facts["rng_after_resume_seconds"] = seconds_to_rng_read(log, paused_at, paused, RNG_WAIT)
+
+    saved_file = work / "domain.save"
+    released = host_daemon.log.read_text().count("it stopped (fresh backends follow")
+    started = time.monotonic()
+    saved = subprocess.run([*virsh, "save", name, str(saved_file)], capture_output=True, text=True, timeout=300)
+    facts["save_seconds"] = time.monotonic() - started
+    assert saved.returncode == 0, f"virsh save failed: {saved.stderr}\nQEMU's log:\n{qemu_log_tail(name)}"
+    at_save = log.read_text(errors="replace")
+    facts["acks_at_save"] = acks(at_save)
+    facts["missing_at_save"] = records_in(disk.read_bytes(), facts["acks_at_save"])
+    facts["save_file_mib"] = saved_file.stat().st_size / (1 << 20)
+    wait_until(lambda: host_daemon.log.read_text().count("it stopped (fresh backends follow") > released, 30,
+               "the daemon did not release the saved domain's backends")
+    wait_until(lambda: all(s.is_socket() for s in sockets), 30, "the daemon did not serve fresh backends")
+    started = time.monotonic()
+    restored = subprocess.run([*virsh, "restore", str(saved_file)], capture_output=True, text=True, timeout=300)
+    facts["restore_seconds"] = time.monotonic() - started
+    assert restored.returncode == 0, f"virsh restore failed: {restored.stderr}\nQEMU's log:\n{qemu_log_tail(name)}"
+    saved_file.unlink()
+    wait_for_acks(log, len(facts["acks_at_save"]) + PHASE_RECORDS, 180, domain)
+    facts["rng_after_restore_seconds"] = seconds_to_rng_read(log, len(at_save), started, RNG_WAIT)
+    return facts
 
 
 class HostDaemonProcess:
@@ -185,6 +343,7 @@ def real(tmp_path_factory: pytest.TempPathFactory):
         assert deployed.returncode == 0, deployed.stderr
         facts["deploy_out"] = deployed.stdout
         sockets = [run_dir / f"{name}-block0.sock", run_dir / f"{name}-rng0.sock"]
+        facts["block_socket"] = str(sockets[0])
         facts["sockets_after_deploy"] = [s.is_socket() for s in sockets]
         subprocess.run([*virsh, "start", name], check=True, capture_output=True, timeout=60)
         facts["boot1"] = parse_results(wait_for_text(log, "PVCORE-WAITING", 120, domain))
@@ -197,16 +356,19 @@ def real(tmp_path_factory: pytest.TempPathFactory):
         started = time.monotonic()
         host_daemon.start()
         facts["sockets_with_daemon"] = [s.is_socket() for s in sockets]
+        log.write_text("")  # the serial log is appended to (so that it survives the restore): boot 1's lines go
         domain.create()
         wait_for_text(log, "PVCORE-WAITING", 120, domain)
         assert host_daemon.stop() == 0
         facts["sockets_while_daemon_down"] = [s.exists() for s in sockets]
         host_daemon.start()
-        with open(disk, "r+b") as image:
-            image.seek(MARKER_OFFSET)
-            image.write(MARKER)
-        output = wait_for_text(log, "PVCORE-GUEST-DONE", 120, domain)
+        write_at(disk, MARKER_OFFSET, MARKER)
+        wait_for_text(log, "PVCORE-WRITING", 120, domain)
+        facts.update(restart_save_restore_under_writes(virsh, name, domain, host_daemon, disk, log, work, sockets))
+        write_at(disk, STOP_OFFSET, STOP)
+        output = wait_for_text(log, "PVCORE-GUEST-DONE", 240, domain)
         facts["boot2"] = parse_results(output)
+        facts["acks"] = acks(output)
         wait_until(lambda: not domain.isActive(), 30, "the guest did not power off")
         probe = pvcore("probe", "--connect", uri, "--run-dir", str(run_dir))
         facts["probe_out"] = probe.stdout + probe.stderr
@@ -254,7 +416,6 @@ def test_daemon_serves_from_metadata_and_survives_its_restart(real) -> None:
     assert int(results["marker_polls"]) < 300
     block = real["disk"][AFTER_BLOCK * 4096 : (AFTER_BLOCK + 1) * 4096]
     assert results["after_restart"] == hashlib.md5(block).hexdigest()
-    assert real["daemon_log"].count("following qemu:///system through plugin kvm: 2 device(s) of 1 domain(s)") == 2
 
 
 def test_probe_and_undeploy(real) -> None:
@@ -264,3 +425,49 @@ def test_probe_and_undeploy(real) -> None:
     assert real["undeploy_out"].splitlines()[-1] == "  backends: released, sockets removed"
     assert real["sockets_after_undeploy"] == [False, False]
     assert real["daemon_rc"] == 0
+
+
+def test_daemon_restart_under_writes_loses_no_record(real) -> None:
+    """SIGTERM and a new daemon while the guest writes with O_DIRECT: writes go on, no error, nothing lost."""
+    print(f"daemon restart under writes: down and up again in {real['restart_seconds']:.1f} s, the guest's next "
+          f"acknowledgement {real['restart_to_next_ack_seconds']:.1f} s after the SIGTERM")
+    assert real["acks"] == list(range(1, len(real["acks"]) + 1))
+    assert len(real["acks"]) >= real["acks_before_restart"] + PHASE_RECORDS
+    assert records_in(real["disk"], real["acks"]) == []
+    assert real["boot2"]["dmesg_problems"] == ""
+    log = real["daemon_log"]
+    assert log.count("following qemu:///system through plugin kvm: 2 device(s) of 1 domain(s)") == 3
+    # QEMU came back to each new daemon by itself: one connection per daemon, one more after the restore
+    assert log.count(f"frontend connected (connection 1) on {real['block_socket']}") == 4, log[-3000:]
+
+
+def test_save_and_restore_keep_the_disk(real) -> None:
+    """virsh save mid-write, then virsh restore: the guest goes on writing and reads everything back."""
+    print(f"virsh save {real['save_seconds']:.1f} s ({real['save_file_mib']:.0f} MiB), "
+          f"virsh restore {real['restore_seconds']:.1f} s; {len(real['acks_at_save'])} records before the save, "
+          f"{len(real['acks'])} in all")
+    assert real["missing_at_save"] == []
+    assert len(real["acks"]) >= len(real["acks_at_save"]) + PHASE_RECORDS
+    results = real["boot2"]
+    assert int(results["records"]) == len(real["acks"])
+    start = (RECORDS_BASE + 1) * RECORD
+    region = real["disk"][start : start + len(real["acks"]) * RECORD]
+    assert results["records_md5"] == hashlib.md5(region).hexdigest()
+
+
+
+
+def test_rng_after_the_daemon_restart_and_the_restore(real) -> None:
+    """What the rng does across the restart (printed), and that a pause and resume, and a restore, bring it back.
+
+    The rng's first read after the restart is not asserted: QEMU 7.2 loses a request the old daemon
+    had taken (its rng-egd never sends it again) and the guest's reads wait, unless no request was
+    outstanding at that moment.
+    """
+    print(f"rng: first read {real['rng_back_seconds']} s after the SIGTERM (None: not within "
+          f"{RNG_WAIT_AFTER_RESTART:.0f} s); after virsh suspend began: {real.get('rng_after_resume_seconds', 'not needed')}"
+          f" s; after virsh restore began: {real['rng_after_restore_seconds']} s")
+    if real["rng_back_seconds"] is None:
+        assert real["rng_after_resume_seconds"] is not None, f"no rng read within {RNG_WAIT:.0f} s of the resume"
+    assert real["rng_after_restore_seconds"] is not None, f"no rng read within {RNG_WAIT:.0f} s of the restore"
+    assert real["boot2"]["rng_after"] == "64"
