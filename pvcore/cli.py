@@ -29,6 +29,7 @@ from pvcore.config import (
 )
 from pvcore.contract import ContractError, DeviceConfig, HostContext, OptionSpec
 from pvcore.daemon import Daemon, DaemonError, default_run_dir
+from pvcore.metrics import MetricsAddress
 from pvcore.libvirt import LibvirtError
 from pvcore.registry import Registry, default_registry
 from pvcore.virtio import DeviceError
@@ -124,6 +125,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     serve.add_argument("--hypervisor", metavar="NAME", help="plugin to serve through (default: detected)")
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming devices ([[device]] tables)")
     serve.add_argument("--run-dir", type=Path, metavar="DIR", help="directory for sockets (default: /run/pvcore)")
+    serve.add_argument("--metrics", type=metrics_address, metavar="HOST:PORT", help=METRICS_HELP)
     serve.add_argument(
         "--print-qemu-args", action="store_true", help="print, per guest, the QEMU arguments that attach it, and exit"
     )
@@ -152,6 +154,17 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     new_plugin.add_argument("name", help="the hypervisor's name: lower-case letters, digits and _")
     new_plugin.add_argument("--directory", type=Path, metavar="DIR", help="where to write pvcore-NAME/ (default: here)")
     return parser
+
+
+METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (see docs/operations.md)"
+
+
+def metrics_address(text: str) -> MetricsAddress:
+    """argparse type of ``--metrics``: a :class:`MetricsAddress`, or a usage error saying what is wrong."""
+    try:
+        return MetricsAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _default_uri() -> str:
@@ -195,6 +208,7 @@ def add_libvirt_commands(commands: Any) -> None:
     daemon.add_argument("--connect", **connect)
     daemon.add_argument("--hypervisor", metavar="NAME", help="plugin to serve through (default: detected from the connection)")
     daemon.add_argument("--run-dir", **run_dir)
+    daemon.add_argument("--metrics", type=metrics_address, metavar="HOST:PORT", help=METRICS_HELP)
     daemon.add_argument("--domain", metavar="DOMAIN", help="serve only DOMAIN, until it stops (what deploy starts without a daemon)")
 
 
@@ -208,7 +222,8 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
             from pvcore.libvirt.follower import HostDaemon
 
             host_daemon = HostDaemon(
-                registry, args.connect, run_dir=run_dir, hypervisor=args.hypervisor, only_domain=args.domain
+                registry, args.connect, run_dir=run_dir, hypervisor=args.hypervisor, only_domain=args.domain,
+                metrics=args.metrics,
             )
             asyncio.run(host_daemon.run())
             return 0
@@ -287,7 +302,13 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
     if args.print_qemu_args:
         return print_qemu_args(registry, hypervisor, configs)
     run_dir = args.run_dir or Path(str(settings.get("run_dir", default_run_dir())))
-    daemon = Daemon(registry, hypervisor, configs, run_dir=run_dir)
+    metrics = args.metrics
+    if metrics is None and "metrics" in settings:
+        try:
+            metrics = MetricsAddress.parse(settings["metrics"])
+        except ValueError as exc:
+            raise ConfigError(f"config {args.config}: {exc}") from None
+    daemon = Daemon(registry, hypervisor, configs, run_dir=run_dir, metrics=metrics)
     asyncio.run(daemon.serve_forever())
     return 0
 

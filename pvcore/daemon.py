@@ -6,7 +6,8 @@ door that reaches it, and starts that door. Network devices that name the same
 switch share one :class:`~pvcore.devices.net.Switch`, whatever their
 hypervisor. SIGTERM (and SIGINT) stop every door — finishing in-flight
 requests — then close the engines, which flushes block devices, and remove
-the sockets; SIGHUP reopens log files.
+the sockets; SIGHUP reopens log files. With ``metrics``, a Prometheus endpoint
+(:mod:`pvcore.metrics`) listens before any device starts and stops last.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
 from pvcore.registry import Registry
+
+if TYPE_CHECKING:
+    from pvcore.metrics import MetricsAddress, MetricsServer, ServedEntry
 
 log = logging.getLogger("pvcore.daemon")
 
@@ -44,15 +49,39 @@ class Daemon:
 
     ``hypervisor`` is the default; a device's ``hypervisor=`` option picks
     another, so one daemon serves kvm and lpar guests on one switch.
+    ``metrics`` is where this daemon serves Prometheus metrics (None: nowhere);
+    ``measure_service_time`` keeps the block service-time histogram without
+    an endpoint of its own (for a daemon whose owner serves the metrics).
     """
 
-    def __init__(self, registry: Registry, hypervisor: str, configs: Sequence[DeviceConfig], *, run_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        hypervisor: str,
+        configs: Sequence[DeviceConfig],
+        *,
+        run_dir: Path,
+        metrics: MetricsAddress | None = None,
+        measure_service_time: bool = False,
+    ) -> None:
         self.registry = registry
         self.hypervisor = hypervisor
         self.configs = list(configs)
         self.run_dir = run_dir
+        self.metrics = metrics
+        self.measure_service_time = measure_service_time or metrics is not None
         self.served: list[tuple[DeviceInstance, FrontDoor]] = []
+        self._metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
+
+    def served_entries(self) -> list[ServedEntry]:
+        """The devices served now, each with the hypervisor serving it (what the metrics collector reads)."""
+        from pvcore.metrics import ServedEntry
+
+        return [
+            ServedEntry(instance, door, instance.config.get("hypervisor") or self.hypervisor)
+            for instance, door in list(self.served)
+        ]
 
     async def start(self) -> None:
         """Build and start every device; on any failure stop those already started."""
@@ -61,6 +90,15 @@ class Daemon:
                 available = ", ".join(sorted(self.registry.hypervisors())) or "none installed"
                 raise DaemonError(f"no plugin serves hypervisor {hypervisor!r} (available: {available})")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.metrics is not None:
+            from pvcore.metrics import MetricsError, MetricsServer
+
+            server = MetricsServer(self.metrics, self.served_entries)
+            try:
+                server.start()
+            except MetricsError as exc:
+                raise DaemonError(str(exc)) from None
+            self._metrics_server = server
         from pvcore.devices.net import get_switch
 
         loop = asyncio.get_running_loop()
@@ -78,6 +116,10 @@ class Daemon:
 
     async def _start_device(self, device_class: DeviceClass, config: DeviceConfig, context: DaemonContext) -> None:
         instance = device_class.create(config, context)
+        if self.measure_service_time:
+            from pvcore.metrics import measure_service_times
+
+            measure_service_times(instance)
         try:
             await instance.start()
             hypervisor = config.get("hypervisor") or self.hypervisor
@@ -108,6 +150,9 @@ class Daemon:
             except Exception:
                 log.exception("device %s: closing its engine failed", name)
             log.info("device %s (%s) down", name, instance.config.device_class)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
 
     def reopen_logs(self) -> None:
         """SIGHUP: reopen every log file a device writes (after log rotation)."""

@@ -54,6 +54,7 @@ from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
 from pvcore.libvirt.devicexml import plugin_xml
 from pvcore.libvirt.metadata import NAMESPACE, read_specs
+from pvcore.metrics import MetricsAddress, MetricsError, MetricsServer, ServedEntry
 from pvcore.registry import Registry
 from pvcore.virtio import DeviceError
 
@@ -132,7 +133,9 @@ class HostDaemon:
     """Serves the pvcore devices recorded in the metadata of the domains on ``uri``.
 
     ``hypervisor`` forces a plugin (default: detected from the connection);
-    ``only_domain`` makes this the one-domain server described above.
+    ``only_domain`` makes this the one-domain server described above;
+    ``metrics`` is where the devices of every domain are served as Prometheus
+    metrics (None: nowhere).
     """
 
     def __init__(
@@ -143,8 +146,11 @@ class HostDaemon:
         run_dir: Path,
         hypervisor: str | None = None,
         only_domain: str | None = None,
+        metrics: MetricsAddress | None = None,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics
+        self._metrics_server: MetricsServer | None = None
         self.uri = uri
         self.run_dir = run_dir
         self.requested_hypervisor = hypervisor
@@ -161,6 +167,15 @@ class HostDaemon:
         self._only_uuid: str | None = None
         self._waiting: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def served_entries(self) -> list[ServedEntry]:
+        """Every device served now, of every domain (what the metrics collector reads)."""
+        return [
+            entry
+            for served in list(self.served.values())
+            for daemon in list(served.devices.values())
+            for entry in daemon.served_entries()
+        ]
 
     @property
     def device_count(self) -> int:
@@ -186,6 +201,13 @@ class HostDaemon:
             self._loop.add_signal_handler(signal.SIGINT, self.request_stop)
             self._loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
         try:
+            if self.metrics is not None:
+                server = MetricsServer(self.metrics, self.served_entries)
+                try:
+                    server.start()
+                except MetricsError as exc:
+                    raise DaemonError(str(exc)) from None
+                self._metrics_server = server
             await self._connect()
             if self.only_domain is not None:
                 domain = await asyncio.to_thread(lookup_domain, self._conn, self.only_domain)
@@ -210,6 +232,9 @@ class HostDaemon:
             if self._daemon_lock is not None:
                 runlock.release(self._daemon_lock)
                 self._daemon_lock = None
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+                self._metrics_server = None
 
     def reopen_logs(self) -> None:
         """SIGHUP: every device reopens the log files it writes."""
@@ -397,7 +422,10 @@ class HostDaemon:
             for config in configs:
                 check_metadata_paths(config, self.run_dir)
             as_served = [self.xml.served(c) for c in configs] if self.xml is not None else configs
-            daemon = Daemon(self.registry, self.hypervisor, as_served, run_dir=self.run_dir)
+            daemon = Daemon(
+                self.registry, self.hypervisor, as_served, run_dir=self.run_dir,
+                measure_service_time=self.metrics is not None,
+            )
             await daemon.start()
         except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:
             log.error("domain %s: device %s not served: %s", served.name, spec, exc)

@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from pvcore.devices.block.store import RawFileStore
+from pvcore.service_time import ServiceTimeHistogram, ServiceTimes
 
 log = logging.getLogger("pvcore.block")
 
@@ -201,6 +202,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     seq: int
     key: float
+    started: float
 
 
 class BlockBackend:
@@ -238,6 +240,7 @@ class BlockBackend:
         self._completed: dict[asyncio.AbstractEventLoop, list[tuple[Callback, BlockResult]]] = {}
         self._seq = itertools.count()
         self._counters = BlockCounters()
+        self._service_time: ServiceTimeHistogram | None = None
         self._closing = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-io{i}", daemon=True) for i in range(workers)
@@ -263,6 +266,21 @@ class BlockBackend:
         with self._lock:
             return attrs.evolve(self._counters)
 
+    def measure_service_time(self) -> None:
+        """From now on, keep a histogram of service times (:meth:`service_times`); off until asked.
+
+        A request's service time runs from :meth:`submit` (or :meth:`serve_now`)
+        to its completion on an I/O thread (or on the spot).
+        """
+        with self._lock:
+            if self._service_time is None:
+                self._service_time = ServiceTimeHistogram()
+
+    def service_times(self) -> ServiceTimes | None:
+        """A copy of the service-time histogram, or None if :meth:`measure_service_time` was not called."""
+        with self._lock:
+            return None if self._service_time is None else self._service_time.snapshot()
+
     def serve_now(self, request: BlockRequest) -> bool:
         """Do a READ or WRITE on the calling thread, at once, if the page cache can serve it.
 
@@ -272,8 +290,12 @@ class BlockBackend:
         served here, so that :meth:`submit` reports it.
         """
         with self._lock:
+            service_time = self._service_time
+            started = self._clock() if service_time is not None else 0.0
             if self._counters.in_flight or self._check(request) is not None or not self._try_inline(request):
                 return False
+            if service_time is not None:
+                service_time.observe(self._clock() - started)
             self._count(request)
             self._count_bytes(request.op, request.length)
         return True
@@ -287,7 +309,8 @@ class BlockBackend:
         answer at once try :meth:`serve_now` first.
         """
         loop = asyncio.get_running_loop()
-        key = self._clock() + ioprio_steps(request.priority) * self._ageing
+        now = self._clock()
+        key = now + ioprio_steps(request.priority) * self._ageing
         with self._lock:
             self._count(request)
             rejection = self._check(request)
@@ -295,7 +318,7 @@ class BlockBackend:
                 self._counters.errors += 1
             else:
                 self._counters.in_flight += 1
-                self._enqueue(_Job(request, callback, loop, next(self._seq), key))
+                self._enqueue(_Job(request, callback, loop, next(self._seq), key, now))
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
             loop.call_soon(self._run_callback, callback, rejection)
@@ -379,6 +402,8 @@ class BlockBackend:
         """Account for a job that ran and release flushes it held back (caller holds the lock)."""
         counters = self._counters
         counters.in_flight -= 1
+        if self._service_time is not None:
+            self._service_time.observe(self._clock() - job.started)
         if not result.ok:
             counters.errors += 1
         else:

@@ -119,6 +119,18 @@ class PortCounters:
         return attrs.asdict(self)
 
 
+@attrs.define
+class SwitchCounters:
+    """What the switch did with the frames its ports sent into it."""
+
+    forwarded: int = 0
+    """Frames sent to the one port that a learned or static address named."""
+    flooded: int = 0
+    """Frames sent to every other port (broadcast, multicast, or an unknown destination)."""
+    dropped_forged: int = 0
+    """Frames dropped because their source address was not the sending port's own (anti-spoofing)."""
+
+
 class Port(abc.ABC):
     """One attachment point on a :class:`Switch`.
 
@@ -202,6 +214,7 @@ class Switch:
         self.max_entries = max_entries
         self.clock = clock
         self.ports: dict[str, Port] = {}
+        self.counters = SwitchCounters()
         self._table: dict[bytes, _Entry] = {}
 
     def __repr__(self) -> str:
@@ -264,6 +277,7 @@ class Switch:
         dst, src = frame[:ETH_ALEN], frame[ETH_ALEN : 2 * ETH_ALEN]
         if ingress.mac is not None and src != ingress.mac:
             counters.dropped_spoof += 1
+            self.counters.dropped_forged += 1
             if counters.dropped_spoof in _LOGGED_DROPS:
                 log.warning(
                     "switch %s: port %s sent from %s, not its own MAC %s; dropped (anti-spoofing, %d so far)",
@@ -275,6 +289,7 @@ class Switch:
             return 0
         if ingress.mac is None and not self._learn(ingress, src):
             counters.dropped_spoof += 1
+            self.counters.dropped_forged += 1
             return 0
         counters.rx_frames += 1
         counters.rx_bytes += len(frame)
@@ -283,7 +298,9 @@ class Switch:
             if egress is ingress:
                 return 0
             if egress is not None:
+                self.counters.forwarded += 1
                 return self._deliver(egress, frame)
+        self.counters.flooded += 1
         delivered = 0
         for port in list(self.ports.values()):
             if port is not ingress:

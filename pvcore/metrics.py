@@ -1,0 +1,212 @@
+"""Prometheus metrics of a running daemon (``--metrics HOST:PORT``), read from the engines at scrape time.
+
+Nothing here runs on the request path: :class:`DeviceCollector` is a
+prometheus-client custom collector that, when Prometheus scrapes, reads the
+counters the engines keep anyway (a block backend's :class:`BlockCounters`, a
+switch port's :class:`PortCounters` and the switch's own, an entropy source's
+byte count, a vhost-user ring's interrupts). The one addition to the hot path
+is the block service-time histogram (:mod:`pvcore.service_time`), switched on
+only when metrics are served. The families and their labels are listed in
+docs/operations.md ("Metrics").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import attrs
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from pvcore.contract import DeviceInstance, FrontDoor
+from pvcore.devices.block.backend import BlockBackend
+from pvcore.devices.net.switch import Switch
+from pvcore.devices.rng import EntropySource
+
+log = logging.getLogger("pvcore.metrics")
+
+LABELS = ("device", "domain", "class", "hypervisor")
+"""The labels of every per-device family."""
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot be served; the message says why and what to change."""
+
+
+@attrs.frozen
+class MetricsAddress:
+    """Where the metrics endpoint listens: ``HOST:PORT`` (``[::1]:9100`` for IPv6)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> MetricsAddress:
+        """Parse ``HOST:PORT``; a ``ValueError`` says what is wrong."""
+        host, sep, port = str(text).strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"metrics address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class ServedEntry:
+    """One device as the collector sees it: its engine, its front door and the hypervisor serving it."""
+
+    instance: DeviceInstance
+    door: FrontDoor
+    hypervisor: str
+
+
+ServedDevices = Callable[[], Iterable[ServedEntry]]
+"""What the collector reads at each scrape: the devices being served right now."""
+
+
+def measure_service_times(instance: DeviceInstance) -> None:
+    """Switch on the service-time histogram of a device whose engine keeps one (block)."""
+    if isinstance(instance.engine, BlockBackend):
+        instance.engine.measure_service_time()
+
+
+class DeviceCollector(Collector):
+    """A custom collector: every family, built from the engines' counters when Prometheus scrapes."""
+
+    def __init__(self, served: ServedDevices) -> None:
+        self.served = served
+
+    def collect(self) -> Iterator[Any]:
+        """The metric families of every served device (called by prometheus-client's HTTP thread)."""
+        requests = CounterMetricFamily("pvcore_requests", "Requests completed or refused, by operation", labels=(*LABELS, "op"))
+        request_bytes = CounterMetricFamily("pvcore_request_bytes", "Bytes moved by requests, by operation", labels=(*LABELS, "op"))
+        seconds = HistogramMetricFamily(
+            "pvcore_request_seconds", "Service time of block requests, from submission to the engine to completion",
+            labels=LABELS,
+        )
+        inflight = GaugeMetricFamily("pvcore_inflight_requests", "Requests taken from the guest and not yet completed", labels=LABELS)
+        interrupts = CounterMetricFamily(
+            "pvcore_interrupts", "Interrupts sent to the guest by the rings of the current front-end connections", labels=LABELS
+        )
+        completions = CounterMetricFamily(
+            "pvcore_ring_completions", "Ring completions of the current front-end connections (interrupts per completion)",
+            labels=LABELS,
+        )
+        errors = CounterMetricFamily("pvcore_errors", "Requests or frames that failed or were dropped, by reason", labels=(*LABELS, "reason"))
+        switch_frames = CounterMetricFamily(
+            "pvcore_switch_frames", "Frames the switch handled, by outcome", labels=("switch", "outcome")
+        )
+        rng_bytes = CounterMetricFamily("pvcore_rng_bytes", "Entropy bytes delivered, per domain", labels=("domain",))
+        switches: dict[int, Switch] = {}
+        sources: dict[int, EntropySource] = {}
+        for entry in list(self.served()):
+            config = entry.instance.config
+            labels = (config.name, str(config.get("domain") or ""), config.device_class, entry.hypervisor)
+            engine = entry.instance.engine
+            if isinstance(engine, BlockBackend):
+                self._block(engine, labels, requests, request_bytes, seconds, inflight, errors)
+            elif isinstance(engine, EntropySource):
+                sources[id(engine)] = engine
+            elif isinstance(getattr(engine, "switch", None), Switch):
+                switches[id(engine.switch)] = engine.switch
+                self._nic(engine, labels, requests, request_bytes, errors)
+            ring = _ring_counts(entry.door)
+            if ring is not None:
+                interrupts.add_metric(labels, ring[0])
+                completions.add_metric(labels, ring[1])
+                if not isinstance(engine, BlockBackend):
+                    inflight.add_metric(labels, ring[2])
+        for switch in switches.values():
+            counts = switch.counters
+            for outcome in ("forwarded", "flooded", "dropped_forged"):
+                switch_frames.add_metric((switch.name, outcome), getattr(counts, outcome))
+        for source in sources.values():
+            rng_bytes.add_metric((source.name,), source.bytes_delivered)
+        yield from (requests, request_bytes, seconds, inflight, interrupts, completions, errors, switch_frames, rng_bytes)
+
+    @staticmethod
+    def _block(
+        backend: BlockBackend, labels: tuple[str, ...], requests: Any, request_bytes: Any, seconds: Any, inflight: Any,
+        errors: Any,
+    ) -> None:
+        counts = backend.counters()
+        for op, value in (("read", counts.reads), ("write", counts.writes), ("flush", counts.flushes),
+                          ("discard", counts.discards), ("write_zeroes", counts.write_zeroes)):
+            requests.add_metric((*labels, op), value)
+        request_bytes.add_metric((*labels, "read"), counts.bytes_read)
+        request_bytes.add_metric((*labels, "write"), counts.bytes_written)
+        inflight.add_metric(labels, counts.in_flight)
+        errors.add_metric((*labels, "failed"), counts.errors)
+        times = backend.service_times()
+        if times is not None:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*times.bounds, float("inf")), times.counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            seconds.add_metric(labels, buckets, times.total)
+
+    @staticmethod
+    def _nic(endpoint: Any, labels: tuple[str, ...], requests: Any, request_bytes: Any, errors: Any) -> None:
+        port = next((p for p in list(endpoint.switch.ports.values()) if p.mac == endpoint.mac), None)
+        if port is None:  # no front end has attached the NIC's port yet
+            return
+        counts = port.counters
+        # The switch's rx is what the guest transmitted; its tx is what the guest received.
+        requests.add_metric((*labels, "tx"), counts.rx_frames)
+        requests.add_metric((*labels, "rx"), counts.tx_frames)
+        request_bytes.add_metric((*labels, "tx"), counts.rx_bytes)
+        request_bytes.add_metric((*labels, "rx"), counts.tx_bytes)
+        for reason, value in (("forged", counts.dropped_spoof), ("malformed", counts.dropped_malformed),
+                              ("receiver_full", counts.dropped_full), ("too_big", counts.dropped_too_big)):
+            errors.add_metric((*labels, reason), value)
+
+
+def _ring_counts(door: FrontDoor) -> tuple[int, int, int] | None:
+    """Interrupts, completions and in-flight requests of a ring front door's live connections (None: not a ring door)."""
+    live = getattr(door, "live", None)
+    if live is None:
+        return None
+    interrupts = completions = inflight = 0
+    for connection in list(live):
+        interrupts += sum(connection.interrupts)
+        completions += sum(connection.completions)
+        for queue in list(connection.session.running.values()):
+            interrupts += queue.interrupts
+            completions += queue.completions
+            inflight += queue.in_flight
+    return interrupts, completions, inflight
+
+
+class MetricsServer:
+    """The HTTP endpoint Prometheus scrapes (prometheus-client's server, on its own thread)."""
+
+    def __init__(self, address: MetricsAddress, served: ServedDevices) -> None:
+        self.address = address
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DeviceCollector(served))
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        """Listen; a port in use or an address not on this host is a :class:`MetricsError`."""
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, self._thread = start_http_server(self.address.port, self.address.host, registry=self.registry)
+        except OSError as exc:
+            hint = "; another process listens there: pick another port" if exc.errno == errno.EADDRINUSE else ""
+            raise MetricsError(f"metrics {self.address}: {exc.strerror or exc}{hint}") from None
+        log.info("metrics: serving http://%s/metrics", self.address)
+
+    def stop(self) -> None:
+        """Stop listening and wait for the server thread."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
