@@ -312,3 +312,37 @@ def test_fifo_survives_a_restart_for_a_reader_that_keeps_it_open(tmp_path):
         assert not path.exists()
 
     asyncio.run(scenario())
+
+
+def test_egd_door_for_qemu_answers_a_request_the_previous_daemon_took(tmp_path):
+    """With unasked_bytes, a new connection gets that many bytes before it asks (a restarted daemon
+    answers what QEMU's rng-egd asked the old one); then requests are answered as before."""
+
+    async def scenario():
+        door = await egd_door(tmp_path, unasked_bytes=255)
+        client = await EgdClient.connect(door.socket_path)
+        unasked = await client.receive(255)
+        assert len(await client.blocking_read(64)) == 64
+        client.close()
+        async with asyncio.timeout(TIMEOUT):
+            while door.connection_count:
+                await asyncio.sleep(0.01)
+        second = await EgdClient.connect(door.socket_path)
+        assert (await second.receive(255)) != unasked
+        second.close()
+        await door.stop()
+        plain = await egd_door(tmp_path)
+        client = await EgdClient.connect(plain.socket_path)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await client.reader.read(1)
+        client.close()
+        await plain.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("size", [-1, 64 * 1024 + 1])
+def test_egd_door_refuses_an_impossible_unasked_size(tmp_path, size):
+    with pytest.raises(ValueError, match="unasked_bytes"):
+        EgdFrontDoor(EntropySource("dom1"), tmp_path / "egd.sock", unasked_bytes=size)

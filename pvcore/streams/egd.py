@@ -19,7 +19,14 @@ Commands (one byte each, arguments after it):
 * anything else (``0x04``, report PID, included) is refused by closing the
   connection with a logged reason, since the protocol has no error reply.
 
-Requests on one connection are answered in order. The entropy bytes go from
+Requests on one connection are answered in order. A door made with
+``unasked_bytes=N`` sends N bytes on each new connection before any request:
+QEMU's rng-egd (the only client of such a door) reconnecting to a restarted
+daemon may still wait for the answer to a request it sent to the previous one,
+and it never sends that request again. EGD answers carry no framing, so QEMU
+hands those bytes to its oldest waiting request, or to its next one. A door
+other clients use must not do this (they would read the bytes as the answer to
+their first command). The entropy bytes go from
 the source straight to the socket and are never logged. QEMU's ``rng-egd``
 uses one connection, so by default one client at a time is served and a
 second one is refused (closed at once, with a logged line). Each connection
@@ -47,6 +54,10 @@ EGD_WRITE_ENTROPY = 0x03
 MAX_CONNECTIONS = 1
 """Clients served at once by default: QEMU's rng-egd opens one connection."""
 
+QEMU_UNASKED_BYTES = 255
+"""What a door for QEMU's rng-egd sends unasked at connect: the most one request asks (QEMU splits
+larger ones), so a request lost with a restarted daemon is answered, whatever guest made it."""
+
 _U32 = struct.Struct(">I")
 _WRITE_HEADER = struct.Struct(">HB")
 
@@ -59,11 +70,19 @@ class EgdFrontDoor:
     """Serves ``source`` over the EGD protocol on the Unix socket ``socket_path`` to ``max_connections`` clients."""
 
     def __init__(
-        self, source: EntropySource, socket_path: Path | str, *, max_connections: int = MAX_CONNECTIONS
+        self,
+        source: EntropySource,
+        socket_path: Path | str,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        unasked_bytes: int = 0,
     ) -> None:
+        if not 0 <= unasked_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"unasked_bytes={unasked_bytes}: must be 0 to {MAX_REQUEST_BYTES}")
         self.source = source
         self.socket_path = Path(socket_path)
         self.max_connections = max_connections
+        self.unasked_bytes = unasked_bytes
         self.description = (
             f"EGD socket {self.socket_path} for rng {source.name} "
             f"(QEMU: -chardev socket,id=egd0,path={self.socket_path} -object rng-egd,id=rng0,chardev=egd0)"
@@ -104,6 +123,8 @@ class EgdFrontDoor:
         log.info("%s: %s connected", self._what, client)
         reason = "closed by the client"
         try:
+            await self._send(self.unasked_bytes, writer)
+            await writer.drain()
             while command := await reader.read(1):
                 await self._command(command[0], reader, writer)
                 await writer.drain()
@@ -122,11 +143,7 @@ class EgdFrontDoor:
 
     async def _command(self, command: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if command == EGD_READ_BLOCKING:
-            wanted = (await reader.readexactly(1))[0]
-            while wanted > 0:
-                data = await self.source.read(wanted)
-                writer.write(data)
-                wanted -= len(data)
+            await self._send((await reader.readexactly(1))[0], writer)
         elif command == EGD_READ_NONBLOCKING:
             data = self._read_now((await reader.readexactly(1))[0])
             writer.write(bytes((len(data),)) + data)
@@ -137,6 +154,13 @@ class EgdFrontDoor:
             await reader.readexactly(length)
         else:
             raise EgdProtocolError(f"command {command:#04x} is not supported")
+
+    async def _send(self, size: int, writer: asyncio.StreamWriter) -> None:
+        """Write exactly ``size`` bytes of the source, waiting for the rate limit's windows as needed."""
+        while size > 0:
+            data = await self.source.read(size)
+            writer.write(data)
+            size -= len(data)
 
     def _read_now(self, size: int) -> bytes:
         """Up to ``size`` bytes if the rate limit gives them at once, else nothing."""

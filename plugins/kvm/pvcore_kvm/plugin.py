@@ -35,7 +35,7 @@ from pvcore.contract import (
 )
 from pvcore.hookspecs import hookimpl
 from pvcore.streams.chardev import ChardevFrontDoor
-from pvcore.streams.egd import EgdFrontDoor
+from pvcore.streams.egd import QEMU_UNASKED_BYTES, EgdFrontDoor
 from pvcore.transports.vhost_user import VhostUserFrontDoor
 from pvcore_kvm.libvirt import LIBVIRT_XML, KvmLibvirtXml
 from pvcore_kvm.options import DEVICE_OPTIONS
@@ -111,7 +111,8 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
     if config.device_class == "rng" and config.get("protocol") == "egd":
         if config.get("socket-mode") == "client":
             raise ValueError(f"{config.name}: an rng over EGD is served listening (QEMU's rng-egd connects); drop socket-mode=client")
-        return EgdFrontDoor(device.engine, socket_path)
+        # QEMU's rng-egd is the client: answer at once a request it may have sent to a previous daemon.
+        return EgdFrontDoor(device.engine, socket_path, unasked_bytes=QEMU_UNASKED_BYTES)
     if config.device_class not in RING_CLASSES or device.virtio is None:
         raise ValueError(
             f"{config.name}: kvm serves block, net, rng and scsi over vhost-user and console over a chardev "

@@ -22,10 +22,12 @@ from pvcore.contract import (
     HostContext,
 )
 from pvcore.devices.console.stream import ConsoleStream
+from pvcore.devices.rng import EntropySource
 from pvcore.ring.fdmemory import FdGuestMemory, sealed_memfd
 from pvcore.registry import default_registry
 from pvcore.ring.notify import EventFdNotifier
 from pvcore.streams.chardev import ChardevFrontDoor
+from pvcore.streams.egd import EgdFrontDoor
 from pvcore.transports.vhost_user import VhostUserFrontDoor
 
 DOMAIN_XML = """
@@ -190,6 +192,9 @@ def test_front_doors(registry, tmp_path: Path):
         assert isinstance(door, ChardevFrontDoor) and door.socket_path == str(tmp_path / "con0.sock")
         with pytest.raises(ValueError, match="not gpu"):
             registry.call("kvm", "pvcore_front_door", device=FakeDevice(DeviceConfig("gpu", "g")), context=context)
+        egd = FakeDevice(DeviceConfig("rng", "rng1", {"protocol": "egd"}), engine=EntropySource("rng1"))
+        door = registry.call("kvm", "pvcore_front_door", device=egd, context=context)
+        assert isinstance(door, EgdFrontDoor) and door.unasked_bytes == 255  # for QEMU's rng-egd after a restart
         with pytest.raises(ValueError, match="EGD is served listening.*drop socket-mode=client"):
             registry.call(
                 "kvm", "pvcore_front_door",
