@@ -7,14 +7,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
 
-.PHONY: demo test setup debian-packages hooks-doc clean
+.PHONY: demo test fuzz setup debian-packages hooks-doc clean
 
 demo: setup
 	$(VENV)/bin/pvcore demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests $(wildcard plugins/*/tests)
+
+# Every fuzz target (fuzz/run.py) for FUZZ_SECONDS each; CI runs each for a few seconds in `make test`.
+fuzz: setup
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 setup: debian-packages $(VENV)/.installed
 

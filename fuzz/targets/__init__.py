@@ -1,0 +1,1 @@
+"""One module per fuzz target: setup(), one_input(data), seeds()."""
