@@ -442,6 +442,7 @@ class BlockBackend:
                     job.loop.call_soon_threadsafe(self._deliver, job.loop)
                 except RuntimeError:
                     log.debug("%s: event loop closed; %s result dropped", self.name, job.request.op.value)
+            del job, result, batch  # an idle worker must not keep the last request's guest-memory views alive
 
     def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run, on ``loop``, the callbacks of every result completed for it since the last wake-up."""
