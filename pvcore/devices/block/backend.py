@@ -427,7 +427,7 @@ class BlockBackend:
                 _, _, job = heapq.heappop(self._ready)
             try:
                 result = self._execute(job.request)
-            except Exception as exc:
+            except BaseException as exc:  # even what would end this thread answers the request, and it serves on
                 log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
                 result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
             with self._lock:

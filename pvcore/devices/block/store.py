@@ -150,6 +150,7 @@ class RawFileStore:
         self._dirty_pages = dirty_pages
         self._punch_hole = True
         self._zero_range = True
+        self._sync_error: str | None = None
 
     def __repr__(self) -> str:
         return f"RawFileStore({self.path!r}, size={self.size}, readonly={self.readonly})"
@@ -222,12 +223,25 @@ class RawFileStore:
             total += count
             pending = _advance(pending, count)
         if durable and not dsync:
-            os.fdatasync(self.fd)
+            self.sync()
         return total
 
     def sync(self) -> None:
-        """Make every completed write durable (``fdatasync``)."""
-        os.fdatasync(self.fd)
+        """Make every completed write durable (``fdatasync``).
+
+        Once an ``fdatasync`` has failed, every later one fails too (as in
+        QEMU's file-posix): the kernel may have dropped the dirty state of the
+        pages whose write-back failed, so a later success would claim writes
+        durable that may be lost. Reopening the device clears it.
+        """
+        if self._sync_error is not None:
+            raise OSError(errno.EIO, f"an earlier fdatasync failed ({self._sync_error}); writes acknowledged "
+                          "before it may be lost, so no flush can succeed until the device is reopened")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._sync_error = exc.strerror or str(exc)
+            raise
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it reads back as zeros afterwards."""
