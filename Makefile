@@ -9,7 +9,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 
-.PHONY: demo test fuzz setup debian-packages hooks-doc clean
+.PHONY: demo test fuzz soak setup debian-packages hooks-doc clean
 
 demo: setup
 	$(VENV)/bin/pvcore demo
@@ -20,6 +20,10 @@ test: setup
 # Every fuzz target (fuzz/run.py) for FUZZ_SECONDS each; CI runs each for a few seconds in `make test`.
 fuzz: setup
 	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
+
+# The 10-minute soak (bench/soak.py): 16 devices on kvm and lpar doors, mixed load, misbehaving clients.
+soak: setup
+	$(PY) bench/soak.py --seconds 600
 
 setup: debian-packages $(VENV)/.installed
 
