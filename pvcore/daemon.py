@@ -8,6 +8,8 @@ hypervisor. SIGTERM (and SIGINT) stop every door — finishing in-flight
 requests — then close the engines, which flushes block devices, and remove
 the sockets; SIGHUP reopens log files. With ``metrics``, a Prometheus endpoint
 (:mod:`pvcore.metrics`) listens before any device starts and stops last.
+Under systemd (``Type=notify``), :meth:`Daemon.serve_forever` sends READY=1
+once every device is up, RELOADING=1 around SIGHUP and STOPPING=1 on stop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
 from pvcore.registry import Registry
+from pvcore.systemd_notify import ready, reloading, stopping
 
 if TYPE_CHECKING:
     from pvcore.metrics import MetricsAddress, MetricsServer, ServedEntry
@@ -162,6 +165,15 @@ class Daemon:
                 reopen()  # queued behind the output before it; a failure is logged by the log's writer
         log.info("log files reopened")
 
+    def _status(self) -> str:
+        return f"serving {len(self.served)} device(s)"
+
+    def _reload(self) -> None:
+        """SIGHUP under :meth:`serve_forever`: tell systemd a reload runs, reopen the logs, say ready again."""
+        reloading()
+        self.reopen_logs()
+        ready(self._status())
+
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
         self._stop.set()
@@ -172,12 +184,14 @@ class Daemon:
         await self.start()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         log.info("serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir)
+        ready(self._status())
         try:
             await self._stop.wait()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             log.info("stopping")
+            stopping()
             await self.stop()

@@ -56,6 +56,7 @@ from pvcore.libvirt.devicexml import plugin_xml
 from pvcore.libvirt.metadata import NAMESPACE, read_specs
 from pvcore.metrics import MetricsAddress, MetricsError, MetricsServer, ServedEntry
 from pvcore.registry import Registry
+from pvcore.systemd_notify import ready, reloading, stopping
 from pvcore.virtio import DeviceError
 
 log = logging.getLogger("pvcore.libvirt")
@@ -199,7 +200,7 @@ class HostDaemon:
         if handle_signals:
             self._loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             self._loop.add_signal_handler(signal.SIGINT, self.request_stop)
-            self._loop.add_signal_handler(signal.SIGHUP, self.reopen_logs)
+            self._loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             if self.metrics is not None:
                 server = MetricsServer(self.metrics, self.served_entries)
@@ -220,12 +221,14 @@ class HostDaemon:
                 "following %s through plugin %s: %d device(s) of %d domain(s) served; run dir %s",
                 self.uri, self.hypervisor, self.device_count, len(self.served), self.run_dir,
             )
+            ready(self._status())
             await self._follow()
         finally:
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     self._loop.remove_signal_handler(signum)
             log.info("stopping: releasing %d device(s)", self.device_count)
+            stopping()
             for uuid in list(self.served):
                 await self._release_domain(uuid, "the daemon stops")
             await asyncio.to_thread(self._disconnect)
@@ -235,6 +238,15 @@ class HostDaemon:
             if self._metrics_server is not None:
                 self._metrics_server.stop()
                 self._metrics_server = None
+
+    def _status(self) -> str:
+        return f"serving {self.device_count} device(s) of {len(self.served)} domain(s)"
+
+    def _reload(self) -> None:
+        """SIGHUP: tell systemd a reload runs, reopen the logs, say ready again."""
+        reloading()
+        self.reopen_logs()
+        ready(self._status())
 
     def reopen_logs(self) -> None:
         """SIGHUP: every device reopens the log files it writes."""
