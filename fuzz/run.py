@@ -35,6 +35,7 @@ TARGETS = (
     "netdev_stream",
     "chardev",
     "xenstore",
+    "devicetree",
     "config",
     "libvirt_metadata",
 )
@@ -49,7 +50,7 @@ def run_one(target: str, libfuzzer_args: list[str]) -> None:
     """Instrument pvcore, import ``target`` and hand it to atheris (does not return)."""
     import atheris
 
-    with atheris.instrument_imports(include=["pvcore", "pvcore_xen"]):
+    with atheris.instrument_imports(include=["pvcore", "pvcore_xen", "pvcore_lpar"]):
         import importlib
 
         module = importlib.import_module(f"fuzz.targets.{target}")
