@@ -35,6 +35,7 @@ TARGETS = (
     "netdev_stream",
     "chardev",
     "xenstore",
+    "grants",
     "devicetree",
     "config",
     "libvirt_metadata",
