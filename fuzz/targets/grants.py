@@ -73,8 +73,9 @@ def one_input(data: bytes) -> None:
             queue.push_used(chain.head, written)
             pushed += 1
         queue.publish()
-        if struct.unpack_from("<H", ram, USED_OFFSET + 2)[0] != pushed & 0xFFFF:
-            raise InvariantError("used idx differs from the completions")
+        (idx,) = struct.unpack_from("<H", ram, USED_OFFSET + 2)
+        if pushed and idx != pushed & 0xFFFF:
+            raise InvariantError(f"used idx {idx} after {pushed} completions (queue size {size})")
     finally:
         memory.close()
         del memory
