@@ -56,6 +56,7 @@ def one_input(data: bytes) -> None:
     base = mappings()
     desc_len, _, used_len = ring_sizes(size)
     pushed = 0
+    own_ring = False
     try:
         try:
             queue = Virtqueue(memory, size, grant_address(0), grant_address(0, desc_len), grant_address(0, USED_OFFSET),
@@ -69,12 +70,13 @@ def one_input(data: bytes) -> None:
                 break
             if chain is None:
                 break
+            own_ring |= any(addr < grant_address(1) for addr, _ in chain.writable)
             written = scatter(memory, chain.writable, b"\xee" * min(chain.writable_len, 8192))
             queue.push_used(chain.head, written)
             pushed += 1
         queue.publish()
         (idx,) = struct.unpack_from("<H", ram, USED_OFFSET + 2)
-        if pushed and idx != pushed & 0xFFFF:
+        if pushed and not own_ring and idx != pushed & 0xFFFF:  # a buffer in frame 0 may overwrite the ring
             raise InvariantError(f"used idx {idx} after {pushed} completions (queue size {size})")
     finally:
         memory.close()
