@@ -28,6 +28,7 @@ from pvcore.config import (
     split_devices,
 )
 from pvcore.contract import ContractError, DeviceConfig, HostContext, OptionSpec
+from pvcore.control import ControlError
 from pvcore.daemon import Daemon, DaemonError, default_run_dir
 from pvcore.metrics import MetricsAddress
 from pvcore.libvirt import LibvirtError
@@ -141,6 +142,22 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     console.add_argument("--read-for", type=float, default=1.0, metavar="SECONDS", help="with --send: how long to collect output")
 
     add_libvirt_commands(commands)
+
+    ctl = commands.add_parser(
+        "ctl",
+        help="list, add or remove the devices of a running daemon, or change an rng's rate",
+        description="Talk to the control socket (RUN_DIR/control.sock) of a running `pvcore serve`; "
+        "see docs/operations.md (Control socket).",
+    )
+    ctl.add_argument("--run-dir", type=Path, metavar="DIR", help="the daemon's run directory (default: /run/pvcore)")
+    ctl_commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="ACTION")
+    ctl_list = ctl_commands.add_parser("list", help="every device with its state and counters")
+    ctl_list.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    ctl_commands.add_parser("add", help="serve one more device").add_argument("device", metavar="DEVICE", help="CLASS:key=value,...")
+    ctl_commands.add_parser("remove", help="drain and remove a device").add_argument("name", metavar="NAME")
+    set_rate = ctl_commands.add_parser("set-rate", help="change the rate limit of an rng device's domain")
+    set_rate.add_argument("name", metavar="NAME")
+    set_rate.add_argument("rate", metavar="BYTES/PERIOD", help="e.g. 4096/1s")
 
     demo = commands.add_parser(
         "demo",
@@ -352,6 +369,40 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """One request to a daemon's control socket; print its answer."""
+    import json
+
+    from pvcore.control import request
+
+    run_dir = args.run_dir or default_run_dir()
+    if args.ctl_command == "list":
+        body: dict[str, str] = {"command": "list"}
+    elif args.ctl_command == "add":
+        body = {"command": "add", "device": args.device}
+    elif args.ctl_command == "remove":
+        body = {"command": "remove", "device": args.name}
+    else:
+        body = {"command": "set-rate", "device": args.name, "rate": args.rate}
+    answer = request(run_dir, body)
+    if not answer.get("ok"):
+        raise UsageError(str(answer.get("error")))
+    if args.ctl_command == "list":
+        if args.json:
+            print(json.dumps(answer["devices"], indent=2))
+        for device in [] if args.json else answer["devices"]:
+            counts = " ".join(f"{key}={value}" for key, value in device["counters"].items() if not isinstance(value, dict))
+            print(f"{device['name']} ({device['class']}, domain {device['domain']}, {device['hypervisor']}): {device['door']}")
+            print(f"  {counts or 'no counters yet'}")
+    elif args.ctl_command == "add":
+        print(f"added {answer['device']}")
+    elif args.ctl_command == "remove":
+        print(f"removed {args.name}")
+    else:
+        print(f"{args.name}: rate {answer['rate']}")
+    return 0
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     """Write a plugin skeleton and say what to run next."""
     from pvcore.scaffold import ScaffoldError, new_plugin, next_steps
@@ -379,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(registry, args)
         if args.command == "console":
             return cmd_console(args)
+        if args.command == "ctl":
+            return cmd_ctl(args)
         if args.command in ("probe", "deploy", "undeploy", "daemon"):
             return cmd_libvirt(registry, args)
         if args.command == "demo":
@@ -387,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(loopback=args.loopback)
         if args.command == "new-plugin":
             return cmd_new_plugin(args)
-    except (UsageError, ConfigError, DeviceError, DaemonError, ContractError, LibvirtError) as exc:
+    except (UsageError, ConfigError, DeviceError, DaemonError, ContractError, LibvirtError, ControlError) as exc:
         print(f"pvcore: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

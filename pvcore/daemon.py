@@ -165,6 +165,80 @@ class Daemon:
                 reopen()  # queued behind the output before it; a failure is logged by the log's writer
         log.info("log files reopened")
 
+    def describe_devices(self) -> list[dict[str, object]]:
+        """Every served device: name, class, domain, hypervisor, front door and counters (the control ``list``)."""
+        from pvcore.device_counters import device_counters
+
+        return [
+            {
+                "name": instance.config.name,
+                "class": instance.config.device_class,
+                "domain": instance.config.get("domain"),
+                "hypervisor": instance.config.get("hypervisor") or self.hypervisor,
+                "door": door.description,
+                "counters": device_counters(instance, door),
+            }
+            for instance, door in list(self.served)
+        ]
+
+    async def add_device(self, spec: str) -> str:
+        """Build and start one more device from ``CLASS:key=value,...``; its name. A ``ControlError`` changes nothing."""
+        from pvcore.config import ConfigError, check_unique, parse_devices
+        from pvcore.control import ControlError
+        from pvcore.devices.net import get_switch
+        from pvcore.virtio import DeviceError
+
+        try:
+            (config,) = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
+            check_unique([instance.config for instance, _ in self.served] + [config])
+        except (ConfigError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        hypervisor = config.get("hypervisor") or self.hypervisor
+        if hypervisor not in self.registry.hypervisors():
+            raise ControlError(f"{config.name}: no plugin serves hypervisor {hypervisor!r}")
+        context = DaemonContext(
+            primitives=self.registry.primitives(hypervisor), run_dir=self.run_dir, loop=asyncio.get_running_loop(),
+            switch=get_switch,
+        )
+        try:
+            await self._start_device(self.registry.device_classes()[config.device_class], config, context)
+        except (DaemonError, DeviceError, ConfigError, ValueError, OSError) as exc:
+            raise ControlError(f"{config.name}: {exc}") from None
+        self.configs.append(config)
+        return config.name
+
+    async def remove_device(self, name: str) -> None:
+        """Stop one device's front door (in-flight requests finish), then close its engine."""
+        from pvcore.control import ControlError
+
+        found = next(((i, d) for i, d in self.served if i.config.name == name), None)
+        if found is None:
+            raise ControlError(f"no device named {name!r}; devices: {', '.join(i.config.name for i, _ in self.served) or 'none'}")
+        instance, door = found
+        self.served.remove(found)
+        self.configs = [c for c in self.configs if c.name != name]
+        try:
+            await door.stop()
+        finally:
+            await instance.close()
+        log.info("device %s (%s) removed", name, instance.config.device_class)
+
+    def set_rng_rate(self, name: str, rate: str) -> str:
+        """Give the domain of rng device ``name`` the limit ``rate`` (``BYTES/PERIOD``); the limit as it reads now."""
+        from pvcore.control import ControlError
+        from pvcore.devices.rng import EntropySource, RateLimit
+        from pvcore.virtio import DeviceError
+
+        instance = next((i for i, _ in self.served if i.config.name == name), None)
+        if instance is None or not isinstance(instance.engine, EntropySource):
+            raise ControlError(f"no rng device named {name!r}")
+        try:
+            limit = RateLimit.parse(rate)
+        except DeviceError as exc:
+            raise ControlError(str(exc)) from None
+        instance.engine.set_rate(limit)
+        return str(limit)
+
     def _status(self) -> str:
         return f"serving {len(self.served)} device(s)"
 
@@ -185,11 +259,18 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        log.info("serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir)
-        ready(self._status())
+        from pvcore.control import ControlServer
+
+        control = ControlServer(self)
         try:
+            await control.start()
+            log.info(
+                "serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir
+            )
+            ready(self._status())
             await self._stop.wait()
         finally:
+            await control.stop()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             log.info("stopping")

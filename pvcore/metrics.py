@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pvcore.contract import DeviceInstance, FrontDoor
+from pvcore.device_counters import ring_counts
 from pvcore.devices.block.backend import BlockBackend
 from pvcore.devices.net.switch import Switch
 from pvcore.devices.rng import EntropySource
@@ -115,12 +116,12 @@ class DeviceCollector(Collector):
             elif isinstance(getattr(engine, "switch", None), Switch):
                 switches[id(engine.switch)] = engine.switch
                 self._nic(engine, labels, requests, request_bytes, errors)
-            ring = _ring_counts(entry.door)
-            if ring is not None:
-                interrupts.add_metric(labels, ring[0])
-                completions.add_metric(labels, ring[1])
+            ring = ring_counts(entry.door)
+            if ring:
+                interrupts.add_metric(labels, ring["interrupts"])
+                completions.add_metric(labels, ring["completions"])
                 if not isinstance(engine, BlockBackend):
-                    inflight.add_metric(labels, ring[2])
+                    inflight.add_metric(labels, ring["ring_in_flight"])
         for switch in switches.values():
             counts = switch.counters
             for outcome in ("forwarded", "flooded", "dropped_forged"):
@@ -164,22 +165,6 @@ class DeviceCollector(Collector):
         for reason, value in (("forged", counts.dropped_spoof), ("malformed", counts.dropped_malformed),
                               ("receiver_full", counts.dropped_full), ("too_big", counts.dropped_too_big)):
             errors.add_metric((*labels, reason), value)
-
-
-def _ring_counts(door: FrontDoor) -> tuple[int, int, int] | None:
-    """Interrupts, completions and in-flight requests of a ring front door's live connections (None: not a ring door)."""
-    live = getattr(door, "live", None)
-    if live is None:
-        return None
-    interrupts = completions = inflight = 0
-    for connection in list(live):
-        interrupts += sum(connection.interrupts)
-        completions += sum(connection.completions)
-        for queue in list(connection.session.running.values()):
-            interrupts += queue.interrupts
-            completions += queue.completions
-            inflight += queue.in_flight
-    return interrupts, completions, inflight
 
 
 class MetricsServer:

@@ -168,6 +168,16 @@ class EntropySource:
         finally:
             request.cancel()
 
+    def set_rate(self, rate: RateLimit | None) -> None:
+        """Change the limit (None: unlimited); a new window opens at once and held requests are served under it."""
+        self.rate = rate
+        self._window_end = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held:
+            self._next_window()
+
     def close(self) -> None:
         """Cancel every held request and the window timer."""
         if self._timer is not None:

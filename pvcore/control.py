@@ -1,0 +1,162 @@
+"""The control socket of a running daemon: list, add and remove devices, change an rng's rate.
+
+``RUN_DIR/control.sock`` (mode 0600) speaks one JSON object per line each
+way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``, and a refused request changes nothing:
+
+* ``{"command": "list"}`` -> ``{"ok": true, "devices": [{"name", "class",
+  "domain", "hypervisor", "door", "counters": {...}}, ...]}``
+* ``{"command": "add", "device": "CLASS:key=value,..."}`` -> ``{"ok": true,
+  "device": NAME}``: the device is built, checked and started as
+  ``pvcore serve`` would;
+* ``{"command": "remove", "device": NAME}`` -> ``{"ok": true}``: its front
+  door stops (in-flight requests finish first), then its engine closes
+  (a block device is flushed) and its socket goes;
+* ``{"command": "set-rate", "device": NAME, "rate": "BYTES/PERIOD"}``: the
+  rng device's domain gets that rate limit (every rng device of the domain
+  shares it).
+
+Only the daemon's own user (and root) may connect: the peer's uid, from
+SO_PEERCRED, is checked before a request is read. A line longer than
+:data:`MAX_REQUEST_BYTES` or not a JSON object ends the answer with one error.
+:func:`request` is the client side (``pvcore ctl``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pvcore.streams.unix import UnixListener
+
+if TYPE_CHECKING:
+    from pvcore.daemon import Daemon
+
+log = logging.getLogger("pvcore.control")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST_BYTES = 64 * 1024
+COMMANDS = ("list", "add", "remove", "set-rate")
+
+
+class ControlError(Exception):
+    """A control request cannot be done; the message is the answer's ``error``."""
+
+
+def control_socket_path(run_dir: Path) -> Path:
+    """Where the daemon serving ``run_dir`` listens for control requests."""
+    return run_dir / SOCKET_NAME
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"{body.get('command')}: {key!r} must be a non-empty string")
+    return value
+
+
+class ControlServer:
+    """Answers control requests for ``daemon`` on :func:`control_socket_path` of its run directory."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.path = control_socket_path(daemon.run_dir)
+        self._listener = UnixListener(self.path, self._serve, what="control socket", limit=MAX_REQUEST_BYTES)
+        self._handlers: dict[str, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "list": self._list, "add": self._add, "remove": self._remove, "set-rate": self._set_rate,
+        }
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Listen (mode 0600)."""
+        await self._listener.start()
+
+    async def stop(self) -> None:
+        """Stop listening and remove the socket."""
+        await self._listener.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        uid = peer_uid(sock)
+        if uid not in (os.geteuid(), 0):
+            log.warning("control socket: refused a connection from uid %d (only uid %d and root may control)", uid, os.geteuid())
+            writer.write(self._encode({"ok": False, "error": f"uid {uid} may not control this daemon"}))
+            await writer.drain()
+            return
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                writer.write(self._encode({"ok": False, "error": f"request longer than {MAX_REQUEST_BYTES} bytes"}))
+                await writer.drain()
+                return
+            if not line:
+                return
+            writer.write(self._encode(await self.answer(line)))
+            await writer.drain()
+
+    async def answer(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line (never raises for a bad request)."""
+        try:
+            body = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return {"ok": False, "error": f"request is not JSON: {exc}"}
+        if not isinstance(body, dict):
+            return {"ok": False, "error": "request must be a JSON object with a \"command\""}
+        handler = self._handlers.get(body.get("command"))  # type: ignore[arg-type]
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {body.get('command')!r}; commands: {', '.join(COMMANDS)}"}
+        async with self._lock:  # one change at a time
+            try:
+                return {"ok": True, **await handler(body)}
+            except ControlError as exc:
+                return {"ok": False, "error": str(exc)}
+
+    @staticmethod
+    def _encode(answer: Mapping[str, Any]) -> bytes:
+        return json.dumps(answer).encode() + b"\n"
+
+    async def _list(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"devices": self.daemon.describe_devices()}
+
+    async def _add(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"device": await self.daemon.add_device(_text(body, "device"))}
+
+    async def _remove(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        await self.daemon.remove_device(_text(body, "device"))
+        return {}
+
+    async def _set_rate(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"rate": self.daemon.set_rng_rate(_text(body, "device"), _text(body, "rate"))}
+
+
+def request(run_dir: Path, body: Mapping[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to the daemon of ``run_dir`` and return its answer (a :class:`ControlError` if none)."""
+    path = control_socket_path(run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}: is `pvcore serve` running with --run-dir {run_dir}?") from None
+        except OSError as exc:
+            raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+        sock.sendall(json.dumps(body).encode() + b"\n")
+        with sock.makefile("rb") as answers:
+            line = answers.readline(MAX_REQUEST_BYTES * 16)
+    if not line:
+        raise ControlError(f"control socket {path}: the daemon closed the connection without an answer")
+    return json.loads(line)

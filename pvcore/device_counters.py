@@ -1,0 +1,53 @@
+"""One device's counters as plain numbers by name, for the control socket's ``list`` (and ``pvcore top``).
+
+Read from what the engines keep anyway: a block backend's counters (with
+the service-time histogram when it is kept), a NIC's switch-port counters,
+an rng's per-domain entropy counts, and a vhost-user ring's interrupts and
+completions over its current connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from pvcore.contract import DeviceInstance, FrontDoor
+from pvcore.devices.block.backend import BlockBackend
+from pvcore.devices.net.switch import Switch
+from pvcore.devices.rng import EntropySource
+
+
+def ring_counts(door: FrontDoor) -> dict[str, int]:
+    """``interrupts``, ``completions`` and ``ring_in_flight`` of a ring front door's live connections ({} otherwise)."""
+    live = getattr(door, "live", None)
+    if live is None:
+        return {}
+    counts = {"interrupts": 0, "completions": 0, "ring_in_flight": 0}
+    for connection in list(live):
+        counts["interrupts"] += sum(connection.interrupts)
+        counts["completions"] += sum(connection.completions)
+        for queue in list(connection.session.running.values()):
+            counts["interrupts"] += queue.interrupts
+            counts["completions"] += queue.completions
+            counts["ring_in_flight"] += queue.in_flight
+    return counts
+
+
+def device_counters(instance: DeviceInstance, door: FrontDoor) -> dict[str, Any]:
+    """The counters of one served device, by name (JSON-ready)."""
+    engine = instance.engine
+    counters: dict[str, Any] = {}
+    if isinstance(engine, BlockBackend):
+        counters.update(attrs.asdict(engine.counters()))
+        times = engine.service_times()
+        if times is not None:
+            counters["service_time"] = {"bounds": list(times.bounds), "counts": list(times.counts), "total": times.total}
+    elif isinstance(engine, EntropySource):
+        counters.update(bytes_delivered=engine.bytes_delivered, requests=engine.requests, held=engine.held)
+    elif isinstance(getattr(engine, "switch", None), Switch):
+        port = next((p for p in list(engine.switch.ports.values()) if p.mac == engine.mac), None)
+        if port is not None:
+            counters.update(port.counters.as_dict())
+    counters.update(ring_counts(door))
+    return counters
