@@ -152,7 +152,9 @@ def test_the_command_line_of_the_contract_serves_all_four_classes(tmp_path: Path
             wait_for(lambda: "serving 4 device(s)" in log.read_text() or proc.poll() is not None, what="serve")
             assert proc.poll() is None, log.read_text()
             names = sorted(p.name for p in run.iterdir() if p.suffix == ".sock")
-            assert names == ["console-vm1-con.sock", "vm1-con.sock", "vm1-net.sock", "vm1-rng.sock", "vm1-vda.sock"]
+            assert names == [
+                "console-vm1-con.sock", "control.sock", "vm1-con.sock", "vm1-net.sock", "vm1-rng.sock", "vm1-vda.sock"
+            ]
             assert (tmp_path / "vm1.log").exists()
         finally:
             proc.send_signal(signal.SIGTERM)
