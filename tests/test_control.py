@@ -39,7 +39,7 @@ class Serve:
         import time
 
         deadline = time.monotonic() + 60
-        while "serving " not in self.log.read_text():
+        while " device(s); default hypervisor " not in self.log.read_text():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.1)
 

@@ -53,7 +53,7 @@ def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pvcore.cli", "serve", *args], stdout=out, stderr=subprocess.STDOUT, env=env
         )
-    wait_for(lambda: "serving " in log.read_text() or proc.poll() is not None, 60, "pvcore serve to start")
+    wait_for(lambda: " device(s); default hypervisor " in log.read_text() or proc.poll() is not None, 60, "pvcore serve to start")
     assert proc.poll() is None, log.read_text()
     return proc, log
 
@@ -214,3 +214,21 @@ def test_switch_and_nic_families_count_forwarded_flooded_and_forged_frames() -> 
     assert seen[("pvcore_requests_total", tuple(sorted((*labels, ("op", "rx")))))] == 0
     assert seen[("pvcore_request_bytes_total", tuple(sorted((*labels, ("op", "tx")))))] == 3 * 60
     assert seen[("pvcore_errors_total", tuple(sorted((*labels, ("reason", "forged")))))] == 1
+
+
+def test_the_metrics_key_of_a_config_file_serves_the_endpoint(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "disk.img").write_bytes(bytes(MIB))
+    config = tmp_path / "pvcore.toml"
+    config.write_text(
+        f'hypervisor = "lpar"\nmetrics = "127.0.0.1:{port}"\n'
+        f'[[device]]\nclass = "block"\npath = "{tmp_path / "disk.img"}"\nsocket = "{tmp_path / "vm1-disk.sock"}"\n'
+    )
+    serve, log = start_serve(tmp_path, "--config", str(config))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        stop(serve)
+    assert 'pvcore_requests_total{class="block",device="vm1-disk",domain="vm1",hypervisor="lpar",op="read"} 0.0' in text
+    assert serve.returncode == 0, log.read_text()
