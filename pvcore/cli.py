@@ -159,6 +159,11 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     set_rate.add_argument("name", metavar="NAME")
     set_rate.add_argument("rate", metavar="BYTES/PERIOD", help="e.g. 4096/1s")
 
+    top = commands.add_parser("top", help="a live view of every device of a running daemon (its control socket)")
+    top.add_argument("--run-dir", type=Path, metavar="DIR", help="the daemon's run directory (default: /run/pvcore)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default: 1)")
+    top.add_argument("--once", action="store_true", help="print one table over one interval and exit")
+
     demo = commands.add_parser(
         "demo",
         help="boot a QEMU guest whose disk, NIC, console and entropy pvcore serves, and show what it saw",
@@ -403,6 +408,19 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """The live view of a daemon's devices, until Ctrl-C (or one table with --once)."""
+    from pvcore.top import run_top
+
+    if not args.interval > 0:
+        raise UsageError(f"--interval {args.interval}: must be a positive number of seconds")
+    try:
+        run_top(args.run_dir or default_run_dir(), interval=args.interval, once=args.once)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     """Write a plugin skeleton and say what to run next."""
     from pvcore.scaffold import ScaffoldError, new_plugin, next_steps
@@ -432,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_console(args)
         if args.command == "ctl":
             return cmd_ctl(args)
+        if args.command == "top":
+            return cmd_top(args)
         if args.command in ("probe", "deploy", "undeploy", "daemon"):
             return cmd_libvirt(registry, args)
         if args.command == "demo":
