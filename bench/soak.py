@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=600)
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--spare", action="append", default=[], metavar="PREFIX",
+                        help="misbehaving clients leave sockets whose name starts with PREFIX alone")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pvcore-soak-") as scratch:
         run = Path(scratch)
@@ -313,7 +315,7 @@ def _soak(args, run: Path, specs: list[str], plan, log: Path, daemon: subprocess
         ("vhost-blk", vhost_blk), ("vhost-net", vhost_net), ("vhost-rng", vhost_rng), ("nbd", nbd), ("egd", egd),
         ("fifo", fifo), ("chardev", chardev)) for target in plan[kind]]
     clients.append(("stream", stream, plan["stream"]))
-    sockets = sorted(path for path in run.glob("*.sock"))
+    sockets = sorted(path for path in run.glob("*.sock") if not path.name.startswith(tuple(args.spare)))
     clients += [("misbehaving", misbehave, sockets)] * 2
     threads = [threading.Thread(target=run_client, args=(kind, fn, target, tally, stop), daemon=True)
                for kind, fn, target in clients]
