@@ -232,3 +232,38 @@ def test_the_metrics_key_of_a_config_file_serves_the_endpoint(tmp_path: Path) ->
         stop(serve)
     assert 'pvcore_requests_total{class="block",device="vm1-disk",domain="vm1",hypervisor="lpar",op="read"} 0.0' in text
     assert serve.returncode == 0, log.read_text()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of the endpoint at ``port``: value by the sample's text up to its value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in lines if line.startswith("pvcore_")}
+
+
+def test_a_vhost_user_disk_counts_its_ring_completions_and_interrupts(tmp_path: Path) -> None:
+    from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+    from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+
+    (tmp_path / "disk.img").write_bytes(bytes(MIB))
+    sock = tmp_path / "vm1-vda.sock"
+    port = free_port()
+    serve, log = start_serve(
+        tmp_path, "--hypervisor", "kvm", "--metrics", f"127.0.0.1:{port}", f"block:path={tmp_path / 'disk.img'},socket={sock}"
+    )
+    labels = 'class="block",device="vm1-vda",domain="vm1",hypervisor="kvm"'
+    try:
+        frontend = VhostUserFrontend.connect(sock, timeout=60.0)
+        frontend.start(num_queues=1, queue_size=64)
+        for sector in range(10):
+            used = frontend.request(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, sector * 8)], [4096, 1], timeout=60.0)
+            assert used.data[-1] == VIRTIO_BLK_S_OK
+        seen = scrape(port)
+        frontend.close()
+    finally:
+        stop(serve)
+    assert seen[f'pvcore_requests_total{{{labels},op="read"}}'] == 10
+    assert seen[f'pvcore_request_bytes_total{{{labels},op="read"}}'] == 10 * 4096
+    assert seen[f"pvcore_ring_completions_total{{{labels}}}"] == 10
+    assert 1 <= seen[f"pvcore_interrupts_total{{{labels}}}"] <= 10  # one request at a time: batching may merge few
+    assert seen[f"pvcore_inflight_requests{{{labels}}}"] == 0
