@@ -161,6 +161,8 @@ class UnixListener:
         except asyncio.CancelledError:
             # Only stop() cancels a connection; its handler has cleaned up.
             pass
+        except ConnectionError as exc:
+            log.info("%s: client went away: %s", self.what, exc.strerror or exc)
         except Exception:
             log.exception("%s: connection handler failed", self.what)
         finally:
