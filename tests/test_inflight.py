@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIR
 from pvcore.ring.inflight import HEADER, InflightArea, InflightError, queue_region_size
 from pvcore.ring.virtqueue import Virtqueue
 from pvcore.testing.driver import DriverQueue, GuestRam
+from pvcore.testing.serve_process import ServeProcess
 from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
 
 SIZE = 8
@@ -177,20 +177,13 @@ def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def start_daemon(tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "pvcore.testing.stalled_writes", "--hold-while", str(tmp_path / "hold"),
-        "--range", f"{HELD_SECTOR * SECTOR}:{(HELD_SECTOR + 1) * SECTOR}", "--",
-        "serve", "--hypervisor", "kvm",
-        f"block:name=disk,path={tmp_path / 'disk.img'},socket={tmp_path / 'disk.sock'}",
-    ]
-    started = log.read_bytes().count(b"serving ") if log.exists() else 0
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PVCORE_RUN_DIR=str(tmp_path / "run")))
-    wait_for(lambda: log.read_bytes().count(b"serving ") > started or proc.poll() is not None, "pvcore serve to start")
-    assert proc.poll() is None, log.read_text()
-    return proc
+def serve_process(tmp_path: Path) -> ServeProcess:
+    return ServeProcess(
+        [sys.executable, "-m", "pvcore.testing.stalled_writes", "--hold-while", str(tmp_path / "hold"),
+         "--range", f"{HELD_SECTOR * SECTOR}:{(HELD_SECTOR + 1) * SECTOR}", "--",
+         "serve", "--hypervisor", "kvm", f"block:name=disk,path={tmp_path / 'disk.img'},socket={tmp_path / 'disk.sock'}"],
+        tmp_path / "serve.log", env=dict(os.environ, PVCORE_RUN_DIR=str(tmp_path / "run")),
+    )
 
 
 def write_request(sector: int, fill: int) -> list[bytes]:
@@ -200,20 +193,19 @@ def write_request(sector: int, fill: int) -> list[bytes]:
 def test_kill_9_with_out_of_order_completions_resubmits_the_held_write_exactly_once(tmp_path):
     (tmp_path / "disk.img").write_bytes(bytes(DISK))
     (tmp_path / "hold").touch()
-    log = tmp_path / "serve.log"
-    proc = start_daemon(tmp_path, log)
+    daemon = serve_process(tmp_path)
+    daemon.start()
     try:
         frontend = VhostUserFrontend.connect(tmp_path / "disk.sock", timeout=20.0)
         frontend.start(num_queues=1, queue_size=64, inflight=True)
         held = frontend.submit(0, write_request(HELD_SECTOR, 0xA0), [1])
-        wait_for(lambda: b"stalled-writes: holding write" in log.read_bytes(), "the held write")
+        wait_for(lambda: "stalled-writes: holding write" in daemon.text(), "the held write")
         later = {frontend.submit(0, write_request(HELD_SECTOR + n, 0xA0 + n), [1]): n for n in range(1, 4)}
         done = frontend.wait_used(0, 3, timeout=20.0)
         assert {u.head for u in done} == set(later) and all(u.data == bytes([VIRTIO_BLK_S_OK]) for u in done)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
         (tmp_path / "hold").unlink()
-        proc = start_daemon(tmp_path, log)
+        daemon.start()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(tmp_path / "disk.sock"))
         frontend.reconnect(sock)
@@ -224,14 +216,7 @@ def test_kill_9_with_out_of_order_completions_resubmits_the_held_write_exactly_o
         with pytest.raises(FrontendError):
             frontend.wait_used(0, 1, timeout=0.5)  # nothing answered twice
         frontend.close()
-        text = log.read_text()
-        assert f"queue 0 resumes 1 requests a previous back end had in flight (heads {held})" in text
+        assert f"queue 0 resumes 1 requests a previous back end had in flight (heads {held})" in daemon.text()
         assert (tmp_path / "disk.img").read_bytes()[HELD_SECTOR * SECTOR :][:SECTOR] == bytes([0xA0]) * SECTOR
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        daemon.terminate()

@@ -17,10 +17,8 @@ record too, and every record reads back in the guest.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
+from pvcore.testing.serve_process import ServeProcess
 
 pytestmark = pytest.mark.guest
 
@@ -87,35 +86,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-class Daemon:
-    """``pvcore serve`` under the write-holding launcher; started again with the same command line."""
-
-    def __init__(self, command: list[str], log: Path) -> None:
-        self.command, self.log = command, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def start(self) -> None:
-        before = self.text().count("serving 1 device(s)")
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.text().count("serving 1 device(s)") > before or self.proc.poll() is not None, 60,
-                 "pvcore serve to start")
-        assert self.proc.poll() is None, self.text()
-
-    def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-
 def test_kill_9_with_out_of_order_completions_loses_no_write(tmp_path: Path) -> None:
     started = time.monotonic()
     image = tmp_path / "disk.img"
@@ -125,7 +95,7 @@ def test_kill_9_with_out_of_order_completions_loses_no_write(tmp_path: Path) -> 
     hold.touch()
     device = f"block:path={image},socket={tmp_path / 'vda.sock'},name=vda"
     held_at = _block(0, HELD) * RECORD
-    daemon = Daemon([sys.executable, "-m", "pvcore.testing.stalled_writes", "--hold-while", str(hold),
+    daemon = ServeProcess([sys.executable, "-m", "pvcore.testing.stalled_writes", "--hold-while", str(hold),
                      "--range", f"{held_at}:{held_at + RECORD}", "--", "serve", "--hypervisor", "kvm", device],
                     tmp_path / "pvcore.log")
     (qemu_args,) = plugin_qemu_args("kvm", [device]).values()
@@ -149,7 +119,7 @@ def test_kill_9_with_out_of_order_completions_loses_no_write(tmp_path: Path) -> 
         down_to_done = time.monotonic() - killed
     finally:
         guest.kill()
-        daemon.kill()
+        daemon.terminate()
     output = result.output
     print(f"kill -9: {out_of_order} later writes completed after the held one before the kill; the guest finished "
           f"{down_to_done:.1f}s after it; whole test {time.monotonic() - started:.0f}s")

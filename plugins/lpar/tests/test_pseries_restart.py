@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import pytest
 from pvcore.devices.console import console_exchange, console_socket_path
 from pvcore.registry import Registry
 from pvcore.testing.guest import Guest, GuestTimeout, build_initramfs, fetch_kernel, plugin_qemu_args, result_line
+from pvcore.testing.serve_process import ServeProcess
 
 pytestmark = pytest.mark.guest
 
@@ -78,38 +78,6 @@ GUEST_SCRIPT = "\n".join([
 ])
 
 
-class Served:
-    """One ``pvcore serve`` subprocess, started again with the same command line after a kill."""
-
-    def __init__(self, args: list[str], log: Path, run_dir: Path, devices: int) -> None:
-        self.args, self.log, self.run_dir, self.devices = args, log, run_dir, devices
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start it and wait until it says it serves every device."""
-        ready = f"serving {self.devices} device(s)"
-        before = self.log.read_text(errors="replace").count(ready) if self.log.exists() else 0
-        env = dict(os.environ, PVCORE_RUN_DIR=str(self.run_dir))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while self.log.read_text(errors="replace").count(ready) == before:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"pvcore serve did not come up:\n{self.log.read_text(errors='replace')}")
-            time.sleep(0.05)
-
-    def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-
 def _acks(guest: Guest) -> list[int]:
     return [int(n) for n in re.findall(r"\bACK (\d+)", guest.output)]
 
@@ -147,8 +115,8 @@ def test_pseries_disk_and_console_survive_a_pvcore_restart(registry: Registry, t
     ]
     (qemu_args,) = plugin_qemu_args("lpar", devices, registry).values()
     assert any("reconnect-delay=" in argument for argument in qemu_args), qemu_args
-    served = Served([sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar", *devices],
-                    tmp_path / "pvcore.log", run, len(devices))
+    served = ServeProcess([sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar", *devices],
+                          tmp_path / "pvcore.log", env=dict(os.environ, PVCORE_RUN_DIR=str(run)))
     served.start()
     guest = Guest(kernel, initramfs, [*qemu_args, "-serial", "stdio"], name="pseries-restart", max_runtime=600)
     timings: dict[str, float] = {}
