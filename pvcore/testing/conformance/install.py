@@ -29,7 +29,9 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-BORROWED = ("pluggy", "attr", "attrs", "pytest", "_pytest", "iniconfig", "packaging", "pygments", "py")
+BORROWED = (
+    "pluggy", "attr", "attrs", "prometheus_client", "pytest", "_pytest", "iniconfig", "packaging", "pygments", "py",
+)
 """Top-level modules a fresh environment borrows from this one (pvcore's dependencies and pytest's)."""
 
 
