@@ -8,8 +8,11 @@ EVENT_IDX arithmetic must hold across index wrap-around.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -641,3 +644,49 @@ def test_index_wrap_around_at_65535(event_idx: bool) -> None:
             seen_avail.append(r.vq.next_avail)
         assert seen_avail == [(0xFFFA + 3 * (n + 1)) & 0xFFFF for n in range(6)]
         assert r.driver.last_used_idx == r.vq.next_used == 0x000C
+
+
+READER = """
+import mmap, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+view = mmap.mmap(fd, int(sys.argv[2]), prot=mmap.PROT_READ)
+offset, seconds, values = int(sys.argv[3]), float(sys.argv[4]), (0x1111, 0x2222)
+u16 = struct.Struct("<H")
+reads = odd = 0
+print("ready", flush=True)
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    for _ in range(1000):
+        if u16.unpack_from(view, offset)[0] not in values:
+            odd += 1
+    reads += 1000
+print(reads, odd)
+"""
+
+
+def test_a_driver_never_sees_the_used_index_half_written() -> None:
+    """A driver in another process reads used->idx while the device publishes: only old or new values.
+
+    ``struct.pack_into`` zeroes its destination before it writes, so with it
+    a reader saw 0 thousands of times a second (a Linux guest then takes stale
+    used elements for new ones); a 16-bit field must be one 16-bit store.
+    """
+    with GuestRam(1 << 16) as ram:
+        driver = DriverQueue(ram, 8, start_index=0x1111)
+        vq = Virtqueue(ram.memory, 8, driver.desc_addr, driver.avail_addr, driver.used_addr, next_avail=0x1111)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, f"/proc/{os.getpid()}/fd/{ram.fd}", str(ram.size),
+             str(driver.used_addr + 2), "1.5"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        writes = 0
+        while reader.poll() is None:
+            for _ in range(1000):
+                vq.next_used = 0x2222 if vq.next_used == 0x1111 else 0x1111
+                vq.publish()
+            writes += 1000
+        reads, odd = map(int, reader.stdout.read().split())
+    print(f"{writes} used index stores, {reads} reads by the driver process, {odd} neither the old nor the new value")
+    assert writes and reads
+    assert odd == 0

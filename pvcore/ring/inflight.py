@@ -68,6 +68,12 @@ _LAST_BATCH_HEAD_AT = 12
 _USED_IDX_AT = 14
 
 
+def _store(view: memoryview, offset: int, fmt: struct.Struct, value: int) -> None:
+    """Copy one packed field in: never ``struct.pack_into``, which zeroes the field first, so a back end
+    killed at that moment would leave a 0 the next one takes for a count."""
+    view[offset : offset + fmt.size] = fmt.pack(value)
+
+
 class InflightError(GuestMemoryError):
     """An inflight region that cannot be used or trusted; the message says why."""
 
@@ -92,23 +98,23 @@ class InflightQueue:
     def taken(self, head: int) -> None:
         """Head ``head`` was taken from the available ring (the caller checked it is in range)."""
         offset = self._desc_offset(head)
-        _U64.pack_into(self._view, offset + _COUNTER_AT, self._counter)
+        _store(self._view, offset + _COUNTER_AT, _U64, self._counter)
         self._counter += 1
-        _U8.pack_into(self._view, offset + _INFLIGHT_AT, 1)
+        _store(self._view, offset + _INFLIGHT_AT, _U8, 1)
 
     def batch_publishing(self, heads: list[int]) -> None:
         """Before the used index moves past ``heads``: record them as the last batch."""
         view = self._view
         for head, following in zip(heads, heads[1:]):
-            _U16.pack_into(view, self._desc_offset(head) + _NEXT_AT, following)
-        _U16.pack_into(view, _LAST_BATCH_HEAD_AT, heads[0])
+            _store(view, self._desc_offset(head) + _NEXT_AT, _U16, following)
+        _store(view, _LAST_BATCH_HEAD_AT, _U16, heads[0])
 
     def batch_published(self, heads: list[int], used_idx: int) -> None:
         """The used index moved to ``used_idx`` past ``heads``: they are no longer in flight."""
         view = self._view
         for head in heads:
-            _U8.pack_into(view, self._desc_offset(head) + _INFLIGHT_AT, 0)
-        _U16.pack_into(view, _USED_IDX_AT, used_idx)
+            _store(view, self._desc_offset(head) + _INFLIGHT_AT, _U8, 0)
+        _store(view, _USED_IDX_AT, _U16, used_idx)
 
     def recover(self, used_idx: int) -> list[int] | None:
         """Start a ring whose used index is ``used_idx``: the heads to resubmit, oldest first.
@@ -120,7 +126,7 @@ class InflightQueue:
         view, size = self._view, self.queue_size
         _features, version, desc_num, last_batch_head, region_used = HEADER.unpack_from(view, 0)
         if version == 0:
-            HEADER.pack_into(view, 0, 0, INFLIGHT_VERSION, size, 0, used_idx)
+            view[: HEADER.size] = HEADER.pack(0, INFLIGHT_VERSION, size, 0, used_idx)
             return None
         if version != INFLIGHT_VERSION:
             raise InflightError(f"inflight region version {version} (only {INFLIGHT_VERSION} is known)")
@@ -136,9 +142,9 @@ class InflightQueue:
             if head >= size:
                 raise InflightError(f"last batch links to head {head} (queue size {size})")
             offset = self._desc_offset(head)
-            _U8.pack_into(view, offset + _INFLIGHT_AT, 0)
+            _store(view, offset + _INFLIGHT_AT, _U8, 0)
             head = _U16.unpack_from(view, offset + _NEXT_AT)[0]
-        _U16.pack_into(view, _USED_IDX_AT, used_idx)
+        _store(view, _USED_IDX_AT, _U16, used_idx)
         pending: list[tuple[int, int]] = []
         for index in range(size):
             flag, _next, counter = DESC_STATE.unpack_from(view, self._desc_offset(index))

@@ -31,6 +31,7 @@ taken again (oldest first) before any new chain.
 from __future__ import annotations
 
 import struct
+import sys
 from typing import TYPE_CHECKING
 
 import attrs
@@ -56,6 +57,8 @@ DESCRIPTOR_SIZE = 16
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+"""A native 16-bit view of the used ring stores the ring's little-endian fields only on such a host."""
 
 
 class VirtqueueError(Exception):
@@ -172,6 +175,7 @@ class Virtqueue:
         self._desc = memory.contiguous(self.desc_addr, desc_len)
         self._avail = memory.contiguous(self.avail_addr, avail_len)
         self._used = memory.contiguous(self.used_addr, used_len, write=True)
+        self._used_u16 = self._used.cast("H") if self._used is not None and _LITTLE_ENDIAN_HOST else None
 
     def _avail_u16(self, offset: int) -> int:
         if self._avail is not None:
@@ -179,8 +183,18 @@ class Virtqueue:
         return self._memory.read_u16(self.avail_addr + offset)
 
     def _put_used(self, fmt: struct.Struct, offset: int, *values: int) -> None:
-        if self._used is not None:
-            fmt.pack_into(self._used, offset, *values)
+        """Store into the used ring without a moment the driver could see anything but the old or new value.
+
+        Never ``struct.pack_into``: it zeroes its destination before it
+        writes, so a driver reading ``used->idx`` at that moment sees 0 (a
+        Linux guest then takes stale used elements for new ones). A 16-bit
+        field is one 16-bit store through a typed view of the ring; anything
+        else is copied in from packed bytes.
+        """
+        if self._used_u16 is not None and fmt is _U16:
+            self._used_u16[offset >> 1] = values[0]
+        elif self._used is not None:
+            self._used[offset : offset + fmt.size] = fmt.pack(*values)
         else:
             self._memory.write(self.used_addr + offset, fmt.pack(*values))
         if self.dirty_log is not None:
