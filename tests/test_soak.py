@@ -3,11 +3,6 @@
 ``make soak`` runs it for 10 minutes. It fails if the daemon dies, a
 well-behaved client sees an error or wrong data, the daemon logs a
 traceback, or RSS or fds grow in the second half.
-
-Here the misbehaving clients spare the kvm vhost-user rng sockets: with
-them, the 10-minute soak saw a running vhost-user rng ring's used index go
-back to 0 twice (an open finding, docs/robustness.md), which would make this
-one-minute run fail at random rather than always.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ def test_soak_for_a_minute_serves_every_client_with_flat_memory_and_fds(tmp_path
     figures_file = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", str(CI_SECONDS), "--interval", "10",
-         "--json", str(figures_file), "--spare", "kvm-rng"],
+         "--json", str(figures_file)],
         capture_output=True, text=True, timeout=CI_SECONDS + 240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
