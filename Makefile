@@ -21,9 +21,9 @@ test: setup
 fuzz: setup
 	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
-# The 10-minute soak (bench/soak.py): 16 devices on kvm and lpar doors, mixed load, misbehaving clients.
+# The 10-minute soak (bench/soak.py): 16 devices on kvm and lpar doors, mixed load, misbehaving clients, a real guest.
 soak: setup
-	$(PY) bench/soak.py --seconds 600
+	$(PY) bench/soak.py --seconds 600 --guest
 
 setup: debian-packages $(VENV)/.installed
 

@@ -1,6 +1,6 @@
 """A soak: 16 devices of every class on kvm and lpar front doors under mixed load, with misbehaving clients.
 
-    .venv/bin/python bench/soak.py [--seconds 600] [--interval 10] [--json FILE]
+    .venv/bin/python bench/soak.py [--seconds 600] [--interval 10] [--json FILE] [--guest]
 
 One ``pvcore serve --hypervisor kvm`` subprocess serves, through kvm's
 vhost-user doors, 3 disks, 2 NICs and 3 rngs, one rng over EGD and one
@@ -12,6 +12,10 @@ entropy; a raw NBD client writes and reads back blocks; netdev-stream
 clients send frames to each other and count what arrives; EGD and FIFO
 readers take entropy; chardev clients write console output. Misbehaving
 clients connect to every socket, send garbage or half a message and vanish.
+With ``--guest`` a real Linux guest (QEMU TCG, the kvm plugin's QEMU
+arguments) has one more kvm disk of the same daemon and, for the whole soak,
+writes 64 KiB of fresh data with O_DIRECT, reads it back and compares
+checksums, while the misbehaving clients knock on its disk's socket too.
 
 Every interval it prints operations and bytes per client kind, the daemon's
 RSS, open fds and threads; at the end a summary (RSS at start, middle and
@@ -41,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT  # noqa: E402
 from pvcore.devices.net.virtio_net import NET_HDR  # noqa: E402
+from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args, result_line  # noqa: E402
 from pvcore.testing.vhost_user_frontend import VhostUserFrontend  # noqa: E402
 
 DISK_SIZE = 8 << 20
@@ -78,6 +83,49 @@ class Tally:
 
 def mac(n: int) -> str:
     return f"52:54:00:50:00:{n:02x}"
+
+
+GUEST_DISK_MB = 16
+GUEST_SCRIPT = """
+end=$(( $(date +%s) + {seconds} ))
+rounds=0
+bad=0
+while [ $(date +%s) -lt $end ]; do
+  block=$(( rounds % {blocks} ))
+  dd if=/dev/urandom of=/tmp/data bs=64k count=1 2>/dev/null
+  want=$(md5sum < /tmp/data)
+  dd if=/tmp/data of=/dev/vda bs=64k seek=$block count=1 oflag=direct conv=notrunc 2>/dev/null || bad=$((bad + 1))
+  got=$(dd if=/dev/vda bs=64k skip=$block count=1 iflag=direct 2>/dev/null | md5sum)
+  [ "$got" = "$want" ] || bad=$((bad + 1))
+  rounds=$((rounds + 1))
+done
+{rounds_line}
+{bad_line}
+{dmesg_line}
+"""
+
+
+def guest_device(run: Path) -> str:
+    """The soak guest's disk: one more kvm vhost-user disk of the same daemon."""
+    image = run / "guest-disk.img"
+    with open(image, "wb") as disk:
+        disk.truncate(GUEST_DISK_MB << 20)
+    return f"block:socket={run}/guest-blk.sock,path={image},name=soakguest-blk,domain=soakguest"
+
+
+def start_guest(run: Path, spec: str, seconds: int) -> Guest:
+    """Boot the soak guest: it writes, reads back and checks 64 KiB blocks for ``seconds``, then powers off."""
+    (qemu_args,) = plugin_qemu_args("kvm", [spec]).values()
+    kernel = fetch_kernel("x86_64")
+    script = GUEST_SCRIPT.format(
+        seconds=seconds, blocks=GUEST_DISK_MB * 16, rounds_line=result_line("rounds", "echo $rounds"),
+        bad_line=result_line("bad", "echo $bad"),
+        dmesg_line=result_line(
+            "dmesg_problems", "dmesg | grep -i -e 'i/o error' -e blk_update -e 'not a head' -e 'needs reset' -e broken"
+        ),
+    )
+    initramfs = build_initramfs(kernel, script, ["virtio_pci", "virtio_blk"], run, name="soak-guest.cpio.gz")
+    return Guest(kernel, initramfs, qemu_args, memory_mb=256, name="soak-guest", max_runtime=seconds + 600).start()
 
 
 def devices(run: Path) -> tuple[list[str], dict[str, list]]:
@@ -281,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=600)
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--guest", action="store_true", help="a real guest writes and checks its own disk throughout")
     parser.add_argument("--spare", action="append", default=[], metavar="PREFIX",
                         help="misbehaving clients leave sockets whose name starts with PREFIX alone")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pvcore-soak-") as scratch:
         run = Path(scratch)
         specs, plan = devices(run)
+        if args.guest:
+            specs.append(guest_device(run))
         log = run / "daemon.log"
         with open(log, "wb") as out:
             daemon = subprocess.Popen(
@@ -319,6 +370,7 @@ def _soak(args, run: Path, specs: list[str], plan, log: Path, daemon: subprocess
     clients += [("misbehaving", misbehave, sockets)] * 2
     threads = [threading.Thread(target=run_client, args=(kind, fn, target, tally, stop), daemon=True)
                for kind, fn, target in clients]
+    guest = start_guest(run, specs[-1], args.seconds) if args.guest else None
     start_figures = daemon_figures(daemon.pid)
     started = time.monotonic()
     for thread in threads:
@@ -344,6 +396,13 @@ def _soak(args, run: Path, specs: list[str], plan, log: Path, daemon: subprocess
     stop.set()
     for thread in threads:
         thread.join(10)
+    guest_results = None
+    if guest is not None:
+        try:
+            result = guest.wait(300)
+            guest_results = {"returncode": result.returncode, **result.results}
+        finally:
+            guest.kill()
     alive = daemon.poll() is None
     text = log.read_text(errors="replace")
     tracebacks = text.count("Traceback")
@@ -355,7 +414,8 @@ def _soak(args, run: Path, specs: list[str], plan, log: Path, daemon: subprocess
         "fds": {"start": start_figures["fds"], "middle": middle["fds"], "end": end["fds"]},
         "threads": {"start": start_figures["threads"], "end": end["threads"]},
         "totals_mb": {k: round(v / 1e6, 1) for k, v in tally.snapshot()[1].items()},
-        "client_errors": tally.errors, "daemon_tracebacks": tracebacks, "daemon_alive": alive, "samples": samples,
+        "client_errors": tally.errors, "daemon_tracebacks": tracebacks, "daemon_alive": alive, "guest": guest_results,
+        "samples": samples,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
     if args.json:
@@ -367,6 +427,11 @@ def _soak(args, run: Path, specs: list[str], plan, log: Path, daemon: subprocess
         failures.append(f"{len(tally.errors)} client error(s): {tally.errors[:5]}")
     if tracebacks:
         failures.append(f"the daemon logged {tracebacks} traceback(s)")
+    if guest_results is not None and (
+        guest_results["returncode"] != 0 or guest_results.get("bad") != "0" or not int(guest_results.get("rounds") or 0)
+        or guest_results.get("dmesg_problems")
+    ):
+        failures.append(f"the guest: {guest_results}")
     if alive and end["rss_kib"] > middle["rss_kib"] * (1 + RSS_GROWTH_LIMIT):
         failures.append(f"RSS grew from {middle['rss_kib']} KiB to {end['rss_kib']} KiB in the second half")
     if alive and end["fds"] > middle["fds"] + FD_GROWTH_LIMIT:
