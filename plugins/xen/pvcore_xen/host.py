@@ -13,11 +13,15 @@ backend's interrupts.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+import attrs
 
 PAGE_SIZE = 4096
 """Xen's grant granularity: one 4 KiB page per grant reference."""
@@ -44,6 +48,30 @@ IOCTL_EVTCHN_UNBIND = _ioc("E", 3, _PORT.size)
 IOCTL_EVTCHN_NOTIFY = _ioc("E", 4, _PORT.size)
 IOCTL_GNTDEV_MAP_GRANT_REF = _ioc("G", 0, _MAP_GRANT_REF.size)
 IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc("G", 1, _UNMAP_GRANT_REF.size)
+_GRANT_COPY = struct.Struct("=I4xQ")
+"""``struct ioctl_gntdev_grant_copy``: count, (padding), segments pointer."""
+_COPY_FROM_GUEST = struct.Struct("=IHHQHHh2x")
+"""``struct gntdev_grant_copy_segment`` from a grant: source ref, offset, domid; dest address; len, flags, status."""
+_COPY_TO_GUEST = struct.Struct("=QIHHHHh2x")
+"""``struct gntdev_grant_copy_segment`` into a grant: source address; dest ref, offset, domid; len, flags, status."""
+IOCTL_GNTDEV_GRANT_COPY = _ioc("G", 8, _GRANT_COPY.size)
+GNTCOPY_SOURCE_GREF = 1
+GNTCOPY_DEST_GREF = 2
+GNTST_OKAY = 0
+GNTST_GENERAL_ERROR = -1
+
+
+@attrs.frozen
+class GrantCopy:
+    """One piece of a grant copy: ``length`` bytes at ``offset`` of the page domain ``domid`` granted as ``ref``.
+
+    ``offset + length`` must stay within the page (the host refuses a piece that crosses it).
+    """
+
+    domid: int
+    ref: int
+    offset: int
+    length: int
 
 
 @runtime_checkable
@@ -84,6 +112,14 @@ class XenHost(Protocol):
 
     def map_grant(self, domid: int, ref: int, writable: bool = True) -> GrantPage:
         """Map the page domain ``domid`` granted us as ``ref`` (``OSError`` if it did not)."""
+
+    def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
+        """Copy between ``buffer`` (the pieces back to back) and granted pages, without mapping them.
+
+        ``to_guest`` copies ``buffer`` into the pages, otherwise the pages into
+        ``buffer``. Returns one Xen ``GNTST_*`` status per piece (0 is done);
+        a piece that failed leaves its bytes undefined, the others are copied.
+        """
 
 
 class LinuxEventChannel:
@@ -174,6 +210,29 @@ class LinuxXenHost:
         if self._gntdev_fd is None:
             self._gntdev_fd = os.open(self.gntdev_path, os.O_RDWR | os.O_CLOEXEC)
         return LinuxGrantPage(self._gntdev_fd, domid, ref, writable)
+
+    def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
+        """``IOCTL_GNTDEV_GRANT_COPY``: the hypervisor copies, checking every grant."""
+        if self._gntdev_fd is None:
+            self._gntdev_fd = os.open(self.gntdev_path, os.O_RDWR | os.O_CLOEXEC)
+        if sum(piece.length for piece in pieces) > len(buffer):
+            raise ValueError(f"grant copy of {sum(piece.length for piece in pieces)} bytes into a {len(buffer)}-byte buffer")
+        local = (ctypes.c_char * max(len(buffer), 1)).from_buffer(buffer) if buffer else None
+        base = ctypes.addressof(local) if local is not None else 0
+        layout = _COPY_TO_GUEST if to_guest else _COPY_FROM_GUEST
+        segments = ctypes.create_string_buffer(layout.size * len(pieces))
+        position = 0
+        for index, piece in enumerate(pieces):
+            foreign = (piece.ref, piece.offset, piece.domid)
+            if to_guest:
+                fields = (base + position, *foreign, piece.length, GNTCOPY_DEST_GREF, 0)
+            else:
+                fields = (*foreign, base + position, piece.length, GNTCOPY_SOURCE_GREF, 0)
+            layout.pack_into(segments, index * layout.size, *fields)
+            position += piece.length
+        fcntl.ioctl(self._gntdev_fd, IOCTL_GNTDEV_GRANT_COPY, _GRANT_COPY.pack(len(pieces), ctypes.addressof(segments)))
+        del local
+        return [layout.unpack_from(segments, index * layout.size)[6] for index in range(len(pieces))]
 
     def close(self) -> None:
         """Close the gntdev descriptor (mapped pages must be closed first)."""

@@ -20,13 +20,13 @@ import errno
 import itertools
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
 from pvcore.testing.driver import GuestRam
 from pvcore_xen.grants import grant_address
-from pvcore_xen.host import PAGE_SIZE
+from pvcore_xen.host import GNTST_GENERAL_ERROR, GNTST_OKAY, PAGE_SIZE, GrantCopy
 
 DMA_FIRST_REF = 0x10000
 """The grant ref of frame 0 in a :class:`GrantedRam` (refs below it are handed out one by one)."""
@@ -221,6 +221,8 @@ class SimulatedXenHost:
     def __init__(self, backend_domid: int = 0) -> None:
         self.backend_domid = backend_domid
         self.domains: dict[int, SimulatedDomain] = {}
+        self.copies = 0
+        """Grant copy operations done (one per :meth:`grant_copy` call, as one hypercall batches its pieces)."""
 
     def add_domain(self, domid: int, memory_size: int = 16 * PAGE_SIZE) -> SimulatedDomain:
         """Create simulated guest ``domid`` with ``memory_size`` bytes of RAM."""
@@ -246,6 +248,30 @@ class SimulatedXenHost:
         frame = domain.granted_frame(ref, self.backend_domid, writable)
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         return SimulatedGrantPage(mmap.mmap(domain.memory_fd, PAGE_SIZE, access=access, offset=frame * PAGE_SIZE))
+
+    def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
+        """Copy as ``GNTTABOP_copy`` does: each piece checked on its own (grant, access, page bounds)."""
+        statuses = []
+        position = 0
+        for piece in pieces:
+            status = GNTST_GENERAL_ERROR
+            if 0 <= piece.offset and 0 <= piece.length and piece.offset + piece.length <= PAGE_SIZE:
+                try:
+                    domain = self._domain(piece.domid)
+                    frame = domain.granted_frame(piece.ref, self.backend_domid, writable=to_guest)
+                except OSError:
+                    frame = -1
+                if frame >= 0:
+                    start = frame * PAGE_SIZE + piece.offset
+                    if to_guest:
+                        domain.memory[start : start + piece.length] = buffer[position : position + piece.length]
+                    else:
+                        buffer[position : position + piece.length] = domain.memory[start : start + piece.length]
+                    status = GNTST_OKAY
+            statuses.append(status)
+            position += piece.length
+        self.copies += 1
+        return statuses
 
     def backend_exited(self) -> None:
         """The backend's process died without closing anything (a crash): its event channels are unbound."""
