@@ -158,6 +158,11 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     set_rate = ctl_commands.add_parser("set-rate", help="change the rate limit of an rng device's domain")
     set_rate.add_argument("name", metavar="NAME")
     set_rate.add_argument("rate", metavar="BYTES/PERIOD", help="e.g. 4096/1s")
+    swap_media = ctl_commands.add_parser(
+        "swap-media", help="change a block device's backing file (a media change; no request is in flight at the switch)"
+    )
+    swap_media.add_argument("name", metavar="NAME")
+    swap_media.add_argument("path", type=Path, metavar="FILE", help="the new backing file, of the device's size")
 
     top = commands.add_parser("top", help="a live view of every device of a running daemon (its control socket)")
     top.add_argument("--run-dir", type=Path, metavar="DIR", help="the daemon's run directory (default: /run/pvcore)")
@@ -387,6 +392,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         body = {"command": "add", "device": args.device}
     elif args.ctl_command == "remove":
         body = {"command": "remove", "device": args.name}
+    elif args.ctl_command == "swap-media":
+        body = {"command": "swap-media", "device": args.name, "path": str(args.path.absolute())}
     else:
         body = {"command": "set-rate", "device": args.name, "rate": args.rate}
     answer = request(run_dir, body)
@@ -403,6 +410,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         print(f"added {answer['device']}")
     elif args.ctl_command == "remove":
         print(f"removed {args.name}")
+    elif args.ctl_command == "swap-media":
+        print(f"{args.name}: now {body['path']} (was {answer['old']})")
     else:
         print(f"{args.name}: rate {answer['rate']}")
     return 0

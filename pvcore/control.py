@@ -14,7 +14,13 @@ way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
   (a block device is flushed) and its socket goes;
 * ``{"command": "set-rate", "device": NAME, "rate": "BYTES/PERIOD"}``: the
   rng device's domain gets that rate limit (every rng device of the domain
-  shares it).
+  shares it);
+* ``{"command": "swap-media", "device": NAME, "path": FILE}`` -> ``{"ok":
+  true, "old": OLD_FILE}``: block device NAME serves FILE from now on (a media
+  change): new requests wait, those in flight finish, the old file is
+  flushed and closed, FILE takes its place. FILE must exist, be a regular
+  file or block device of the device's size, and open as the device needs
+  (read-only for ``readonly=on``); otherwise the device keeps its old file.
 
 Only the daemon's own user (and root) may connect: the peer's uid, from
 SO_PEERCRED, is checked before a request is read. A line longer than
@@ -43,7 +49,7 @@ log = logging.getLogger("pvcore.control")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST_BYTES = 64 * 1024
-COMMANDS = ("list", "add", "remove", "set-rate")
+COMMANDS = ("list", "add", "remove", "set-rate", "swap-media")
 
 
 class ControlError(Exception):
@@ -77,6 +83,7 @@ class ControlServer:
         self._listener = UnixListener(self.path, self._serve, what="control socket", limit=MAX_REQUEST_BYTES)
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]] = {
             "list": self._list, "add": self._add, "remove": self._remove, "set-rate": self._set_rate,
+            "swap-media": self._swap_media,
         }
         self._lock = asyncio.Lock()
 
@@ -141,6 +148,9 @@ class ControlServer:
 
     async def _set_rate(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"rate": self.daemon.set_rng_rate(_text(body, "device"), _text(body, "rate"))}
+
+    async def _swap_media(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"old": await self.daemon.swap_media(_text(body, "device"), _text(body, "path"))}
 
 
 def request(run_dir: Path, body: Mapping[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:

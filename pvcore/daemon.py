@@ -239,6 +239,29 @@ class Daemon:
         instance.engine.set_rate(limit)
         return str(limit)
 
+    async def swap_media(self, name: str, path: str) -> str:
+        """Serve ``path`` as block device ``name``'s backing file from now on (a media change); the old file's path.
+
+        No request is in flight at the switch: new ones wait, those in flight
+        finish, the old file is flushed (:func:`~pvcore.devices.block.media.change_medium`).
+        A ``ControlError`` leaves the device serving its old file.
+        """
+        from pvcore.control import ControlError
+        from pvcore.devices.block.backend import BlockBackend
+        from pvcore.devices.block.media import MediaError, change_medium
+
+        instance = next((i for i, _ in self.served if i.config.name == name), None)
+        if instance is None or not isinstance(instance.engine, BlockBackend):
+            raise ControlError(f"no block device named {name!r}")
+        try:
+            old = await asyncio.to_thread(change_medium, instance.engine, path)
+        except MediaError as exc:
+            raise ControlError(str(exc)) from None
+        config = instance.config
+        instance.config = DeviceConfig(config.device_class, config.name, {**config.options, "path": path})
+        self.configs = [instance.config if c is config else c for c in self.configs]
+        return old
+
     def _status(self) -> str:
         return f"serving {len(self.served)} device(s)"
 

@@ -31,6 +31,21 @@ before the request completes. :meth:`BlockBackend.close` finishes every queued
 request and then ``fdatasync``\\ s a writable store, so writes acknowledged
 in writeback mode are on stable storage once a daemon has shut down.
 
+Media change: :meth:`BlockBackend.swap_store` puts another store of the same
+size in place of the current one with no request in flight at the switch:
+new requests are held (not failed), those in flight finish, the old store is
+flushed, the new one takes its place and the held requests run against it.
+
+Limits (:mod:`pvcore.throttle`): a backend given a :class:`Throttle` holds a
+checked request back until its throttle group lets it go, then queues it as
+above; a held-back request counts as in flight, keeps its submission time for
+ageing and service time, and is never failed for waiting. Reads are the read
+direction; writes, write-zeroes, discards and flushes the write direction, so a
+FLUSH keeps its place behind held-back writes. A READ or WRITE counts one
+request and its bytes, a WRITE_ZEROES or DISCARD one request, a FLUSH nothing.
+:meth:`BlockBackend.serve_now` serves inline only what the group lets go at
+once. :meth:`BlockBackend.close` lets every held-back request go first.
+
 Guest-chosen offsets and lengths are checked here before any I/O: a bad one
 produces an error result, never an exception in the caller's loop.
 """
@@ -50,6 +65,7 @@ import attrs
 
 from pvcore.devices.block.store import RawFileStore
 from pvcore.service_time import ServiceTimeHistogram, ServiceTimes
+from pvcore.throttle import Cost, Throttle
 
 log = logging.getLogger("pvcore.block")
 
@@ -195,6 +211,18 @@ _OP_COUNTER = {
 }
 
 
+def request_cost(request: BlockRequest) -> Cost:
+    """What ``request`` spends from its throttle group (see the module docstring)."""
+    op = request.op
+    if op is BlockOp.READ:
+        return Cost(False, 1, request.length)
+    if op is BlockOp.WRITE:
+        return Cost(True, 1, request.length)
+    if op is BlockOp.FLUSH:
+        return Cost(True, 0, 0)
+    return Cost(True, 1, 0)
+
+
 @attrs.define(eq=False)
 class _Job:
     request: BlockRequest
@@ -205,11 +233,16 @@ class _Job:
     started: float
 
 
+class SwapError(Exception):
+    """A store could not be swapped in; nothing changed and the old store serves on."""
+
+
 class BlockBackend:
     """A backing store served by a pool of I/O threads with ageing priorities and flush barriers.
 
     ``ageing`` is the seconds of waiting worth one priority step, and
     ``clock`` the monotonic clock that measures it (see the module docstring).
+    ``throttle`` (also settable later, :attr:`throttle`) limits its requests.
     """
 
     def __init__(
@@ -221,6 +254,7 @@ class BlockBackend:
         name: str = "block",
         ageing: float = AGEING_QUANTUM,
         clock: Callable[[], float] = time.monotonic,
+        throttle: Throttle | None = None,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"{name}: workers={workers} must be between 1 and {MAX_WORKERS}")
@@ -242,6 +276,9 @@ class BlockBackend:
         self._counters = BlockCounters()
         self._service_time: ServiceTimeHistogram | None = None
         self._closing = False
+        self.throttle = throttle
+        self._paused = False
+        self._held: list[_Job] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-io{i}", daemon=True) for i in range(workers)
         ]
@@ -292,7 +329,16 @@ class BlockBackend:
         with self._lock:
             service_time = self._service_time
             started = self._clock() if service_time is not None else 0.0
-            if self._counters.in_flight or self._check(request) is not None or not self._try_inline(request):
+            busy = self._paused or self._counters.in_flight
+            if busy or self._check(request) is not None:
+                return False
+            throttle = self.throttle
+            if throttle is not None:
+                cost = request_cost(request)
+                if not throttle.may_go(cost) or not self._try_inline(request):
+                    return False
+                throttle.spend(cost)
+            elif not self._try_inline(request):
                 return False
             if service_time is not None:
                 service_time.observe(self._clock() - started)
@@ -311,17 +357,34 @@ class BlockBackend:
         loop = asyncio.get_running_loop()
         now = self._clock()
         key = now + ioprio_steps(request.priority) * self._ageing
+        throttle = self.throttle
         with self._lock:
             self._count(request)
+            if self._paused:  # checked against the store it will run on, when the swap is over
+                self._counters.in_flight += 1
+                self._held.append(_Job(request, callback, loop, next(self._seq), key, now))
+                return
             rejection = self._check(request)
             if rejection is not None:
                 self._counters.errors += 1
             else:
                 self._counters.in_flight += 1
-                self._enqueue(_Job(request, callback, loop, next(self._seq), key, now))
+                job = _Job(request, callback, loop, next(self._seq), key, now)
+                if throttle is None:
+                    self._enqueue(job)
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
             loop.call_soon(self._run_callback, callback, rejection)
+        elif throttle is not None:
+            throttle.go(request_cost(request), lambda: self._admit(job), loop)
+
+    def _admit(self, job: _Job) -> None:
+        """Queue a job its throttle group let go (from any thread); during a swap it is held with the others."""
+        with self._lock:
+            if self._paused:
+                self._held.append(job)
+            else:
+                self._enqueue(job)
 
     def _count(self, request: BlockRequest) -> None:
         """Count a request by its kind (caller holds the lock)."""
@@ -432,7 +495,7 @@ class BlockBackend:
                 result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
             with self._lock:
                 self._finish(job, result)
-                if self._closing:
+                if self._closing or self._paused:
                     self._cond.notify_all()
                 batch = self._completed.setdefault(job.loop, [])
                 batch.append((job.callback, result))
@@ -491,6 +554,61 @@ class BlockBackend:
             log.warning("%s: %s at %d+%d: buffer unusable: %s", self.name, op.value, offset, length, exc)
             return BlockResult(BlockStatus.IO_ERROR, message=f"{op.value} at {offset}: buffer unusable: {exc}")
 
+    def swap_store(self, store: RawFileStore, *, timeout: float) -> RawFileStore:
+        """Serve ``store`` in place of the current store from now on; the old store is returned, for the caller to close.
+
+        Blocks (call it on a thread). Requests submitted meanwhile are held,
+        not failed; those in flight finish; a writable old store is flushed
+        (``fdatasync``); ``store`` takes its place; the held requests then run
+        against it. ``store`` must have the size of the current one (the
+        guest's capacity does not change) and be read-only exactly when it
+        is. A :class:`SwapError` (nothing swapped, the held requests run on
+        the old store) if not, if the requests in flight have not finished
+        within ``timeout`` seconds, or if the flush fails.
+        """
+        if store.size != self.store.size:
+            raise SwapError(f"{self.name}: the new store has {store.size} bytes, the device {self.store.size}")
+        if store.readonly != self.store.readonly:
+            raise SwapError(f"{self.name}: the new store must be {'read-only' if self.store.readonly else 'writable'}")
+        with self._lock:
+            if self._closing or self._paused:
+                raise SwapError(f"{self.name}: the device is {'closing' if self._closing else 'being swapped already'}")
+            self._paused = True
+            drained = self._cond.wait_for(lambda: self._counters.in_flight == len(self._held), timeout)
+        old = self.store
+        try:
+            if not drained:
+                raise SwapError(f"{self.name}: requests still in flight after {timeout:.0f} s; nothing swapped")
+            if not old.readonly:
+                try:
+                    old.sync()
+                except OSError as exc:
+                    raise SwapError(f"{self.name}: flushing the current store failed: {exc.strerror or exc}") from None
+            with self._lock:
+                self.store = store
+        finally:
+            with self._lock:
+                self._paused = False
+                self._release_held()
+                self._cond.notify_all()
+        log.info("%s: now serving %s (was %s)", self.name, store.path, old.path)
+        return old
+
+    def _release_held(self) -> None:
+        """Check and queue the requests held during a swap (caller holds the lock)."""
+        held, self._held = self._held, []
+        for job in held:
+            rejection = self._check(job.request)
+            if rejection is None:
+                self._enqueue(job)
+                continue
+            self._counters.in_flight -= 1
+            self._counters.errors += 1
+            try:
+                job.loop.call_soon_threadsafe(self._run_callback, job.callback, rejection)
+            except RuntimeError:
+                log.debug("%s: event loop closed; %s rejection dropped", self.name, job.request.op.value)
+
     def close(self) -> None:
         """Finish every queued request, stop the I/O threads, flush a writable store and close it.
 
@@ -498,6 +616,12 @@ class BlockBackend:
         mode durable; if it fails, that is logged as an error and the store is
         closed all the same.
         """
+        with self._lock:
+            self._cond.wait_for(lambda: not self._paused)  # a swap in progress ends first (it has a timeout)
+            if self._closing:
+                return
+        if self.throttle is not None:
+            self.throttle.leave()  # held-back requests are queued now, before the threads are told to end
         with self._lock:
             if self._closing:
                 return
