@@ -6,7 +6,8 @@
 * :mod:`~pvcore.devices.block.virtio_blk` — :class:`VirtioBlock`, the virtio-blk ring device.
 
 :func:`create_block_device` builds both from the string options a user writes
-(``path=disk.img,readonly=on,cache=writethrough,queues=2,serial=disk0``).
+(``path=disk.img,readonly=on,cache=writethrough,queues=2,serial=disk0``), and
+the device's limits (:mod:`pvcore.throttle`: ``iops=500,bps=50M,group=g``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pvcore.devices.block.backend import (
 )
 from pvcore.devices.block.store import RawFileStore, StoreError
 from pvcore.devices.block.virtio_blk import CONFIG_LAYOUT, MAX_QUEUES, VIRTIO_BLK_ID_BYTES, VirtioBlock
+from pvcore.throttle import OPTIONS as THROTTLE_OPTIONS
+from pvcore.throttle import ThrottleError, ThrottleGroups, limits_from_options, throttle_groups
 from pvcore.virtio import DeviceError
 
 __all__ = [
@@ -58,6 +61,7 @@ OPTIONS = {
     "queues": f"number of request queues, 1..{MAX_QUEUES} (default 1)",
     "serial": f"disk serial returned by GET_ID, up to {VIRTIO_BLK_ID_BYTES} ASCII characters (default empty)",
     "workers": f"I/O threads, 1..{MAX_WORKERS} (default {DEFAULT_WORKERS})",
+    **THROTTLE_OPTIONS,
 }
 """Every option :func:`create_block_device` accepts, with what it means."""
 
@@ -92,12 +96,15 @@ def _parse_serial(prefix: str, value: str) -> bytes:
     return value.encode("ascii")
 
 
-def create_block_device(options: dict[str, str], *, name: str) -> tuple[BlockBackend, VirtioBlock]:
+def create_block_device(
+    options: dict[str, str], *, name: str, groups: ThrottleGroups = throttle_groups
+) -> tuple[BlockBackend, VirtioBlock]:
     """Open the backing store named by ``options`` and build its backend and virtio-blk device.
 
     Raises :class:`~pvcore.virtio.DeviceError` with a message naming the
     option and the fix for any bad option, or a backing file that cannot be
-    used. The caller owns the backend and closes it (:meth:`BlockBackend.close`).
+    used. The caller owns the backend and closes it (:meth:`BlockBackend.close`);
+    with limits, the backend joins its throttle group in ``groups``.
     """
     prefix = f"block {name}" if name else "block"
     unknown = sorted(set(options) - set(OPTIONS))
@@ -116,6 +123,11 @@ def create_block_device(options: dict[str, str], *, name: str) -> tuple[BlockBac
     workers = _parse_int(prefix, "workers", options.get("workers", str(DEFAULT_WORKERS)), 1, MAX_WORKERS)
     serial = _parse_serial(prefix, options.get("serial", ""))
     try:
+        limits, group = limits_from_options(options)
+        groups.check(group, limits)
+    except ThrottleError as exc:
+        raise DeviceError(f"{prefix}: {exc}") from None
+    try:
         store = RawFileStore(path, readonly=readonly)
     except StoreError as exc:
         raise DeviceError(f"{prefix}: {exc}") from None
@@ -131,5 +143,10 @@ def create_block_device(options: dict[str, str], *, name: str) -> tuple[BlockBac
             SECTOR_SIZE,
             store.size % SECTOR_SIZE,
         )
-    backend = BlockBackend(store, cache=cache, workers=workers, name=name or "block")
+    try:
+        throttle = groups.join(name or "block", limits, group)
+    except ThrottleError as exc:
+        store.close()
+        raise DeviceError(f"{prefix}: {exc}") from None
+    backend = BlockBackend(store, cache=cache, workers=workers, name=name or "block", throttle=throttle)
     return backend, VirtioBlock(backend, name=name or "block", queues=queues, serial=serial)
