@@ -20,7 +20,11 @@ way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
   change): new requests wait, those in flight finish, the old file is
   flushed and closed, FILE takes its place. FILE must exist, be a regular
   file or block device of the device's size, and open as the device needs
-  (read-only for ``readonly=on``); otherwise the device keeps its old file.
+  (read-only for ``readonly=on``); otherwise the device keeps its old file;
+* ``{"command": "set-limits", "device": NAME, "limits": "iops=500,bps=50M"}``
+  -> ``{"ok": true, "limits": ..., "group": GROUP_OR_NULL}``: a block device's
+  I/O limits (``off``: none), its throttle group's if it is in one, or a
+  NIC's ``rate=BITS`` (:mod:`pvcore.device_limits`).
 
 Only the daemon's own user (and root) may connect: the peer's uid, from
 SO_PEERCRED, is checked before a request is read. A line longer than
@@ -38,27 +42,51 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pvcore.streams.unix import UnixListener
-
-if TYPE_CHECKING:
-    from pvcore.daemon import Daemon
 
 log = logging.getLogger("pvcore.control")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST_BYTES = 64 * 1024
-COMMANDS = ("list", "add", "remove", "set-rate", "swap-media")
+COMMANDS = ("list", "add", "remove", "set-rate", "swap-media", "set-limits")
 
 
 class ControlError(Exception):
     """A control request cannot be done; the message is the answer's ``error``."""
 
 
-def control_socket_path(run_dir: Path) -> Path:
-    """Where the daemon serving ``run_dir`` listens for control requests."""
-    return run_dir / SOCKET_NAME
+def control_socket_path(run_dir: Path, domain_uuid: str | None = None) -> Path:
+    """Where the daemon serving ``run_dir`` listens for control requests (with ``domain_uuid``: the
+    one-domain server of that libvirt domain, ``control-`` and the UUID's first 12 hex digits, as a
+    socket's path must stay short)."""
+    return run_dir / (f"control-{domain_uuid.replace('-', '')[:12]}.sock" if domain_uuid else SOCKET_NAME)
+
+
+class Controlled(Protocol):
+    """What a control socket controls: ``pvcore serve``'s :class:`~pvcore.daemon.Daemon`, or
+    ``pvcore daemon``'s :class:`~pvcore.libvirt.follower.HostDaemon`."""
+
+    run_dir: Path
+
+    def describe_devices(self) -> list[dict[str, object]]:
+        """The ``devices`` of a ``list`` answer."""
+
+    async def add_device(self, spec: str) -> str:
+        """Serve one more device; its name."""
+
+    async def remove_device(self, name: str) -> None:
+        """Drain and remove a device."""
+
+    def set_rng_rate(self, name: str, rate: str) -> str:
+        """Change an rng device's domain's rate; the limit as it reads now."""
+
+    async def swap_media(self, name: str, path: str) -> str:
+        """Change a block device's backing file; the old file's path."""
+
+    def set_limits(self, name: str, limits: str) -> dict[str, object]:
+        """Change a block device's or NIC's I/O limits; ``limits`` and ``group`` as they read now."""
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -75,15 +103,15 @@ def _text(body: Mapping[str, Any], key: str) -> str:
 
 
 class ControlServer:
-    """Answers control requests for ``daemon`` on :func:`control_socket_path` of its run directory."""
+    """Answers control requests for ``daemon`` on ``path`` (default: :func:`control_socket_path` of its run directory)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Controlled, path: Path | None = None) -> None:
         self.daemon = daemon
-        self.path = control_socket_path(daemon.run_dir)
+        self.path = path or control_socket_path(daemon.run_dir)
         self._listener = UnixListener(self.path, self._serve, what="control socket", limit=MAX_REQUEST_BYTES)
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]]] = {
             "list": self._list, "add": self._add, "remove": self._remove, "set-rate": self._set_rate,
-            "swap-media": self._swap_media,
+            "swap-media": self._swap_media, "set-limits": self._set_limits,
         }
         self._lock = asyncio.Lock()
 
@@ -149,13 +177,17 @@ class ControlServer:
     async def _set_rate(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"rate": self.daemon.set_rng_rate(_text(body, "device"), _text(body, "rate"))}
 
+    async def _set_limits(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.daemon.set_limits(_text(body, "device"), _text(body, "limits"))
+
     async def _swap_media(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"old": await self.daemon.swap_media(_text(body, "device"), _text(body, "path"))}
 
 
-def request(run_dir: Path, body: Mapping[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon of ``run_dir`` and return its answer (a :class:`ControlError` if none)."""
-    path = control_socket_path(run_dir)
+def request(run_dir: Path, body: Mapping[str, Any], *, timeout: float = 60.0, path: Path | None = None) -> dict[str, Any]:
+    """Send one request to the daemon of ``run_dir`` (listening on ``path``, default :func:`control_socket_path`)
+    and return its answer (a :class:`ControlError` if none)."""
+    path = path or control_socket_path(run_dir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -490,3 +490,67 @@ def test_cli_deploy_through_a_plugin_without_libvirt_xml_names_it() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("pvcore: error: plugin lpar cannot write libvirt device XML ")
     assert "\n" not in done.stderr.strip()
+
+
+def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_and_refuses_add(
+    conn, registry, domain_name, tmp_path
+) -> None:
+    """`pvcore daemon`'s control socket: list (domain, served or not and why), swap-media recorded in the
+    metadata without restarting the device, set-rate, and add/remove refused (the metadata is the record)."""
+    from pvcore.control import control_socket_path, request
+
+    reg, plugin = registry
+    run_dir = tmp_path / "run"
+    old, new = tmp_path / "old.img", tmp_path / "new.img"
+    old.write_bytes(b"\x01" * 65536)
+    new.write_bytes(b"\x02" * 65536)
+    block = f"block:path={old},socket={run_dir}/disk.sock,name=disk,domain={domain_name}"
+    rng = f"rng:rate=4096/1s,socket={run_dir}/rng.sock,name=rng,domain={domain_name}"
+    missing = f"block:path={tmp_path}/missing.img,socket={run_dir}/gone.sock,name=gone,domain={domain_name}"
+    root = ElementTree.fromstring(domain_xml(domain_name))
+    set_in_definition(root, [block, rng, missing])
+    domain = conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
+    domain.create()
+    loop = LoopThread()
+    host = HostDaemon(reg, URI, run_dir=run_dir)
+    future = asyncio.run_coroutine_threadsafe(host.run(handle_signals=False), loop.loop)
+    path = control_socket_path(run_dir)
+    try:
+        wait_until(lambda: path.exists())
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        listed = request(run_dir, {"command": "list"})
+        assert listed["ok"], listed
+        states = {d["name"]: (d["class"], d["domain"], d["state"]) for d in listed["devices"]}
+        assert states == {
+            "disk": ("block", domain_name, "served"), "rng": ("rng", domain_name, "served"),
+            "gone": ("block", domain_name, "not served"),
+        }
+        gone = next(d for d in listed["devices"] if d["name"] == "gone")
+        assert "missing.img" in gone["error"] and gone["counters"] == {}
+
+        for body, error in [
+            ({"command": "add", "device": f"block:path={old}"}, "pvcore deploy"),
+            ({"command": "remove", "device": "disk"}, "pvcore undeploy"),
+            ({"command": "swap-media", "device": "nope", "path": str(new)}, "no device named 'nope' is served"),
+            ({"command": "swap-media", "device": "disk", "path": "/dev/null"}, "is not a regular file or block device"),
+            ({"command": "swap-media", "device": "disk", "path": str(tmp_path / "x.img")}, "x.img"),
+        ]:
+            answer = request(run_dir, body)
+            assert answer["ok"] is False and error in answer["error"], (body, answer)
+        assert request(run_dir, {"command": "set-rate", "device": "rng", "rate": "1024/1s"}) == {"ok": True, "rate": "1024/1000ms"}
+
+        assert request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)}) == {"ok": True, "old": str(old)}
+        swapped = block.replace(f"path={old}", f"path={new}")
+        for flag in (libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG):
+            assert read_specs(domain, flag, libvirt) == [swapped, rng, missing]
+        time.sleep(0.5)  # the metadata events are handled: the device was not restarted for its new spec
+        wait_until(lambda: host._events.empty())
+        served = host.served[domain.UUIDString()]
+        assert set(served.devices) == {swapped, rng}
+        assert served.devices[swapped].served[0][0].engine.store.path == str(new)
+        assert plugin.doors.count("start disk") == 1 and "stop disk" not in plugin.doors
+    finally:
+        loop.loop.call_soon_threadsafe(host.request_stop)
+        future.result(15)
+        loop.close()
+    assert not path.exists()

@@ -28,6 +28,19 @@ metadata is refused (logged, that device skipped) when its ``socket=`` is not
 inside the run directory or its ``path=`` is not a regular file or a block
 device (:func:`check_metadata_paths`).
 
+A control socket (:mod:`pvcore.control`, mode 0600, its user and root
+only) serves ``RUN_DIR/control.sock`` (a one-domain server:
+``RUN_DIR/control-UUID.sock``). Its ``list`` names each device's domain and
+state (``served``, or ``not served`` with the reason). ``swap-media``
+changes a served disk's file and records the new ``path=`` in the domain's
+metadata (live and persistent, wherever the spec is), so that a restarted
+daemon serves the medium the guest has: the device is re-keyed to its new
+spec before the metadata is written, and the change of metadata then finds
+it served. ``set-rate`` changes a running rng only (the record keeps the rate
+deploy wrote, which applies again when the device is next started).
+``add`` and ``remove`` are refused: what this daemon serves is what the
+metadata records, which ``pvcore deploy`` and ``pvcore undeploy`` change.
+
 With ``only_domain`` the same code is the one-domain server that
 ``pvcore deploy`` starts when no host daemon runs: it serves that domain
 until the domain has stopped (or is undefined, or has no pvcore devices
@@ -47,13 +60,14 @@ from typing import Any
 
 import attrs
 
-from pvcore.config import ConfigError, parse_devices
+from pvcore.config import ConfigError, parse_devices, split_spec
 from pvcore.contract import ContractError, DeviceConfig, LibvirtXml
+from pvcore.control import ControlError, ControlServer, control_socket_path
 from pvcore.daemon import Daemon, DaemonError
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
 from pvcore.libvirt.devicexml import plugin_xml
-from pvcore.libvirt.metadata import NAMESPACE, read_specs
+from pvcore.libvirt.metadata import NAMESPACE, format_spec, read_specs, write_specs
 from pvcore.metrics import MetricsAddress, MetricsError, MetricsServer, ServedEntry
 from pvcore.registry import Registry
 from pvcore.systemd_notify import ready, reloading, stopping
@@ -120,6 +134,14 @@ class ServedDomain:
     devices: dict[str, Daemon] = attrs.field(factory=dict)
 
 
+@attrs.define(eq=False)
+class Unserved:
+    """The specs of one domain that could not be served, each with why (the control ``list`` shows them)."""
+
+    name: str
+    errors: dict[str, str] = attrs.field(factory=dict)
+
+
 @attrs.frozen
 class Wanted:
     """What a domain's definition asks for now."""
@@ -168,6 +190,10 @@ class HostDaemon:
         self._only_uuid: str | None = None
         self._waiting: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._control: ControlServer | None = None
+        self._unserved: dict[str, Unserved] = {}
+        self._changing = asyncio.Lock()
+        """Held while an event is handled and while a control request rewrites metadata."""
 
     def served_entries(self) -> list[ServedEntry]:
         """Every device served now, of every domain (what the metrics collector reads)."""
@@ -217,6 +243,7 @@ class HostDaemon:
                 if runlock.is_held(lock):
                     raise DaemonError(f"domain {self.only_domain} is already served ({runlock.holder(lock)})")
             await self._sync_all()
+            await self._start_control()
             log.info(
                 "following %s through plugin %s: %d device(s) of %d domain(s) served; run dir %s",
                 self.uri, self.hypervisor, self.device_count, len(self.served), self.run_dir,
@@ -229,6 +256,9 @@ class HostDaemon:
                     self._loop.remove_signal_handler(signum)
             log.info("stopping: releasing %d device(s)", self.device_count)
             stopping()
+            if self._control is not None:
+                await self._control.stop()
+                self._control = None
             for uuid in list(self.served):
                 await self._release_domain(uuid, "the daemon stops")
             await asyncio.to_thread(self._disconnect)
@@ -242,6 +272,16 @@ class HostDaemon:
     def _status(self) -> str:
         return f"serving {self.device_count} device(s) of {len(self.served)} domain(s)"
 
+    async def _start_control(self) -> None:
+        """Listen on the control socket; if that fails the devices are served all the same (logged)."""
+        control = ControlServer(self, control_socket_path(self.run_dir, self._only_uuid))
+        try:
+            await control.start()
+        except OSError as exc:
+            log.error("control socket %s: cannot listen (%s); serving without it", control.path, exc.strerror or exc)
+            return
+        self._control = control
+
     def _reload(self) -> None:
         """SIGHUP: tell systemd a reload runs, reopen the logs, say ready again."""
         reloading()
@@ -253,6 +293,101 @@ class HostDaemon:
         for served in self.served.values():
             for daemon in served.devices.values():
                 daemon.reopen_logs()
+
+    # -- the control socket ------------------------------------------------
+
+    def describe_devices(self) -> list[dict[str, object]]:
+        """Every device of every domain: those served (``state`` served), then those that could not be
+        (``state`` not served, ``error`` why); ``domain`` is the libvirt domain's name."""
+        devices: list[dict[str, object]] = [
+            {**entry, "domain": served.name, "state": "served"}
+            for served in list(self.served.values())
+            for daemon in list(served.devices.values())
+            for entry in daemon.describe_devices()
+        ]
+        for unserved in list(self._unserved.values()):
+            for spec, error in list(unserved.errors.items()):
+                try:
+                    device_class, raw = split_spec(spec)
+                except ConfigError:
+                    device_class, raw = "?", {}
+                devices.append({
+                    "name": raw.get("name", spec), "class": device_class, "domain": unserved.name,
+                    "hypervisor": self.hypervisor, "door": f"not served: {error}", "state": "not served",
+                    "error": error, "counters": {},
+                })
+        return devices
+
+    async def add_device(self, spec: str) -> str:
+        """Refused: this daemon serves what the domains' metadata records (``pvcore deploy`` adds there)."""
+        raise ControlError(
+            "pvcore daemon serves what the domains' metadata records: "
+            "add a device with `pvcore deploy --connect URI DOMAIN DEVICE`, which records it there"
+        )
+
+    async def remove_device(self, name: str) -> None:
+        """Refused: this daemon serves what the domains' metadata records (``pvcore undeploy`` removes it)."""
+        raise ControlError(
+            "pvcore daemon serves what the domains' metadata records: "
+            "remove a device with `pvcore undeploy --connect URI DOMAIN NAME`, which detaches it and updates the record"
+        )
+
+    def _find(self, name: str) -> tuple[ServedDomain, str, Daemon]:
+        for served in self.served.values():
+            for spec, daemon in served.devices.items():
+                if any(instance.config.name == name for instance, _ in daemon.served):
+                    return served, spec, daemon
+        names = sorted(i.config.name for s in self.served.values() for d in s.devices.values() for i, _ in d.served)
+        raise ControlError(f"no device named {name!r} is served; devices: {', '.join(names) or 'none'}")
+
+    def set_rng_rate(self, name: str, rate: str) -> str:
+        """Change the rate of rng device ``name``'s domain now (not recorded in the metadata)."""
+        _, _, daemon = self._find(name)
+        return daemon.set_rng_rate(name, rate)
+
+    async def swap_media(self, name: str, path: str) -> str:
+        """Change block device ``name``'s backing file (see :meth:`Daemon.swap_media`) and record the
+        new ``path=`` in the domain's metadata; if the record cannot be written, the old file is put back."""
+        async with self._changing:
+            served, spec, daemon = self._find(name)
+            try:
+                check_metadata_paths(DeviceConfig("block", name, {"path": path}), self.run_dir)
+            except ConfigError as exc:
+                raise ControlError(str(exc)) from None
+            old = await daemon.swap_media(name, path)
+            try:
+                await self._record(served, spec, {"path": path})
+            except ControlError:
+                await daemon.swap_media(name, old)
+                raise
+            return old
+
+    async def _record(self, served: ServedDomain, spec: str, changes: dict[str, str]) -> None:
+        """Rewrite ``spec`` with ``changes`` wherever the domain's metadata holds it (caller holds ``_changing``).
+
+        The device is re-keyed to the new spec first, so the metadata change finds it served.
+        """
+        device_class, raw = split_spec(spec)
+        new = format_spec(device_class, {**raw, **changes})
+        served.devices[new] = served.devices.pop(spec)
+        try:
+            await asyncio.to_thread(self._rewrite_metadata, served.uuid, spec, new)
+        except (self._libvirt.libvirtError, LibvirtError) as exc:
+            served.devices[spec] = served.devices.pop(new)
+            message = exc.get_error_message() if isinstance(exc, self._libvirt.libvirtError) else str(exc)
+            raise ControlError(f"domain {served.name}: the change could not be recorded in its metadata: {message}") from None
+
+    def _rewrite_metadata(self, uuid: str, old: str, new: str) -> None:
+        libvirt = self._libvirt
+        if self._conn is None:
+            raise LibvirtError(f"not connected to {self.uri}")
+        domain = self._conn.lookupByUUIDString(uuid)
+        flags = [libvirt.VIR_DOMAIN_AFFECT_LIVE] if domain.isActive() else []
+        flags += [libvirt.VIR_DOMAIN_AFFECT_CONFIG] if domain.isPersistent() else []
+        for flag in flags:
+            specs = read_specs(domain, flag, libvirt)
+            if old in specs:
+                write_specs(domain, [new if s == old else s for s in specs], flag, libvirt)
 
     # -- the connection and its events ------------------------------------
 
@@ -324,7 +459,8 @@ class HostDaemon:
                 if get not in done:
                     get.cancel()
                     if stop not in done:
-                        await self._retry_waiting()
+                        async with self._changing:
+                            await self._retry_waiting()
                     continue
                 uuid, what = get.result()
                 if not uuid:
@@ -332,7 +468,8 @@ class HostDaemon:
                     continue
                 if self._only_uuid is not None and uuid != self._only_uuid:
                     continue
-                await self._sync_domain(uuid, what)
+                async with self._changing:
+                    await self._sync_domain(uuid, what)
         finally:
             stop.cancel()
 
@@ -350,7 +487,8 @@ class HostDaemon:
                     continue
                 return
             log.info("reconnected to %s", self.uri)
-            await self._sync_all()
+            async with self._changing:
+                await self._sync_all()
             return
 
     # -- what each domain wants, and serving it ---------------------------
@@ -392,8 +530,14 @@ class HostDaemon:
             self._stop.set()
             return
         if wanted is None or not wanted.specs:
+            self._unserved.pop(uuid, None)
             await self._release_domain(uuid, what)
             return
+        unserved = self._unserved.get(uuid)
+        if unserved is not None:
+            unserved.name = wanted.name
+            for spec in [s for s in unserved.errors if s not in wanted.specs]:
+                del unserved.errors[spec]
         if what == "stopped" and not wanted.active and uuid in self.served:
             await self._release_domain(uuid, "it stopped (fresh backends follow for its next start)")
         await self._serve(uuid, wanted)
@@ -418,6 +562,7 @@ class HostDaemon:
             served = self.served[uuid] = ServedDomain(uuid, wanted.name, lock)
         for spec in [s for s in served.devices if s not in wanted.specs]:
             await self._stop_device(served, spec, "its spec left the metadata")
+
         for spec in wanted.specs:
             if spec not in served.devices:
                 await self._start_device(served, spec)
@@ -440,8 +585,12 @@ class HostDaemon:
             )
             await daemon.start()
         except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:
-            log.error("domain %s: device %s not served: %s", served.name, spec, exc)
+            unserved = self._unserved.setdefault(served.uuid, Unserved(served.name))
+            if unserved.errors.get(spec) != str(exc):
+                log.error("domain %s: device %s not served: %s", served.name, spec, exc)
+            unserved.errors[spec] = str(exc)
             return
+        self._unserved.get(served.uuid, Unserved(served.name)).errors.pop(spec, None)
         served.devices[spec] = daemon
         log.info("domain %s: serving %s", served.name, spec)
 

@@ -126,12 +126,18 @@ def read_specs(domain: Any, flags: int, libvirt: Any) -> list[str]:
     return parse_metadata(text, origin=f"domain {domain.name()}")
 
 
-def write_live_specs(domain: Any, specs: Sequence[str], libvirt: Any) -> None:
-    """Replace pvcore's record in a running domain's live metadata (removing it when ``specs`` is empty)."""
+def write_specs(domain: Any, specs: Sequence[str], flags: int, libvirt: Any) -> None:
+    """Replace pvcore's record in a domain's live (``VIR_DOMAIN_AFFECT_LIVE``) or persistent
+    (``..._CONFIG``) metadata, removing it when ``specs`` is empty."""
     domain.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
         metadata_xml(specs) if specs else None,
         PREFIX,
         NAMESPACE,
-        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+        flags,
     )
+
+
+def write_live_specs(domain: Any, specs: Sequence[str], libvirt: Any) -> None:
+    """Replace pvcore's record in a running domain's live metadata (removing it when ``specs`` is empty)."""
+    write_specs(domain, specs, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt)
