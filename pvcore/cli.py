@@ -220,11 +220,14 @@ def add_libvirt_commands(commands: Any) -> None:
     deploy.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
     deploy.add_argument("devices", nargs="+", metavar="DEVICE", help="CLASS:key=value,...")
 
-    undeploy = commands.add_parser("undeploy", help="remove every device pvcore deployed from a libvirt domain")
+    undeploy = commands.add_parser(
+        "undeploy", help="remove the devices pvcore deployed from a libvirt domain (every one, or those named)"
+    )
     undeploy.add_argument("--connect", **connect)
     undeploy.add_argument("--hypervisor", metavar="NAME", help="plugin whose elements to remove (default: detected from the connection)")
     undeploy.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="how long to wait for the sockets to go")
     undeploy.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    undeploy.add_argument("names", nargs="*", metavar="NAME", help="only these devices (name= of each; default: all)")
 
     daemon = commands.add_parser(
         "daemon",
@@ -273,7 +276,9 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
                 from pvcore.libvirt.deploy import undeploy
 
                 lines = list(
-                    undeploy(conn, registry, args.connect, args.domain, hypervisor=args.hypervisor, timeout=args.timeout).lines
+                    undeploy(
+                        conn, registry, args.connect, args.domain, args.names, hypervisor=args.hypervisor, timeout=args.timeout
+                    ).lines
                 )
         finally:
             conn.close()

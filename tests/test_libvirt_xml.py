@@ -554,3 +554,37 @@ def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_
         future.result(15)
         loop.close()
     assert not path.exists()
+
+
+def test_undeploy_of_named_devices_leaves_the_others_deployed(conn, registry, domain_name, tmp_path) -> None:
+    reg, _ = registry
+    run_dir = tmp_path / "run"
+    conn.defineXML(domain_xml(domain_name))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    loop = LoopThread()
+    host = HostDaemon(reg, URI, run_dir=run_dir)
+    future = asyncio.run_coroutine_threadsafe(host.run(handle_signals=False), loop.loop)
+    try:
+        wait_until(lambda: (run_dir / "control.sock").exists())
+        report = deploy(conn, reg, URI, domain_name, [f"block:path={disk}", "rng:rate=4096/1s"], run_dir=run_dir)
+        block_socket, rng_socket = run_dir / f"{domain_name}-block0.sock", run_dir / f"{domain_name}-rng0.sock"
+        assert f"  {domain_name}-block0: served, test-driver socket {block_socket}" in report.lines
+        started = time.monotonic()
+        with pytest.raises(LibvirtError, match=f"{domain_name}-rng1 is recorded in the domain but not served: .*nodir"):
+            deploy(conn, reg, URI, domain_name, [f"rng:rate=4096/1s,socket={run_dir}/nodir/r.sock"], run_dir=run_dir)
+        assert time.monotonic() - started < 10  # said at once, not after deploy's 30 s wait
+        undeploy(conn, reg, URI, domain_name, [f"{domain_name}-rng1"])
+        with pytest.raises(LibvirtError, match=f"pvcore owns no device named nope \\(it owns {domain_name}-block0, "):
+            undeploy(conn, reg, URI, domain_name, ["nope"])
+        report = undeploy(conn, reg, URI, domain_name, [f"{domain_name}-block0"])
+        assert report.lines[0] == f"domain {domain_name}: undeploying 1 device(s)"
+        assert not block_socket.exists() and rng_socket.is_socket()
+        domain = conn.lookupByName(domain_name)
+        assert [s.split(",")[0] for s in read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_CONFIG, libvirt)] == ["rng:rate=4096/1s"]
+        root = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert root.find("devices/disk") is None and root.find("devices/channel") is not None
+    finally:
+        loop.loop.call_soon_threadsafe(host.request_stop)
+        future.result(15)
+        loop.close()

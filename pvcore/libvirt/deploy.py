@@ -11,8 +11,11 @@ memory) and write each device's element (its ``pvcore_libvirt_xml``), and then:
 3. makes sure the backends are up (local URIs): the host daemon picks the
    change up from libvirt's events when it runs; otherwise a one-domain
    server (``pvcore daemon --domain``) is started that serves the domain
-   until it stops. Deploy waits until every new socket listens;
-4. on a running domain, attaches the devices live.
+   until it stops. Deploy asks that daemon's control socket until it lists
+   every new device as served (and says at once why one is not); when the
+   socket refuses this user (the daemon runs as another), it waits until
+   every new socket listens instead;
+4. on a running domain, attaches the devices live (libvirt's attach-device).
 
 For a remote URI the backends must run on that host: deploy records the
 devices and the host's ``pvcore daemon`` serves them; a running domain gets
@@ -21,7 +24,8 @@ would leave QEMU waiting for it).
 
 Undeploy detaches pvcore's devices (the elements the plugin reads back as
 connecting to their sockets; live and persistent), removes the metadata, and
-(locally) waits until their sockets are gone.
+(locally) waits until their sockets are gone: every device, or only those
+named (the others stay deployed, in the definition and the record).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import attrs
 
 from pvcore.config import ConfigError, check_unique, parse_devices, split_spec
 from pvcore.contract import DeviceConfig, LibvirtXml
+from pvcore.control import ControlError, control_socket_path, request
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import (
     choose_hypervisor,
@@ -146,14 +151,14 @@ def complete_specs(
     return completed
 
 
-def _served_by(uri: str, run_dir: Path, uuid: str) -> str | None:
-    """Who already serves the domain's devices on this host, or None."""
+def _served_by(uri: str, run_dir: Path, uuid: str) -> tuple[str, Path] | None:
+    """Who already serves the domain's devices on this host, and its control socket; or None."""
     daemon = run_dir / runlock.DAEMON_LOCK
     if runlock.is_held(daemon):
-        return f"the host daemon ({runlock.holder(daemon)})"
+        return f"the host daemon ({runlock.holder(daemon)})", control_socket_path(run_dir)
     domain_lock = runlock.domain_lock_path(run_dir, uuid)
     if runlock.is_held(domain_lock):
-        return f"a one-domain server ({runlock.holder(domain_lock)})"
+        return f"a one-domain server ({runlock.holder(domain_lock)})", control_socket_path(run_dir, uuid)
     return None
 
 
@@ -169,6 +174,40 @@ def start_domain_server(uri: str, domain: str, uuid: str, run_dir: Path, hypervi
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True
         )
     return f"a one-domain server (pid {process.pid}, log {log_path}) until {domain} stops"
+
+
+def wait_until_served(
+    run_dir: Path, control: Path, devices: Sequence[DeviceConfig], *, timeout: float, why: str
+) -> list[str]:
+    """Ask the daemon at ``control`` until it lists every device of ``devices`` as served; a line for each.
+
+    A device it lists as not served raises at once with its reason. If the
+    control socket refuses this user (the daemon runs as another), wait for
+    the devices' sockets instead (:func:`wait_for_sockets`).
+    """
+    names = [config.name for config in devices]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = request(run_dir, {"command": "list"}, timeout=timeout, path=control)
+        except ControlError:
+            answer = {}  # not listening yet (a one-domain server just started)
+        if answer.get("ok") is False and "may not control" in str(answer.get("error")):
+            wait_for_sockets([str(c.get("socket")) for c in devices], present=True, timeout=timeout, why=why)
+            return [f"  {name}: its socket listens (the control socket is not this user's)" for name in names]
+        listed = {d.get("name"): d for d in answer.get("devices", []) if d.get("name") in names}
+        for name, device in listed.items():
+            if device.get("state") == "not served":
+                raise LibvirtError(
+                    f"{name} is recorded in the domain but not served: {device.get('error')} "
+                    "(fix it, or take it away with pvcore undeploy)"
+                )
+        if len(listed) == len(names):
+            return [f"  {name}: served, {listed[name].get('door')}" for name in names]
+        if time.monotonic() > deadline:
+            missing = ", ".join(n for n in names if n not in listed)
+            raise LibvirtError(f"{missing} not served within {timeout:.0f} s; {why}")
+        time.sleep(0.1)
 
 
 def wait_for_sockets(paths: Sequence[str], *, present: bool, timeout: float, why: str) -> None:
@@ -236,10 +275,13 @@ def deploy(
     if attach_live:
         write_live_specs(domain, [*live_specs, *new_specs], libvirt)
     if local:
-        served_by = _served_by(uri, run_dir, uuid) or start_domain_server(uri, name, uuid, run_dir, hypervisor)
-        sockets = [str(device.config.get("socket")) for device in devices]
-        wait_for_sockets(sockets, present=True, timeout=timeout, why=f"see the log of {served_by}")
+        served_by, control = _served_by(uri, run_dir, uuid) or (
+            start_domain_server(uri, name, uuid, run_dir, hypervisor), control_socket_path(run_dir, uuid)
+        )
         lines.append(f"  served by: {served_by}")
+        lines += wait_until_served(
+            run_dir, control, [device.config for device in devices], timeout=timeout, why=f"see the log of {served_by}"
+        )
     else:
         host = urlsplit(uri).hostname or uri
         lines.append(f"  served by: the pvcore daemon on {host} (it must run there: systemctl enable --now pvcore-daemon)")
@@ -284,16 +326,29 @@ def _attach_live(domain: Any, devices: Sequence[DeployedDevice], live_specs: Seq
     return "attached"
 
 
+def _wait_detached(domain: Any, sockets: Sequence[str], xml: LibvirtXml, timeout: float) -> list[str]:
+    """Wait until the running domain has no element connecting to ``sockets`` (the guest released
+    them: a PCI unplug waits for the guest); the sockets still attached after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        attached = [xml.socket(e) or "" for e in elements_by_socket(_definition(domain, 0), sockets, xml.socket)]
+        if not attached or time.monotonic() > deadline:
+            return attached
+        time.sleep(0.1)
+
+
 def undeploy(
     conn: Any,
     registry: Registry,
     uri: str,
     domain_name: str,
+    names: Sequence[str] = (),
     *,
     hypervisor: str | None = None,
     timeout: float = SOCKET_WAIT_SECONDS,
 ) -> DeployReport:
-    """Detach every device pvcore owns from the domain, remove the metadata, see the sockets go."""
+    """Detach the devices pvcore owns from the domain (only those ``names`` if given), take them out of
+    the metadata, see their sockets go."""
     libvirt = import_libvirt()
     domain = lookup_domain(conn, domain_name)
     name = domain.name()
@@ -305,7 +360,14 @@ def undeploy(
         return DeployReport((f"domain {name}: pvcore owns no devices there; nothing to do",))
     plugin = choose_hypervisor(registry, conn, uri, hypervisor)
     xml = require_xml(registry, plugin)
-    sockets = [str(config.get("socket")) for config in _existing_configs(specs, registry, name, plugin)]
+    configs = dict(zip(specs, _existing_configs(specs, registry, name, plugin)))
+    if names:
+        unknown = sorted(set(names) - {config.name for config in configs.values()})
+        if unknown:
+            owned = ", ".join(config.name for config in configs.values())
+            raise LibvirtError(f"domain {name}: pvcore owns no device named {', '.join(unknown)} (it owns {owned})")
+        specs = [spec for spec, config in configs.items() if config.name in names]
+    sockets = [str(configs[spec].get("socket")) for spec in specs]
     lines = [f"domain {name}: undeploying {len(specs)} device(s)"]
     if active:
         problems = []
@@ -314,12 +376,18 @@ def undeploy(
                 domain.detachDeviceFlags(ElementTree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
                 problems.append(f"{describe_element(element, xml.socket(element))}: {exc.get_error_message()}")
-        write_live_specs(domain, [], libvirt)
-        lines.append(f"  live: detach requested{'; ' + '; '.join(problems) if problems else ''}")
+        attached = _wait_detached(domain, sockets, xml, timeout)
+        if attached:
+            problems.append(f"still attached after {timeout:.0f} s (the guest has not released them; their backends "
+                            f"stay until it does and the domain stops): {', '.join(attached)}")
+            sockets = [socket for socket in sockets if socket not in attached]
+        kept = [spec for spec in specs if str(configs[spec].get("socket")) in attached]
+        write_live_specs(domain, [s for s in live_specs if s not in specs or s in kept], libvirt)
+        lines.append(f"  live: {'detach requested; ' + '; '.join(problems) if problems else 'detached'}")
     if persistent:
         root = _definition(domain, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         remove_devices(root, elements_by_socket(root, sockets, xml.socket))
-        set_in_definition(root, [])
+        set_in_definition(root, [s for s in config_specs if s not in specs])
         conn.defineXML(ElementTree.tostring(root, encoding="unicode"))
         lines.append("  persistent definition: devices and metadata removed")
     if is_local_uri(uri):

@@ -36,8 +36,9 @@ changes a served disk's file and records the new ``path=`` in the domain's
 metadata (live and persistent, wherever the spec is), so that a restarted
 daemon serves the medium the guest has: the device is re-keyed to its new
 spec before the metadata is written, and the change of metadata then finds
-it served. ``set-rate`` changes a running rng only (the record keeps the rate
-deploy wrote, which applies again when the device is next started).
+it served. ``set-rate`` and ``set-limits`` change a running device only
+(the record keeps what deploy wrote, which applies again when the device is
+next started).
 ``add`` and ``remove`` are refused: what this daemon serves is what the
 metadata records, which ``pvcore deploy`` and ``pvcore undeploy`` change.
 
@@ -70,6 +71,7 @@ from pvcore.libvirt.devicexml import plugin_xml
 from pvcore.libvirt.metadata import NAMESPACE, format_spec, read_specs, write_specs
 from pvcore.metrics import MetricsAddress, MetricsError, MetricsServer, ServedEntry
 from pvcore.registry import Registry
+from pvcore.streams.unix import ListenerError
 from pvcore.systemd_notify import ready, reloading, stopping
 from pvcore.virtio import DeviceError
 
@@ -345,6 +347,11 @@ class HostDaemon:
         _, _, daemon = self._find(name)
         return daemon.set_rng_rate(name, rate)
 
+    def set_limits(self, name: str, limits: str) -> dict[str, object]:
+        """Change device ``name``'s I/O limits now (see :meth:`Daemon.set_limits`; not recorded in the metadata)."""
+        _, _, daemon = self._find(name)
+        return daemon.set_limits(name, limits)
+
     async def swap_media(self, name: str, path: str) -> str:
         """Change block device ``name``'s backing file (see :meth:`Daemon.swap_media`) and record the
         new ``path=`` in the domain's metadata; if the record cannot be written, the old file is put back."""
@@ -584,7 +591,7 @@ class HostDaemon:
                 measure_service_time=self.metrics is not None,
             )
             await daemon.start()
-        except (ConfigError, DaemonError, DeviceError, ContractError, ValueError, OSError) as exc:
+        except (ConfigError, DaemonError, DeviceError, ContractError, ListenerError, ValueError, OSError) as exc:
             unserved = self._unserved.setdefault(served.uuid, Unserved(served.name))
             if unserved.errors.get(spec) != str(exc):
                 log.error("domain %s: device %s not served: %s", served.name, spec, exc)
