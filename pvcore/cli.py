@@ -145,7 +145,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
 
     ctl = commands.add_parser(
         "ctl",
-        help="list, add or remove the devices of a running daemon, or change an rng's rate",
+        help="list, add or remove the devices of a running daemon, or change their limits or an rng's rate",
         description="Talk to the control socket (RUN_DIR/control.sock) of a running `pvcore serve`; "
         "see docs/operations.md (Control socket).",
     )
@@ -155,6 +155,11 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     ctl_list.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
     ctl_commands.add_parser("add", help="serve one more device").add_argument("device", metavar="DEVICE", help="CLASS:key=value,...")
     ctl_commands.add_parser("remove", help="drain and remove a device").add_argument("name", metavar="NAME")
+    set_limits = ctl_commands.add_parser(
+        "set-limits", help="change a block device's I/O limits (its group's, if it has one) or a NIC's rate"
+    )
+    set_limits.add_argument("name", metavar="NAME")
+    set_limits.add_argument("limits", metavar="LIMITS", help="e.g. iops=500,bps=50M (block), rate=100M (net), or off")
     set_rate = ctl_commands.add_parser("set-rate", help="change the rate limit of an rng device's domain")
     set_rate.add_argument("name", metavar="NAME")
     set_rate.add_argument("rate", metavar="BYTES/PERIOD", help="e.g. 4096/1s")
@@ -399,6 +404,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         body = {"command": "remove", "device": args.name}
     elif args.ctl_command == "swap-media":
         body = {"command": "swap-media", "device": args.name, "path": str(args.path.absolute())}
+    elif args.ctl_command == "set-limits":
+        body = {"command": "set-limits", "device": args.name, "limits": args.limits}
     else:
         body = {"command": "set-rate", "device": args.name, "rate": args.rate}
     answer = request(run_dir, body)
@@ -417,6 +424,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         print(f"removed {args.name}")
     elif args.ctl_command == "swap-media":
         print(f"{args.name}: now {body['path']} (was {answer['old']})")
+    elif args.ctl_command == "set-limits":
+        print(f"{args.name}: limits {answer['limits']}" + (f" (group {answer['group']})" if answer["group"] else ""))
     else:
         print(f"{args.name}: rate {answer['rate']}")
     return 0

@@ -239,6 +239,24 @@ class Daemon:
         instance.engine.set_rate(limit)
         return str(limit)
 
+    def set_limits(self, name: str, limits: str) -> dict[str, object]:
+        """Give device ``name`` the I/O limits ``limits`` (``iops=500,...``, a NIC's ``rate=...``, or ``off``).
+
+        A device in a throttle group changes the whole group's. The answer's
+        ``limits`` and ``group`` as they read now; bad limits change nothing.
+        """
+        from pvcore.control import ControlError
+        from pvcore.device_limits import set_limits
+        from pvcore.throttle import ThrottleError
+
+        instance = next((i for i, _ in self.served if i.config.name == name), None)
+        if instance is None:
+            raise ControlError(f"no device named {name!r}; devices: {', '.join(i.config.name for i, _ in self.served) or 'none'}")
+        try:
+            return set_limits(instance, limits)
+        except ThrottleError as exc:
+            raise ControlError(str(exc)) from None
+
     async def swap_media(self, name: str, path: str) -> str:
         """Serve ``path`` as block device ``name``'s backing file from now on (a media change); the old file's path.
 

@@ -2,8 +2,9 @@
 
 Read from what the engines keep anyway: a block backend's counters (with
 the service-time histogram when it is kept), a NIC's switch-port counters,
-an rng's per-domain entropy counts, and a vhost-user ring's interrupts and
-completions over its current connection.
+an rng's per-domain entropy counts, a vhost-user ring's interrupts and
+completions over its current connection, and the seconds a block device's or
+NIC's limits held requests back (``throttled_seconds``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import attrs
 from pvcore.contract import DeviceInstance, FrontDoor
 from pvcore.devices.block.backend import BlockBackend
 from pvcore.devices.net.switch import Switch
+from pvcore.device_limits import device_throttle
 from pvcore.devices.rng import EntropySource
 
 
@@ -49,5 +51,8 @@ def device_counters(instance: DeviceInstance, door: FrontDoor) -> dict[str, Any]
         port = next((p for p in list(engine.switch.ports.values()) if p.mac == engine.mac), None)
         if port is not None:
             counters.update(port.counters.as_dict())
+    throttle = device_throttle(instance)
+    if throttle is not None:
+        counters["throttled_seconds"] = round(throttle.throttled_seconds(), 3)
     counters.update(ring_counts(door))
     return counters

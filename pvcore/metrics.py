@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pvcore.contract import DeviceInstance, FrontDoor
 from pvcore.device_counters import ring_counts
+from pvcore.device_limits import device_throttle
 from pvcore.devices.block.backend import BlockBackend
 from pvcore.devices.net.switch import Switch
 from pvcore.devices.rng import EntropySource
@@ -103,6 +104,10 @@ class DeviceCollector(Collector):
             "pvcore_switch_frames", "Frames the switch handled, by outcome", labels=("switch", "outcome")
         )
         rng_bytes = CounterMetricFamily("pvcore_rng_bytes", "Entropy bytes delivered, per domain", labels=("domain",))
+        throttled = CounterMetricFamily(
+            "pvcore_throttled_seconds", "Seconds during which the device's I/O limits held at least one request back",
+            labels=LABELS,
+        )
         switches: dict[int, Switch] = {}
         sources: dict[int, EntropySource] = {}
         for entry in list(self.served()):
@@ -116,6 +121,9 @@ class DeviceCollector(Collector):
             elif isinstance(getattr(engine, "switch", None), Switch):
                 switches[id(engine.switch)] = engine.switch
                 self._nic(engine, labels, requests, request_bytes, errors)
+            throttle = device_throttle(entry.instance)
+            if throttle is not None:
+                throttled.add_metric(labels, throttle.throttled_seconds())
             ring = ring_counts(entry.door)
             if ring:
                 interrupts.add_metric(labels, ring["interrupts"])
@@ -128,7 +136,9 @@ class DeviceCollector(Collector):
                 switch_frames.add_metric((switch.name, outcome), getattr(counts, outcome))
         for source in sources.values():
             rng_bytes.add_metric((source.name,), source.bytes_delivered)
-        yield from (requests, request_bytes, seconds, inflight, interrupts, completions, errors, switch_frames, rng_bytes)
+        yield from (
+            requests, request_bytes, seconds, inflight, interrupts, completions, errors, switch_frames, rng_bytes, throttled
+        )
 
     @staticmethod
     def _block(

@@ -99,7 +99,8 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
     if config.device_class == "block":
         return NbdFrontDoor(device.engine, path)
     if config.device_class == "net":
-        return NetdevStreamFrontDoor(device.engine.switch, path, device.engine.mac, name=config.name)
+        endpoint = device.engine
+        return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name, throttle=endpoint.throttle)
     raise ValueError(f"{{config.name}}: {name} serves {{', '.join(DEVICE_CLASSES)}}, not {{config.device_class}}")
 '''
 

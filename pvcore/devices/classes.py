@@ -128,6 +128,7 @@ NET_OPTIONS = {
     "mac": "the guest NIC's MAC, the only source address it may send from (required)",
     "switch": "name of the switch to plug into (default: default); NICs naming one switch share it",
     "mtu": "largest frame payload (default 1500)",
+    "rate": "bits per second each way, e.g. rate=100M (k, M, G: powers of 1000; default: no limit)",
 }
 
 

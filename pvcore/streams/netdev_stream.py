@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pvcore.devices.net.switch import MAX_FRAME_LEN, Port, Switch, format_mac, parse_mac
 from pvcore.streams.unix import UnixListener, peer_description
+from pvcore.throttle import Cost, Throttle
 
 log = logging.getLogger("pvcore.net")
 
@@ -75,6 +76,7 @@ class NetdevStreamFrontDoor:
         *,
         name: str | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        throttle: Throttle | None = None,
     ) -> None:
         station = parse_mac(mac) if isinstance(mac, str) else bytes(mac)
         self.switch = switch
@@ -86,6 +88,7 @@ class NetdevStreamFrontDoor:
             f"(QEMU: -netdev stream,server=off,addr.type=unix,addr.path={self.socket_path})"
         )
         self.connections = 0
+        self.throttle = throttle
         self._listener = UnixListener(self.socket_path, self._serve, what=self._what)
 
     def __repr__(self) -> str:
@@ -144,4 +147,7 @@ class NetdevStreamFrontDoor:
                     self._what, length, MAX_FRAME_LEN,
                 )
                 return f"bad frame length {length}"
-            self.port.send(await reader.readexactly(length))
+            frame = await reader.readexactly(length)
+            if self.throttle is not None:
+                await self.throttle.turn(Cost(True, 0, length))
+            self.port.send(frame)

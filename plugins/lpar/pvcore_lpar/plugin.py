@@ -152,7 +152,7 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
     if config.device_class in ("block", "scsi"):
         return NbdFrontDoor(block_export(device), path)
     endpoint = device.engine
-    return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name)
+    return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name, throttle=endpoint.throttle)
 
 
 @hookimpl

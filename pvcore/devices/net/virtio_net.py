@@ -27,6 +27,14 @@ counters to ``dropped_too_big``.
 When the receive queue stops, the chains still held are completed with
 nothing written, which hands every buffer back to the driver and lets the
 stop finish at once.
+
+Rate (``rate=`` bits per second, :mod:`pvcore.throttle`): a NIC's throttle has
+a bytes-per-second bucket each way, transmit (the write direction) and receive
+(the read direction), counting Ethernet frame bytes. A transmitted frame the
+rate holds back stays in the guest's ring (its chain is held, so the queue
+bounds what waits) and goes to the switch in order once its turn comes; a
+received frame waits in the bounded backlog, so a full backlog drops, as
+without a rate. When the transmit queue stops, held frames go at once.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from pvcore.devices.net.switch import (
 from pvcore.ring.memory import GuestMemoryError
 from pvcore.ring.session import RunningQueue
 from pvcore.ring.virtqueue import DescriptorChain
+from pvcore.throttle import Cost, Throttle, ThrottleError, ThrottleGroup, ThrottleLimits, parse_rate
 from pvcore.virtio import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, DeviceError, VirtioDevice, bit
 
 log = logging.getLogger("pvcore.net")
@@ -114,7 +123,8 @@ class VirtioNet(VirtioDevice):
 
     The port attaches on construction (a name or MAC already on the switch
     is a :class:`DeviceError`) and stays attached until :meth:`close`.
-    ``rx_backlog`` bounds the frames waiting for receive buffers.
+    ``rx_backlog`` bounds the frames waiting for receive buffers (or for
+    their turn under ``throttle``, the NIC's rate).
     """
 
     device_id = VIRTIO_ID_NET
@@ -127,6 +137,7 @@ class VirtioNet(VirtioDevice):
         switch: Switch,
         mtu: int = DEFAULT_MTU,
         rx_backlog: int = DEFAULT_RX_BACKLOG,
+        throttle: Throttle | None = None,
     ) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise DeviceError(f"net device {name}: mtu {mtu} is outside {MIN_MTU}..{MAX_MTU}")
@@ -141,6 +152,10 @@ class VirtioNet(VirtioDevice):
         self._rx: RunningQueue | None = None
         self._held: collections.deque[tuple[DescriptorChain, int]] = collections.deque()
         self._backlog: collections.deque[bytes] = collections.deque()
+        self.throttle = throttle
+        self._tx_held: collections.deque[tuple[RunningQueue, DescriptorChain]] = collections.deque()
+        self._rx_paid = False
+        self._rx_waiting = False
         switch.attach(self.port)
 
     def __repr__(self) -> str:
@@ -205,12 +220,16 @@ class VirtioNet(VirtioDevice):
             self._transmit(queue, chain)
 
     def queue_stopping(self, queue: RunningQueue) -> None:
-        """Receive queue: give every held buffer back unused and drop the backlog."""
+        """Receive queue: give every held buffer back unused and drop the backlog; transmit: send held frames."""
+        if queue.index == TX_QUEUE and self.throttle is not None:
+            self.throttle.release_all()
+            return
         if queue.index != RX_QUEUE or self._rx is not queue:
             return  # not the receive queue frames flow to (another connection's took over)
         held = list(self._held)
         self._held.clear()
         self._backlog.clear()
+        self._rx_paid = False
         self._rx = None
         for chain, _ in held:
             queue.complete(chain, 0)
@@ -220,6 +239,10 @@ class VirtioNet(VirtioDevice):
         self._rx = None
         self._held.clear()
         self._backlog.clear()
+        self._tx_held.clear()
+        if self.throttle is not None:
+            self.throttle.release_all()  # what was held belongs to the old session: nothing is sent
+        self._rx_paid = self._rx_waiting = False
         self._hdr_len = NET_HDR.size
         self._mergeable = False
         self._max_frame = MAX_FRAME_LEN
@@ -244,6 +267,26 @@ class VirtioNet(VirtioDevice):
             self.port.counters.dropped_malformed += 1
             queue.complete(chain, 0)
             return
+        throttle = self.throttle
+        if throttle is not None and not throttle.group.try_go(throttle, Cost(True, 0, length - self._hdr_len)):
+            self._tx_held.append((queue, chain))
+            throttle.go(Cost(True, 0, length - self._hdr_len), self._tx_turn, queue.session.loop)
+            return
+        self._send(queue, chain)
+
+    def _tx_turn(self) -> None:
+        """The rate lets the oldest held frame go."""
+        if not self._tx_held:
+            return  # the session it came from was reset
+        queue, chain = self._tx_held.popleft()
+        if queue.session.broken:
+            return
+        try:
+            self._send(queue, chain)
+        except GuestMemoryError as exc:
+            queue.session.fail(f"queue {TX_QUEUE}: {exc}")
+
+    def _send(self, queue: RunningQueue, chain: DescriptorChain) -> None:
         data = queue.read(chain)
         flags, gso_type = data[0], data[1]
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or gso_type != VIRTIO_NET_HDR_GSO_NONE:
@@ -251,6 +294,13 @@ class VirtioNet(VirtioDevice):
         else:
             self.port.send(data[self._hdr_len :])
         queue.complete(chain, 0)
+
+    def _rx_turn(self) -> None:
+        """The rate lets the oldest backlog frame go: write it (and what else may go) if the guest is receiving."""
+        self._rx_waiting = False
+        self._rx_paid = bool(self._backlog)
+        if self._rx is not None and not self._rx.session.broken:
+            self._fill_rx(self._rx)
 
     def _post_rx_buffer(self, queue: RunningQueue, chain: DescriptorChain) -> None:
         capacity = sum(size for _, size in chain.writable)
@@ -264,11 +314,22 @@ class VirtioNet(VirtioDevice):
 
     def _fill_rx(self, queue: RunningQueue) -> None:
         """Write backlog frames into held buffers, oldest first, while they fit."""
+        throttle = self.throttle
         try:
             while self._backlog and self._held:
+                if throttle is not None and not self._rx_paid:
+                    cost = Cost(False, 0, len(self._backlog[0]))
+                    if self._rx_waiting:
+                        return
+                    if not throttle.group.try_go(throttle, cost):
+                        self._rx_waiting = True
+                        throttle.go(cost, self._rx_turn, queue.session.loop)
+                        return
+                    self._rx_paid = True
                 if not self._place(queue, self._backlog[0]):
                     return
                 self._backlog.popleft()
+                self._rx_paid = False
         except GuestMemoryError as exc:
             queue.session.fail(f"queue {RX_QUEUE}: {exc}")
 
@@ -319,10 +380,36 @@ class NetEndpoint:
     mac: bytes
     switch: Switch
     mtu: int = DEFAULT_MTU
+    throttle: Throttle | None = attrs.field(default=None, eq=False)
+    """The NIC's rate both ways (see :func:`net_limits`); every front door of the NIC spends from it."""
 
     def virtio_device(self) -> VirtioNet:
         """A :class:`VirtioNet` on this endpoint (its port attaches now)."""
-        return VirtioNet(name=self.name, mac=self.mac, switch=self.switch, mtu=self.mtu)
+        return VirtioNet(name=self.name, mac=self.mac, switch=self.switch, mtu=self.mtu, throttle=self.throttle)
+
+    def set_rate(self, text: str) -> str:
+        """Change the NIC's rate (``rate=BITS`` or ``off``); the rate as it reads now. A bad one changes nothing."""
+        key, eq, value = text.strip().partition("=")
+        if text.strip() in ("off", "none"):
+            limits = ThrottleLimits()
+        elif eq and key.strip() == "rate":
+            limits = net_limits(value)
+        else:
+            raise ThrottleError(f"net device {self.name}: limits {text!r}: a NIC takes rate=BITS_PER_SECOND (e.g. rate=100M) or off")
+        assert self.throttle is not None
+        self.throttle.group.set_limits(limits)
+        return describe_rate(limits)
+
+
+def net_limits(text: str) -> ThrottleLimits:
+    """A NIC's ``rate=`` (bits per second, each way) as throttle limits on frame bytes."""
+    bits = parse_rate("rate", text)
+    return ThrottleLimits(bps_read=bits / 8, bps_write=bits / 8)
+
+
+def describe_rate(limits: ThrottleLimits) -> str:
+    """``rate=BITS`` (or ``off``) for a NIC's limits."""
+    return "off" if limits.bps_write is None else f"rate={round(limits.bps_write * 8)}"
 
 
 def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
@@ -332,9 +419,10 @@ def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
     uses, e.g. QEMU's ``-device virtio-net-pci,mac=...``, since the switch
     drops frames from any other source), ``switch=NAME`` (default
     ``default``; devices naming the same switch share it), ``mtu=N``
-    (default 1500).
+    (default 1500), ``rate=BITS`` (bits per second each way, with an optional
+    k, M, G suffix; default no limit).
     """
-    known = {"mac", "switch", "mtu"}
+    known = {"mac", "switch", "mtu", "rate"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise DeviceError(
@@ -363,7 +451,12 @@ def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
         raise DeviceError(f"net device {name}: mtu={mtu_text}: not a number (e.g. mtu=1500)") from None
     if not MIN_MTU <= mtu <= MAX_MTU:
         raise DeviceError(f"net device {name}: mtu {mtu} is outside {MIN_MTU}..{MAX_MTU}")
-    return NetEndpoint(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu)
+    try:
+        limits = net_limits(options["rate"]) if "rate" in options else ThrottleLimits()
+    except ThrottleError as exc:
+        raise DeviceError(f"net device {name}: {exc}") from None
+    throttle = ThrottleGroup(name, limits).join(name)
+    return NetEndpoint(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu, throttle=throttle)
 
 
 def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
