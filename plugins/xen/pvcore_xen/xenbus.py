@@ -32,6 +32,12 @@ that cannot be bound) fails that device as a connect would. A backend that
 finds itself Closing or Closed stays there until the frontend starts over.
 Taking a device away from a guest is the toolstack's job (it drives the
 frontend to Closing), not a side effect of a daemon stopping.
+
+With ``attach`` the backend plays the toolstack's part first: if the
+device's backend directory does not exist, :meth:`XenbusBackend.start`
+writes both directories (:mod:`pvcore_xen.toolstack`, with the class's own
+nodes from :meth:`XenbusBackend.toolstack_nodes`), so the guest's xenbus
+finds a new device.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from pvcore.contract import Primitives
 
 from pvcore_xen.grants import EventChannelSpec, GrantLayout, GrantMemory
 from pvcore_xen.host import EventChannel, XenHost
+from pvcore_xen.toolstack import attach as attach_nodes
 from pvcore_xen.xenstore import Watch, WatchEvent, XenstoreClient
 from pvcore_xen.xs_wire import XenstoreError, XenstoreProtocolError
 
@@ -130,7 +137,9 @@ class XenbusBackend(abc.ABC):
         domid: int,
         devid: int,
         name: str,
+        attach: bool = False,
     ) -> None:
+        self.attach = attach
         self.primitives = primitives
         self.host = host
         self.xenstore_path = xenstore_path
@@ -173,6 +182,10 @@ class XenbusBackend(abc.ABC):
     async def disconnect(self) -> None:
         """Stop serving and release what :meth:`connect` took (only called while connected)."""
 
+    def toolstack_nodes(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The class's own backend and frontend nodes that ``attach`` writes besides the common ones."""
+        return {}, {}
+
     def map_memory(self) -> GrantMemory:
         """The guest's grant memory, through the hypervisor's memory primitive."""
         try:
@@ -188,9 +201,17 @@ class XenbusBackend(abc.ABC):
             raise XenDeviceError(f"{what}: event channel {port}: {exc}") from None
 
     async def start(self) -> None:
-        """Connect to xenstore, watch the backend and frontend directories, run the handshake."""
+        """Connect to xenstore (with ``attach``, write the device's nodes), watch both directories, run the handshake."""
         self.client = await XenstoreClient.connect(self.xenstore_path)
         try:
+            if self.attach:
+                backend_nodes, frontend_nodes = self.toolstack_nodes()
+                if await attach_nodes(
+                    self.client, backend_path=self.backend_path, frontend_path=self.frontend_path,
+                    backend_domid=self.backend_domid, domid=self.domid,
+                    backend_nodes=backend_nodes, frontend_nodes=frontend_nodes,
+                ):
+                    log.info("%s: attached dom%d %s device %d (%s)", self.name, self.domid, self.kind, self.devid, self.backend_path)
             for path in (self.backend_path, self.frontend_path):
                 self._watches.append(await self.client.watch(path, self._on_watch))
         except BaseException:

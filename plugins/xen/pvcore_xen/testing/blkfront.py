@@ -1,0 +1,145 @@
+"""A SIMULATED xen-blkfront: a guest's side of ``io/blkif.h``, for tests.
+
+Like Linux's blkfront it grants one ring page (``io/ring.h`` layout), allocates
+an event channel, waits for the backend's InitWait, publishes ``ring-ref``,
+``event-channel`` and ``protocol`` and goes Initialised, then Connected once
+the backend is. Reads and writes go through granted data pages
+(:meth:`SimulatedBlkFrontend.read`, :meth:`write`, :meth:`flush`); raw
+requests (:meth:`post`) let hostile tests write what blkfront never would. It
+talks to no hypervisor.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from pvcore_xen import blkif
+from pvcore_xen.host import PAGE_SIZE
+from pvcore_xen.testing.frontend import RECHECK_INTERVAL, SimulatedFrontend, wait_readable
+from pvcore_xen.testing.host import DMA_FIRST_REF
+from pvcore_xen.testing.netfront import FrontRing
+from pvcore_xen.xenbus import XenbusState
+
+_RESPONSE = struct.Struct("<QBxh4x")
+_HEADER = struct.Struct("<BBH4xQQ")
+_SEGMENT = struct.Struct("<IBB2x")
+_DISCARD = struct.Struct("<BBH4xQQQ")
+_INDIRECT = struct.Struct("<BBH4xQQH2x8I")
+
+
+def direct_request(operation: int, request_id: int, sector: int, segments: list[tuple[int, int, int]], *,
+                   count: int | None = None) -> bytes:
+    """A read/write/flush/barrier slot; ``count`` overrides ``nr_segments`` (hostile tests)."""
+    body = b"".join(_SEGMENT.pack(*segment) for segment in segments)
+    slot = _HEADER.pack(operation, len(segments) if count is None else count, 0, request_id, sector) + body
+    return slot.ljust(blkif.SLOT_SIZE, b"\0")
+
+
+def discard_request(request_id: int, sector: int, nr_sectors: int, flag: int = 0) -> bytes:
+    """A discard slot."""
+    return _DISCARD.pack(blkif.BLKIF_OP_DISCARD, flag, 0, request_id, sector, nr_sectors).ljust(blkif.SLOT_SIZE, b"\0")
+
+
+def indirect_request(indirect_op: int, request_id: int, sector: int, count: int, refs: list[int]) -> bytes:
+    """An indirect read/write slot naming ``count`` segments in the pages ``refs``."""
+    padded = (refs + [0] * blkif.MAX_INDIRECT_PAGES)[: blkif.MAX_INDIRECT_PAGES]
+    return _INDIRECT.pack(blkif.BLKIF_OP_INDIRECT, indirect_op, count, request_id, sector, 0, *padded).ljust(
+        blkif.SLOT_SIZE, b"\0"
+    )
+
+
+class SimulatedBlkFrontend(SimulatedFrontend):
+    """A SIMULATED xen-blkfront with one one-page ring."""
+
+    kind = "vbd"
+
+    def __init__(self, *args: object, backend_kind: str = "vbd", **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if backend_kind != self.kind:
+            self.backend_path = self.backend_path.replace("/backend/vbd/", f"/backend/{backend_kind}/")
+        ram = self.domain.ram
+        self.page = ram.alloc(PAGE_SIZE, PAGE_SIZE)
+        self.ring = FrontRing(self.domain.memory, self.offset(self.page), blkif.SLOT_SIZE)
+        self.port = self.domain.alloc_unbound(self.backend_domid)
+        self.channel = self.domain.event_channel(self.port)
+        self.responses: dict[int, tuple[int, int]] = {}
+        """request id -> (operation, status) of every response not yet collected."""
+
+    def ref(self, addr: int) -> int:
+        """The grant ref of the page at DMA address ``addr``."""
+        return DMA_FIRST_REF + self.domain.ram.frame(addr)
+
+    def offset(self, addr: int) -> int:
+        """Where DMA address ``addr`` is in the domain's memory."""
+        return addr - self.domain.ram.guest_addr
+
+    async def connect(self, overrides: dict[str, str] | None = None) -> None:
+        """Publish the ring at InitWait, go Initialised, wait for Connected, go Connected."""
+        await self.wait_backend(XenbusState.INIT_WAIT)
+        nodes = {"ring-ref": str(self.ref(self.page)), "event-channel": str(self.port), "protocol": "x86_64-abi",
+                 **(overrides or {})}
+        for node, value in nodes.items():
+            await self.client.write(f"{self.path}/{node}", value)
+        await self.set_state(XenbusState.INITIALISED)
+        await self.wait_backend(XenbusState.CONNECTED, XenbusState.CLOSING)
+        await self.set_state(XenbusState.CONNECTED)
+
+    async def node(self, name: str) -> str:
+        """A backend node's value."""
+        return (await self.client.read(f"{self.backend_path}/{name}")).decode()
+
+    def post(self, *slots: bytes) -> None:
+        """Write raw request slots and publish them."""
+        for slot in slots:
+            self.ring.write(slot)
+        if self.ring.push():
+            self.channel.signal()
+
+    async def wait(self, request_id: int, timeout: float = 5.0) -> int:
+        """The status of the response to ``request_id``."""
+        deadline = time.monotonic() + timeout
+        while request_id not in self.responses:
+            self.channel.consume()
+            for entry in self.ring.responses(_RESPONSE.size):
+                response_id, operation, status = _RESPONSE.unpack(entry)
+                self.responses[response_id] = (operation, status)
+            if request_id in self.responses:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dom{self.domain.domid} vbd {self.devid}: no response to id {request_id:#x}")
+            await wait_readable(self.channel.fileno(), RECHECK_INTERVAL)
+        return self.responses.pop(request_id)[1]
+
+    def buffer(self, pages: int = 1) -> int:
+        """Allocate and grant ``pages`` data pages; the DMA address of the first."""
+        return self.domain.ram.alloc(pages * PAGE_SIZE, PAGE_SIZE)
+
+    def segments(self, addr: int, length: int) -> list[tuple[int, int, int]]:
+        """Whole-page segments covering ``length`` bytes (a multiple of 512) from page-aligned ``addr``."""
+        result = []
+        for start in range(0, length, PAGE_SIZE):
+            sectors = min(PAGE_SIZE, length - start) // blkif.SECTOR_SIZE
+            result.append((self.ref(addr + start), 0, sectors - 1))
+        return result
+
+    async def write(self, request_id: int, sector: int, data: bytes, operation: int = blkif.BLKIF_OP_WRITE) -> int:
+        """Write ``data`` (at most 11 pages) at ``sector``; the response's status."""
+        addr = self.buffer(-(-len(data) // PAGE_SIZE))
+        at = self.offset(addr)
+        self.domain.memory[at : at + len(data)] = data
+        self.post(direct_request(operation, request_id, sector, self.segments(addr, len(data))))
+        return await self.wait(request_id)
+
+    async def read(self, request_id: int, sector: int, length: int) -> tuple[int, bytes]:
+        """Read ``length`` bytes at ``sector``: (status, data)."""
+        addr = self.buffer(-(-length // PAGE_SIZE))
+        self.post(direct_request(blkif.BLKIF_OP_READ, request_id, sector, self.segments(addr, length)))
+        status = await self.wait(request_id)
+        at = self.offset(addr)
+        return status, bytes(self.domain.memory[at : at + length])
+
+    async def flush(self, request_id: int) -> int:
+        """An empty FLUSH_DISKCACHE; the response's status."""
+        self.post(direct_request(blkif.BLKIF_OP_FLUSH_DISKCACHE, request_id, 0, []))
+        return await self.wait(request_id)
