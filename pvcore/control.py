@@ -5,7 +5,8 @@ way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "..."}``, and a refused request changes nothing:
 
 * ``{"command": "list"}`` -> ``{"ok": true, "devices": [{"name", "class",
-  "domain", "hypervisor", "door", "counters": {...}}, ...]}``
+  "domain", "hypervisor", "door", "counters": {...}, "limits", "group"}, ...]}``
+  (``limits`` and ``group`` as ``set-limits`` answers them)
 * ``{"command": "add", "device": "CLASS:key=value,..."}`` -> ``{"ok": true,
   "device": NAME}``: the device is built, checked and started as
   ``pvcore serve`` would;

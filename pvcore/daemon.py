@@ -166,8 +166,9 @@ class Daemon:
         log.info("log files reopened")
 
     def describe_devices(self) -> list[dict[str, object]]:
-        """Every served device: name, class, domain, hypervisor, front door and counters (the control ``list``)."""
+        """Every served device: name, class, domain, hypervisor, front door, counters and limits (the control ``list``)."""
         from pvcore.device_counters import device_counters
+        from pvcore.device_limits import describe_limits
 
         return [
             {
@@ -177,6 +178,7 @@ class Daemon:
                 "hypervisor": instance.config.get("hypervisor") or self.hypervisor,
                 "door": door.description,
                 "counters": device_counters(instance, door),
+                **describe_limits(instance),
             }
             for instance, door in list(self.served)
         ]
