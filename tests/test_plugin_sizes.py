@@ -17,9 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {
     "kvm": (REPO / "plugins/kvm/pvcore_kvm", (), 400),
     "lpar": (REPO / "plugins/lpar/pvcore_lpar", (), 400),
-    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 800),
+    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 1400),
 }
-"""Per plugin: its package, the files outside the budget (xen's xenstore wire client), the most code lines."""
+"""Per plugin: its package, the files outside the budget (xen's xenstore wire client), the most code lines.
+
+xen's is larger because real Xen guests speak Xen's own PV protocols, not
+virtio: the netif and blkif ring formats and their grant-copying back ends
+are the plugin's by design (shared/DESIGN.md, "Real Xen speaks Xen's PV
+protocols"); the switch, the block engine and the console engine behind
+them stay the core's.
+"""
 
 
 def code_lines(path: Path) -> int:

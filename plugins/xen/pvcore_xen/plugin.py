@@ -4,12 +4,13 @@ Xen specific, and nothing else:
 
 * detect: ``/sys/hypervisor/type`` is ``xen``, a xenstore socket or xenbus
   device, or a libvirt connection of type Xen;
-* probe: the ``virtio`` and ``console`` devices in this backend domain's
-  xenstore ``backend`` tree (:mod:`pvcore_xen.xenbus`);
+* probe: the devices in this backend domain's xenstore ``backend`` tree
+  whose type has a front door here (:data:`FRONT_DOORS`, :mod:`pvcore_xen.xenbus`);
 * memory: grant DMA addresses mapped through the host (:mod:`pvcore_xen.grants`);
 * notification: interdomain event channels;
-* stream/transport: the grant-mapped virtio front door for block, net and
-  rng (:mod:`pvcore_xen.virtio`) and the PV console ring (:mod:`pvcore_xen.console`).
+* stream/transport: Xen's own PV protocols, which Linux's front ends speak:
+  netif for net (:mod:`pvcore_xen.netif`) and the console ring
+  (:mod:`pvcore_xen.console`).
 
 :class:`XenPlugin` holds what the hooks need: the host (``/dev/xen`` by
 default), the xenstore path and this backend's domain id. The entry point
@@ -39,11 +40,12 @@ from pvcore.contract import (
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
+from pvcore_xen.blkback import XenBlockBackend
 from pvcore_xen.console import XenConsoleBackend
 from pvcore_xen.grants import EventChannelSpec, GrantLayout, GrantMemory
 from pvcore_xen.host import EventChannel, LinuxXenHost, XenHost
-from pvcore_xen.virtio import VIRTIO_TYPES, XenVirtioBackend, virtio_type
-from pvcore_xen.xenbus import HYPERVISOR
+from pvcore_xen.netif import XenNetBackend
+from pvcore_xen.xenbus import HYPERVISOR, XenbusBackend
 from pvcore_xen.xenstore import XenstoreClient
 from pvcore_xen.xs_wire import XenstoreError
 
@@ -55,8 +57,11 @@ MAX_DOMID = 0x7FEF
 
 DOMAIN_FIX = (
     "on xen, write the guest's domain id and the device id, e.g. domain=3/0 "
-    "(xl domid NAME; the device id is the <devid> of backend/virtio/<domid>/<devid> in xenstore)"
+    "(xl domid NAME; the device id is the <devid> of backend/<type>/<domid>/<devid> in xenstore)"
 )
+
+FRONT_DOORS: dict[str, type[XenbusBackend]] = {"block": XenBlockBackend, "net": XenNetBackend, "console": XenConsoleBackend}
+"""Device class -> the xenbus backend that serves it; its ``kind`` is the xenstore type (``vif``, ``console``)."""
 
 
 def parse_domain(text: str) -> tuple[int, int]:
@@ -88,6 +93,27 @@ DOMAIN_OPTION = OptionSpec(
 """xen's ``domain=``: required, and a domain id with a device id instead of a guest name."""
 
 
+def parse_on_off(text: str) -> bool:
+    """``on``/``off`` (also yes/no, true/false, 1/0)."""
+    lowered = str(text).strip().lower()
+    if lowered in ("on", "yes", "true", "1"):
+        return True
+    if lowered in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"{text!r}: expected on or off")
+
+
+ATTACHABLE = ("block", "console")
+"""Classes whose xenstore nodes pvcore can write itself (``attach=on``)."""
+
+ATTACH_OPTION = OptionSpec(
+    "on: write the device's xenstore nodes (as xl block-attach does) when they do not exist; "
+    "a disk then lives under backend/pvcore-vbd, which blkback leaves alone",
+    parse=parse_on_off,
+    default=False,
+)
+
+
 class XenPlugin:
     """The xen plugin's hooks, bound to one host, xenstore and backend domain."""
 
@@ -114,14 +140,17 @@ class XenPlugin:
             contract=CONTRACT_VERSION,
             hypervisor=HYPERVISOR,
             primitives={"detect", "probe", "memory", "notification", "stream"},
-            device_classes={*VIRTIO_TYPES, "console"},
-            description="Xen: xenstore probe, event channels, grant-mapped virtio and the PV console",
+            device_classes=set(FRONT_DOORS),
+            description="Xen: xenstore probe, event channels, grants, and Xen's PV protocols (netif, console ring)",
         )
 
     @hookimpl
     def pvcore_device_options(self) -> Mapping[str, Mapping[str, OptionSpec]]:
         """``domain=DOMID/DEVID`` for every class: which xenstore device a pvcore device serves."""
-        return {device_class: {"domain": DOMAIN_OPTION} for device_class in (*VIRTIO_TYPES, "console")}
+        options = {device_class: {"domain": DOMAIN_OPTION} for device_class in FRONT_DOORS}
+        for device_class in ATTACHABLE:
+            options[device_class] = {**options[device_class], "attach": ATTACH_OPTION}
+        return options
 
     @hookimpl
     def pvcore_detect(self, host: HostContext) -> Detection | None:
@@ -141,7 +170,7 @@ class XenPlugin:
 
     @hookimpl
     def pvcore_probe(self, host: HostContext) -> list[DeviceSlot]:
-        """The virtio (block, net, rng, scsi) and console devices of this backend domain's xenstore tree.
+        """The devices of this backend domain's xenstore tree that a front door here serves (:data:`FRONT_DOORS`).
 
         Runs its own event loop in a worker thread, so it may be called from
         any thread (but must not block the loop that serves the xenstore it reads).
@@ -151,10 +180,10 @@ class XenPlugin:
             return worker.submit(asyncio.run, self._probe(path)).result()
 
     async def _probe(self, path: str | None) -> list[DeviceSlot]:
-        classes = {virtio_type(name): name for name in VIRTIO_TYPES}
         slots: list[DeviceSlot] = []
         async with await XenstoreClient.connect(path) as client:
-            for kind in ("virtio", "console"):
+            for device_class, door in FRONT_DOORS.items():
+                kind = door.kind
                 root = f"/local/domain/{self.backend_domid}/backend/{kind}"
                 for domid_text in await _children(client, root):
                     for devid_text in await _children(client, f"{root}/{domid_text}"):
@@ -164,15 +193,11 @@ class XenPlugin:
                             continue
                         domid, devid = int(domid_text), int(devid_text)
                         properties = {"devid": str(devid), "domain": f"{domid}/{devid}"}
-                        for node in ("state", "frontend", "type"):
+                        for node in ("state", "frontend", "mac"):
                             try:
                                 properties[node] = (await client.read(f"{address}/{node}")).decode("ascii", "replace")
                             except XenstoreError:
                                 continue
-                        device_class = "console" if kind == "console" else classes.get(properties.get("type", ""))
-                        if device_class is None:
-                            log.debug("xenstore %s: virtio type %r is not one pvcore serves", address, properties.get("type"))
-                            continue
                         slots.append(DeviceSlot(HYPERVISOR, device_class, address, str(domid), properties))
         return slots
 
@@ -192,7 +217,7 @@ class XenPlugin:
 
     @hookimpl
     def pvcore_front_door(self, device: DeviceInstance, context: DaemonContext) -> FrontDoor:
-        """A xenbus backend: grant-mapped virtio for the classes in ``VIRTIO_TYPES``, the PV console ring for console."""
+        """The xenbus backend of the device's class (:data:`FRONT_DOORS`), serving its engine."""
         config = device.config
         domid, devid = parse_domain(config.get("domain", ""))
         where = {
@@ -203,15 +228,14 @@ class XenPlugin:
             "domid": domid,
             "devid": devid,
             "name": config.name,
+            "attach": bool(config.get("attach", False)),
         }
-        if config.device_class == "console":
-            return XenConsoleBackend(device.engine, **where)
-        if config.device_class not in VIRTIO_TYPES or device.virtio is None:
+        door = FRONT_DOORS.get(config.device_class)
+        if door is None:
             raise ValueError(
-                f"{config.name}: xen serves {', '.join(VIRTIO_TYPES)} as grant-mapped virtio and console as the PV "
-                f"console ring, not {config.device_class}"
+                f"{config.name}: xen serves {', '.join(sorted(FRONT_DOORS))} with Xen's PV protocols, not {config.device_class}"
             )
-        return XenVirtioBackend(device.virtio, config.device_class, **where)
+        return door(device.engine, **where)
 
 
 async def _children(client: XenstoreClient, path: str) -> list[str]:

@@ -56,13 +56,13 @@ def test_no_xen_here(tmp_path):
 
 def test_domain_is_a_domid_and_devid_checked_at_parse_time():
     registry = Registry()
-    for name in ("block", "rng"):
+    for name in ("net", "console"):
         registry.register(getattr(classes, name), name=name)
     registry.register(plugin, name="xen")
     options = registry.plugin_options("xen")
-    (config,) = parse_devices(["rng:domain=3/2"], registry.device_classes(), options)
+    (config,) = parse_devices(["console:domain=3/2"], registry.device_classes(), options)
     assert config.get("domain") == "3/2"
     with pytest.raises(ConfigError, match=r"domain=vm3: on xen, write the guest's domain id and the device id, e.g. domain=3/0"):
-        parse_devices(["rng:domain=vm3"], registry.device_classes(), options)
-    with pytest.raises(ConfigError, match=r"rng needs domain= \(DOMID/DEVID"):
-        parse_devices(["rng:rate=1024/1s"], registry.device_classes(), options)
+        parse_devices(["console:domain=vm3"], registry.device_classes(), options)
+    with pytest.raises(ConfigError, match=r"console needs domain= \(DOMID/DEVID"):
+        parse_devices(["console:log=/tmp/con.log"], registry.device_classes(), options)

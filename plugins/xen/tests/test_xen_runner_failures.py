@@ -10,17 +10,18 @@ import sys
 
 import pytest
 from helpers import run
-from pvcore_xen.testing.frontend import SimulatedVirtioFrontend
-from pvcore_xen.virtio import XenVirtioBackend
+from pvcore_xen.netif import XenNetBackend
+from pvcore_xen.testing.netfront import SimulatedNetFrontend
 from pvcore_xen.xenbus import XenbusBackend, XenbusState
 from pvcore_xen.xenstore import XenstoreClient
 from pvcore_xen.xs_wire import XenstoreError
-from world import device, xen_world
+from test_hostile import configs, healthy_neighbour
+from world import xen_world
 
 from pvcore.contract import HostContext
-from pvcore.devices.rng import create_rng_device
+from pvcore.devices.net import NetEndpoint, get_switch
 
-CONFIGS = [device("rng", "dom1-rng", "1/0"), device("rng", "dom2-rng", "2/0")]
+CONFIGS = configs()
 
 
 def errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -31,22 +32,15 @@ def errors(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     ]
 
 
-async def healthy_neighbour(world) -> None:
-    """Domain 2's rng still serves entropy."""
-    neighbour = SimulatedVirtioFrontend(world.host.domains[2], world.clients[2], devid=0)
-    await neighbour.connect()
-    assert (await neighbour.request(0, [], [32])).written == 32
-
-
 def test_bad_state_written_again_and_again_is_logged_once(tmp_path, caplog):
     async def body() -> None:
         async with xen_world(tmp_path, CONFIGS) as world:
-            front = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            front = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
             for _ in range(50):
                 await front.client.write(f"{front.path}/state", "connected!")
                 await asyncio.sleep(0)
             assert await front.wait_backend(XenbusState.CLOSING) == XenbusState.CLOSING
-            _, door = world.served("dom1-rng")
+            _, door = world.served("dom1-nic")
             while door._wake.is_set():
                 await asyncio.sleep(0.01)
             await healthy_neighbour(world)
@@ -67,11 +61,11 @@ def test_a_failing_xenstore_request_is_warned_about_once(tmp_path, caplog, monke
 
     async def body() -> None:
         async with xen_world(tmp_path, CONFIGS) as world:
-            front = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            front = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
             for _ in range(20):
                 await front.client.write(f"{front.path}/state", "1")
                 await asyncio.sleep(0)
-            _, door = world.served("dom1-rng")
+            _, door = world.served("dom1-nic")
             while door._wake.is_set():
                 await asyncio.sleep(0.01)
             await healthy_neighbour(world)
@@ -82,23 +76,23 @@ def test_a_failing_xenstore_request_is_warned_about_once(tmp_path, caplog, monke
 
 
 def test_unexpected_exception_fails_only_that_device(tmp_path, caplog, monkeypatch):
-    map_memory = XenVirtioBackend.map_memory
+    map_memory = XenNetBackend.map_memory
 
-    def buggy_map_memory(self: XenVirtioBackend):
+    def buggy_map_memory(self: XenNetBackend):
         if self.domid == 1:
             raise RuntimeError("injected bug")
         return map_memory(self)
 
-    monkeypatch.setattr(XenVirtioBackend, "map_memory", buggy_map_memory)
+    monkeypatch.setattr(XenNetBackend, "map_memory", buggy_map_memory)
 
     async def body() -> None:
         async with xen_world(tmp_path, CONFIGS) as world:
-            front = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            front = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
             await front.publish()
             assert await front.wait_backend(XenbusState.CLOSING) == XenbusState.CLOSING
-            _, door = world.served("dom1-rng")
+            _, door = world.served("dom1-nic")
             assert not door.connected and "injected bug" in door.failure
-            assert door.session is None and door._error is None
+            assert door.memory is None and door.channel is None
             await healthy_neighbour(world)
 
     run(body)
@@ -110,15 +104,15 @@ def test_stop_after_the_runner_died_still_closes_the_device(tmp_path, caplog, mo
     async def broken(self: XenbusBackend, *args: object) -> None:
         raise RuntimeError(f"dom{self.domid} broken")
 
-    monkeypatch.setattr(XenVirtioBackend, "connect", broken)
+    monkeypatch.setattr(XenNetBackend, "connect", broken)
     monkeypatch.setattr(XenbusBackend, "_fail", broken)
     doors = []
 
     async def body() -> None:
         async with xen_world(tmp_path, CONFIGS[:1]) as world:
-            front = SimulatedVirtioFrontend(world.host.domains[1], world.clients[1], devid=0)
+            front = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
             await front.publish()
-            _, door = world.served("dom1-rng")
+            _, door = world.served("dom1-nic")
             doors.append(door)
             while not door._runner.done():
                 await asyncio.sleep(0.01)
@@ -146,13 +140,14 @@ def test_a_failed_second_watch_closes_the_xenstore_connection(tmp_path, monkeypa
         async with xen_world(tmp_path, []) as world:
             monkeypatch.setattr(XenstoreClient, "connect", classmethod(recording_connect))
             monkeypatch.setattr(XenstoreClient, "watch", second_watch_fails)
-            door = XenVirtioBackend(
-                create_rng_device({}, name="watchless"), "rng", primitives=world.registry.primitives("xen"), host=world.host,
+            endpoint = NetEndpoint("watchless", bytes.fromhex("00163e0000aa"), get_switch("watchless"))
+            door = XenNetBackend(
+                endpoint, primitives=world.registry.primitives("xen"), host=world.host,
                 xenstore_path=world.plugin.xenstore_path, backend_domid=0, domid=1, devid=0, name="watchless",
             )
             with pytest.raises(XenstoreError):
                 await door.start()
-            assert door.client is None
+            assert door.client is None and door.port.switch is None
             assert len(clients) == 1 and clients[0]._read_task.done()
 
     run(body)
@@ -161,11 +156,11 @@ def test_a_failed_second_watch_closes_the_xenstore_connection(tmp_path, monkeypa
 def test_probe_skips_a_backend_node_that_is_not_a_domain_id(tmp_path, caplog):
     async def body() -> None:
         async with xen_world(tmp_path, CONFIGS[:1]) as world:
-            await world.clients[0].write("/local/domain/0/backend/virtio/not-a-domid/0/state", "1")
+            await world.clients[0].write("/local/domain/0/backend/vif/not-a-domid/0/state", "1")
             slots = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: world.plugin.pvcore_probe(host=HostContext(environ={}))
             )
-            assert [(slot.device_class, slot.domain) for slot in slots] == [("rng", "1")]
+            assert [(slot.device_class, slot.domain) for slot in slots] == [("net", "1")]
 
     run(body)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "not-a-domid" in r.getMessage()]

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pvcore_scsi.plugin
 from pvcore_xen.host import PAGE_SIZE
-from pvcore_xen.plugin import XenPlugin, parse_domain
+from pvcore_xen.plugin import FRONT_DOORS, XenPlugin, parse_domain
 from pvcore_xen.testing.frontend import add_device
 from pvcore_xen.testing.host import SimulatedXenHost
 from pvcore_xen.testing.xenstored import SimulatedXenstored
-from pvcore_xen.virtio import virtio_type
+from pvcore_xen.xenbus import frontend_path
 from pvcore_xen.xenstore import XenstoreClient
 
 from pvcore.contract import DeviceConfig
@@ -67,13 +66,14 @@ async def xen_world(directory: Path, configs: Sequence[DeviceConfig], domids: Se
             host.add_domain(domid, GUEST_MEMORY)
         for config in configs:
             domid, devid = parse_domain(config.options["domain"])
-            kind = "console" if config.device_class == "console" else "virtio"
-            nodes = {} if kind == "console" else {"type": virtio_type(config.device_class), "transport": "mmio"}
-            await add_device(clients[0], backend_domid=0, domid=domid, kind=kind, devid=devid, nodes=nodes)
+            kind = FRONT_DOORS[config.device_class].kind
+            mac = {"mac": config.options["mac"]} if "mac" in config.options else {}
+            await add_device(clients[0], backend_domid=0, domid=domid, kind=kind, devid=devid, nodes=mac)
+            for node, value in mac.items():  # libxl writes the vif's MAC on both sides
+                await clients[0].write(f"{frontend_path(kind, domid, devid)}/{node}", value)
         registry = Registry()
         for builtin in (classes.block, classes.net, classes.console, classes.rng):
             registry.register(builtin, name=builtin.name)
-        registry.register(pvcore_scsi.plugin, name="scsi")  # a device-class plugin, as a third party's would be
         plugin = XenPlugin(host, xenstore_path=str(directory / "xenstored-dom0.sock"), backend_domid=0)
         registry.register(plugin, name="xen")
         daemon = Daemon(registry, "xen", configs, run_dir=directory / "run")
@@ -95,8 +95,8 @@ async def stop_daemon(world: World, *, crash: bool = False) -> None:
     """Stop the daemon as SIGTERM does, or (``crash``) drop it as a killed process would.
 
     A crash finishes nothing, publishes nothing and writes nothing to
-    xenstore: every queue is detached where it stands (requests the device
-    had taken stay unfinished), the xenstore connections close, and the
+    xenstore: every ring is left where it stands, the xenstore connections
+    close, the NICs' ports leave the switch, and the
     simulated host unbinds the backend's event channels as Xen does when the
     backend's process dies. The engines are then closed only to release
     their threads and files (a dead process's writes are in the page cache).
@@ -111,15 +111,14 @@ async def stop_daemon(world: World, *, crash: bool = False) -> None:
             door._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await door._runner
-        session = getattr(door, "session", None)
-        if session is not None:
-            for queue in session.running.values():
-                queue.detach()
-            loop.remove_reader(door._error.fileno())
         channel = getattr(door, "channel", None)
         if channel is not None:
             loop.remove_reader(channel.fileno())
+        if hasattr(door, "stream"):
             door.stream.on_input = None
+        port = getattr(door, "port", None)
+        if port is not None and port.switch is not None:  # the dead process's switch went with it
+            port.switch.detach(port)
         client, door.client = door.client, None
         if client is not None:
             await client.close()

@@ -2,8 +2,10 @@
 
 A simulated xenstored and host with guests 1 and 2 run on the kit's loop;
 each device the kit asks for is created in xenstore as libxl would, and its
-guest is the simulated Linux frontend (grant-mapped virtio on the core's
-reference driver, or hvc_xen's console ring). Used by test_xen_conformance.py.
+guest is the simulated Linux frontend (xen-blkfront's blkif ring,
+xen-netfront's netif rings, or hvc_xen's console ring). Xen's PV protocols are not virtio rings, so the
+kit's ring tests (suppression, hostile ring input) do not apply: netif's own
+are in test_netif.py and test_netif_hostile.py. Used by test_xen_conformance.py.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ from typing import Any
 from pvcore_xen.console import XenConsoleBackend
 from pvcore_xen.grants import EventChannelSpec, GrantLayout
 from pvcore_xen.host import PAGE_SIZE
-from pvcore_xen.plugin import XenPlugin
-from pvcore_xen.testing.frontend import SimulatedConsoleFrontend, SimulatedVirtioFrontend, add_device
+from pvcore_xen.plugin import FRONT_DOORS, XenPlugin
+from pvcore_xen.blkback import XenBlockBackend
+from pvcore_xen.testing.blkfront import SimulatedBlkFrontend
+from pvcore_xen.testing.frontend import SimulatedConsoleFrontend, add_device
 from pvcore_xen.testing.host import GrantedRam, SimulatedEventChannel, SimulatedXenHost
+from pvcore_xen.testing.netfront import SimulatedNetFrontend
 from pvcore_xen.testing.xenstored import SimulatedXenstored
-from pvcore_xen.virtio import virtio_type
-from pvcore_xen.xenbus import XenbusState
 from pvcore_xen.xenstore import XenstoreClient
 
 from pvcore.contract import DeviceInstance, FrontDoor, HostContext
-from pvcore.testing.conformance import ConformancePeer, KitContext, RingGuest
+from pvcore.testing.conformance import ConformancePeer, KitContext
 from pvcore.testing.loopthread import LoopThread
 
 GUESTS = (1, 2)
@@ -45,6 +48,67 @@ class XenConsoleGuest:
     def receive(self, size: int, timeout: float) -> bytes:
         """Guest input from the ``in`` ring."""
         return self.loop.run(self.front.read(size, timeout), timeout + 5)
+
+    def close(self) -> None:
+        """Close as Linux's xenbus does."""
+        self.loop.run(self.front.close())
+
+
+class XenBlockGuest:
+    """A simulated xen-blkfront, driven from the test thread."""
+
+    def __init__(self, front: SimulatedBlkFrontend, loop: LoopThread) -> None:
+        self.front = front
+        self.loop = loop
+        self.next_id = 0
+
+    def _id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def read(self, sector: int, count: int) -> bytes:
+        """``count`` sectors from ``sector``."""
+        status, data = self.loop.run(self.front.read(self._id(), sector, count * 512))
+        assert status == 0, f"blkif read answered {status}"
+        return data
+
+    def write(self, sector: int, data: bytes) -> None:
+        """``data`` at ``sector``."""
+        assert self.loop.run(self.front.write(self._id(), sector, data)) == 0
+
+    def flush(self) -> None:
+        """A cache flush."""
+        assert self.loop.run(self.front.flush(self._id())) == 0
+
+    def close(self) -> None:
+        """Close as Linux's xenbus does."""
+        self.loop.run(self.front.close())
+
+
+class XenNetGuest:
+    """A simulated xen-netfront, driven from the test thread; it keeps receive buffers posted."""
+
+    RECEIVE_BUFFERS = 16
+
+    def __init__(self, front: SimulatedNetFrontend, loop: LoopThread) -> None:
+        self.front = front
+        self.loop = loop
+        self.next_id = self.RECEIVE_BUFFERS
+        self.sent = 0
+        loop.call(lambda: front.post_rx(self.RECEIVE_BUFFERS))
+
+    def send(self, frame: bytes) -> None:
+        """Transmit ``frame`` and wait for the backend to take it."""
+        self.loop.call(lambda: self.front.send(frame, first_id=self.sent & 0xFFFF))
+        self.sent += 1
+        self.loop.run(self.front.wait_tx(1))
+
+    def receive(self, timeout: float) -> bytes:
+        """The next received frame; its buffer is posted again."""
+        frame = self.loop.run(self.front.receive(timeout), timeout + 5)
+        self.loop.call(lambda: self.front.post_rx(1, first_id=self.next_id & 0xFFFF))
+        self.next_id += 1
+        return frame
 
     def close(self) -> None:
         """Close as Linux's xenbus does."""
@@ -129,14 +193,11 @@ class XenPeer(ConformancePeer):
     def device_options(self, device_class: str, name: str) -> dict[str, str]:
         """Create the device in xenstore (guests 1 and 2 in turn) and name it by domain/devid."""
         domid = GUESTS[len(self.devices) % len(GUESTS)]
-        if device_class == "console":
-            devid = self.add("console", domid, {})
-        else:
-            devid = self.add("virtio", domid, {"type": virtio_type(device_class), "transport": "mmio"})
+        devid = self.add(FRONT_DOORS[device_class].kind, domid, {})
         self.devices[name] = (domid, devid)
         return {"domain": f"{domid}/{devid}"}
 
-    def open_guest(self, device: DeviceInstance, door: FrontDoor) -> RingGuest | XenConsoleGuest:
+    def open_guest(self, device: DeviceInstance, door: FrontDoor) -> XenBlockGuest | XenNetGuest | XenConsoleGuest:
         """The simulated frontend of the device's guest, connected through the xenbus handshake."""
         assert self.loop is not None
         domid, devid = self.devices[device.config.name]
@@ -145,15 +206,13 @@ class XenPeer(ConformancePeer):
             console = SimulatedConsoleFrontend(domain, client, devid=devid)
             self.run(console.connect())
             return XenConsoleGuest(console, self.loop)
-        front = SimulatedVirtioFrontend(domain, client, devid=devid, queue_size=64)
+        if isinstance(door, XenBlockBackend):
+            disk = SimulatedBlkFrontend(domain, client, devid=devid)
+            self.run(disk.connect())
+            return XenBlockGuest(disk, self.loop)
+        front = SimulatedNetFrontend(domain, client, devid=devid)
         self.run(front.connect())
-        return RingGuest(
-            front.queues,
-            kick=front.kick,
-            interrupts=front.channels,
-            failed=lambda: self.run(front.backend_state()) == XenbusState.CLOSING,
-            close=lambda: self.run(front.close()),
-        )
+        return XenNetGuest(front, self.loop)
 
     def notification_channel(self) -> tuple[EventChannelSpec, SimulatedEventChannel]:
         """A port guest 1 allocated for the backend, and the guest's end of it."""

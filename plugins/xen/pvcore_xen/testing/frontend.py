@@ -1,15 +1,11 @@
 """SIMULATED Xen frontends and toolstack: a guest's side of xenbus, for tests.
 
 :func:`add_device` writes a device's backend and frontend directories the way
-libxl does (as dom0, with the same ownership). :class:`SimulatedVirtioFrontend`
-is a Linux virtio-with-grants guest driver built on the core's reference
-driver: its rings and buffers live in the domain's :class:`GrantedRam` (so
-every descriptor address is a grant DMA address of a granted page), it
-allocates one event channel per queue and publishes the nodes of the "virtio
-over xenbus" contract (docs/hypervisors/xen.md), then runs the XenbusState
-handshake. :class:`SimulatedConsoleFrontend` is Linux's hvc_xen: one granted
-``xencons_interface`` page, ``ring-ref`` and ``port``. Neither talks to a
-real hypervisor.
+libxl does (as dom0, with the same ownership). :class:`SimulatedFrontend` is
+the xenbus half every simulated frontend shares (its nodes, the state
+handshake); :class:`SimulatedConsoleFrontend` is Linux's hvc_xen: one granted
+``xencons_interface`` page, ``ring-ref`` and ``port`` (the netfront is in
+:mod:`pvcore_xen.testing.netfront`). None talks to a real hypervisor.
 """
 
 from __future__ import annotations
@@ -18,10 +14,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Sequence
 
-from pvcore.testing.driver import DriverQueue, UsedBuffer
-from pvcore.virtio import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit
 from pvcore_xen.console import (
     IN_CONS,
     IN_OFFSET,
@@ -34,7 +27,7 @@ from pvcore_xen.console import (
     OUT_SIZE,
 )
 from pvcore_xen.host import PAGE_SIZE
-from pvcore_xen.testing.host import DMA_FIRST_REF, SimulatedDomain, SimulatedEventChannel
+from pvcore_xen.testing.host import DMA_FIRST_REF, SimulatedDomain
 from pvcore_xen.xenbus import XenbusState, backend_path, frontend_path
 from pvcore_xen.xenstore import XenstoreClient
 from pvcore_xen.xs_wire import Access, Permission
@@ -120,104 +113,6 @@ class SimulatedFrontend:
         await self.wait_backend(XenbusState.CLOSING, XenbusState.CLOSED)
         await self.set_state(XenbusState.CLOSED)
         await self.wait_backend(XenbusState.CLOSED)
-
-
-class SimulatedVirtioFrontend(SimulatedFrontend):
-    """A SIMULATED Linux virtio frontend with grant DMA (xen-grant-dma-ops) on the reference driver."""
-
-    kind = "virtio"
-
-    def __init__(self, *args: object, queue_size: int = 64, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.queue_size = queue_size
-        self.features = 0
-        self.config = b""
-        self.queues: list[DriverQueue] = []
-        self.channels: list[SimulatedEventChannel] = []
-        self._collected: list[list[UsedBuffer]] = []
-
-    async def publish(
-        self, *, features: int | None = None, event_idx: bool = True, overrides: dict[str, str] | None = None
-    ) -> None:
-        """Wait for the backend's InitWait, lay out the queues, publish every node, go Initialised.
-
-        ``overrides`` replaces node values (``{"queue-0/event-channel": "999"}``)
-        before the frontend goes Initialised, as a broken or hostile guest would.
-        """
-        await self.wait_backend(XenbusState.INIT_WAIT)
-        offered = int(await self.client.read(f"{self.backend_path}/features"), 16)
-        num_queues = int(await self.client.read(f"{self.backend_path}/num-queues"))
-        self.config = bytes.fromhex((await self.client.read(f"{self.backend_path}/config")).decode())
-        if features is None:
-            features = offered & ~(0 if event_idx else bit(VIRTIO_RING_F_EVENT_IDX))
-        self.features = features
-        await self.client.write(f"{self.path}/features", f"{features:x}")
-        for index in range(num_queues):
-            queue = DriverQueue(
-                self.domain.ram,
-                self.queue_size,
-                event_idx=bool(features & bit(VIRTIO_RING_F_EVENT_IDX)),
-                indirect=bool(features & bit(VIRTIO_RING_F_INDIRECT_DESC)),
-            )
-            port = self.domain.alloc_unbound(self.backend_domid)
-            self.queues.append(queue)
-            self.channels.append(self.domain.event_channel(port))
-            self._collected.append([])
-            prefix = f"{self.path}/queue-{index}"
-            for node, value in (
-                ("size", str(self.queue_size)),
-                ("desc", f"{queue.desc_addr:#x}"),
-                ("avail", f"{queue.avail_addr:#x}"),
-                ("used", f"{queue.used_addr:#x}"),
-                ("event-channel", str(port)),
-            ):
-                await self.client.write(f"{prefix}/{node}", value)
-        for node, value in (overrides or {}).items():
-            await self.client.write(f"{self.path}/{node}", value)
-        await self.set_state(XenbusState.INITIALISED)
-
-    async def connect(self, **options: object) -> None:
-        """:meth:`publish`, wait for the backend's Connected, go Connected."""
-        await self.publish(**options)  # type: ignore[arg-type]
-        await self.wait_backend(XenbusState.CONNECTED)
-        await self.set_state(XenbusState.CONNECTED)
-
-    def kick(self, index: int) -> None:
-        """Notify the backend on queue ``index``'s event channel."""
-        self.channels[index].signal()
-
-    def submit(self, index: int, readable: Sequence[bytes], writable: Sequence[int]) -> int:
-        """Post one chain and kick if the device wants it; return its head."""
-        queue = self.queues[index]
-        head = queue.add(readable, writable)
-        if queue.kick_needed():
-            self.kick(index)
-        return head
-
-    async def wait_used(self, index: int, count: int, timeout: float = 5.0) -> list[UsedBuffer]:
-        """Wait until ``count`` chains of queue ``index`` are used; return them in order."""
-        deadline = time.monotonic() + timeout
-        collected = self._collected[index]
-        while len(collected) < count:
-            self.channels[index].consume()
-            collected += self.queues[index].used()
-            if len(collected) >= count:
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"dom{self.domain.domid} virtio {self.devid} queue {index}: {len(collected)} of {count} used")
-            await wait_readable(self.channels[index].fileno(), min(remaining, RECHECK_INTERVAL))
-        result = collected[:count]
-        del collected[:count]
-        return result
-
-    async def request(self, index: int, readable: Sequence[bytes], writable: Sequence[int], timeout: float = 5.0) -> UsedBuffer:
-        """Post one chain and wait for it to come back."""
-        head = self.submit(index, readable, writable)
-        for used in await self.wait_used(index, 1, timeout):
-            if used.head == head:
-                return used
-        raise AssertionError(f"queue {index}: another chain came back instead of head {head}")
 
 
 _U32 = struct.Struct("<I")
