@@ -1,4 +1,4 @@
-"""The control socket of a running daemon: list, add and remove devices, change an rng's rate.
+"""The control socket of a running daemon: list, add and remove devices, change rates, limits and media.
 
 ``RUN_DIR/control.sock`` (mode 0600) speaks one JSON object per line each
 way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
@@ -26,6 +26,13 @@ way. A request names a ``command``; the answer is ``{"ok": true, ...}`` or
   -> ``{"ok": true, "limits": ..., "group": GROUP_OR_NULL}``: a block device's
   I/O limits (``off``: none), its throttle group's if it is in one, or a
   NIC's ``rate=BITS`` (:mod:`pvcore.device_limits`).
+
+``pvcore daemon`` (:class:`~pvcore.libvirt.follower.HostDaemon`) answers the
+same protocol on the same path (a one-domain server on
+``RUN_DIR/control-UUID12.sock``): its ``list`` adds each device's ``state``
+(``served``/``not served``, with ``error``), ``swap-media`` also rewrites the
+domain's metadata, and ``add``/``remove`` are refused (deploy and undeploy
+change what it serves). Anything that answers is a :class:`Controlled`.
 
 Only the daemon's own user (and root) may connect: the peer's uid, from
 SO_PEERCRED, is checked before a request is read. A line longer than
