@@ -538,6 +538,10 @@ def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_
             answer = request(run_dir, body)
             assert answer["ok"] is False and error in answer["error"], (body, answer)
         assert request(run_dir, {"command": "set-rate", "device": "rng", "rate": "1024/1s"}) == {"ok": True, "rate": "1024/1000ms"}
+        limited = request(run_dir, {"command": "set-limits", "device": "disk", "limits": "iops=100"})
+        assert limited["ok"] and "iops=100" in str(limited["limits"]), limited
+        refused = request(run_dir, {"command": "set-limits", "device": "disk", "limits": "iops=lots"})
+        assert refused["ok"] is False and "iops" in refused["error"], refused
 
         assert request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)}) == {"ok": True, "old": str(old)}
         swapped = block.replace(f"path={old}", f"path={new}")

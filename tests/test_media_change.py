@@ -99,6 +99,42 @@ def test_a_read_only_device_swaps_and_stays_read_only(tmp_path: Path) -> None:
     assert new.read_bytes() == b"\x02" * (4 * MIB)
 
 
+def test_a_throttled_device_swaps_while_its_group_holds_requests_back(tmp_path: Path) -> None:
+    """With I/O limits, requests the throttle lets go during the swap are held too; none is lost or fails."""
+    from pvcore.throttle import ThrottleGroup, ThrottleLimits
+
+    old, new = image(tmp_path / "old.img", 0x0A), image(tmp_path / "new.img", 0x0B)
+    group = ThrottleGroup("g", ThrottleLimits.parse_text("iops=40"))
+    backend = BlockBackend(RawFileStore(str(old)), throttle=group.join("disk"))
+
+    async def scenario() -> tuple[list[tuple[BlockResult, bytearray]], float]:
+        loop = asyncio.get_running_loop()
+        pending = []
+        for index in range(40):  # a second's worth at 40 IOPS: most wait in the throttle
+            request, data = read_request(index * 4096)
+            done = loop.create_future()
+            backend.submit(request, done.set_result)
+            pending.append((done, data))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(change_medium, backend, str(new))
+        swapped = loop.time()
+        results = []
+        for done, data in pending:
+            results.append((await done, data))
+        return results, loop.time() - swapped
+
+    try:
+        results, after = asyncio.run(scenario())
+    finally:
+        backend.close()
+    assert all(result.ok for result, _ in results)
+    contents = [bytes(data[:1]) * 4096 == bytes(data) and bytes(data[:1]) for _, data in results]
+    assert set(contents) == {b"\x0a", b"\x0b"}, "every read is wholly one file's, and both files were read"
+    first_new = contents.index(b"\x0b")
+    assert set(contents[first_new:]) == {b"\x0b"}  # in submission order: old file, then new file, never back
+    assert after > 0.2  # the throttle still spaced out the requests that waited through the swap
+
+
 @pytest.mark.parametrize(
     ("target", "error"),
     [

@@ -279,6 +279,7 @@ class BlockBackend:
         self.throttle = throttle
         self._paused = False
         self._held: list[_Job] = []
+        self._in_throttle = 0
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-io{i}", daemon=True) for i in range(workers)
         ]
@@ -333,13 +334,16 @@ class BlockBackend:
             if busy or self._check(request) is not None:
                 return False
             throttle = self.throttle
-            if throttle is not None:
-                cost = request_cost(request)
-                if not throttle.may_go(cost) or not self._try_inline(request):
+            if throttle is None:
+                if not self._try_inline(request):
                     return False
-                throttle.spend(cost)
-            elif not self._try_inline(request):
-                return False
+            else:
+                cost = request_cost(request)
+                if not throttle.try_go(cost):
+                    return False
+                if not self._try_inline(request):
+                    throttle.refund(cost)  # submit() spends it again
+                    return False
             if service_time is not None:
                 service_time.observe(self._clock() - started)
             self._count(request)
@@ -360,17 +364,17 @@ class BlockBackend:
         throttle = self.throttle
         with self._lock:
             self._count(request)
-            if self._paused:  # checked against the store it will run on, when the swap is over
-                self._counters.in_flight += 1
-                self._held.append(_Job(request, callback, loop, next(self._seq), key, now))
-                return
             rejection = self._check(request)
             if rejection is not None:
                 self._counters.errors += 1
             else:
                 self._counters.in_flight += 1
                 job = _Job(request, callback, loop, next(self._seq), key, now)
-                if throttle is None:
+                if throttle is not None:
+                    self._in_throttle += 1
+                elif self._paused:  # a swap runs: held until the new store is in
+                    self._held.append(job)
+                else:
                     self._enqueue(job)
         if rejection is not None:
             log.debug("%s: %s request rejected: %s", self.name, request.op.value, rejection.message)
@@ -381,6 +385,7 @@ class BlockBackend:
     def _admit(self, job: _Job) -> None:
         """Queue a job its throttle group let go (from any thread); during a swap it is held with the others."""
         with self._lock:
+            self._in_throttle -= 1
             if self._paused:
                 self._held.append(job)
             else:
@@ -558,7 +563,8 @@ class BlockBackend:
         """Serve ``store`` in place of the current store from now on; the old store is returned, for the caller to close.
 
         Blocks (call it on a thread). Requests submitted meanwhile are held,
-        not failed; those in flight finish; a writable old store is flushed
+        not failed; those in flight finish (those its I/O limits still hold
+        back are not waited for: they reach the new store); a writable old store is flushed
         (``fdatasync``); ``store`` takes its place; the held requests then run
         against it. ``store`` must have the size of the current one (the
         guest's capacity does not change) and be read-only exactly when it
@@ -574,7 +580,9 @@ class BlockBackend:
             if self._closing or self._paused:
                 raise SwapError(f"{self.name}: the device is {'closing' if self._closing else 'being swapped already'}")
             self._paused = True
-            drained = self._cond.wait_for(lambda: self._counters.in_flight == len(self._held), timeout)
+            drained = self._cond.wait_for(
+                lambda: self._counters.in_flight == len(self._held) + self._in_throttle, timeout
+            )
         old = self.store
         try:
             if not drained:
@@ -595,7 +603,11 @@ class BlockBackend:
         return old
 
     def _release_held(self) -> None:
-        """Check and queue the requests held during a swap (caller holds the lock)."""
+        """Queue the requests held during a swap (caller holds the lock); a backend closed meanwhile fails them.
+
+        They were checked at submission against the old store, which had the size and the read-only
+        state of the new one.
+        """
         held, self._held = self._held, []
         for job in held:
             rejection = self._check(job.request)
