@@ -128,7 +128,9 @@ class LinuxEventChannel:
     def __init__(self, path: str, domid: int, remote_port: int) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.local_port = fcntl.ioctl(self.fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, _BIND_INTERDOMAIN.pack(domid, remote_port))
+            # a mutable buffer, so that ioctl returns the call's result (the local port), not the buffer
+            request = bytearray(_BIND_INTERDOMAIN.pack(domid, remote_port))
+            self.local_port = fcntl.ioctl(self.fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, request, True)
         except OSError as exc:
             os.close(self.fd)
             raise OSError(exc.errno, f"{path}: cannot bind event channel {remote_port} of domain {domid}: {exc.strerror}") from None
