@@ -222,9 +222,11 @@ class LeakyBucket:
 
     def leak(self, elapsed: float) -> None:
         """Drain for ``elapsed`` seconds."""
-        self.level = max(0.0, self.level - self.rate * elapsed)
+        level = self.level - self.rate * elapsed
+        self.level = level if level > 0.0 else 0.0
         if self.burst is not None:
-            self.burst_level = max(0.0, self.burst_level - self.burst * elapsed)
+            level = self.burst_level - self.burst * elapsed
+            self.burst_level = level if level > 0.0 else 0.0
 
     def wait(self) -> float:
         """Seconds until a request may pour into this bucket (0: now)."""
@@ -237,6 +239,11 @@ class LeakyBucket:
         """A request that goes adds its ``units``."""
         self.level += units
         self.burst_level += units
+
+    def take_back(self, units: float) -> None:
+        """Take back ``units`` a request poured and did not use after all (never below empty)."""
+        self.level = max(0.0, self.level - units)
+        self.burst_level = max(0.0, self.burst_level - units)
 
 
 Release = Callable[[], None]
@@ -271,13 +278,13 @@ class Throttle:
         """Requests of this device held back now."""
         return len(self.queues[0]) + len(self.queues[1])
 
-    def may_go(self, cost: Cost) -> bool:
-        """Whether a request of ``cost`` may go now, without waiting; nothing is spent (see :meth:`spend`)."""
-        return self.group.may_go(cost)
+    def try_go(self, cost: Cost) -> bool:
+        """Spend ``cost`` and say True if a request may go now, without waiting; False spends nothing."""
+        return self.group.try_go(self, cost)
 
-    def spend(self, cost: Cost) -> None:
-        """Count a request that went without waiting (after :meth:`may_go` said it may)."""
-        self.group.spend(cost)
+    def refund(self, cost: Cost) -> None:
+        """Give back what :meth:`try_go` spent for a request that did not go after all."""
+        self.group.refund(cost)
 
     def go(self, cost: Cost, release: Release, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Let a request of ``cost`` go: ``release()`` runs now if it may, else once its turn comes.
@@ -324,7 +331,7 @@ class ThrottleGroup:
         self.members: list[Throttle] = []
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets = limits.buckets()
+        self._set_buckets(limits)
         self._last = clock()
         self._turn = 0
         self._seq = 0
@@ -352,57 +359,62 @@ class ThrottleGroup:
         """Replace the limits of every device of the group; held-back requests are measured by the new ones."""
         with self._lock:
             self.limits = limits
-            self._buckets = limits.buckets()
+            self._set_buckets(limits)
             self._last = self._clock()
         self.pump()
+
+    def _set_buckets(self, limits: ThrottleLimits) -> None:
+        """New empty buckets, and for each direction the ones it pours into (caller holds the lock)."""
+        made = limits.buckets()
+        self._buckets = [bucket for bucket, _, _ in made]
+        self._poured: tuple[list[tuple[LeakyBucket, bool]], list[tuple[LeakyBucket, bool]]] = tuple(  # type: ignore[assignment]
+            [(bucket, in_bytes) for bucket, direction, in_bytes in made if direction is None or direction is write]
+            for write in (False, True)
+        )
 
     def _drain(self) -> float:
         now = self._clock()
         elapsed = now - self._last
         if elapsed > 0:
-            for bucket, _, _ in self._buckets:
+            for bucket in self._buckets:
                 bucket.leak(elapsed)
             self._last = now
         return now
 
     def _wait(self, cost: Cost) -> float:
         wait = 0.0
-        for bucket, direction, in_bytes in self._buckets:
-            units = cost.nbytes if in_bytes else cost.ios
-            if units and (direction is None or direction is cost.write):
-                wait = max(wait, bucket.wait())
+        for bucket, in_bytes in self._poured[cost.write]:
+            if (cost.nbytes if in_bytes else cost.ios) and (bucket.level > bucket.capacity or bucket.burst is not None):
+                bucket_wait = bucket.wait()
+                if bucket_wait > wait:
+                    wait = bucket_wait
         return wait
 
     def _pour(self, cost: Cost) -> None:
-        for bucket, direction, in_bytes in self._buckets:
+        for bucket, in_bytes in self._poured[cost.write]:
             units = cost.nbytes if in_bytes else cost.ios
-            if units and (direction is None or direction is cost.write):
+            if units:
                 bucket.pour(units)
 
-    def may_go(self, cost: Cost) -> bool:
-        """Whether a request may go now: nobody in the group is held back and the buckets allow it."""
-        with self._lock:
-            if self._waiting:
-                return False
-            self._drain()
-            return self._wait(cost) == 0.0
-
-    def spend(self, cost: Cost) -> None:
-        """Pour a request that went without waiting into the buckets."""
-        with self._lock:
-            self._drain()
-            self._pour(cost)
-
     def try_go(self, member: Throttle, cost: Cost) -> bool:
-        """Spend ``cost`` and say True if it may go now (see :meth:`may_go`); False spends nothing."""
+        """Spend ``cost`` and say True if it may go now: nobody in the group is held back and the
+        buckets allow it. False spends nothing."""
         with self._lock:
             if self._waiting:
                 return False
+            if not self._buckets:
+                return True
             self._drain()
             if self._wait(cost):
                 return False
             self._pour(cost)
             return True
+
+    def refund(self, cost: Cost) -> None:
+        """Take back a request :meth:`try_go` let go that did not go after all."""
+        with self._lock:
+            for bucket, in_bytes in self._poured[cost.write]:
+                bucket.take_back(cost.nbytes if in_bytes else cost.ios)
 
     def enqueue(self, member: Throttle, cost: Cost, release: Release, loop: asyncio.AbstractEventLoop | None) -> None:
         """Hold a request back in ``member``'s queue, then let go what may go now (see :meth:`pump`)."""

@@ -268,7 +268,7 @@ class VirtioNet(VirtioDevice):
             queue.complete(chain, 0)
             return
         throttle = self.throttle
-        if throttle is not None and not throttle.group.try_go(throttle, Cost(True, 0, length - self._hdr_len)):
+        if throttle is not None and not throttle.try_go(Cost(True, 0, length - self._hdr_len)):
             self._tx_held.append((queue, chain))
             throttle.go(Cost(True, 0, length - self._hdr_len), self._tx_turn, queue.session.loop)
             return
@@ -321,7 +321,7 @@ class VirtioNet(VirtioDevice):
                     cost = Cost(False, 0, len(self._backlog[0]))
                     if self._rx_waiting:
                         return
-                    if not throttle.group.try_go(throttle, cost):
+                    if not throttle.try_go(cost):
                         self._rx_waiting = True
                         throttle.go(cost, self._rx_turn, queue.session.loop)
                         return
