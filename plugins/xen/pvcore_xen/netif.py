@@ -22,6 +22,12 @@ multicast control was offered) or whose grant cannot be copied is answered
 checksum completed (:mod:`pvcore.devices.net.checksum`). The frame then goes
 to the switch, which drops a forged source MAC as on every other port.
 
+With ``attach`` the backend writes the device's xenstore nodes itself
+(:mod:`pvcore_xen.toolstack`, with the ``mac`` on both sides as libxl writes
+it) under ``backend/pvcore-vif``, which the kernel's netback does not watch;
+otherwise it serves ``backend/vif/<domid>/<devid>`` as the toolstack wrote it
+(only where netback is not loaded).
+
 Receive (``netif_rx_request``: id, gref): frames the switch delivers wait in a
 bounded backlog until the guest posts requests; each frame is copied into one
 page, or with the frontend's ``feature-sg`` into as many as it needs
@@ -46,7 +52,7 @@ from pvcore.ring.memory import GuestMemoryError
 from pvcore_xen.grants import GrantMemory, grant_address
 from pvcore_xen.host import GNTST_OKAY, PAGE_SIZE, EventChannel, GrantCopy
 from pvcore_xen.ring import BackRing, RingError
-from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, read_number, require_number
+from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, frontend_path, read_number, require_number
 from pvcore_xen.xenstore import XenstoreClient
 
 log = logging.getLogger("pvcore.xen")
@@ -76,6 +82,8 @@ MAX_SLOTS = 18
 RX_BACKLOG = 256
 """Frames kept for a guest that posts no receive requests, before the switch counts them dropped_full."""
 MAX_GRANT_REF = 0xFFFFFFFF
+PVCORE_KIND = "pvcore-vif"
+"""The backend type of the NICs pvcore attaches itself (netback watches ``vif`` only)."""
 BACKEND_FEATURES = {"feature-rx-copy": "1", "feature-rx-flip": "0", "feature-sg": "1", "multi-queue-max-queues": "1"}
 
 
@@ -110,9 +118,12 @@ class XenNetBackend(XenbusBackend):
     """Serves one netfront (``backend/vif/<domid>/<devid>``) as a port of the endpoint's switch."""
 
     kind = "vif"
+    """The toolstack's NICs (what ``pvcore probe`` lists); ``attach`` makes it :data:`PVCORE_KIND`."""
 
     def __init__(self, endpoint: NetEndpoint, **where: Any) -> None:
+        self.kind = PVCORE_KIND if where.get("attach") else "vif"
         super().__init__(**where)
+        self.frontend_path = frontend_path("vif", self.domid, self.devid)
         self.endpoint = endpoint
         self.port = NetifPort(self, endpoint.name, endpoint.mac)
         self.stats = NetifStats()
@@ -143,6 +154,11 @@ class XenNetBackend(XenbusBackend):
         """Disconnect as every xenbus backend does, then detach the port."""
         await super().stop()
         self.endpoint.switch.detach(self.port)
+
+    def toolstack_nodes(self) -> tuple[dict[str, str], dict[str, str]]:
+        """What libxl writes for a vif besides the common nodes: its MAC and handle, on both sides."""
+        nodes = {"mac": format_mac(self.endpoint.mac), "handle": str(self.devid)}
+        return nodes, dict(nodes)
 
     async def announce(self, client: XenstoreClient) -> None:
         """Publish the features netfront reads: copying receive, scatter-gather, one queue."""

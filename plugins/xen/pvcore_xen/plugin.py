@@ -103,12 +103,12 @@ def parse_on_off(text: str) -> bool:
     raise ValueError(f"{text!r}: expected on or off")
 
 
-ATTACHABLE = ("block", "console")
+ATTACHABLE = ("block", "net", "console")
 """Classes whose xenstore nodes pvcore can write itself (``attach=on``)."""
 
 ATTACH_OPTION = OptionSpec(
     "on: write the device's xenstore nodes (as xl block-attach does) when they do not exist; "
-    "a disk then lives under backend/pvcore-vbd, which blkback leaves alone",
+    "a disk then lives under backend/pvcore-vbd and a NIC under backend/pvcore-vif, which blkback and netback leave alone",
     parse=parse_on_off,
     default=False,
 )

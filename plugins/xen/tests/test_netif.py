@@ -13,9 +13,9 @@ import struct
 import uuid
 
 from helpers import run
-from pvcore_xen.netif import NETIF_RSP_OKAY, NETTXF_CSUM_BLANK
+from pvcore_xen.netif import NETIF_RSP_OKAY, NETTXF_CSUM_BLANK, PVCORE_KIND
 from pvcore_xen.testing.netfront import SimulatedNetFrontend
-from pvcore_xen.xenbus import XenbusState
+from pvcore_xen.xenbus import XenbusState, backend_path
 from world import device, xen_world
 
 from pvcore.contract import HostContext
@@ -176,5 +176,25 @@ def test_probe_lists_vifs_with_their_mac(tmp_path):
             assert {(s.device_class, s.properties["domain"], s.properties["mac"]) for s in slots} == {
                 ("net", "1/0", format_mac(MAC1)), ("net", "2/0", format_mac(MAC2))
             }
+
+    run(body)
+
+
+def test_attach_writes_the_nodes_under_pvcores_own_backend_type(tmp_path):
+    switch = f"xen-{uuid.uuid4().hex[:8]}"
+    configs = [device("net", "dom1-nic", "1/4", mac=format_mac(MAC1), switch=switch, attach="on")]
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            dom0 = world.clients[0]
+            backend, frontend = backend_path(0, PVCORE_KIND, 1, 4), "/local/domain/1/device/vif/4"
+            assert (await dom0.read(f"{frontend}/backend")).decode() == backend
+            assert (await dom0.read(f"{frontend}/mac")).decode() == format_mac(MAC1)
+            assert (await dom0.read(f"{backend}/frontend")).decode() == frontend
+            front = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=4)
+            front.backend_path = backend
+            await front.connect()
+            front.send(ethernet(b"\xff" * 6, MAC1, b"attached"))
+            assert await front.wait_tx(1) == [(0, NETIF_RSP_OKAY)]
 
     run(body)
