@@ -167,6 +167,9 @@ class ControlServer:
                 return {"ok": True, **await handler(body)}
             except ControlError as exc:
                 return {"ok": False, "error": str(exc)}
+            except Exception as exc:  # a bug answers that request; the daemon and its devices serve on
+                log.exception("control socket: %s request failed", body.get("command"))
+                return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc} (see the daemon's log)"}
 
     @staticmethod
     def _encode(answer: Mapping[str, Any]) -> bytes:

@@ -188,6 +188,7 @@ class Daemon:
         from pvcore.config import ConfigError, check_unique, parse_devices
         from pvcore.control import ControlError
         from pvcore.devices.net import get_switch
+        from pvcore.streams.unix import ListenerError
         from pvcore.virtio import DeviceError
 
         try:
@@ -204,7 +205,7 @@ class Daemon:
         )
         try:
             await self._start_device(self.registry.device_classes()[config.device_class], config, context)
-        except (DaemonError, DeviceError, ConfigError, ValueError, OSError) as exc:
+        except (DaemonError, DeviceError, ConfigError, ListenerError, ValueError, OSError) as exc:
             raise ControlError(f"{config.name}: {exc}") from None
         self.configs.append(config)
         return config.name

@@ -123,6 +123,7 @@ def test_bad_requests_get_one_error_and_change_nothing(tmp_path: Path, serve) ->
         (("add", f"block:path={tmp_path / 'missing.img'},socket={tmp_path / 'vm2.sock'}"), "missing.img"),
         (("add", f"block:path={disk},socket={tmp_path / 'vm1-disk.sock'}"), "two devices"),
         (("add", "block:colour=blue"), "has no option 'colour'"),
+        (("add", f"block:path={disk},socket={tmp_path / 'nodir' / 'vm2.sock'}"), "nodir does not exist"),
         (("set-rate", "vm1-disk", "10/1s"), "no rng device named 'vm1-disk'"),
     ]:
         done = served.ctl(*args)
