@@ -1,11 +1,12 @@
 """The memory and notification primitives: grant-addressed guest memory, event channels.
 
-A Xen guest using virtio with grants (Linux's xen-grant-dma-ops) puts *grant
-DMA addresses* in its rings: ``(grant_ref << 12) | page offset`` with bit 63
-(``XEN_GRANT_DMA_ADDR_OFF``) set. :class:`GrantMemory` is a core
-:class:`~pvcore.ring.memory.GuestMemory` over that address space: it maps a
-page through the host (gntdev) the first time the ring engine touches it and
-keeps it mapped until :meth:`GrantMemory.close`. Consecutive refs are
+A page a guest granted this domain is addressed as a *grant DMA address*:
+``(grant_ref << 12) | page offset`` with bit 63 (``XEN_GRANT_DMA_ADDR_OFF``)
+set, the form Linux's xen-grant-dma-ops uses. :class:`GrantMemory` is a core
+:class:`~pvcore.ring.memory.GuestMemory` over that address space: the PV
+front doors reach their ring pages through it (:func:`grant_address` of the
+ref the frontend published); it maps a page through the host (gntdev) the
+first time it is touched and keeps it mapped until :meth:`GrantMemory.close`. Consecutive refs are
 consecutive pages, so a buffer may cross pages as it crosses regions. A ref
 the guest never granted to this domain is a
 :class:`~pvcore.ring.memory.GuestMemoryError`, which fails that device only.
