@@ -493,7 +493,7 @@ def test_cli_deploy_through_a_plugin_without_libvirt_xml_names_it() -> None:
 
 
 def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_and_refuses_add(
-    conn, registry, domain_name, tmp_path
+    conn, registry, domain_name, tmp_path, monkeypatch
 ) -> None:
     """`pvcore daemon`'s control socket: list (domain, served or not and why), swap-media recorded in the
     metadata without restarting the device, set-rate, and add/remove refused (the metadata is the record)."""
@@ -542,6 +542,19 @@ def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_
         assert limited["ok"] and "iops=100" in str(limited["limits"]), limited
         refused = request(run_dir, {"command": "set-limits", "device": "disk", "limits": "iops=lots"})
         assert refused["ok"] is False and "iops" in refused["error"], refused
+
+        from pvcore.libvirt import follower
+
+        def refused(*args: object) -> None:
+            raise LibvirtError("metadata write refused (injected)")
+
+        with monkeypatch.context() as patched:  # the record cannot be written: the old file is put back
+            patched.setattr(follower, "write_specs", refused)
+            answer = request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)})
+        assert answer["ok"] is False and "could not be recorded in its metadata: metadata write refused" in answer["error"]
+        served = host.served[domain.UUIDString()]
+        assert served.devices[block].served[0][0].engine.store.path == str(old)
+        assert read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) == [block, rng, missing]
 
         assert request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)}) == {"ok": True, "old": str(old)}
         swapped = block.replace(f"path={old}", f"path={new}")

@@ -30,7 +30,7 @@ device (:func:`check_metadata_paths`).
 
 A control socket (:mod:`pvcore.control`, mode 0600, its user and root
 only) serves ``RUN_DIR/control.sock`` (a one-domain server:
-``RUN_DIR/control-UUID.sock``). Its ``list`` names each device's domain and
+``RUN_DIR/control-UUID12.sock``, see :func:`~pvcore.control.control_socket_path`). Its ``list`` names each device's domain and
 state (``served``, or ``not served`` with the reason). ``swap-media``
 changes a served disk's file and records the new ``path=`` in the domain's
 metadata (live and persistent, wherever the spec is), so that a restarted
@@ -385,16 +385,27 @@ class HostDaemon:
             raise ControlError(f"domain {served.name}: the change could not be recorded in its metadata: {message}") from None
 
     def _rewrite_metadata(self, uuid: str, old: str, new: str) -> None:
+        """Replace spec ``old`` by ``new`` in the live and persistent metadata; on a failure, put back what was written."""
         libvirt = self._libvirt
         if self._conn is None:
             raise LibvirtError(f"not connected to {self.uri}")
         domain = self._conn.lookupByUUIDString(uuid)
         flags = [libvirt.VIR_DOMAIN_AFFECT_LIVE] if domain.isActive() else []
         flags += [libvirt.VIR_DOMAIN_AFFECT_CONFIG] if domain.isPersistent() else []
-        for flag in flags:
-            specs = read_specs(domain, flag, libvirt)
-            if old in specs:
-                write_specs(domain, [new if s == old else s for s in specs], flag, libvirt)
+        written: list[tuple[int, list[str]]] = []
+        try:
+            for flag in flags:
+                specs = read_specs(domain, flag, libvirt)
+                if old in specs:
+                    write_specs(domain, [new if s == old else s for s in specs], flag, libvirt)
+                    written.append((flag, specs))
+        except (libvirt.libvirtError, LibvirtError):
+            for flag, specs in written:
+                try:
+                    write_specs(domain, specs, flag, libvirt)
+                except libvirt.libvirtError as exc:
+                    log.error("domain %s: could not put back its metadata: %s", domain.name(), exc.get_error_message())
+            raise
 
     # -- the connection and its events ------------------------------------
 
