@@ -145,8 +145,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
 
     ctl = commands.add_parser(
         "ctl",
-        help="list, add or remove the devices of a running daemon, or change their limits or an rng's rate",
-        description="Talk to the control socket (RUN_DIR/control.sock) of a running `pvcore serve`; "
+        help="list, add or remove the devices of a running daemon, change their limits, an rng's rate or a disk's file",
+        description="Talk to the control socket (RUN_DIR/control.sock) of a running `pvcore serve` or `pvcore daemon`; "
         "see docs/operations.md (Control socket).",
     )
     ctl.add_argument("--run-dir", type=Path, metavar="DIR", help="the daemon's run directory (default: /run/pvcore)")
