@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pvcore.devices.block import BlockOp, BlockRequest, create_block_device
-from pvcore.devices.net import Port, create_net_device, get_switch, parse_mac
+from pvcore.devices.net import Port, create_net_device, get_switch, parse_mac, parse_net_options
 from pvcore.devices.net.virtio_net import NET_HDR, RX_QUEUE, TX_QUEUE
 from pvcore.testing.loopback import Loopback
 from pvcore.throttle import Cost, Throttle, ThrottleError, ThrottleGroup, ThrottleGroups, ThrottleLimits
@@ -345,3 +345,33 @@ def test_a_nic_rate_holds_transmitted_and_received_frames_to_it() -> None:
     finally:
         nic.close()
         switch.detach(peer)
+
+
+def test_set_limits_changes_a_nic_rate_and_a_block_device_without_limits(image: Path) -> None:
+    from pvcore.contract import DeviceConfig
+    from pvcore.device_limits import describe_limits, set_limits
+    from pvcore.devices.classes import NetServedDevice, ServedDevice
+
+    endpoint = parse_net_options({"mac": "52:54:00:00:01:0c", "switch": "throttle-test-2"}, name="t-nic2")
+    nic = NetServedDevice(DeviceConfig("net", "t-nic2"), endpoint)
+    assert describe_limits(nic) == {"limits": "off", "group": None}
+    assert set_limits(nic, "rate=10M") == {"limits": "rate=10000000", "group": None}
+    for bad, message in (("rate=0", "must be more than 0"), ("iops=5", "a NIC takes rate="), ("rate=-1", "positive")):
+        with pytest.raises(ThrottleError, match=message):
+            set_limits(nic, bad)
+    assert describe_limits(nic)["limits"] == "rate=10000000"
+    assert endpoint.throttle is not None and endpoint.throttle.group.limits.bps_write == 1_250_000
+    assert set_limits(nic, "off")["limits"] == "off"
+
+    backend, virtio = create_block_device({"path": str(image)}, name="t-late")
+    disk = ServedDevice(DeviceConfig("block", "t-late"), virtio, backend)
+    try:
+        assert backend.throttle is None
+        with pytest.raises(ThrottleError, match="t-late: unknown limit group"):
+            set_limits(disk, "iops=5,group=g")
+        assert backend.throttle is None
+        assert set_limits(disk, "iops=50") == {"limits": "iops=50", "group": None}
+        _, took = asyncio.run(run_requests(backend, 30))
+        assert took >= 0.3  # 30 reads, the first 6 at once, at 50 per second
+    finally:
+        backend.close()
