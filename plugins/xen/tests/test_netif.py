@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 import uuid
 
 from helpers import run
 from pvcore_xen.netif import NETIF_RSP_OKAY, NETTXF_CSUM_BLANK, PVCORE_KIND
+from pvcore_xen.ring import RSP_EVENT, RSP_PROD
+from pvcore_xen.testing.frontend import wait_readable
 from pvcore_xen.testing.netfront import SimulatedNetFrontend
 from pvcore_xen.xenbus import XenbusState, backend_path
 from world import device, xen_world
@@ -196,5 +199,30 @@ def test_attach_writes_the_nodes_under_pvcores_own_backend_type(tmp_path):
             await front.connect()
             front.send(ethernet(b"\xff" * 6, MAC1, b"attached"))
             assert await front.wait_tx(1) == [(0, NETIF_RSP_OKAY)]
+
+    run(body)
+
+
+def test_the_backend_signals_only_when_the_frontend_asked(tmp_path):
+    """``rsp_event`` beyond the responses just published: no event; at the next one: an event."""
+    switch = f"xen-{uuid.uuid4().hex[:8]}"
+
+    async def body() -> None:
+        async with xen_world(tmp_path, nics(switch)) as world:
+            one = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
+            await one.connect()
+            one.channel.consume()
+            one.tx.put(RSP_EVENT, 100)  # "not before the 100th response"
+            one.send(ethernet(MAC2, MAC1, b"quiet"))
+            deadline = time.monotonic() + 5
+            while one.tx.get(RSP_PROD) != 1:
+                assert time.monotonic() < deadline, "the backend did not answer"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert one.channel.consume() == 0
+            one.tx.put(RSP_EVENT, 2)  # the next response
+            one.send(ethernet(MAC2, MAC1, b"loud"), first_id=1)
+            await wait_readable(one.channel.fileno(), 5)
+            assert one.channel.consume() == 1
 
     run(body)
