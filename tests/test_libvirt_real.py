@@ -479,6 +479,9 @@ def test_deploy_starts_backends_and_records_the_devices(real) -> None:
     assert f"  block {name}-block0: <disk vhostuser> vda, socket " in out
     assert f"  rng {name}-rng0: <rng virtio>, socket " in out
     assert "  served by: a one-domain server (pid " in out
+    # deploy saw them served through the one-domain server's control socket
+    assert f"  {name}-block0: served, vhost-user server socket " in out
+    assert f"  {name}-rng0: served, " in out
     assert real["sockets_after_deploy"] == [True, True]
 
 
