@@ -6,8 +6,9 @@ Through `pvcore serve` and its control socket, with the Python vhost-user
 front end reading continuously, eight requests at a time: no read fails,
 every read is wholly the old file's or wholly the new one's, and every read
 made after the swap answered is the new one's. Refusals (missing file, a
-directory, a character device, another size) are one error and the device
-keeps its file.
+directory, a character device, another size, a failing flush of the old
+file) are one error and the device keeps its file. Under I/O limits, the
+requests the throttle holds back are not waited for and none is lost.
 """
 
 from __future__ import annotations
@@ -133,6 +134,19 @@ def test_a_throttled_device_swaps_while_its_group_holds_requests_back(tmp_path: 
     first_new = contents.index(b"\x0b")
     assert set(contents[first_new:]) == {b"\x0b"}  # in submission order: old file, then new file, never back
     assert after > 0.2  # the throttle still spaced out the requests that waited through the swap
+
+
+def test_a_failing_flush_of_the_old_file_swaps_nothing(tmp_path: Path) -> None:
+    """The old file's writes must be durable before it is let go: if its fdatasync fails, the device keeps it."""
+    old, new = image(tmp_path / "old.img", 0x5A), image(tmp_path / "new.img", 0xA5)
+    faulty = FaultyStore(RawFileStore(str(old)))
+    backend = BlockBackend(faulty)  # type: ignore[arg-type]
+    try:
+        with faulty.injecting("fdatasync"), pytest.raises(MediaError, match="flushing the current store failed"):
+            change_medium(backend, str(new))
+        assert backend.store is faulty and faulty.injected == 1
+    finally:
+        backend.close()
 
 
 @pytest.mark.parametrize(
