@@ -190,7 +190,7 @@ class XenBlockBackend(XenbusBackend):
 
     def _start(self, raw: bytes) -> None:
         """Check one request and hand it to the engine, or answer it at once."""
-        operation, request_id = raw[0], _ID.unpack_from(raw, 8)[0]
+        operation, request_id = blkif.response_operation(raw[0], raw[1]), _ID.unpack_from(raw, 8)[0]
         if request_id in self._in_flight:
             self._reject(request_id, operation, f"id {request_id:#x} is still in flight")
             return
@@ -283,7 +283,7 @@ class XenBlockBackend(XenbusBackend):
             if block.op is BlockOp.FLUSH:
                 log.debug("%s: flush for id %#x: %s", self.name, request.id, result.status.value)
             if status is not None:
-                self._answer(ring, request.id, request.operation, status)
+                self._answer(ring, request.id, blkif.response_operation(request.operation, request.indirect_op), status)
 
         if block.op in (BlockOp.READ, BlockOp.WRITE) and self.engine.serve_now(block):
             done(BlockResult(BlockStatus.OK, block.length))

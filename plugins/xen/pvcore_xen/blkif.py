@@ -132,6 +132,11 @@ def parse_request(raw: bytes) -> Request:
     return Request(operation, request_id, sector, handle=word, segments=parse_segments(raw[_HEADER.size:], byte1))
 
 
+def response_operation(operation: int, indirect_op: int) -> int:
+    """The ``operation`` a response carries: an indirect request is answered as its ``indirect_op`` (blkfront checks)."""
+    return indirect_op if operation == BLKIF_OP_INDIRECT else operation
+
+
 def pack_response(request_id: int, operation: int, status: int) -> bytes:
     """One ``blkif_response``."""
     return _RESPONSE.pack(request_id, operation, status)

@@ -88,7 +88,7 @@ def test_indirect_read_and_write_and_discard(tmp_path):
             )
             disk.domain.memory[disk.offset(table) : disk.offset(table) + len(segments)] = segments
             disk.post(indirect_request(blkif.BLKIF_OP_WRITE, 7, 64, count, [disk.ref(table)]))
-            assert await disk.wait(7) == blkif.BLKIF_RSP_OKAY
+            assert await disk.wait_response(7) == (blkif.BLKIF_OP_WRITE, blkif.BLKIF_RSP_OKAY)  # as blkfront checks
             assert await disk.read(8, 64 + 8 * 39, 4096) == (blkif.BLKIF_RSP_OKAY, payload[39 * 4096 :])
             disk.post(discard_request(9, 0, 8))
             assert await disk.wait(9) == blkif.BLKIF_RSP_OKAY
@@ -154,8 +154,10 @@ def test_a_bad_request_fails_that_request_and_the_disk_serves_on(tmp_path, name)
     async def body() -> None:
         async with xen_world(tmp_path, configs) as world:
             disk = await front(world, 1)
-            disk.post(make(disk))
-            assert await disk.wait(66) == expected
+            slot = make(disk)
+            disk.post(slot)
+            operation = slot[1] if slot[0] == blkif.BLKIF_OP_INDIRECT else slot[0]
+            assert await disk.wait_response(66) == (operation, expected)
             assert (await disk.read(67, 0, 4096))[0] == blkif.BLKIF_RSP_OKAY
             assert await disk.backend_state() == XenbusState.CONNECTED
             other = await front(world, 2)

@@ -98,6 +98,10 @@ class SimulatedBlkFrontend(SimulatedFrontend):
 
     async def wait(self, request_id: int, timeout: float = 5.0) -> int:
         """The status of the response to ``request_id``."""
+        return (await self.wait_response(request_id, timeout))[1]
+
+    async def wait_response(self, request_id: int, timeout: float = 5.0) -> tuple[int, int]:
+        """The (operation, status) of the response to ``request_id``."""
         deadline = time.monotonic() + timeout
         while request_id not in self.responses:
             self.channel.consume()
@@ -109,7 +113,7 @@ class SimulatedBlkFrontend(SimulatedFrontend):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"dom{self.domain.domid} vbd {self.devid}: no response to id {request_id:#x}")
             await wait_readable(self.channel.fileno(), RECHECK_INTERVAL)
-        return self.responses.pop(request_id)[1]
+        return self.responses.pop(request_id)
 
     def buffer(self, pages: int = 1) -> int:
         """Allocate and grant ``pages`` data pages; the DMA address of the first."""
