@@ -510,11 +510,6 @@ class ThrottleGroups:
         self._groups: dict[str, ThrottleGroup] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> ThrottleGroup | None:
-        """The group called ``name``, if a device is in it."""
-        with self._lock:
-            return self._groups.get(name)
-
     def names(self) -> list[str]:
         """The groups that have devices."""
         with self._lock:

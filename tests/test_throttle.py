@@ -375,3 +375,38 @@ def test_set_limits_changes_a_nic_rate_and_a_block_device_without_limits(image: 
         assert took >= 0.3  # 30 reads, the first 6 at once, at 50 per second
     finally:
         backend.close()
+
+
+def test_the_netdev_stream_door_holds_what_qemu_sends_to_the_rate(tmp_path: Path) -> None:
+    from pvcore.streams.netdev_stream import NetdevStreamFrontDoor
+
+    endpoint = parse_net_options({"mac": "52:54:00:00:01:0d", "switch": "throttle-test-3", "rate": "400k"}, name="t-s")
+    peer = Recorder("peer3", PEER_MAC)
+    endpoint.switch.attach(peer)
+    station = parse_mac("52:54:00:00:01:0d")
+    frames = [PEER_MAC + station + b"\x08\x00" + bytes([n]) * 1000 for n in range(30)]
+
+    async def main() -> float:
+        door = NetdevStreamFrontDoor(
+            endpoint.switch, tmp_path / "n.sock", endpoint.mac, name="t-s", throttle=endpoint.throttle
+        )
+        await door.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "n.sock"))
+            start = time.monotonic()
+            writer.write(b"".join(len(frame).to_bytes(4, "big") + frame for frame in frames))
+            await writer.drain()
+            while len(peer.frames) < len(frames) and time.monotonic() - start < 10:
+                await asyncio.sleep(0.01)
+            took = time.monotonic() - start
+            writer.close()
+            return took
+        finally:
+            await door.stop()
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        endpoint.switch.detach(peer)
+    assert peer.frames == frames
+    assert 0.35 <= took < 2.0  # 30 420 bytes at 50 000 bytes/s, the first 5 000 and one frame at once

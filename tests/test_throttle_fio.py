@@ -101,10 +101,10 @@ def test_iops_limit_holds_fio_at_it_and_set_limits_changes_it_live(daemon) -> No
     (job,) = served.fio("a", runtime=5, ramp=1)
     assert job["read"]["iops"] == pytest.approx(500, rel=0.05), job["read"]["iops"]
 
-    done = served.ctl("set-limits", "a", "iops=1000")
-    assert done.returncode == 0 and done.stdout.strip() == "a: limits iops=1000", done.stdout + done.stderr
-    (job,) = served.fio("a", runtime=3, ramp=1)
-    assert job["read"]["iops"] == pytest.approx(1000, rel=0.05), job["read"]["iops"]
+    done = served.ctl("set-limits", "a", "iops=250")
+    assert done.returncode == 0 and done.stdout.strip() == "a: limits iops=250", done.stdout + done.stderr
+    (job,) = served.fio("a", runtime=4, ramp=1)
+    assert job["read"]["iops"] == pytest.approx(250, rel=0.05), job["read"]["iops"]
 
     for bad, error in (
         ("iops=0", "iops=0: must be more than 0"),
@@ -117,7 +117,7 @@ def test_iops_limit_holds_fio_at_it_and_set_limits_changes_it_live(daemon) -> No
         assert done.returncode != 0 and error in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "Traceback" not in done.stderr
     listed = served.listed()["a"]
-    assert (listed["limits"], listed["group"]) == ("iops=1000", None)
+    assert (listed["limits"], listed["group"]) == ("iops=250", None)
     assert listed["counters"]["throttled_seconds"] > 5
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
@@ -128,7 +128,7 @@ def test_iops_limit_holds_fio_at_it_and_set_limits_changes_it_live(daemon) -> No
 
     assert served.ctl("set-limits", "a", "off").stdout.strip() == "a: limits off"
     (job,) = served.fio("a", runtime=2)
-    assert job["read"]["iops"] > 1200  # unlimited: whatever this machine does, well above the last limit
+    assert job["read"]["iops"] > 750  # unlimited: whatever this machine does, well above the last limits
 
 
 def test_two_devices_of_one_group_share_it_fairly(daemon, tmp_path: Path) -> None:
