@@ -124,6 +124,7 @@ class XenNetBackend(XenbusBackend):
         self.kind = PVCORE_KIND if where.get("attach") else "vif"
         super().__init__(**where)
         self.frontend_path = frontend_path("vif", self.domid, self.devid)
+        self.description = f"netif backend {self.backend_path} (frontend {self.frontend_path})"
         self.endpoint = endpoint
         self.port = NetifPort(self, endpoint.name, endpoint.mac)
         self.stats = NetifStats()

@@ -1,0 +1,79 @@
+"""netif on the REAL Xen boot of test_real_xen.py: its check and tests (imported there, so they share the one boot).
+
+The guest gets two NICs from pvcore (``attach=on``), both ports of one
+switch: Linux's xen-netfront brings them up as eth0 and eth1. ARP from eth0
+for eth1's address crosses pvcore's switch both ways (requests are flooded
+to eth1, eth1's replies come back to eth0), which the guest sees in eth1's
+receive counter and in arping's replies. Then eth0 takes a MAC that is not
+its pvcore device's: its frames are dropped by the switch, eth1 receives
+nothing, and the device's ``dropped_spoof`` counter in ``pvcore ctl list``
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pvcore_xen.testing.real_xen import Check, XenRun
+
+MAC0, MAC1, FORGED = "00:16:3e:5e:00:01", "00:16:3e:5e:00:02", "00:16:3e:5e:00:99"
+
+NETIF = Check(
+    name="netif",
+    serve=(
+        f"net:name=vif0,domain=$DOMID/0,mac={MAC0},switch=xenlan,attach=on",
+        f"net:name=vif1,domain=$DOMID/1,mac={MAC1},switch=xenlan,attach=on",
+    ),
+    domu=rf"""
+i=0; while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+for n in eth0 eth1; do echo "mac-$n $(cat /sys/class/net/$n/address)"; done
+echo 1 > /proc/sys/net/ipv4/conf/all/accept_local
+for n in all eth0 eth1; do echo 0 > /proc/sys/net/ipv4/conf/$n/rp_filter; echo 1 > /proc/sys/net/ipv4/conf/$n/accept_local; done
+ip link set eth0 up; ip link set eth1 up
+ip addr add 10.9.0.1/24 dev eth0; ip addr add 10.9.0.2/24 dev eth1
+sleep 1
+before=$(cat /sys/class/net/eth1/statistics/rx_packets)
+arping -c 3 -w 10 -I eth0 10.9.0.2
+echo "eth1-rx $(( $(cat /sys/class/net/eth1/statistics/rx_packets) - before ))"
+ip link set eth0 down; ip link set eth0 address {FORGED}; ip link set eth0 up
+sleep 1
+before=$(cat /sys/class/net/eth1/statistics/rx_packets)
+arping -c 3 -w 6 -I eth0 10.9.0.2
+echo "forged-eth1-rx $(( $(cat /sys/class/net/eth1/statistics/rx_packets) - before ))"
+""",
+    dom0_after=r"""
+$PVCORE ctl --run-dir $RUN list --json
+""",
+)
+"""The netif part of the real Xen boot."""
+
+
+def _number(output: str, key: str) -> int:
+    match = re.search(rf"^{key} (-?\d+)", output, re.M)
+    assert match, f"no {key!r} line in:\n{output}"
+    return int(match.group(1))
+
+
+def _replies(output: str) -> list[int]:
+    """arping's "Received N response(s)" counts, in order."""
+    return [int(n) for n in re.findall(r"Received (\d+) repl", output)]
+
+
+def test_netfront_frames_cross_pvcores_switch_both_ways(xen_run: XenRun) -> None:
+    guest = xen_run.domu["netif"]
+    assert guest.rc == 0, xen_run.describe()
+    assert f"mac-eth0 {MAC0}" in guest.output and f"mac-eth1 {MAC1}" in guest.output, guest.output
+    assert _number(guest.output, "eth1-rx") >= 3, guest.output  # eth0's ARP requests reached eth1
+    assert _replies(guest.output)[0] >= 1, guest.output  # and eth1's replies came back to eth0
+
+
+def test_a_forged_mac_gets_nothing_through(xen_run: XenRun) -> None:
+    guest = xen_run.domu["netif"]
+    assert _number(guest.output, "forged-eth1-rx") == 0, guest.output
+    assert _replies(guest.output)[1] == 0, guest.output
+    after = xen_run.dom0["netif.dom0_after"]
+    assert after.rc == 0, after.output
+    devices = {device["name"]: device for device in json.loads(after.output[after.output.index("["):])}
+    assert devices["vif0"]["counters"]["dropped_spoof"] >= 3, devices["vif0"]
+    assert devices["vif1"]["counters"]["dropped_spoof"] == 0, devices["vif1"]
