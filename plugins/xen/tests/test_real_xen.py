@@ -12,6 +12,11 @@ from __future__ import annotations
 import pytest
 
 from pvcore_xen.testing.real_xen import Check, XenRun, boot, unavailable_reason
+from real_xen_netif import (  # noqa: F401 (netif's tests run on this module's boot)
+    NETIF,
+    test_a_forged_mac_gets_nothing_through,
+    test_netfront_frames_cross_pvcores_switch_both_ways,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -24,7 +29,7 @@ $PVCORE plugins
 """,
 )
 
-CHECKS = [HOST_LAYER]
+CHECKS = [HOST_LAYER, NETIF]
 
 
 @pytest.fixture(scope="module")
