@@ -6,3 +6,7 @@ and stream access.
 """
 
 __version__ = "0.1.0"
+
+from pvcore.build import install_source_finder
+
+install_source_finder()

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pvcore import __version__
+from pvcore.build import build_report
 from pvcore.config import (
     COMMON_OPTIONS,
     ConfigError,
@@ -108,10 +110,24 @@ def _plugin_help(registry: Registry) -> str:
     return heading + "\n" + "\n".join(lines) + "\n\n"
 
 
+class VersionAction(argparse.Action):
+    """``--version``: pvcore's version and which build of each hot module is loaded (:mod:`pvcore.build`)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"pvcore {__version__}")
+        print("\n".join(build_report()))
+        parser.exit()
+
+
 def build_parser(registry: Registry) -> argparse.ArgumentParser:
     """The argument parser, with device-class help taken from the installed plugins."""
     parser = argparse.ArgumentParser(prog="pvcore", description="Paravirtual device backends for every hypervisor.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action=VersionAction, help="print the version and, module by module, whether the "
+                        "hot path runs compiled or in pure Python (PVCORE_PURE_PYTHON=1 forces pure), and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -309,6 +325,7 @@ def cmd_plugins(registry: Registry, verbose: bool = False) -> int:
                     print(line)
     if not registry.records:
         print("no plugins installed (is pvcore installed? pip install -e .)")
+    print("\n".join(build_report()))
     return 0 if all(r.error is None for r in registry.records) else 1
 
 

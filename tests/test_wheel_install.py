@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pvcore.build import COMPILED_MODULES
 from pvcore.contract import SUPPORTED_CONTRACTS
 from pvcore.testing.conformance.install import FreshEnvironment, build_wheel
 
@@ -44,10 +45,28 @@ def plugins(fresh: FreshEnvironment) -> subprocess.CompletedProcess[str]:
 def test_fresh_environment_holds_only_pvcore(fresh: FreshEnvironment) -> None:
     done = plugins(fresh)
     assert done.returncode == 0, done.stderr
-    assert [line.split()[0] for line in done.stdout.splitlines() if not line.startswith(" ")] == [
+    assert [line.split()[0] for line in done.stdout.splitlines() if not line.startswith((" ", "hot path:"))] == [
         "block", "console", "net", "rng"]
     located = fresh.run_python("import pvcore; print(pvcore.__file__)").stdout
     assert str(fresh.path) in located and str(REPO) not in located
+
+
+def test_wheel_carries_the_compiled_hot_path_and_loads_it(fresh: FreshEnvironment) -> None:
+    """The known trap: a wheel whose tests silently run the pure-Python modules. Each must load compiled from the wheel."""
+    version = fresh.run(["env", "-u", "PVCORE_PURE_PYTHON", "pvcore", "--version"])
+    assert version.returncode == 0, version.stderr
+    assert f"hot path: compiled ({len(COMPILED_MODULES)} of {len(COMPILED_MODULES)} modules compiled)" in version.stdout, (
+        version.stdout)
+    assert "hot path: compiled" in fresh.run(["env", "-u", "PVCORE_PURE_PYTHON", "pvcore", "plugins"]).stdout
+    origins = fresh.run([
+        "env", "-u", "PVCORE_PURE_PYTHON", str(fresh.python), "-c",
+        "import importlib, pvcore.build as b; print('\\n'.join(importlib.import_module(m).__file__ for m in b.COMPILED_MODULES))",
+    ]).stdout.split()
+    assert len(origins) == len(COMPILED_MODULES)
+    for origin in origins:
+        assert origin.startswith(str(fresh.path)) and origin.endswith(".so"), origin
+    forced = fresh.run(["env", "PVCORE_PURE_PYTHON=1", "pvcore", "--version"])
+    assert f"hot path: pure Python (0 of {len(COMPILED_MODULES)} modules compiled)" in forced.stdout, forced.stdout
 
 
 def serve_and_request(fresh: FreshEnvironment, directory: Path) -> bytes:

@@ -182,7 +182,7 @@ class Virtqueue:
             return _U16.unpack_from(self._avail, offset)[0]
         return self._memory.read_u16(self.avail_addr + offset)
 
-    def _put_used(self, fmt: struct.Struct, offset: int, *values: int) -> None:
+    def _put_used(self, fmt: struct.Struct, offset: int, values: tuple[int, ...]) -> None:
         """Store into the used ring without a moment the driver could see anything but the old or new value.
 
         Never ``struct.pack_into``: it zeroes its destination before it
@@ -192,7 +192,7 @@ class Virtqueue:
         else is copied in from packed bytes.
         """
         if self._used_u16 is not None and fmt is _U16:
-            self._used_u16[offset >> 1] = values[0]
+            self._used_u16[offset >> 1] = values[0]  # one 16-bit store, compiled or not (see virtqueue.pxd)
         elif self._used is not None:
             self._used[offset : offset + fmt.size] = fmt.pack(*values)
         else:
@@ -302,7 +302,7 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Write a used element; it becomes visible to the driver at :meth:`publish`."""
-        self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), head, written)
+        self._put_used(_USED_ELEM, 4 + 8 * (self.next_used % self.size), (head, written))
         self.next_used = (self.next_used + 1) & 0xFFFF
         if self.inflight is not None:
             self._batch.append(head)
@@ -319,7 +319,7 @@ class Virtqueue:
         if self.inflight is not None and batch:
             self.inflight.batch_publishing(batch)
         write_barrier()
-        self._put_used(_U16, 2, self.next_used)
+        self._put_used(_U16, 2, (self.next_used,))
         self._published = self.next_used
         if self.inflight is not None and batch:
             self.inflight.batch_published(batch, self.next_used)
@@ -344,13 +344,13 @@ class Virtqueue:
     def disable_kicks(self) -> None:
         """Ask the driver not to kick (we are going to poll the ring anyway)."""
         if not self.event_idx:
-            self._put_used(_U16, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._put_used(_U16, 0, (VIRTQ_USED_F_NO_NOTIFY,))
 
     def enable_kicks(self) -> bool:
         """Ask the driver to kick for the next chain; True if chains arrived meanwhile."""
         if self.event_idx:
-            self._put_used(_U16, 4 + 8 * self.size, self.next_avail)
+            self._put_used(_U16, 4 + 8 * self.size, (self.next_avail,))
         else:
-            self._put_used(_U16, 0, 0)
+            self._put_used(_U16, 0, (0,))
         full_barrier()
         return self.pending() > 0

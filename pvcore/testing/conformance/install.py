@@ -1,6 +1,6 @@
 """Third-party installation for tests: build a plugin's wheel and install it into a fresh virtual environment.
 
-:func:`build_wheel` writes a PEP 427 wheel of a pure-Python project from its
+:func:`build_wheel` writes a PEP 427 wheel of a project from its
 ``pyproject.toml`` (``[project]`` metadata, entry points and scripts, the
 packages ``[tool.setuptools.packages.find] include`` names) with the
 standard library only, so no build backend or network is needed.
@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import fnmatch
 import hashlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import venv
 import zipfile
@@ -49,8 +51,23 @@ def _project_files(project: Path, include: Sequence[str]) -> list[Path]:
     return files
 
 
+def _wheel_tag(contents: dict[str, bytes]) -> tuple[str, str]:
+    """The wheel's tag and Root-Is-Purelib: this interpreter's and platform's if it carries extension modules."""
+    if not any(name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) for name in contents):
+        return "py3-none-any", "true"
+    python = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    platform = re.sub(r"[-.]", "_", sysconfig.get_platform())
+    return f"{python}-{python}-{platform}", "false"
+
+
 def build_wheel(project: Path, destination: Path) -> Path:
-    """A ``py3-none-any`` wheel of ``project`` written to ``destination``; its path."""
+    """A wheel of ``project`` written to ``destination``; its path.
+
+    Pure Python (``py3-none-any``) unless the project's packages hold
+    extension modules already built in place (pvcore's compiled hot path,
+    see :mod:`pvcore.build`): those are carried too, and the wheel is tagged
+    for this interpreter and platform.
+    """
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
     meta = pyproject["project"]
     distribution = re.sub(r"[-_.]+", "_", meta["name"])
@@ -67,13 +84,16 @@ def build_wheel(project: Path, destination: Path) -> Path:
         for group, entries in groups.items()
     )
     contents = {str(path.relative_to(project)): path.read_bytes() for path in _project_files(project, include)}
+    tag, purelib = _wheel_tag(contents)
     contents[f"{dist_info}/METADATA"] = ("\n".join(metadata) + "\n").encode()
-    contents[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: pvcore.testing\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    contents[f"{dist_info}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: pvcore.testing\nRoot-Is-Purelib: {purelib}\nTag: {tag}\n".encode()
+    )
     contents[f"{dist_info}/entry_points.txt"] = entry_points.encode()
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in contents.items())
     contents[f"{dist_info}/RECORD"] = (record + f"{dist_info}/RECORD,,\n").encode()
     destination.mkdir(parents=True, exist_ok=True)
-    wheel = destination / f"{distribution}-{meta['version']}-py3-none-any.whl"
+    wheel = destination / f"{distribution}-{meta['version']}-{tag}.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in contents.items():
             archive.writestr(name, data)
