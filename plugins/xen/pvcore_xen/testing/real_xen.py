@@ -9,8 +9,9 @@ and a writable work directory (``/mnt/work``, the host directory given to
 say:
 
 1. ``dom0_before`` of each check (dom0 shell, before the guest exists);
-2. ``xl create -p`` of one PV guest named ``domU`` (256 MiB, one vCPU, no
-   disk or NIC of the toolstack's own, console on xenconsoled);
+2. ``xl create -p`` of one PV guest named ``domU`` (256 MiB, one vCPU,
+   console on xenconsoled, no disk or NIC of the toolstack's own unless a
+   check adds lines to its xl config: ``xl_config``);
 3. one ``pvcore serve --hypervisor xen`` with the ``serve`` devices of every
    check, run from the host's checkout in a chroot of the host root, until
    every device logged ``up``;
@@ -117,6 +118,7 @@ class Check:
 
     name: str
     serve: tuple[str, ...] = ()
+    xl_config: tuple[str, ...] = ()
     dom0_before: str = ""
     dom0_during: str = ""
     domu: str = ""
@@ -247,7 +249,7 @@ xenstored --pid-file /run/xenstored.pid
 xen-init-dom0
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
 mkdir -p /mnt/root /mnt/work
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 hostroot /mnt/root || echo "DOM0: no host root"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /mnt/root || echo "DOM0: no host root"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /mnt/work || echo "DOM0: no work share"
 for d in proc sys dev dev/pts run; do mount -o bind /$d /mnt/root/$d; done
 mount -t xenfs xenfs /mnt/root/proc/xen
@@ -347,7 +349,10 @@ def _scenario(checks: Sequence[Check], pvcore: str, timeout: float) -> str:
         "xl unpause domU",
         *phase("dom0_during", background=True),
         "i=0",
-        f"while xl domid domU > /dev/null 2>&1 && [ $i -lt {int(timeout * 5)} ]; do sleep 0.2; i=$((i+1)); done",
+        "copy_logs() { cp $SCRATCH/pvcore.log $OUT/pvcore.log 2>/dev/null;"
+        " cp /var/log/xen/console/guest-domU.log $OUT/guest-console.log 2>/dev/null; }",
+        f"while xl domid domU > /dev/null 2>&1 && [ $i -lt {int(timeout)} ]; do"
+        " sleep 1; i=$((i+1)); [ $((i % 5)) = 0 ] && copy_logs; done",
         "stamp guest gone",
         "xl destroy domU > /dev/null 2>&1",
         "for pid in $BG; do i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; done",
@@ -357,8 +362,7 @@ def _scenario(checks: Sequence[Check], pvcore: str, timeout: float) -> str:
         " while kill -0 $PVCORE_PID 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; fi",
         "stamp pvcore stopped",
         *phase("dom0_final"),
-        "cp $SCRATCH/pvcore.log $OUT/pvcore.log 2>/dev/null",
-        "cp /var/log/xen/console/guest-domU.log $OUT/guest-console.log 2>/dev/null",
+        "copy_logs",
         "stamp done",
     ]
     return "\n".join(lines) + "\n"
@@ -410,10 +414,13 @@ def checkout_pvcore() -> str:
     return str(candidate)
 
 
-def boot(checks: Sequence[Check], work: Path, *, timeout: float = 300.0, guest_timeout: float = 120.0) -> XenRun:
+def boot(checks: Sequence[Check], work: Path, *, timeout: float = 900.0, guest_timeout: float = 240.0) -> XenRun:
     """Boot Xen once with every check's part (see the module docstring); ``work`` is an empty host directory.
 
-    ``timeout`` bounds the whole boot (QEMU is killed after it), ``guest_timeout`` the guest's run.
+    ``timeout`` bounds the whole boot (QEMU is killed after it), ``guest_timeout`` the guest's run; both
+    are generous because a machine shared with other work makes TCG several times slower. The
+    guest's console and pvcore's log are copied to ``work/out`` every 5 s while the guest runs, so a
+    boot that times out still shows how far it got.
     """
     names = [check.name for check in checks]
     if len(set(names)) != len(names):
@@ -431,7 +438,7 @@ def boot(checks: Sequence[Check], work: Path, *, timeout: float = 300.0, guest_t
             if text:
                 (parts / f"{check.name}.{name}.sh").write_text(text.strip() + "\n")
     (work / "scenario.sh").write_text(_scenario(checks, checkout_pvcore(), guest_timeout))
-    (work / "domU.cfg").write_text(DOMU_CONFIG)
+    (work / "domU.cfg").write_text(DOMU_CONFIG + "".join(f"{line}\n" for check in checks for line in check.xl_config))
     shutil.copyfile(kernel.kernel, work / "vmlinuz")
     build_initramfs(kernel, _domu_script(checks), DOMU_MODULES, work, name="domU.cpio.gz", auto_virtio_pci=False)
     dom0 = build_dom0(kernel, tools, work)
