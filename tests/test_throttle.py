@@ -12,6 +12,7 @@ import pytest
 from pvcore.devices.block import BlockOp, BlockRequest, create_block_device
 from pvcore.devices.net import Port, create_net_device, get_switch, parse_mac, parse_net_options
 from pvcore.devices.net.virtio_net import NET_HDR, RX_QUEUE, TX_QUEUE
+from pvcore.testing.fixtures import loop_thread  # noqa: F401  (a fixture)
 from pvcore.testing.loopback import Loopback
 from pvcore.throttle import Cost, Throttle, ThrottleError, ThrottleGroup, ThrottleGroups, ThrottleLimits
 from pvcore.virtio import DeviceError
@@ -410,3 +411,35 @@ def test_the_netdev_stream_door_holds_what_qemu_sends_to_the_rate(tmp_path: Path
         endpoint.switch.detach(peer)
     assert peer.frames == frames
     assert 0.35 <= took < 2.0  # 30 420 bytes at 50 000 bytes/s, the first 5 000 and one frame at once
+
+
+def test_a_vhost_user_disk_is_held_to_its_limits_and_a_flush_waits_behind_held_writes(loop_thread, tmp_path: Path) -> None:
+    from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT
+    from pvcore.primitives import HypervisorPrimitives
+    from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+    from pvcore.transports.vhost_user import VhostUserFrontDoor
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    backend, device = create_block_device({"path": str(image), "iops-write": "50"}, name="t-vu")
+    door = VhostUserFrontDoor(device, tmp_path / "blk.sock", primitives=HypervisorPrimitives(), name="t-vu")
+    loop_thread.run(door.start())
+    try:
+        with VhostUserFrontend.connect(tmp_path / "blk.sock") as frontend:
+            frontend.start(queue_size=128)
+            start = time.monotonic()
+            writes = [
+                frontend.submit(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 8 * n), bytes([n]) * 4096], [1])
+                for n in range(40)
+            ]
+            flush = frontend.submit(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_FLUSH, 0, 0)], [1])
+            used = frontend.wait_used(0, len(writes) + 1, timeout=30)
+            took = time.monotonic() - start
+            assert all(u.data == bytes([VIRTIO_BLK_S_OK]) for u in used)
+            assert used[-1].head == flush  # the flush completes after every write submitted before it
+            assert sorted(u.head for u in used[:-1]) == sorted(writes)
+    finally:
+        loop_thread.run(door.stop())
+        backend.close()
+    assert 0.5 <= took < 5.0  # 40 writes at 50 per second, the first 6 at once
+    assert image.read_bytes()[39 * 8 * 512] == 39
