@@ -1,0 +1,114 @@
+"""pvcore's NBD door against nbdkit's file plugin, driven by fio's nbd engine (libnbd), no guest.
+
+    .venv/bin/python bench/nbd_fio.py [--rounds 5] [--seconds 4] [--depths 1,8]
+
+One 64 MiB image in the page cache is served twice: by
+``pvcore serve --hypervisor lpar block:path=...,socket=...`` (its NBD server)
+and by ``nbdkit --unix SOCKET file IMAGE`` (the C peer, 4 threads like pvcore's
+4 I/O threads). Each round runs fio's 4 KiB random reads at each depth on one
+server and then the other (the order flips every round). It prints per depth
+the medians of IOPS and of server CPU microseconds per I/O (utime+stime of the
+server process from ``/proc/PID/stat`` around each fio run) and the ratios
+pvcore / nbdkit, and which build of pvcore's hot modules the daemon ran
+(``PVCORE_PURE_PYTHON=1`` in the environment forces the pure-Python one).
+Needs fio and nbdkit (Debian: fio, nbdkit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IMAGE_SIZE = 64 << 20
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before creating {path}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not create {path} within 30 s")
+        time.sleep(0.05)
+
+
+def fio(socket: Path, depth: int, seconds: float, server: int) -> tuple[float, float]:
+    """IOPS and server CPU microseconds per I/O of one fio run."""
+    cpu0 = cpu_seconds(server)
+    done = subprocess.run(
+        ["fio", "--output-format=json", "--ioengine=nbd", "--rw=randread", "--bs=4k", f"--iodepth={depth}",
+         "--time_based", f"--runtime={seconds}", "--name=bench", f"--uri=nbd+unix:///?socket={socket}"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )
+    cpu = cpu_seconds(server) - cpu0
+    if done.returncode != 0:
+        raise SystemExit(done.stdout + done.stderr)
+    job = json.loads(done.stdout[done.stdout.index("{"):])["jobs"][0]
+    ios = job["read"]["total_ios"]
+    return job["read"]["iops"], cpu / ios * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--depths", default="1,8")
+    args = parser.parse_args()
+    depths = [int(depth) for depth in args.depths.split(",")]
+    with tempfile.TemporaryDirectory(prefix="pvcore-nbd-bench-") as tmp:
+        directory = Path(tmp)
+        image = directory / "disk.img"
+        image.write_bytes(os.urandom(IMAGE_SIZE))
+        sockets = {"pvcore": directory / "pvcore.sock", "nbdkit": directory / "nbdkit.sock"}
+        log = open(directory / "servers.log", "wb")
+        env = dict(os.environ, PVCORE_RUN_DIR=str(directory / "run"))
+        servers = {
+            "pvcore": subprocess.Popen(
+                [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar",
+                 f"block:name=bench,path={image},socket={sockets['pvcore']},workers=4"],
+                stdout=log, stderr=subprocess.STDOUT, env=env),
+            "nbdkit": subprocess.Popen(
+                ["nbdkit", "--foreground", "--unix", str(sockets["nbdkit"]), "--threads", "4", "file", str(image)],
+                stdout=log, stderr=subprocess.STDOUT),
+        }
+        try:
+            for name, proc in servers.items():
+                wait_for_socket(sockets[name], proc, name)
+            build = subprocess.run([sys.executable, "-m", "pvcore.cli", "--version"], capture_output=True, text=True,
+                                   env=env).stdout.splitlines()[1]
+            print(f"pvcore {build}; 4 KiB random reads, 64 MiB image, {args.rounds} rounds x {args.seconds} s, medians")
+            print(f"{'depth':>5} {'pvcore IOPS':>12} {'nbdkit IOPS':>12} {'ratio':>6} {'pvcore cpu us':>14} "
+                  f"{'nbdkit cpu us':>14} {'ratio':>6}")
+            for depth in depths:
+                results: dict[str, list[tuple[float, float]]] = {"pvcore": [], "nbdkit": []}
+                for round_ in range(args.rounds):
+                    order = ["pvcore", "nbdkit"] if round_ % 2 == 0 else ["nbdkit", "pvcore"]
+                    for name in order:
+                        results[name].append(fio(sockets[name], depth, args.seconds, servers[name].pid))
+                ours = [statistics.median(r[i] for r in results["pvcore"]) for i in (0, 1)]
+                peer = [statistics.median(r[i] for r in results["nbdkit"]) for i in (0, 1)]
+                print(f"{depth:>5} {ours[0]:>12.0f} {peer[0]:>12.0f} {ours[0] / peer[0]:>6.2f} {ours[1]:>14.1f} "
+                      f"{peer[1]:>14.1f} {ours[1] / peer[1]:>6.2f}")
+        finally:
+            for proc in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+            log.close()
+
+
+if __name__ == "__main__":
+    main()
