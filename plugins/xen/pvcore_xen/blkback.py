@@ -235,7 +235,7 @@ class XenBlockBackend(XenbusBackend):
                  for page in range(pages)]
         pieces = [GrantCopy(self.domid, ref, 0, size) for ref, size in zip(request.indirect_refs, sizes)]
         table = bytearray(sum(sizes))
-        if any(status != GNTST_OKAY for status in self.host.grant_copy(pieces, table, to_guest=False)):
+        if not self._copy(pieces, table, to_guest=False):
             raise RequestError("an indirect page cannot be copied")
         return blkif.parse_segments(table, count)
 
@@ -249,7 +249,7 @@ class XenBlockBackend(XenbusBackend):
         if op == blkif.BLKIF_OP_WRITE:
             if self.engine.readonly:
                 raise RequestError("write to a read-only disk")
-            if any(status != GNTST_OKAY for status in self.host.grant_copy(pieces, buffer, to_guest=False)):
+            if not self._copy(pieces, buffer, to_guest=False):
                 raise RequestError("a segment's grant cannot be copied from")
             transfer = BlockRequest(BlockOp.WRITE, offset, len(buffer), [memoryview(buffer)], fua=fua)
         else:
@@ -257,8 +257,7 @@ class XenBlockBackend(XenbusBackend):
 
         def then(result: BlockResult) -> int:
             if result.ok and op == blkif.BLKIF_OP_READ:
-                statuses = self.host.grant_copy(pieces, buffer, to_guest=True)
-                if any(status != GNTST_OKAY for status in statuses):
+                if not self._copy(pieces, buffer, to_guest=True):
                     log.warning("%s: read id %#x: a segment's grant cannot be copied to", self.name, request.id)
                     return blkif.BLKIF_RSP_ERROR
             return _status(result)
@@ -273,6 +272,15 @@ class XenBlockBackend(XenbusBackend):
             return None
 
         return lambda: self._submit(request, BlockRequest(BlockOp.FLUSH), after_flush)
+
+    def _copy(self, pieces: list[GrantCopy], buffer: bytearray, *, to_guest: bool) -> bool:
+        """Grant-copy ``pieces``; False if any piece (or the whole call) failed."""
+        try:
+            statuses = self.host.grant_copy(pieces, buffer, to_guest=to_guest)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: grant copy of %d pieces failed: %s", self.name, len(pieces), exc)
+            return False
+        return all(status == GNTST_OKAY for status in statuses)
 
     def _submit(self, request: Request, block: BlockRequest, then: Callable[[BlockResult], int | None] | None) -> None:
         """Run ``block`` on the engine; answer ``request`` with what ``then`` makes of the result (None: not yet)."""
