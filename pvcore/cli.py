@@ -226,6 +226,10 @@ def add_libvirt_commands(commands: Any) -> None:
     probe = commands.add_parser("probe", help="show a libvirt host's hypervisor plugin, domains and their devices")
     probe.add_argument("--connect", **connect)
     probe.add_argument("--run-dir", **run_dir)
+    probe.add_argument(
+        "--hypervisor", metavar="NAME",
+        help="no libvirt: list the device slots plugin NAME finds on this host (xen: its xenstore backend tree)",
+    )
 
     deploy = commands.add_parser(
         "deploy",
@@ -261,6 +265,22 @@ def add_libvirt_commands(commands: Any) -> None:
     daemon.add_argument("--run-dir", **run_dir)
     daemon.add_argument("--metrics", type=metrics_address, metavar="HOST:PORT", help=METRICS_HELP)
     daemon.add_argument("--domain", metavar="DOMAIN", help="serve only DOMAIN, until it stops (what deploy starts without a daemon)")
+
+
+def cmd_probe_host(registry: Registry, hypervisor: str) -> int:
+    """probe --hypervisor NAME: the plugin's own probe of this host, one line per device slot."""
+    from pvcore.contract import HostContext
+
+    try:
+        slots = registry.call(hypervisor, "pvcore_probe", host=HostContext()) or []
+    except LookupError:
+        raise UsageError(f"no plugin serves hypervisor {hypervisor!r} (pvcore plugins lists them)") from None
+    for slot in slots:
+        properties = " ".join(f"{key}={value}" for key, value in sorted(slot.properties.items()))
+        print(f"{slot.device_class:8} {slot.address} {properties}")
+    if not slots:
+        print(f"{hypervisor}: no device slots found")
+    return 0
 
 
 def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
@@ -497,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ctl(args)
         if args.command == "top":
             return cmd_top(args)
+        if args.command == "probe" and args.hypervisor:
+            return cmd_probe_host(registry, args.hypervisor)
         if args.command in ("probe", "deploy", "undeploy", "daemon"):
             return cmd_libvirt(registry, args)
         if args.command == "demo":

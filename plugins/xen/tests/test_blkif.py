@@ -8,6 +8,7 @@ guest's disk works throughout.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -220,3 +221,22 @@ def test_frontend_choices_the_backend_did_not_offer_fail_the_disk(tmp_path, over
             assert reason in world.served("dom1-disk")[1].failure
 
     run(body)
+
+
+def test_pvcore_probe_lists_the_toolstacks_disks_and_their_state(tmp_path, capsys):
+    from pvcore.cli import cmd_probe_host
+
+    configs = disks(tmp_path)
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            await world.clients[0].write(f"/local/domain/0/backend/vbd/1/{XVDA + 16}/state", "1")  # no pvcore device
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, cmd_probe_host, world.registry, "xen") == 0
+
+    run(body)
+    lines = capsys.readouterr().out.splitlines()
+    waiting = [line for line in lines if f"/backend/vbd/1/{XVDA + 16} " in line]
+    assert len(waiting) == 1 and waiting[0].startswith("block") and "state=1" in waiting[0], lines
+    served = [line for line in lines if f"/backend/vbd/1/{XVDA} " in line]
+    assert len(served) == 1 and "state=2" in served[0] and f"domain=1/{XVDA}" in served[0], lines
