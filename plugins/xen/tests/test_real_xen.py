@@ -17,7 +17,7 @@ from pvcore_xen.testing.real_xen import Check, XenRun, boot, unavailable_reason
 from real_xen_netif import (  # noqa: F401 (netif's tests run on this module's boot)
     NETIF,
     test_a_forged_mac_gets_nothing_through,
-    test_netfront_frames_cross_pvcores_switch_both_ways,
+    test_a_netfront_guest_pings_through_pvcores_switch,
 )
 
 pytestmark = pytest.mark.guest
