@@ -12,7 +12,7 @@ A hypervisor plugin supplies only what is really hypervisor specific:
   (:func:`pvcore_open_notifier`; optional: the core adopts eventfds itself)
 * **stream / transport** — the front door a device is served through
   (:func:`pvcore_front_door`): a core ring transport (vhost-user), its own
-  (grant-mapped virtio), or one of the core's stream front doors (chardev,
+  (xen's PV rings), or one of the core's stream front doors (chardev,
   EGD, FIFO, netdev stream, NBD); how a guest is pointed at it
   (:func:`pvcore_qemu_args`, :func:`pvcore_libvirt_xml`); and the device
   options that only this plugin understands (:func:`pvcore_device_options`).

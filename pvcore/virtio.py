@@ -1,7 +1,7 @@
 """VIRTIO constants and the one small trait every ring device implements.
 
-A device engine that wants to be reached through a ring (vhost-user, Xen
-grant-mapped virtio, the in-process loopback) implements :class:`VirtioDevice`.
+A device engine that wants to be reached through a virtio ring (vhost-user,
+the in-process loopback) implements :class:`VirtioDevice`.
 It never sees a transport: it gets validated :class:`~pvcore.ring.virtqueue.DescriptorChain`
 objects through a :class:`VirtioQueue` and completes them.
 
