@@ -68,7 +68,37 @@ cat $SCRATCH/con1.log
 """,
 )
 
-CHECKS = [HOST_LAYER, BLOCK, CONSOLE, NETIF]
+RESTART_BLOCKS = 30
+
+RESTART = Check(
+    name="restart",
+    domu=rf"""
+: > /tmp/acked
+echo RESTART-WRITING
+i=0
+while [ $i -lt {RESTART_BLOCKS} ]; do
+  dd if=/dev/urandom of=/tmp/block bs=4096 count=1 2>/dev/null
+  dd if=/tmp/block of=/dev/xvda bs=4096 seek=$((2048 + i)) count=1 oflag=direct conv=notrunc 2>/dev/null || break
+  cat /tmp/block >> /tmp/acked
+  i=$((i + 1)); sleep 1
+done
+echo "blocks $i"
+echo "acked $(md5sum < /tmp/acked)"
+echo "readback $(dd if=/dev/xvda bs=4096 skip=2048 count=$i iflag=direct 2>/dev/null | md5sum)"
+""",
+    dom0_during=r"""
+i=0; while ! grep -aq RESTART-WRITING /var/log/xen/console/guest-domU.log 2>/dev/null && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done
+sleep 3
+kill -9 $(cat $SCRATCH/pvcore.pid) && echo killed
+sleep 1
+sh /mnt/work/serve.sh && echo restarted
+""",
+    dom0_final=rf"""
+echo "image $(dd if=$SCRATCH/disk.img bs=4096 skip=2048 count={RESTART_BLOCKS} 2>/dev/null | md5sum)"
+""",
+)
+
+CHECKS = [HOST_LAYER, BLOCK, CONSOLE, RESTART, NETIF]
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +152,14 @@ def test_the_console_carries_text_both_ways(xen_run):
     assert guest.rc == 0, xen_run.describe()
     assert "got PING-FROM-DOM0" in guest.output, guest.output
     assert "HELLO-FROM-DOMU" in xen_run.dom0["console.dom0_final"].output
+
+
+def test_pvcore_killed_under_the_guest_is_picked_up_with_no_acknowledged_write_lost(xen_run):
+    during = xen_run.dom0["restart.dom0_during"]
+    assert "killed" in during.output and "restarted" in during.output, during.output
+    assert re.search(r"disk0: dom\d+ vbd 51712 picked up", xen_run.pvcore_log), xen_run.describe()
+    guest = xen_run.domu["restart"]
+    assert _value(guest.output, "blocks") == str(RESTART_BLOCKS), guest.output
+    acked = _value(guest.output, "acked")
+    assert _value(guest.output, "readback") == acked
+    assert _value(xen_run.dom0["restart.dom0_final"].output, "image") == acked

@@ -34,7 +34,10 @@ is a directory on dom0's tmpfs that is the same path inside and outside the
 chroot (disk images go there: the host root is read-only); ``$OUT`` is the
 work directory's ``out`` (as dom0 sees it); ``$RUN`` is pvcore's run
 directory. Xen's tools (``xl``, ``xenstore-*``) are on the PATH. ``serve``
-devices may use ``$DOMID`` and ``$SCRATCH``.
+devices may use ``$DOMID`` and ``$SCRATCH``. pvcore's pid is in
+``$SCRATCH/pvcore.pid`` and ``sh /mnt/work/serve.sh`` starts it again with the
+same devices (appending to its log and rewriting the pid file): a check may
+kill it and start it again under the running guest.
 
 Adding checks to the same boot: write a :class:`Check` and add it to the
 list the test module passes to :func:`boot` (``plugins/xen/tests/
@@ -337,13 +340,13 @@ def _scenario(checks: Sequence[Check], pvcore: str, timeout: float) -> str:
         "xl create -p /mnt/work/domU.cfg > $OUT/xl-create.log 2>&1 || stamp 'xl create failed'",
         "export DOMID=$(xl domid domU)",
         "stamp domid $DOMID",
-        "PVCORE_PID=",
         f"if [ -n '{serve}' ]; then",
-        f"  $PVCORE --log-level debug serve --hypervisor xen --run-dir $RUN {serve} > $SCRATCH/pvcore.log 2>&1 &",
-        "  PVCORE_PID=$!",
+        f"  printf '%s\\n' '$PVCORE --log-level debug serve --hypervisor xen --run-dir $RUN {serve} >> $SCRATCH/pvcore.log 2>&1 &'"
+        " 'echo $! > $SCRATCH/pvcore.pid' > /mnt/work/serve.sh",
+        "  sh /mnt/work/serve.sh",
         f"  want=$(echo {serve} | wc -w); i=0",
-        "  while [ $(grep -c ' up: ' $SCRATCH/pvcore.log) -lt $want ] && kill -0 $PVCORE_PID 2>/dev/null && [ $i -lt 600 ]; do"
-        " sleep 0.2; i=$((i+1)); done",
+        "  while [ $(grep -c ' up: ' $SCRATCH/pvcore.log) -lt $want ] && kill -0 $(cat $SCRATCH/pvcore.pid) 2>/dev/null"
+        " && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done",
         "  stamp pvcore serving",
         "fi",
         "xl unpause domU",
@@ -358,8 +361,8 @@ def _scenario(checks: Sequence[Check], pvcore: str, timeout: float) -> str:
         "for pid in $BG; do i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; done",
         *phase("dom0_after"),
         "stamp after",
-        "if [ -n \"$PVCORE_PID\" ]; then kill -TERM $PVCORE_PID; i=0;"
-        " while kill -0 $PVCORE_PID 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; fi",
+        "if [ -f $SCRATCH/pvcore.pid ]; then PID=$(cat $SCRATCH/pvcore.pid); kill -TERM $PID; i=0;"
+        " while kill -0 $PID 2>/dev/null && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; fi",
         "stamp pvcore stopped",
         *phase("dom0_final"),
         "copy_logs",
