@@ -1,13 +1,15 @@
 """pvcore's NBD door against nbdkit's file plugin, driven by fio's nbd engine (libnbd), no guest.
 
-    .venv/bin/python bench/nbd_fio.py [--rounds 5] [--seconds 4] [--depths 1,8]
+    .venv/bin/python bench/nbd_fio.py [--rounds 5] [--seconds 4] [--workloads randread/4k/1,randread/4k/16,read/1m/4]
 
 One 64 MiB image in the page cache is served twice: by
 ``pvcore serve --hypervisor lpar block:path=...,socket=...`` (its NBD server)
 and by ``nbdkit --unix SOCKET file IMAGE`` (the C peer, 4 threads like pvcore's
-4 I/O threads). Each round runs fio's 4 KiB random reads at each depth on one
-server and then the other (the order flips every round). It prints per depth
-the medians of IOPS and of server CPU microseconds per I/O (utime+stime of the
+4 I/O threads), each on one connection. Each round runs every workload (fio
+``rw``/block size/queue depth; the default is the performance targets' three:
+4 KiB random reads at depth 1 and 16, 1 MiB sequential reads at depth 4) on
+one server and then the other (the order flips every round). It prints per
+workload the medians of IOPS and of server CPU microseconds per I/O (utime+stime of the
 server process from ``/proc/PID/stat`` around each fio run) and the ratios
 pvcore / nbdkit, and which build of pvcore's hot modules the daemon ran
 (``PVCORE_PURE_PYTHON=1`` in the environment forces the pure-Python one).
@@ -46,11 +48,12 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> Non
         time.sleep(0.05)
 
 
-def fio(socket: Path, depth: int, seconds: float, server: int) -> tuple[float, float]:
-    """IOPS and server CPU microseconds per I/O of one fio run."""
+def fio(socket: Path, workload: tuple[str, str, int], seconds: float, server: int) -> tuple[float, float]:
+    """IOPS and server CPU microseconds per I/O of one fio run of ``(rw, bs, depth)``."""
+    rw, bs, depth = workload
     cpu0 = cpu_seconds(server)
     done = subprocess.run(
-        ["fio", "--output-format=json", "--ioengine=nbd", "--rw=randread", "--bs=4k", f"--iodepth={depth}",
+        ["fio", "--output-format=json", "--ioengine=nbd", f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
          "--time_based", f"--runtime={seconds}", "--name=bench", f"--uri=nbd+unix:///?socket={socket}"],
         capture_output=True, text=True, timeout=seconds + 60,
     )
@@ -58,17 +61,19 @@ def fio(socket: Path, depth: int, seconds: float, server: int) -> tuple[float, f
     if done.returncode != 0:
         raise SystemExit(done.stdout + done.stderr)
     job = json.loads(done.stdout[done.stdout.index("{"):])["jobs"][0]
-    ios = job["read"]["total_ios"]
-    return job["read"]["iops"], cpu / ios * 1e6
+    direction = "write" if "write" in rw else "read"
+    ios = job[direction]["total_ios"]
+    return job[direction]["iops"], cpu / ios * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--depths", default="1,8")
+    parser.add_argument("--workloads", default="randread/4k/1,randread/4k/16,read/1m/4",
+                        help="comma-separated fio rw/bs/iodepth triples")
     args = parser.parse_args()
-    depths = [int(depth) for depth in args.depths.split(",")]
+    workloads = [(rw, bs, int(depth)) for rw, bs, depth in (w.split("/") for w in args.workloads.split(","))]
     with tempfile.TemporaryDirectory(prefix="pvcore-nbd-bench-") as tmp:
         directory = Path(tmp)
         image = directory / "disk.img"
@@ -90,18 +95,18 @@ def main() -> None:
                 wait_for_socket(sockets[name], proc, name)
             build = subprocess.run([sys.executable, "-m", "pvcore.cli", "--version"], capture_output=True, text=True,
                                    env=env).stdout.splitlines()[1]
-            print(f"pvcore {build}; 4 KiB random reads, 64 MiB image, {args.rounds} rounds x {args.seconds} s, medians")
-            print(f"{'depth':>5} {'pvcore IOPS':>12} {'nbdkit IOPS':>12} {'ratio':>6} {'pvcore cpu us':>14} "
+            print(f"pvcore {build}; 64 MiB image, {args.rounds} rounds x {args.seconds} s, medians")
+            print(f"{'workload':>16} {'pvcore IOPS':>12} {'nbdkit IOPS':>12} {'ratio':>6} {'pvcore cpu us':>14} "
                   f"{'nbdkit cpu us':>14} {'ratio':>6}")
-            for depth in depths:
+            for workload in workloads:
                 results: dict[str, list[tuple[float, float]]] = {"pvcore": [], "nbdkit": []}
                 for round_ in range(args.rounds):
                     order = ["pvcore", "nbdkit"] if round_ % 2 == 0 else ["nbdkit", "pvcore"]
                     for name in order:
-                        results[name].append(fio(sockets[name], depth, args.seconds, servers[name].pid))
+                        results[name].append(fio(sockets[name], workload, args.seconds, servers[name].pid))
                 ours = [statistics.median(r[i] for r in results["pvcore"]) for i in (0, 1)]
                 peer = [statistics.median(r[i] for r in results["nbdkit"]) for i in (0, 1)]
-                print(f"{depth:>5} {ours[0]:>12.0f} {peer[0]:>12.0f} {ours[0] / peer[0]:>6.2f} {ours[1]:>14.1f} "
+                print(f"{'/'.join(map(str, workload)):>16} {ours[0]:>12.0f} {peer[0]:>12.0f} {ours[0] / peer[0]:>6.2f} {ours[1]:>14.1f} "
                       f"{peer[1]:>14.1f} {ours[1] / peer[1]:>6.2f}")
         finally:
             for proc in servers.values():

@@ -55,8 +55,10 @@ def serve(run: Callable[[Any], Any], tmp_path: Path) -> Iterator[Callable[..., t
     """Start an NBD door over an image; returns (door, URI). Everything is stopped afterwards."""
     started: list[tuple[NbdFrontDoor, BlockBackend]] = []
 
-    def start(path: Path, *, readonly: bool = False, export_name: str = "", **options: Any) -> tuple[NbdFrontDoor, str]:
-        backend = BlockBackend(RawFileStore(str(path), readonly=readonly), name="disk0")
+    def start(
+        path: Path, *, readonly: bool = False, export_name: str = "", store: RawFileStore | None = None, **options: Any
+    ) -> tuple[NbdFrontDoor, str]:
+        backend = BlockBackend(store or RawFileStore(str(path), readonly=readonly), name="disk0")
         socket_path = tmp_path / f"nbd{len(started)}.sock"
         door = NbdFrontDoor(backend, socket_path, export_name=export_name, **options)
         run(door.start())

@@ -41,6 +41,30 @@ Clients are hostile until proven otherwise:
   :data:`MAX_IN_FLIGHT_BYTES` of buffers are in flight; beyond that the
   connection's next request is not read until earlier ones finish.
 
+Replies: a small read (below :data:`SPLICE_MIN_BYTES`) is read into one
+buffer that has room for the reply header in front of the data, so header and
+data leave in one ``send`` with no copy in Python (the page-cache hit on an
+idle device is served on the spot, as the block engine's ``serve_now``
+allows). A bigger read of a plain image file (the block engine's
+``splices_reads``) is answered without copying its bytes at all: an I/O
+thread splices the range from the page cache into a pipe of the connection's
+own (``splice(2)``: page references), and on completion the reply header is
+written to the socket and the data spliced from the pipe after it (the socket
+is a Unix one, where ``MSG_MORE`` would change nothing). When the socket is
+full the rest of the reply waits in the pipe, and every later reply of the
+connection waits behind it in the connection's output queue, until the socket
+is writable again (watched on a duplicate of its descriptor, so the stream
+transport keeps its own); a client that stops reading stops being read from
+once :data:`WRITE_BUFFER_HIGH` bytes wait. If the read comes up short (the
+file was truncated under the export) the pipe is emptied and the reply is
+``EIO`` with no data, so the stream never carries a wrong length; if the
+socket fails midway the connection is aborted. Such reads go through the
+block engine like any other (its checks, its I/O limits, its counters and
+service times); :attr:`NbdFrontDoor.spliced_reads` counts them and
+:attr:`NbdFrontDoor.socket_full_waits` the times a reply had to wait for the
+socket. Any other store, a read that does not fit a pipe, or a connection
+that has :data:`MAX_PIPES` pipes busy, takes the buffer path.
+
 Each connection is served by its own task, so a misbehaving client affects
 no other. Stopping the door closes the socket, lets in-flight requests finish
 and send their replies, then closes every connection.
@@ -49,8 +73,11 @@ and send their replies, then closes every connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
+import fcntl
 import logging
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +156,15 @@ MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 2 * MAX_REQUEST_LEN
 MAX_CONNECTIONS = 16
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+SPLICE_MIN_BYTES = 128 * 1024 + 1
+"""Reads this long or longer are spliced (see the module docstring); shorter ones are copied once."""
+PIPE_SIZE = 1024 * 1024
+"""The capacity asked for each splice pipe (``F_SETPIPE_SZ``; the kernel may grant less)."""
+MAX_PIPES = 8
+"""Splice pipes per connection; reads beyond that many at once take the buffer path."""
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOSE_FLUSH_TIMEOUT = 5.0
+"""Seconds a closing connection gives its queued replies to reach a client that has stopped reading."""
 MAX_LOGGED_REFUSALS = 10
 """Refused or failed requests logged per connection, so a hostile client cannot flood the log."""
 
@@ -156,6 +192,43 @@ _ALLOWED_FLAGS = {
     NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
 }
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class _Pipe:
+    """A non-blocking pipe a connection splices read replies through; ``capacity`` is in bytes."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.capacity = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # above the user's pipe page limit: keep the default size
+            self.capacity = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
+
+    def holds(self, offset: int, length: int) -> bool:
+        """Whether the page-cache pages of ``offset``..+``length`` fit (the pipe takes one slot per page)."""
+        pages = (offset % PAGE_SIZE + length + PAGE_SIZE - 1) // PAGE_SIZE
+        return pages * PAGE_SIZE <= self.capacity
+
+    def drain(self) -> None:
+        """Throw away whatever the pipe holds."""
+        try:
+            while os.read(self.read_fd, self.capacity):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Close both ends."""
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class _Splice:
+    """Queued output: the data of a read reply waiting in ``pipe``, ``remaining`` bytes still to send."""
+
+    def __init__(self, pipe: _Pipe, remaining: int) -> None:
+        self.pipe = pipe
+        self.remaining = remaining
 
 
 class ProtocolViolation(Exception):
@@ -243,6 +316,10 @@ class NbdFrontDoor:
         self.log_name = f"nbd {backend.name}"
         self._listener = UnixListener(self.socket_path, self._serve_connection, what=self.log_name)
         self._next_id = 0
+        self.spliced_reads = 0
+        """Reads answered by splicing from the page cache to the socket (see the module docstring)."""
+        self.socket_full_waits = 0
+        """Times a connection's replies had to wait in its output queue for the socket to take more."""
 
     def __repr__(self) -> str:
         return f"NbdFrontDoor({self.description})"
@@ -308,6 +385,14 @@ class _Connection:
         self.in_flight_bytes = 0
         self.refusals = 0
         self._changed = asyncio.Event()
+        self._socket_fd = writer.get_extra_info("socket").fileno()
+        self._pipes: list[_Pipe] = []
+        self._free_pipes: list[_Pipe] = []
+        self._out: collections.deque[bytes | bytearray | _Splice] = collections.deque()
+        self._out_bytes = 0
+        self._watch_fd = -1
+        self._watching = False
+        self._loop = asyncio.get_running_loop()
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     async def serve(self) -> str:
@@ -334,8 +419,22 @@ class _Connection:
         """Wait for in-flight requests to reply, then close the socket."""
         try:
             await self._wait_until(lambda: self.in_flight == 0)
+            if self._out:
+                try:
+                    async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                        await self._wait_until(lambda: not self._out)
+                except TimeoutError:
+                    log.warning("%s: replies still queued after %gs; dropped", self.what, CLOSE_FLUSH_TIMEOUT)
         finally:
+            self._drop_output()
+            if self._watch_fd >= 0:
+                os.close(self._watch_fd)
+                self._watch_fd = -1
             self.writer.close()
+            for pipe in self._pipes:
+                pipe.close()
+            self._pipes.clear()
+            self._free_pipes.clear()
 
     async def _wait_until(self, ready: Callable[[], bool]) -> None:
         while not ready():
@@ -430,6 +529,8 @@ class _Connection:
                 return "disconnect requested by the client"
             await self._dispatch(request)
             await self.writer.drain()
+            if self._out_bytes > WRITE_BUFFER_HIGH:
+                await self._wait_until(lambda: self._out_bytes <= WRITE_BUFFER_HIGH)
 
     async def _dispatch(self, request: NbdRequest) -> None:
         command, length = request.command, request.length
@@ -443,14 +544,22 @@ class _Connection:
             self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
             self._reply(request, error)
             return
-        buffer = bytearray(length) if command == NBD_CMD_READ else None
         cost = length if command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
-        await self._wait_until(
-            lambda: self.in_flight == 0
-            or (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES)
-        )
-        if buffer is not None:
-            buffers: tuple[memoryview, ...] = (memoryview(buffer),)
+        if not (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES):
+            await self._wait_until(
+                lambda: self.in_flight == 0
+                or (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES)
+            )
+        pipe = None
+        buffer = None
+        if command == NBD_CMD_READ:
+            if length >= SPLICE_MIN_BYTES and self.backend.splices_reads:
+                pipe = self._take_pipe(request.offset, length)
+            if pipe is None:
+                buffer = bytearray(_REPLY.size + length)  # the reply header goes in front of the data
+                buffers: tuple[memoryview, ...] = (memoryview(buffer)[_REPLY.size :],)
+            else:
+                buffers = ()
         elif command == NBD_CMD_WRITE:
             buffers = (memoryview(payload),)
         else:
@@ -462,13 +571,36 @@ class _Connection:
             buffers=buffers,
             fua=bool(request.flags & NBD_CMD_FLAG_FUA) and command != NBD_CMD_READ,
             may_unmap=not request.flags & NBD_CMD_FLAG_NO_HOLE,
+            pipe=-1 if pipe is None else pipe.write_fd,
         )
         self.in_flight += 1
         self.in_flight_bytes += cost
-        if self.backend.serve_now(block_request):
+        if pipe is not None:
+            self.backend.submit(block_request, lambda result: self._complete_spliced(request, cost, pipe, result))
+        elif self.backend.serve_now(block_request):
             self._complete(request, cost, buffer, BlockResult(BlockStatus.OK, length))
         else:
             self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
+
+    def _take_pipe(self, offset: int, length: int) -> _Pipe | None:
+        """A free pipe with room for this read's reply, or None (then the read takes the buffer path)."""
+        if self._free_pipes:
+            pipe = self._free_pipes[-1]
+            if not pipe.holds(offset, length):
+                return None
+            return self._free_pipes.pop()
+        if len(self._pipes) >= MAX_PIPES:
+            return None
+        try:
+            pipe = _Pipe()
+        except OSError as exc:  # out of file descriptors: copy instead
+            self._log_refusal(f"no pipe for a spliced read ({exc.strerror or exc}); copying")
+            return None
+        self._pipes.append(pipe)
+        if not pipe.holds(offset, length):
+            self._free_pipes.append(pipe)
+            return None
+        return pipe
 
     def _log_refusal(self, message: str) -> None:
         """Log a refused or failed request, up to :data:`MAX_LOGGED_REFUSALS` per connection."""
@@ -506,14 +638,96 @@ class _Connection:
         error = nbd_error(result, request.command)
         if error:
             self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
-        self._reply(request, error, buffer if not error else None)
+            self._reply(request, error)
+        elif buffer is not None:
+            _REPLY.pack_into(buffer, 0, NBD_SIMPLE_REPLY_MAGIC, 0, request.handle)
+            self._send(buffer)
+        else:
+            self._reply(request, 0)
 
-    def _reply(self, request: NbdRequest, error: int, data: bytearray | None = None) -> None:
+    def _complete_spliced(self, request: NbdRequest, cost: int, pipe: _Pipe, result: BlockResult) -> None:
+        """Answer a read whose data waits in ``pipe``: the header, then the data spliced, or the error."""
+        self.in_flight -= 1
+        self.in_flight_bytes -= cost
+        self._changed.set()
+        error = nbd_error(result, request.command)
+        if error or self.writer.is_closing():
+            pipe.drain()
+            self._free_pipes.append(pipe)
+            if error:
+                self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
+                self._reply(request, error)
+            return
+        self.door.spliced_reads += 1
+        self._queue(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, request.handle))
+        self._queue(_Splice(pipe, request.length))
+        self._pump()
+
+    def _reply(self, request: NbdRequest, error: int) -> None:
+        self._send(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
+
+    def _send(self, data: bytes | bytearray) -> None:
+        """Send ``data`` after every reply before it: through the transport, or behind the output queue."""
         if self.writer.is_closing():
             return
-        self.writer.write(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
-        if data:
+        if self._out:
+            self._queue(data)
+        else:
             self.writer.write(data)
+
+    def _queue(self, item: bytes | bytearray | _Splice) -> None:
+        self._out.append(item)
+        self._out_bytes += item.remaining if isinstance(item, _Splice) else len(item)
+
+    def _pump(self) -> None:
+        """Send queued output while the socket takes it; watch for writability while some is left."""
+        out = self._out
+        transport = self.writer.transport
+        try:
+            while out:
+                if transport.get_write_buffer_size():
+                    break  # the transport sends what it holds first
+                item = out[0]
+                if isinstance(item, _Splice):
+                    while item.remaining:
+                        count = os.splice(
+                            item.pipe.read_fd, self._socket_fd, item.remaining, flags=os.SPLICE_F_NONBLOCK
+                        )
+                        item.remaining -= count
+                        self._out_bytes -= count
+                    self._free_pipes.append(item.pipe)
+                else:
+                    transport.write(item)
+                    self._out_bytes -= len(item)
+                out.popleft()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            log.info("%s: sending a read reply failed: %s", self.what, exc.strerror or exc)
+            self._drop_output()
+            transport.abort()
+        self._changed.set()
+        if out and not self._watching:
+            self.door.socket_full_waits += 1
+            if self._watch_fd < 0:
+                self._watch_fd = os.dup(self._socket_fd)  # the transport's own descriptor cannot be watched twice
+            self._loop.add_writer(self._watch_fd, self._pump)
+            self._watching = True
+        elif not out and self._watching:
+            self._loop.remove_writer(self._watch_fd)
+            self._watching = False
+
+    def _drop_output(self) -> None:
+        """Throw away queued output (the connection is ending), freeing its pipes."""
+        for item in self._out:
+            if isinstance(item, _Splice):
+                item.pipe.drain()
+                self._free_pipes.append(item.pipe)
+        self._out.clear()
+        self._out_bytes = 0
+        if self._watching:
+            self._loop.remove_writer(self._watch_fd)
+            self._watching = False
 
 
 def _parse_info_request(data: bytes) -> tuple[bytes, set[int]] | None:

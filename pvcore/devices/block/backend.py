@@ -154,7 +154,11 @@ class BlockRequest:
     """One I/O request.
 
     ``buffers`` are filled (READ) or written out (WRITE) in order; their total
-    length must equal ``length``. ``priority`` is a Linux ioprio value.
+    length must equal ``length``. A READ may instead name ``pipe``, the
+    write end of a pipe with room for ``length`` bytes, and no buffers: the
+    data is spliced into it from the page cache (see
+    :meth:`~pvcore.devices.block.store.RawFileStore.splice_to`; a stream door
+    then splices it on to its socket). ``priority`` is a Linux ioprio value.
     ``fua`` makes a write durable before completion; ``may_unmap`` lets
     WRITE_ZEROES deallocate the range.
     """
@@ -166,6 +170,7 @@ class BlockRequest:
     priority: int = 0
     fua: bool = False
     may_unmap: bool = False
+    pipe: int = -1
 
 
 @attrs.frozen
@@ -299,6 +304,16 @@ class BlockBackend:
         """Whether writes, discards and write-zeroes are refused."""
         return self.store.readonly
 
+    @property
+    def splices_reads(self) -> bool:
+        """Whether a READ into a pipe (:attr:`BlockRequest.pipe`) is spliced from the page cache without a copy.
+
+        True for a plain :class:`RawFileStore` (opened without ``O_DIRECT``, so its reads go through
+        the page cache); any other store (a subclass with its own I/O) copies into the pipe, so a
+        front door keeps to buffers for it.
+        """
+        return type(self.store) is RawFileStore
+
     def counters(self) -> BlockCounters:
         """A snapshot of the counters."""
         with self._lock:
@@ -421,7 +436,10 @@ class BlockBackend:
                 BlockStatus.OUT_OF_RANGE,
                 message=f"range {offset}+{length} ends past the device end ({self.size} bytes)",
             )
-        if op is BlockOp.READ or op is BlockOp.WRITE:
+        if op is BlockOp.READ and request.pipe >= 0:
+            if request.buffers:
+                return BlockResult(BlockStatus.INVALID, message="a read into a pipe takes no buffers")
+        elif op is BlockOp.READ or op is BlockOp.WRITE:
             buffers = request.buffers
             buffered = sum(map(len, buffers))
             if buffered != length:
@@ -443,6 +461,8 @@ class BlockBackend:
         depth. Caller holds the lock.
         """
         if request.op is not BlockOp.READ and request.op is not BlockOp.WRITE:
+            return False
+        if request.pipe >= 0:  # a splice may wait for the disk: never on the loop thread
             return False
         if request.length > INLINE_MAX_BYTES:  # a big copy on the loop thread would stall every guest
             return False
@@ -532,7 +552,8 @@ class BlockBackend:
         durable = request.fua or self.cache is CacheMode.WRITETHROUGH
         try:
             if op is BlockOp.READ:
-                done = store.readv(request.buffers, offset)
+                pipe = request.pipe
+                done = store.readv(request.buffers, offset) if pipe < 0 else store.splice_to(pipe, offset, length)
                 if done < length:
                     return BlockResult(
                         BlockStatus.IO_ERROR, done, f"read at {offset}: end of file after {done} of {length} bytes"

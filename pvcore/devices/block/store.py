@@ -4,7 +4,10 @@ A store does the blocking I/O; :class:`~pvcore.devices.block.backend.BlockBacken
 calls it from its worker threads only. :class:`RawFileStore` is a raw image file
 (or a host block device): reads and writes go straight between the file and the
 caller's buffers with ``preadv``/``pwritev`` (for a guest, those buffers are
-views of guest memory, so no byte is copied in Python).
+views of guest memory, so no byte is copied in Python), or, for a stream door
+answering a read, from the page cache into a pipe with ``splice``
+(:meth:`RawFileStore.splice_to`), so that the bytes reach the socket without
+ever being copied.
 
 Discard punches a hole and write-zeroes zeroes a range with Linux ``fallocate``
 (through libc, because :func:`os.posix_fallocate` only allocates); where the
@@ -165,6 +168,31 @@ class RawFileStore:
                 break
             total += count
             pending = _advance(pending, count)
+        return total
+
+    def splice_to(self, pipe: int, offset: int, length: int) -> int:
+        """Move ``length`` bytes from ``offset`` into the pipe whose write end is ``pipe``; returns the bytes moved.
+
+        Short only at end of file. A plain :class:`RawFileStore` splices
+        (``splice(2)``: the pipe takes references to the page-cache pages, no
+        byte is copied); a subclass is read with its own :meth:`readv` and
+        the bytes written into the pipe, so what it serves stays its own. The
+        pipe must have room for the whole range (a full pipe raises
+        :class:`BlockingIOError`).
+        """
+        if type(self) is not RawFileStore:
+            buffer = bytearray(length)
+            done = self.readv((memoryview(buffer),), offset)
+            view = memoryview(buffer)[:done]
+            while view:
+                view = view[os.write(pipe, view):]
+            return done
+        total = 0
+        while total < length:
+            count = os.splice(self.fd, pipe, length - total, offset_src=offset + total)
+            if count == 0:
+                break
+            total += count
         return total
 
     def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
