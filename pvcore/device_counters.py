@@ -3,7 +3,8 @@
 Read from what the engines keep anyway: a block backend's counters (with
 the service-time histogram when it is kept), a NIC's switch-port counters,
 an rng's per-domain entropy counts, a vhost-user ring's interrupts and
-completions over its current connection, and the seconds a block device's or
+completions over its current connection (and, when it polls, its polling
+windows: ``polls``, ``polls_caught``, ``poll_ns``), and the seconds a block device's or
 NIC's limits held requests back (``throttled_seconds``).
 """
 
@@ -21,18 +22,29 @@ from pvcore.devices.rng import EntropySource
 
 
 def ring_counts(door: FrontDoor) -> dict[str, int]:
-    """``interrupts``, ``completions`` and ``ring_in_flight`` of a ring front door's live connections ({} otherwise)."""
+    """``interrupts``, ``completions`` and ``ring_in_flight`` of a ring front door's live connections ({} otherwise),
+    with ``polls``, ``polls_caught`` and ``poll_ns`` if the door polls its rings."""
     live = getattr(door, "live", None)
     if live is None:
         return {}
     counts = {"interrupts": 0, "completions": 0, "ring_in_flight": 0}
+    polling = getattr(door, "poll_max_ns", 0) > 0
+    if polling:
+        counts.update(polls=0, polls_caught=0, poll_ns=0)
     for connection in list(live):
         counts["interrupts"] += sum(connection.interrupts)
         counts["completions"] += sum(connection.completions)
+        if polling:
+            for key, value in connection.polled.items():
+                counts[key] += value
         for queue in list(connection.session.running.values()):
             counts["interrupts"] += queue.interrupts
             counts["completions"] += queue.completions
             counts["ring_in_flight"] += queue.in_flight
+            if polling and queue.poll is not None:
+                counts["polls"] += queue.poll.polls
+                counts["polls_caught"] += queue.poll.caught
+                counts["poll_ns"] += queue.poll.poll_ns
     return counts
 
 

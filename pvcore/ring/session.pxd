@@ -14,8 +14,10 @@ cdef class RunningQueue:
     cdef public bint _processing, _batching, _overlapped, _stopped, _detached
     cdef public int _depth, _batch_target, _batch_ceiling
     cdef public object _flush_handle, _idle
+    cdef public object poll, _poll_handle
+    cdef public long long _poll_start, _poll_deadline, _asleep_since
 
-    @cython.locals(vq=Virtqueue, budget=int, held=int)
+    @cython.locals(vq=Virtqueue, budget=int, held=int, polling=bint)
     cpdef process(self)
     @cython.locals(held=int)
     cdef _publish_when_batch_done(self)

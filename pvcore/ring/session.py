@@ -32,18 +32,30 @@ Either way no completion waits longer than ``max_interrupt_delay``: a held
 completion always has its publication scheduled. The driver's
 VIRTQ_AVAIL_F_NO_INTERRUPT flag, or with EVENT_IDX its ``used_event``, then
 decides whether a publication raises an interrupt at all.
+
+Polling (``poll_max_ns`` > 0; see :mod:`pvcore.ring.poll` for how the window
+adapts): a pass that ends with a window open keeps kicks disabled (the used
+ring's NO_NOTIFY flag, or with EVENT_IDX an ``avail_event`` left behind) and
+looks at the avail index on each loop iteration until the window ends, so
+other callbacks and completions still run meanwhile. A request seen is
+served at once; when the window ends the queue re-enables kicks and then
+reads the avail index again before it sleeps, so a request the driver posted
+while it still saw kicks disabled is not left waiting for a kick that never
+comes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import attrs
 
 from pvcore.ring.memory import GuestMemory, GuestMemoryError, gather, scatter
 from pvcore.ring.notify import Notifier
+from pvcore.ring.poll import PollWindow
 from pvcore.ring.virtqueue import DescriptorChain, Virtqueue, VirtqueueError
 from pvcore.virtio import (
     TRANSPORT_FEATURES,
@@ -107,6 +119,12 @@ class RunningQueue:
         self._stopped = False
         self._detached = False
         self._idle: asyncio.Event | None = None
+        self.poll: PollWindow | None = PollWindow(session.poll_max_ns) if session.poll_max_ns > 0 else None
+        """The adaptive polling window and its counters (None: polling is off)."""
+        self._poll_handle: asyncio.Handle | None = None
+        self._poll_start = 0
+        self._poll_deadline = 0
+        self._asleep_since = 0
 
     @property
     def memory(self) -> GuestMemory:
@@ -126,6 +144,10 @@ class RunningQueue:
         if self.kick is not None:
             self.kick.consume()
         self.kicks += 1
+        if self._asleep_since:
+            assert self.poll is not None
+            self.poll.woke(time.monotonic_ns() - self._asleep_since)
+            self._asleep_since = 0
         self.process()
 
     def process(self) -> None:
@@ -136,12 +158,17 @@ class RunningQueue:
         meanwhile), so it cannot hold the event loop that other guests share.
         A driver can never have more than the queue size in flight; one that
         does is posting chains it did not get back, and fails its device.
+        With a polling window open the pass ends with kicks still disabled and
+        the window starts (see the module's polling).
         """
         if self._stopped or self.session.broken:
             return
+        if self._poll_handle is not None:  # a kick came during a window: that window caught work
+            self._end_poll_window(True)
         device = self.session.device
         vq = self.vq
         budget = vq.size
+        polling = self.poll is not None and self.poll.window_ns > 0
         self._processing = True
         try:
             while budget:
@@ -166,7 +193,10 @@ class RunningQueue:
                         log.exception("%s: device error on queue %d", self.session.name, self.index)
                         self.session.fail(f"queue {self.index}: device error: {exc}")
                         return
-                if budget and not vq.enable_kicks():
+                if polling:
+                    if budget and not vq.pending():
+                        break
+                elif budget and not vq.enable_kicks():
                     break
             else:
                 self.session.loop.call_soon(self.process)
@@ -179,6 +209,65 @@ class RunningQueue:
             self._publish_when_batch_done()
         else:
             self.flush()
+        if not budget:
+            return  # the next pass is already scheduled
+        if polling:
+            self._start_poll_window()
+        elif self.poll is not None:
+            self._asleep_since = time.monotonic_ns()
+
+    def _start_poll_window(self) -> None:
+        assert self.poll is not None
+        self.poll.started()
+        self._poll_start = time.monotonic_ns()
+        self._poll_deadline = self._poll_start + self.poll.window_ns
+        self._poll_handle = self.session.loop.call_soon(self._poll_once)
+
+    def _end_poll_window(self, caught: bool) -> None:
+        assert self.poll is not None
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        elapsed = time.monotonic_ns() - self._poll_start
+        if caught:
+            self.poll.hit(elapsed)
+        else:
+            self.poll.missed(elapsed)
+
+    def _poll_once(self) -> None:
+        """One look at the avail index while the window is open (one loop iteration)."""
+        self._poll_handle = None
+        if self._stopped or self.session.broken:
+            return
+        try:
+            pending = self.vq.pending()
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.session.fail(f"queue {self.index}: {exc}")
+            return
+        if pending:
+            self._end_poll_window(True)
+            self.process()
+        elif time.monotonic_ns() < self._poll_deadline:
+            self._poll_handle = self.session.loop.call_soon(self._poll_once)
+        else:
+            self._end_poll_window(False)
+            self.sleep()
+
+    def sleep(self) -> None:
+        """The window passed: re-enable kicks, then read the avail index once more before sleeping.
+
+        A driver that posted after the window's last look, while it still saw
+        kicks disabled, did not kick: that request is served now.
+        """
+        try:
+            arrived = self.vq.enable_kicks()
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.session.fail(f"queue {self.index}: {exc}")
+            return
+        if arrived:
+            self.process()
+        else:
+            self._asleep_since = time.monotonic_ns()
 
     def complete(self, chain: DescriptorChain, written: int) -> None:
         """The device finished ``chain`` having written ``written`` bytes to it.
@@ -260,6 +349,7 @@ class RunningQueue:
     async def stop(self, timeout: float = 10.0) -> int:
         """Stop taking kicks, let in-flight requests finish, publish; return the next avail index."""
         self._stopped = True
+        self._cancel_poll()
         if self.kick is not None and self.kick.fileno() >= 0:
             self.session.loop.remove_reader(self.kick.fileno())
         self.session.device.queue_stopping(self)
@@ -273,10 +363,16 @@ class RunningQueue:
         self._detached = True
         return self.vq.next_avail
 
+    def _cancel_poll(self) -> None:
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+
     def detach(self) -> None:
         """Stop at once without waiting (the session is going away)."""
         self._stopped = True
         self._detached = True
+        self._cancel_poll()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -294,11 +390,16 @@ class VirtioSession:
         name: str,
         loop: asyncio.AbstractEventLoop | None = None,
         max_interrupt_delay: float = DEFAULT_INTERRUPT_DELAY,
+        poll_max_ns: int = 0,
     ) -> None:
         self.device = device
         self.name = name
         self.loop = loop or asyncio.get_running_loop()
         self.max_interrupt_delay = max_interrupt_delay
+        if poll_max_ns < 0:
+            raise SessionError(f"{name}: poll_max_ns must be >= 0, not {poll_max_ns}")
+        self.poll_max_ns = poll_max_ns
+        """The longest polling window of each queue started from now on, in ns (0: no polling)."""
         self.offered_features = TRANSPORT_FEATURES | device.features()
         self.features = 0
         self.memory: GuestMemory | None = None
@@ -538,10 +639,17 @@ class VirtioSession:
             self.device.reset()
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over running queues: kicks, completions, interrupts."""
-        totals = {"kicks": 0, "completions": 0, "interrupts": 0}
+        """Counters summed over running queues: kicks, completions, interrupts, and polling's
+        (``polls``, ``polls_caught``, ``poll_ns``; ``poll_window_ns`` is the widest window now)."""
+        totals = {"kicks": 0, "completions": 0, "interrupts": 0, "polls": 0, "polls_caught": 0, "poll_ns": 0,
+                  "poll_window_ns": 0}
         for queue in self.running.values():
             totals["kicks"] += queue.kicks
             totals["completions"] += queue.completions
             totals["interrupts"] += queue.interrupts
+            if queue.poll is not None:
+                totals["polls"] += queue.poll.polls
+                totals["polls_caught"] += queue.poll.caught
+                totals["poll_ns"] += queue.poll.poll_ns
+                totals["poll_window_ns"] = max(totals["poll_window_ns"], queue.poll.window_ns)
         return totals

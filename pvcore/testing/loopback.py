@@ -57,8 +57,9 @@ class Loopback:
     EVENT_IDX and indirect descriptors exactly when those bits are in it.
     ``loop`` shares the running event loop of another Loopback (several
     devices served by one loop, as in the daemon); by default the Loopback
-    starts and owns a loop thread of its own. Use it as a context manager, or
-    call :meth:`close`.
+    starts and owns a loop thread of its own. ``poll_max_ns`` turns on the
+    session's adaptive polling (see :mod:`pvcore.ring.poll`). Use it as a
+    context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Loopback:
         name: str = "loopback",
         max_interrupt_delay: float = DEFAULT_INTERRUPT_DELAY,
         loop: asyncio.AbstractEventLoop | None = None,
+        poll_max_ns: int = 0,
     ) -> None:
         self.device = device
         self.name = name
@@ -92,7 +94,8 @@ class Loopback:
         self._collected: list[list[UsedBuffer]] = []
         try:
             self.session: VirtioSession = self.run_in_loop(
-                VirtioSession, device, name=name, loop=loop, max_interrupt_delay=max_interrupt_delay
+                VirtioSession, device, name=name, loop=loop, max_interrupt_delay=max_interrupt_delay,
+                poll_max_ns=poll_max_ns,
             )
             if features is None:
                 features = self.session.offered_features

@@ -7,6 +7,9 @@ QEMU chardev) and an rng over EGD are always served listening. ``protocol=``
 chooses an rng's front door: vhost-user, or EGD (what libvirt's ``<rng><backend
 model='egd'>`` connects to, libvirt having no vhost-user rng). The parsers
 refuse a bad value with the fix, so the front door relies on what they return.
+``poll-max-us=`` bounds how long each vhost-user queue polls its ring for the
+next request before it sleeps on its kick (QEMU's iothread ``poll-max-ns``;
+see :mod:`pvcore.ring.poll`); 0 turns polling off.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Mapping
 
 from pvcore.config import parse_choice
 from pvcore.contract import OptionSpec
+from pvcore.ring.poll import DEFAULT_POLL_MAX_NS, parse_poll_max_us
 
 _RING_SOCKET_MODE = OptionSpec(
     "server (pvcore listens, QEMU connects; default) or client (QEMU listens with server=on, pvcore connects "
@@ -25,14 +29,23 @@ _RING_SOCKET_MODE = OptionSpec(
     )),
 )
 
+_RING_POLL_MAX = OptionSpec(
+    f"longest time in microseconds each queue polls its ring for the next request before sleeping on its kick "
+    f"(adaptive: 0 while polling catches nothing); 0 turns polling off; default {DEFAULT_POLL_MAX_NS // 1000}, "
+    f"as QEMU's iothreads",
+    parse=parse_poll_max_us,
+    default=DEFAULT_POLL_MAX_NS,
+)
+
 DEVICE_OPTIONS: Mapping[str, Mapping[str, OptionSpec]] = {
-    "block": {"socket-mode": _RING_SOCKET_MODE},
-    "net": {"socket-mode": _RING_SOCKET_MODE},
+    "block": {"socket-mode": _RING_SOCKET_MODE, "poll-max-us": _RING_POLL_MAX},
+    "net": {"socket-mode": _RING_SOCKET_MODE, "poll-max-us": _RING_POLL_MAX},
     "rng": {
         "socket-mode": OptionSpec(
             "server (default) or client, as for block; an rng with protocol=egd is always the server",
             parse=_RING_SOCKET_MODE.parse,
         ),
+        "poll-max-us": _RING_POLL_MAX,
         "protocol": OptionSpec(
             "vhost-user (default; QEMU vhost-user-rng-pci) or egd (QEMU rng-egd, what libvirt's EGD backend uses)",
             parse=parse_choice("vhost-user", "egd", fix=(

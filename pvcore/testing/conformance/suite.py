@@ -323,6 +323,7 @@ def test_suppression_on_the_ring(pvcore_kit: KitSession) -> None:
             index, readable_buffers, writable = PING[device_class]
             queue = ring.queues[index]
             for _ in range(3):
+                time.sleep(SETTLE)  # idle: past any polling window (a polling device wants no kick while it polls)
                 kicks = ring.kicks[index]
                 ring.request(index, readable_buffers, writable)
                 assert ring.kicks[index] == kicks + 1, "an idle device did not ask for a kick (the guest would hang)"

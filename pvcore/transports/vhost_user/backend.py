@@ -119,9 +119,11 @@ class VhostUserConnection:
 
     def __init__(
         self, device: VirtioDevice, sock: socket.socket, *, primitives: Primitives, name: str, number: int = 1,
-        alone: Callable[[VhostUserConnection], bool] | None = None,
+        alone: Callable[[VhostUserConnection], bool] | None = None, poll_max_ns: int = 0,
     ) -> None:
         self.device = device
+        self.poll_max_ns = poll_max_ns
+        """Each queue's longest polling window in ns (0: off; see :mod:`pvcore.ring.poll`)."""
         self.alone = alone or (lambda connection: True)
         """Whether no other connection uses the device (then ending this session resets it)."""
         self.dirty_log: DirtyLog | None = None
@@ -132,7 +134,7 @@ class VhostUserConnection:
         self.primitives = primitives
         self.name = name
         self.loop = asyncio.get_running_loop()
-        self.session = VirtioSession(device, name=name, loop=self.loop)
+        self.session = VirtioSession(device, name=name, loop=self.loop, poll_max_ns=poll_max_ns)
         self.memory: GuestMemory | None = None
         self.protocol_features = 0
         self.owned = False
@@ -142,6 +144,8 @@ class VhostUserConnection:
         self.kick_ready = [False] * queues
         self.completions = [0] * queues
         self.interrupts = [0] * queues
+        self.polled = {"polls": 0, "polls_caught": 0, "poll_ns": 0}
+        """What the polling of this connection's stopped queues did (live queues keep their own counts)."""
 
     def __repr__(self) -> str:
         return f"VhostUserConnection({self.name!r})"
@@ -170,6 +174,9 @@ class VhostUserConnection:
                     f"queue {index}: {done} completions, {irqs} interrupts"
                     for index, (done, irqs) in enumerate(zip(self.completions, self.interrupts))
                 )
+                if self.poll_max_ns:
+                    counts += (f"; polling (max {self.poll_max_ns // 1000} us): {self.polled['polls']} windows, "
+                               f"{self.polled['polls_caught']} caught a request, {self.polled['poll_ns'] // 1000} us")
                 log.log(
                     level, "%s: frontend disconnected (connection %d): %s; %s", self.name, self.number, reason, counts
                 )
@@ -236,7 +243,7 @@ class VhostUserConnection:
             await self._stop_rings()
         elif request is Request.RESET_DEVICE:
             await self._end_session()
-            self.session = VirtioSession(self.device, name=self.name, loop=self.loop)
+            self.session = VirtioSession(self.device, name=self.name, loop=self.loop, poll_max_ns=self.poll_max_ns)
             self.enabled = [False] * len(self.enabled)
         elif request is Request.GET_INFLIGHT_FD:
             assert isinstance(body, InflightDesc)
@@ -454,6 +461,10 @@ class VhostUserConnection:
         if queue is not None:
             self.completions[index] += queue.completions
             self.interrupts[index] += queue.interrupts
+            if queue.poll is not None:
+                self.polled["polls"] += queue.poll.polls
+                self.polled["polls_caught"] += queue.poll.caught
+                self.polled["poll_ns"] += queue.poll.poll_ns
         return base
 
     async def _stop_rings(self) -> None:
@@ -493,8 +504,11 @@ class VhostUserFrontDoor:
         client: bool = False,
         retry_interval: float = 1.0,
         max_connections: int = MAX_CONNECTIONS,
+        poll_max_ns: int = 0,
     ) -> None:
         self.device = device
+        self.poll_max_ns = poll_max_ns
+        """Each queue's longest polling window in ns (0: off), for every connection's session."""
         self.socket_path = Path(socket_path)
         self.primitives = primitives
         self.name = name
@@ -628,7 +642,7 @@ class VhostUserFrontDoor:
         try:
             connection = VhostUserConnection(
                 self.device, sock, primitives=self.primitives, name=f"vhost-user {self.name}", number=number,
-                alone=self._alone,
+                alone=self._alone, poll_max_ns=self.poll_max_ns,
             )
         except Exception:
             sock.close()
