@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,14 +53,24 @@ def extensions() -> list:
     for name, source in zip(pvcore_build.COMPILED_MODULES, sources):  # before Cython reads them
         DIGESTS[name] = pvcore_build.source_digest(ROOT / source)
     try:
-        return cythonize(sources, compiler_directives=DIRECTIVES, build_dir="build/cython", quiet=True)
+        extensions = cythonize(sources, compiler_directives=DIRECTIVES, build_dir="build/cython", quiet=True,
+                               nthreads=os.cpu_count() or 1)
     except Exception as exc:  # a Cython error in one module must not fail the install
         warn(f"Cython could not translate the hot modules ({exc})")
         return []
+    for extension in extensions:
+        extension.extra_compile_args = ["-g0"]  # no debug info: a shorter compile, the same code
+    return extensions
 
 
 class TolerantBuildExt(build_ext):
     """build_ext that warns and goes on when a module does not compile, and records what did."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+        self.failed: list[str] = []
 
     def run(self) -> None:
         try:
@@ -73,10 +84,10 @@ class TolerantBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:
             warn(f"{ext.name} did not compile ({exc})")
-            self.failed = [*getattr(self, "failed", []), ext.name]
+            self.failed.append(ext.name)
 
     def _write_manifest(self) -> None:
-        failed = set(getattr(self, "failed", []))
+        failed = set(self.failed)
         manifest = {ext.name: DIGESTS[ext.name] for ext in self.extensions if ext.name not in failed}
         target = (ROOT if self.inplace else Path(self.build_lib)) / "pvcore" / pvcore_build.MANIFEST_NAME
         target.parent.mkdir(parents=True, exist_ok=True)

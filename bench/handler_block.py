@@ -1,9 +1,9 @@
 """The warm virtio-blk request path in one thread: one kick handled, one 4 KiB read, timed alone.
 
-    .venv/bin/python bench/handler_block.py [--rounds 7] [--requests 20000] [--write] [--image-mb 64]
+    .venv/bin/python bench/handler_block.py [--rounds 7] [--requests 20000] [--image-mb 64]
 
 Through the loopback transport, the reference driver posts one 4 KiB
-virtio-blk read (``--write``: write) from a 64 MiB image in the page cache,
+virtio-blk read from a 64 MiB image in the page cache,
 and the queue's kick handler (``RunningQueue.on_kick``: ring walk and
 validation, virtio-blk header, ``BlockBackend.serve_now``, used-ring write,
 publication and interrupt decision, call eventfd write) is called directly
@@ -34,25 +34,20 @@ from pvcore.testing.loopback import Loopback
 BLOCK = 4096
 IMAGE_SIZE = 64 << 20
 VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
 
 
-def one_round(lb: Loopback, requests: int, write: bool, image_size: int) -> float:
+def one_round(lb: Loopback, requests: int, image_size: int) -> float:
     """Mean CPU microseconds of ``on_kick`` over ``requests`` requests, run in the loop thread."""
     driver = lb.queues[0]
     running = lb.session.running[0]
     rng = random.Random(1)
     sectors = image_size // 512
-    payload = os.urandom(BLOCK)
 
     def run() -> float:
         spent = 0
         for _ in range(requests):
             sector = rng.randrange(0, sectors - 8) & ~7
-            if write:
-                driver.add([struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, sector), payload], [1])
-            else:
-                driver.add([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, sector)], [BLOCK, 1])
+            driver.add([struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, sector)], [BLOCK, 1])
             start = time.thread_time_ns()
             running.on_kick()
             spent += time.thread_time_ns() - start
@@ -67,7 +62,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--write", action="store_true")
     parser.add_argument("--image-mb", type=int, default=IMAGE_SIZE >> 20)
     args = parser.parse_args()
     builds = loaded_builds()
@@ -80,12 +74,11 @@ def main() -> None:
         backend, device = create_block_device({"path": str(image), "workers": "4"}, name="bench")
         try:
             with Loopback(device, queue_size=128) as lb:
-                one_round(lb, min(2000, args.requests), args.write, image_size)
-                means = [one_round(lb, args.requests, args.write, image_size) for _ in range(args.rounds)]
+                one_round(lb, min(2000, args.requests), image_size)
+                means = [one_round(lb, args.requests, image_size) for _ in range(args.rounds)]
         finally:
             backend.close()
-    kind = "write" if args.write else "read"
-    print(f"4 KiB {kind}, on_kick CPU us/request: median {statistics.median(means):.2f} "
+    print(f"4 KiB read, on_kick CPU us/request: median {statistics.median(means):.2f} "
           f"(rounds: {' '.join(f'{m:.2f}' for m in means)})")
 
 
