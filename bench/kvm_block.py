@@ -1,12 +1,14 @@
 """A real guest's disk I/O: pvcore's vhost-user-blk against qemu-storage-daemon's, interleaved in one boot.
 
-    .venv/bin/python bench/kvm_block.py [--rounds 7] [--ios 4096]
+    .venv/bin/python bench/kvm_block.py [--rounds 7] [--ios 4096] [--poll-max-us N]
 
 One Debian guest (QEMU 7.2, TCG, one vCPU) gets two vhost-user-blk disks with
 the same 64 MiB of content in two files: one served by ``pvcore serve
 --hypervisor kvm`` (a separate process), the other by ``qemu-storage-daemon``'s
 vhost-user-blk export (the C peer). The guest tells them apart by the serial
-pvcore reports. In every round it runs three workloads on each disk, the two
+pvcore reports (``--poll-max-us`` sets pvcore's ``poll-max-us=``: how long
+its queues poll the ring before sleeping; the peer runs without an iothread,
+so it does not poll). In every round it runs three workloads on each disk, the two
 disks alternating (which goes first flips every round):
 
 * ``read QD1``: 4 KiB O_DIRECT reads by one busybox ``dd`` at a time, each
@@ -181,6 +183,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="rounds (each: 3 workloads on each disk)")
     parser.add_argument("--ios", type=int, default=4096, help=f"4 KiB I/Os per workload per round (multiple of {CHUNK * 8})")
+    parser.add_argument("--poll-max-us", type=int, default=None,
+                        help="pvcore's poll-max-us= (0: no polling; default: pvcore's own default)")
     args = parser.parse_args()
     if args.ios % (CHUNK * 8) or args.ios <= 0 or args.rounds <= 0:
         parser.error(f"--ios must be a positive multiple of {CHUNK * 8} and --rounds positive")
@@ -189,7 +193,7 @@ def main() -> int:
             print(f"kvm_block: {tool} not found: sudo apt-get install -y {package}", file=sys.stderr)
             return 2
     try:
-        table = run(args.rounds, args.ios)
+        table = run(args.rounds, args.ios, args.poll_max_us)
     except BenchError as exc:
         print(f"kvm_block: {exc}", file=sys.stderr)
         return 2
@@ -197,7 +201,7 @@ def main() -> int:
     return 0
 
 
-def run(rounds: int, ios: int) -> dict[tuple[str, str], tuple[float, float, float]]:
+def run(rounds: int, ios: int, poll_max_us: int | None = None) -> dict[tuple[str, str], tuple[float, float, float]]:
     """Start both backends and the guest, collect every round, stop everything; the summary table."""
     kernel = fetch_kernel("x86_64")
     with contextlib.ExitStack() as cleanup, tempfile.TemporaryDirectory(prefix="pvcore-bench-") as tmp:
@@ -207,6 +211,8 @@ def run(rounds: int, ios: int) -> dict[tuple[str, str], tuple[float, float, floa
         shutil.copyfile(ours, peers)
         sockets = {"pvcore": work / "pvcore.sock", "peer": work / "peer.sock"}
         device = f"block:path={ours},socket={sockets['pvcore']},serial=pvcore,name=bench-vda"
+        if poll_max_us is not None:
+            device += f",poll-max-us={poll_max_us}"
         serve = ["serve", "--hypervisor", "kvm", "--run-dir", str(work / "run"), device]
         storage_daemon = [
             "qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={peers}",

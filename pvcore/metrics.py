@@ -99,6 +99,16 @@ class DeviceCollector(Collector):
             "pvcore_ring_completions", "Ring completions of the current front-end connections (interrupts per completion)",
             labels=LABELS,
         )
+        polls = CounterMetricFamily(
+            "pvcore_ring_polls", "Polling windows of the current front-end connections' rings (poll-max-us > 0)",
+            labels=LABELS,
+        )
+        polls_caught = CounterMetricFamily(
+            "pvcore_ring_polls_caught", "Polling windows in which the guest posted a request", labels=LABELS
+        )
+        poll_seconds = CounterMetricFamily(
+            "pvcore_ring_poll_seconds", "Time the rings spent in polling windows", labels=LABELS
+        )
         errors = CounterMetricFamily("pvcore_errors", "Requests or frames that failed or were dropped, by reason", labels=(*LABELS, "reason"))
         switch_frames = CounterMetricFamily(
             "pvcore_switch_frames", "Frames the switch handled, by outcome", labels=("switch", "outcome")
@@ -128,6 +138,10 @@ class DeviceCollector(Collector):
             if ring:
                 interrupts.add_metric(labels, ring["interrupts"])
                 completions.add_metric(labels, ring["completions"])
+                if "polls" in ring:
+                    polls.add_metric(labels, ring["polls"])
+                    polls_caught.add_metric(labels, ring["polls_caught"])
+                    poll_seconds.add_metric(labels, ring["poll_ns"] / 1e9)
                 if not isinstance(engine, BlockBackend):
                     inflight.add_metric(labels, ring["ring_in_flight"])
         for switch in switches.values():
@@ -137,7 +151,8 @@ class DeviceCollector(Collector):
         for source in sources.values():
             rng_bytes.add_metric((source.name,), source.bytes_delivered)
         yield from (
-            requests, request_bytes, seconds, inflight, interrupts, completions, errors, switch_frames, rng_bytes, throttled
+            requests, request_bytes, seconds, inflight, interrupts, completions, polls, polls_caught, poll_seconds, errors,
+            switch_frames, rng_bytes, throttled,
         )
 
     @staticmethod

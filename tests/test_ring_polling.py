@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +20,8 @@ from pvcore.testing.vhost_user_frontend import VhostUserFrontend
 from pvcore.transports.vhost_user import VhostUserFrontDoor
 from pvcore.primitives import HypervisorPrimitives
 from pvcore.device_counters import ring_counts
+from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from pvcore.testing.serve_process import ServeProcess
 from pvcore.virtio import VirtioDevice
 
 LONG_WINDOW_NS = 1_000_000_000
@@ -225,3 +231,49 @@ def test_vhost_user_lost_wakeup_and_counters(loop_thread, tmp_path: Path) -> Non
             assert queue.kicks == 1
     finally:
         loop_thread.run(door.stop())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its descendants, live ones by their own counters, reaped ones by cutime/cstime."""
+    total = 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total += sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _cpu_seconds(int(child))
+    return total
+
+
+def test_an_idle_polling_daemon_takes_no_cpu_and_logs_what_polling_did(tmp_path: Path) -> None:
+    """``pvcore serve`` with a long poll-max: busy while asked, ~0 CPU when the guest goes quiet, counts in its log."""
+    (tmp_path / "disk.img").write_bytes(os.urandom(1 << 20))
+    daemon = ServeProcess(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm",
+         f"block:name=disk,path={tmp_path / 'disk.img'},socket={tmp_path / 'disk.sock'},poll-max-us=100000"],
+        tmp_path / "serve.log", env=dict(os.environ, PVCORE_RUN_DIR=str(tmp_path / "run")),
+    )
+    daemon.start()
+    try:
+        frontend = VhostUserFrontend.connect(tmp_path / "disk.sock", timeout=20.0)
+        try:
+            frontend.start(num_queues=1, queue_size=64)
+            for sector in range(0, 400, 8):
+                used = frontend.request(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, sector)], [4096, 1])
+                assert used.data[-1] == VIRTIO_BLK_S_OK
+            time.sleep(1)  # longer than any window (100 ms at most)
+            assert daemon.proc is not None
+            before = _cpu_seconds(daemon.proc.pid)
+            time.sleep(3)
+            idle = _cpu_seconds(daemon.proc.pid) - before
+            assert idle < 0.15, f"the idle daemon used {idle:.2f} s of CPU in 3 s"
+        finally:
+            frontend.close()
+        deadline = time.monotonic() + 20
+        while "frontend disconnected" not in daemon.text():
+            assert time.monotonic() < deadline, daemon.text()[-3000:]
+            time.sleep(0.05)
+        line = re.search(r"polling \(max 100000 us\): (\d+) windows, (\d+) caught a request, (\d+) us", daemon.text())
+        assert line is not None, daemon.text()[-3000:]
+        assert int(line.group(1)) > 0 and int(line.group(3)) > 0
+    finally:
+        daemon.stop(signal.SIGTERM)
