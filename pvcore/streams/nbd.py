@@ -519,6 +519,7 @@ class _Connection:
     async def _transmission(self) -> str:
         """Read and dispatch requests until DISC, a violation, or the client goes away."""
         reader = self.reader
+        transport = self.writer.transport
         while True:
             header = await reader.readexactly(_REQUEST.size)
             magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
@@ -527,29 +528,45 @@ class _Connection:
             request = NbdRequest(flags, command, handle, offset, length)
             if command == NBD_CMD_DISC:
                 return "disconnect requested by the client"
-            await self._dispatch(request)
-            await self.writer.drain()
+            if command == NBD_CMD_WRITE or not self._try_start(request, b""):
+                await self._dispatch(request)
+            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH or transport.is_closing():
+                await self.writer.drain()  # a client that does not read its replies is not read from either
             if self._out_bytes > WRITE_BUFFER_HIGH:
                 await self._wait_until(lambda: self._out_bytes <= WRITE_BUFFER_HIGH)
 
     async def _dispatch(self, request: NbdRequest) -> None:
+        """Read a WRITE's payload, then start the request once the connection has room for it."""
         command, length = request.command, request.length
         if command == NBD_CMD_WRITE and length > MAX_REQUEST_LEN:
             self._reply(request, NBD_EINVAL)
             raise ProtocolViolation(f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped")
         payload = await self.reader.readexactly(length) if command == NBD_CMD_WRITE else b""
+        while not self._try_start(request, payload):
+            await self._wait_until(lambda: self._has_room(request))
+
+    def _has_room(self, request: NbdRequest) -> bool:
+        """Whether the connection's in-flight limits let ``request`` start now."""
+        cost = request.length if request.command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
+        return self.in_flight == 0 or (
+            self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES
+        )
+
+    def _try_start(self, request: NbdRequest, payload: bytes) -> bool:
+        """Check and start a request whose payload is read; False (nothing done) if it must wait for room.
+
+        A refused request is answered here (True).
+        """
+        command, length = request.command, request.length
         error, reason = self._validate(request)
         if error:
             where = f"command {command}, {request.offset}+{length}"
             self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
             self._reply(request, error)
-            return
+            return True
+        if not self._has_room(request):
+            return False
         cost = length if command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
-        if not (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES):
-            await self._wait_until(
-                lambda: self.in_flight == 0
-                or (self.in_flight < MAX_IN_FLIGHT and self.in_flight_bytes + cost <= MAX_IN_FLIGHT_BYTES)
-            )
         pipe = None
         buffer = None
         if command == NBD_CMD_READ:
@@ -581,6 +598,7 @@ class _Connection:
             self._complete(request, cost, buffer, BlockResult(BlockStatus.OK, length))
         else:
             self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
+        return True
 
     def _take_pipe(self, offset: int, length: int) -> _Pipe | None:
         """A free pipe with room for this read's reply, or None (then the read takes the buffer path)."""
