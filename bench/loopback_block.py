@@ -1,6 +1,6 @@
 """Block engine through the loopback transport, against plain preadv in the same run.
 
-    .venv/bin/python bench/loopback_block.py [--rounds 5] [--seconds 2]
+    .venv/bin/python bench/loopback_block.py [--rounds 5] [--seconds 2] [--poll-max-us 0]
 
 For queue depths 1 and 32 it runs 4 KiB random reads from a 64 MiB image
 (page cache warm) two ways, interleaved round by round:
@@ -14,7 +14,8 @@ For queue depths 1 and 32 it runs 4 KiB random reads from a 64 MiB image
 It prints, per depth, the medians of requests/s and of backend CPU
 microseconds per request (CPU time of every thread except the driver's,
 from /proc/self/task/*/stat), interrupts per completion, and the ratios
-pvcore / peer.
+pvcore / peer. ``--poll-max-us`` turns on the ring's adaptive polling
+(:mod:`pvcore.ring.poll`; off by default here) and adds what it did.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--poll-max-us", type=int, default=0, help="the ring's longest polling window (0: off)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pvcore-bench-") as tmp:
         image = Path(tmp) / "disk.img"
@@ -124,7 +126,7 @@ def main() -> None:
         print(f"{'depth':>5} {'pvcore req/s':>13} {'peer req/s':>11} {'ratio':>6} {'pvcore cpu us':>14} "
               f"{'peer cpu us':>12} {'ratio':>6} {'irq/compl':>9}")
         try:
-            with Loopback(device, loop=loop, queue_size=128) as lb:
+            with Loopback(device, loop=loop, queue_size=128, poll_max_ns=args.poll_max_us * 1000) as lb:
                 for depth in (1, 32):
                     ours, peers = [], []
                     for _ in range(args.rounds):
@@ -137,6 +139,11 @@ def main() -> None:
                     peer_cpu = statistics.median(p[1] for p in peers)
                     print(f"{depth:>5} {rps:>13.0f} {peer_rps:>11.0f} {rps / peer_rps:>6.2f} {cpu:>14.1f} "
                           f"{peer_cpu:>12.1f} {cpu / peer_cpu:>6.2f} {irq:>9.2f}")
+                if args.poll_max_us:
+                    stats = lb.run_in_loop(lb.session.stats)
+                    print(f"polling (max {args.poll_max_us} us): {stats['polls']} windows, {stats['polls_caught']} "
+                          f"caught a request, {stats['poll_ns'] / 1e6:.1f} ms; {stats['kicks']} kicks, "
+                          f"{stats['completions']} completions")
         finally:
             pool.shutdown()
             os.close(fd)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -235,7 +236,13 @@ class RunningQueue:
             self.poll.missed(elapsed)
 
     def _poll_once(self) -> None:
-        """One look at the avail index while the window is open (one loop iteration)."""
+        """One look at the avail index while the window is open (one loop iteration).
+
+        Between looks the loop thread yields the CPU and with it the GIL: the
+        process's other threads (the block engine's I/O workers completing
+        requests) would otherwise wait for it up to the interpreter's switch
+        interval while the loop spins.
+        """
         self._poll_handle = None
         if self._stopped or self.session.broken:
             return
@@ -248,6 +255,7 @@ class RunningQueue:
             self._end_poll_window(True)
             self.process()
         elif time.monotonic_ns() < self._poll_deadline:
+            os.sched_yield()
             self._poll_handle = self.session.loop.call_soon(self._poll_once)
         else:
             self._end_poll_window(False)
