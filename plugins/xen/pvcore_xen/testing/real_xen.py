@@ -191,6 +191,9 @@ def fetch_xen(cache: Path | None = None) -> XenTools:
     missing = [p for p in XEN_PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         result = subprocess.run(["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0 and os.geteuid() == 0:  # empty or stale apt lists (a fresh CI machine): update once
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=900)
+            result = subprocess.run(["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise KernelFetchError(
                 f"apt-get download of Xen's packages failed (rc={result.returncode}; run apt-get update?):\n"
