@@ -53,6 +53,7 @@ guest kit (:func:`~pvcore.testing.guest.kernels.fetch_kernel`).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import re
@@ -180,8 +181,15 @@ def unavailable_reason() -> str | None:
 
 
 def fetch_xen(cache: Path | None = None) -> XenTools:
-    """Download (once) and unpack :data:`XEN_PACKAGES` into ``cache/xen``."""
+    """Download (once) and unpack :data:`XEN_PACKAGES` into ``cache/xen`` (several processes may ask at once)."""
     base = (cache or cache_dir()) / "xen"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return _fetch_xen(base)
+
+
+def _fetch_xen(base: Path) -> XenTools:
     root = base / "root"
     hypervisor = base / "xen.elf"
     if hypervisor.exists() and (root / "usr/lib/xen-4.17/bin/xl").exists():
