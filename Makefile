@@ -18,7 +18,7 @@ demo: setup
 # (PVCORE_PURE_PYTHON=1, docs/performance.md); tests/test_build.py checks each pass loaded what it asked for.
 PURE_TESTS := tests/test_build.py tests/test_virtqueue.py tests/test_session.py tests/test_memory.py \
 	tests/test_fdmemory.py tests/test_inflight.py tests/test_loopback.py tests/test_block.py tests/test_rng.py \
-	tests/test_net.py tests/test_nbd.py tests/test_vhost_user.py tests/test_guest_lengths.py \
+	tests/test_net.py tests/test_nbd.py tests/test_nbd_splice.py tests/test_vhost_user.py tests/test_guest_lengths.py \
 	tests/test_shrunk_memory.py tests/test_fuzz_findings.py tests/test_throttle.py
 
 test: setup
