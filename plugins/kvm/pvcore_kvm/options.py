@@ -31,10 +31,10 @@ _RING_SOCKET_MODE = OptionSpec(
 
 _RING_POLL_MAX = OptionSpec(
     f"longest time in microseconds each queue polls its ring for the next request before sleeping on its kick "
-    f"(adaptive: 0 while polling catches nothing); 0 turns polling off; default {DEFAULT_POLL_MAX_NS // 1000}, "
-    f"as QEMU's iothreads",
+    f"(adaptive: 0 while polling catches nothing); default 0, no polling (as qemu-storage-daemon without an "
+    f"iothread); QEMU's iothreads use {DEFAULT_POLL_MAX_NS // 1000}",
     parse=parse_poll_max_us,
-    default=DEFAULT_POLL_MAX_NS,
+    default=0,
 )
 
 DEVICE_OPTIONS: Mapping[str, Mapping[str, OptionSpec]] = {

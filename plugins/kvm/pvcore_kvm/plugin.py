@@ -34,7 +34,6 @@ from pvcore.contract import (
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
-from pvcore.ring.poll import DEFAULT_POLL_MAX_NS
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import QEMU_UNASKED_BYTES, EgdFrontDoor
 from pvcore.transports.vhost_user import VhostUserFrontDoor
@@ -121,7 +120,7 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
         )
     return VhostUserFrontDoor(
         device.virtio, socket_path, primitives=context.primitives, name=config.name,
-        client=config.get("socket-mode") == "client", poll_max_ns=config.get("poll-max-us", DEFAULT_POLL_MAX_NS),
+        client=config.get("socket-mode") == "client", poll_max_ns=config.get("poll-max-us", 0),
     )
 
 

@@ -227,20 +227,21 @@ def test_socket_mode_and_protocol_are_kvm_options_checked_at_parse_time():
 
 
 def test_poll_max_us_is_a_kvm_option_that_reaches_the_vhost_user_door():
+    """Off unless asked (0, as qemu-storage-daemon without an iothread); a value reaches the door in ns."""
     installed = default_registry()
     classes, options = installed.device_classes(), installed.plugin_options("kvm")
-    default, off, long = parse_devices(
-        ["block:path=/a.img,socket=/a.sock", "block:path=/b.img,socket=/b.sock,poll-max-us=0",
+    default, short, long = parse_devices(
+        ["block:path=/a.img,socket=/a.sock", "block:path=/b.img,socket=/b.sock,poll-max-us=32",
          "rng:socket=/r.sock,poll-max-us=200"], classes, options,
     )
-    assert (default.get("poll-max-us"), off.get("poll-max-us"), long.get("poll-max-us")) == (32_000, 0, 200_000)
+    assert (default.get("poll-max-us"), short.get("poll-max-us"), long.get("poll-max-us")) == (0, 32_000, 200_000)
     with pytest.raises(ConfigError, match=r"poll-max-us=-5: expected 0 \(no polling\)"):
         parse_devices(["block:path=/c.img,poll-max-us=-5"], classes, options)
     loop = asyncio.new_event_loop()
     try:
         context = DaemonContext(primitives=installed.primitives("kvm"), run_dir=Path("/run/x"), loop=loop,
                                 switch=lambda name: None)
-        for config, expected in ((default, 32_000), (off, 0), (long, 200_000)):
+        for config, expected in ((default, 0), (short, 32_000), (long, 200_000)):
             door = installed.call("kvm", "pvcore_front_door", device=FakeDevice(config, virtio=object()), context=context)
             assert isinstance(door, VhostUserFrontDoor) and door.poll_max_ns == expected
     finally:
