@@ -192,3 +192,26 @@ def test_nbdcopy_over_several_connections_md5_equal(serve, image, tmp_path):
     out = tmp_path / "back.img"
     client("nbdcopy", "--connections=4", uri, str(out))
     assert md5(out) == md5(source)
+
+
+def test_big_writes_reuse_buffers_and_land_in_order(serve, image, connect, tmp_path):
+    door, uri = serve(image)
+    raw = connect(uri)
+    raw.go()
+    first, second = os.urandom(BIG), os.urandom(BIG)
+    raw.send_request(nbd.NBD_CMD_WRITE, 1, 0, BIG, payload=first)
+    raw.send_request(nbd.NBD_CMD_WRITE, 2, IMAGE_SIZE - BIG // 2, BIG, payload=second)  # past the end: refused
+    raw.send_request(nbd.NBD_CMD_WRITE, 3, BIG, BIG, payload=second)
+    replies = {raw.reply()[:2] for _ in range(3)}
+    assert replies == {(0, 1), (nbd.NBD_ENOSPC, 2), (0, 3)}
+    for handle in range(4, 12):  # the same length again and again: kept buffers are refilled, never mixed up
+        payload = bytes([handle]) * BIG
+        raw.send_request(nbd.NBD_CMD_WRITE, handle, handle * BIG, BIG, payload=payload)
+        assert raw.reply() == (0, handle, b"")
+    assert raw.read(0, 2 * BIG) == first + second
+    content = image.read_bytes()
+    assert all(content[h * BIG : (h + 1) * BIG] == bytes([h]) * BIG for h in range(4, 12))
+    source = tmp_path / "source.img"
+    source.write_bytes(os.urandom(IMAGE_SIZE))
+    client("nbdcopy", "--request-size=1048576", "--flush", str(source), uri)
+    assert md5(image) == md5(source)

@@ -65,6 +65,11 @@ service times); :attr:`NbdFrontDoor.spliced_reads` counts them and
 socket. Any other store, a read that does not fit a pipe, or a connection
 that has :data:`MAX_PIPES` pipes busy, takes the buffer path.
 
+A WRITE payload of :data:`POOLED_WRITE_BYTES` or more is read into a buffer
+the connection kept from an earlier write of that length, and given back when
+the write completes: a fresh megabyte costs a page fault and a zeroed page per
+4 KiB, a kept one only the copy.
+
 Each connection is served by its own task, so a misbehaving client affects
 no other. Stopping the door closes the socket, lets in-flight requests finish
 and send their replies, then closes every connection.
@@ -163,6 +168,10 @@ PIPE_SIZE = 1024 * 1024
 MAX_PIPES = 8
 """Splice pipes per connection; reads beyond that many at once take the buffer path."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+POOLED_WRITE_BYTES = 64 * 1024
+"""WRITE payloads this long or longer are read into reused buffers (see :meth:`_Connection._read_payload`)."""
+MAX_POOLED_PER_SIZE = 8
+"""Reused payload buffers a connection keeps per payload length."""
 CLOSE_FLUSH_TIMEOUT = 5.0
 """Seconds a closing connection gives its queued replies to reach a client that has stopped reading."""
 MAX_LOGGED_REFUSALS = 10
@@ -388,6 +397,7 @@ class _Connection:
         self._socket_fd = writer.get_extra_info("socket").fileno()
         self._pipes: list[_Pipe] = []
         self._free_pipes: list[_Pipe] = []
+        self._payload_buffers: dict[int, list[bytearray]] = {}
         self._out: collections.deque[bytes | bytearray | _Splice] = collections.deque()
         self._out_bytes = 0
         self._watch_fd = -1
@@ -541,9 +551,36 @@ class _Connection:
         if command == NBD_CMD_WRITE and length > MAX_REQUEST_LEN:
             self._reply(request, NBD_EINVAL)
             raise ProtocolViolation(f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped")
-        payload = await self.reader.readexactly(length) if command == NBD_CMD_WRITE else b""
+        payload = await self._read_payload(length) if command == NBD_CMD_WRITE else b""
         while not self._try_start(request, payload):
             await self._wait_until(lambda: self._has_room(request))
+
+    async def _read_payload(self, length: int) -> bytes | bytearray:
+        """A WRITE's payload; a big one lands in a buffer kept from an earlier write of that length.
+
+        A fresh buffer of a megabyte costs the kernel a page fault and a zeroed page per 4 KiB (it is
+        mapped anew each time); a kept one is only copied into. :meth:`_release_payload` gives it back.
+        """
+        if length < POOLED_WRITE_BYTES:
+            return await self.reader.readexactly(length)
+        kept = self._payload_buffers.get(length)
+        buffer = kept.pop() if kept else bytearray(length)
+        view = memoryview(buffer)
+        done = 0
+        while done < length:
+            chunk = await self.reader.read(length - done)
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", length)
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        return buffer
+
+    def _release_payload(self, payload: bytes | bytearray) -> None:
+        """Keep a big WRITE payload buffer for the next write of its length (a few per length)."""
+        if isinstance(payload, bytearray):
+            kept = self._payload_buffers.setdefault(len(payload), [])
+            if len(kept) < MAX_POOLED_PER_SIZE:
+                kept.append(payload)
 
     def _has_room(self, request: NbdRequest) -> bool:
         """Whether the connection's in-flight limits let ``request`` start now."""
@@ -563,6 +600,7 @@ class _Connection:
             where = f"command {command}, {request.offset}+{length}"
             self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
             self._reply(request, error)
+            self._release_payload(payload)
             return True
         if not self._has_room(request):
             return False
@@ -595,9 +633,9 @@ class _Connection:
         if pipe is not None:
             self.backend.submit(block_request, lambda result: self._complete_spliced(request, cost, pipe, result))
         elif self.backend.serve_now(block_request):
-            self._complete(request, cost, buffer, BlockResult(BlockStatus.OK, length))
+            self._complete(request, cost, buffer, BlockResult(BlockStatus.OK, length), payload)
         else:
-            self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result))
+            self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result, payload))
         return True
 
     def _take_pipe(self, offset: int, length: int) -> _Pipe | None:
@@ -649,7 +687,10 @@ class _Connection:
             return error, f"past the end of the export ({self.backend.size} bytes)"
         return 0, ""
 
-    def _complete(self, request: NbdRequest, cost: int, buffer: bytearray | None, result: BlockResult) -> None:
+    def _complete(
+        self, request: NbdRequest, cost: int, buffer: bytearray | None, result: BlockResult, payload: bytes | bytearray
+    ) -> None:
+        self._release_payload(payload)
         self.in_flight -= 1
         self.in_flight_bytes -= cost
         self._changed.set()
