@@ -11,6 +11,7 @@ runs (that module) in pure Python: ``pvcore --version`` says which.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -73,11 +74,22 @@ class TolerantBuildExt(build_ext):
         self.failed: list[str] = []
 
     def run(self) -> None:
+        if self.inplace:
+            self._remove_dropped()
         try:
             super().run()
         except Exception as exc:
             warn(f"building the compiled modules failed ({exc})")
         self._write_manifest()
+
+    def _remove_dropped(self) -> None:
+        """Delete in-place builds of modules no longer compiled: Python would import them before the .py."""
+        built = {ext.name for ext in self.extensions}
+        suffixes = importlib.machinery.EXTENSION_SUFFIXES  # the most specific first
+        for path in (ROOT / "pvcore").rglob("*"):
+            suffix = next((suffix for suffix in suffixes if path.name.endswith(suffix)), None)
+            if suffix is not None and ".".join(path.relative_to(ROOT).parts)[: -len(suffix)] not in built:
+                path.unlink()
 
     def build_extension(self, ext) -> None:
         try:

@@ -2,7 +2,7 @@
 
 The request path (ring walk and validation, the session's pass, virtio-blk,
 -net and -rng request handling, the block backend's ``serve_now``, used-ring
-writes and notification, the vhost-user and NBD doors) is plain Python
+writes and notification, the vhost-user door) is plain Python
 written so that Cython 3 compiles it unchanged (pure-Python mode; see
 ``setup.py``). An install compiles :data:`COMPILED_MODULES` into extension
 modules beside their ``.py`` files when it can, and goes on without them when
@@ -46,10 +46,14 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pvcore.devices.block.store",
     "pvcore.devices.net.virtio_net",
     "pvcore.devices.rng",
-    "pvcore.streams.nbd",
     "pvcore.transports.vhost_user.backend",
 )
-"""The modules ``setup.py`` compiles, and the only ones the finder ever redirects."""
+"""The modules ``setup.py`` compiles, and the only ones the finder ever redirects.
+
+Not ``pvcore.streams.nbd``: compiled, its request/reply loop (asyncio
+streams and coroutines) cost more CPU per request than as Python
+(docs/performance.md).
+"""
 
 PURE_ENV = "PVCORE_PURE_PYTHON"
 """Set to ``1`` to import the pure-Python source of every compiled module."""
