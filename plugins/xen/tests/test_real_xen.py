@@ -68,7 +68,7 @@ cat $SCRATCH/con1.log
 """,
 )
 
-RESTART_BLOCKS = 30
+RESTART_BLOCKS = 10
 
 RESTART = Check(
     name="restart",
