@@ -48,7 +48,7 @@ def test_serve_help_and_plugins_verbose_list_each_plugins_own_keys() -> None:
     assert kvm < lpar < xen
     assert "socket-mode (block, net): server" in plugins[kvm:lpar] and "protocol (rng): vhost-user" in plugins[kvm:lpar]
     assert "socket (rng): the FIFO QEMU's -object rng-random" in plugins[lpar:xen]
-    assert "domain (block, net, rng, scsi, console): DOMID/DEVID" in plugins[xen:]
+    assert "domain (block, net, console): DOMID/DEVID" in plugins[xen:] and "attach (block, net, console): on" in plugins[xen:]
     common = out[out.index("Keys every class takes:"):out.index("Device classes:")]
     assert "socket-mode" not in common and "protocol" not in common and "kvm" not in common and "lpar" not in common
     listed = pvcore("plugins", "-v").stdout
