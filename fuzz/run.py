@@ -48,7 +48,13 @@ MAX_LEN = 65536
 
 
 def run_one(target: str, libfuzzer_args: list[str]) -> None:
-    """Instrument pvcore, import ``target`` and hand it to atheris (does not return)."""
+    """Instrument pvcore, import ``target`` and hand it to atheris (does not return).
+
+    Always the pure-Python build of pvcore's hot modules (``PVCORE_PURE_PYTHON=1``,
+    set before pvcore is imported): atheris instruments Python bytecode, and a
+    compiled module would give libFuzzer no coverage to steer by.
+    """
+    os.environ["PVCORE_PURE_PYTHON"] = "1"
     import atheris
 
     with atheris.instrument_imports(include=["pvcore", "pvcore_xen", "pvcore_lpar"]):

@@ -10,7 +10,8 @@ it cannot: the ``.py`` files are always there and are the fallback.
 
 Python would import an extension module before a ``.py`` file of the same
 name. :func:`install_source_finder` (run by ``pvcore/__init__.py``) puts a
-finder first on ``sys.meta_path`` that imports the ``.py`` file instead when
+finder before the path finder on ``sys.meta_path`` that imports the ``.py``
+file instead when
 
 * ``PVCORE_PURE_PYTHON=1`` is set (forcing the pure-Python build), or
 * the ``.py`` file is not the one the extension module was compiled from
@@ -124,11 +125,17 @@ _finder: SourceFinder | None = None
 
 
 def install_source_finder() -> SourceFinder:
-    """Put the :class:`SourceFinder` first on ``sys.meta_path`` (once); return it."""
+    """Put the :class:`SourceFinder` on ``sys.meta_path`` just before the path finder (once); return it.
+
+    Not first: finders that wrap the loaders of the ones after them (atheris
+    instruments the bytecode of what it loads) must still see its ``.py``.
+    """
     global _finder
     if _finder is None:
         _finder = SourceFinder(forced=pure_forced(), manifest=_read_manifest())
-        sys.meta_path.insert(0, _finder)
+        path_finder = importlib.machinery.PathFinder
+        position = next((i for i, finder in enumerate(sys.meta_path) if finder is path_finder), len(sys.meta_path))
+        sys.meta_path.insert(position, _finder)
     return _finder
 
 
