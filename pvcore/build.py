@@ -31,6 +31,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -168,3 +169,10 @@ def build_report() -> list[str]:
             reason = "no compiled module installed"
         lines.append(f"  {name}: {build}" + (f" ({reason})" if build == "pure" else ""))
     return lines
+
+
+def log_build() -> None:
+    """Log which build a starting daemon runs: one info line, or a warning naming each pure-Python module and why."""
+    summary, *modules = build_report()
+    pure = [line.strip() for line in modules if ": pure" in line]
+    logging.getLogger("pvcore.build").log(logging.WARNING if pure else logging.INFO, "%s", "; ".join([summary, *pure]))

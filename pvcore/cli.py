@@ -382,11 +382,6 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
             metrics = MetricsAddress.parse(settings["metrics"])
         except ValueError as exc:
             raise ConfigError(f"config {args.config}: {exc}") from None
-    summary, *modules = build_report()
-    pure = [line.strip() for line in modules if ": pure" in line]
-    logging.getLogger("pvcore.build").log(
-        logging.WARNING if pure else logging.INFO, "%s", "; ".join([summary, *pure])
-    )
     daemon = Daemon(registry, hypervisor, configs, run_dir=run_dir, metrics=metrics)
     asyncio.run(daemon.serve_forever())
     return 0

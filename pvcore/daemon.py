@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pvcore.build import log_build
 from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
 from pvcore.registry import Registry
 from pvcore.systemd_notify import ready, reloading, stopping
@@ -311,6 +312,7 @@ class Daemon:
             log.info(
                 "serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir
             )
+            log_build()
             ready(self._status())
             await self._stop.wait()
         finally:
