@@ -232,6 +232,12 @@ def test_pvcore_probe_lists_the_toolstacks_disks_and_their_state(tmp_path, capsy
         async with xen_world(tmp_path, configs) as world:
             await world.clients[0].write(f"/local/domain/0/backend/vbd/1/{XVDA + 16}/state", "1")  # no pvcore device
             loop = asyncio.get_running_loop()
+            served_state = f"/local/domain/0/backend/vbd/1/{XVDA}/state"
+            deadline = loop.time() + 30
+            store = world.clients[0]
+            while not (await store.exists(served_state) and await store.read(served_state) == b"2"):
+                assert loop.time() < deadline, "pvcore's backend never reached InitWait (it does so on its own task)"
+                await asyncio.sleep(0.05)
             assert await loop.run_in_executor(None, cmd_probe_host, world.registry, "xen") == 0
 
     run(body)
