@@ -321,7 +321,7 @@ class XenNetBackend(XenbusBackend):
         while self._backlog:
             frame = self._backlog[0]
             need = -(-len(frame) // PAGE_SIZE)
-            if rx.unconsumed() < need and rx.final_check() < need:
+            if rx.final_check(need) < need:
                 break
             self._backlog.popleft()
             requests = [RX_REQUEST.unpack(rx.take()[: RX_REQUEST.size]) for _ in range(need)]

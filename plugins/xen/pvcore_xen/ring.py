@@ -66,11 +66,17 @@ class BackRing:
         """Requests published and not yet taken; :class:`RingError` if the frontend overran the ring."""
         req_prod = self.memory.read_u32(self.base + REQ_PROD)
         read_barrier()
-        if (req_prod - self.rsp_prod) & U32 > self.size:
+        outstanding = (req_prod - self.rsp_prod) & U32
+        if outstanding > self.size:
             raise RingError(
                 f"{self.name} ring: request producer {req_prod:#x} is more than {self.size} ahead of the responses ({self.rsp_prod:#x})"
             )
-        return (req_prod - self.req_cons) & U32
+        waiting = (req_prod - self.req_cons) & U32
+        if waiting > outstanding:
+            raise RingError(
+                f"{self.name} ring: request producer {req_prod:#x} went back behind the requests taken ({self.req_cons:#x})"
+            )
+        return waiting
 
     def take(self) -> bytes:
         """The next request's entry (the caller checked :meth:`unconsumed`)."""
@@ -94,11 +100,16 @@ class BackRing:
         event = self.memory.read_u32(self.base + RSP_EVENT)
         return (self.rsp_prod - event) & U32 < (self.rsp_prod - old) & U32
 
-    def final_check(self) -> int:
-        """Ask for a notification on the next request, then count the requests waiting (see the module)."""
+    def final_check(self, need: int = 1) -> int:
+        """Unless ``need`` requests wait, ask to be notified when they do, then count them again (see the module).
+
+        ``need`` above 1 is for a response that takes several requests (a netif
+        frame over several pages): the frontend is asked to signal once the
+        ``need``-th is posted, not the next one, which may already be there.
+        """
         waiting = self.unconsumed()
-        if waiting:
+        if waiting >= need:
             return waiting
-        self.memory.write_u32(self.base + REQ_EVENT, (self.req_cons + 1) & U32)
+        self.memory.write_u32(self.base + REQ_EVENT, (self.req_cons + need) & U32)
         full_barrier()
         return self.unconsumed()
