@@ -94,6 +94,18 @@ class SourceFinder(importlib.abc.MetaPathFinder):
         self.forced = forced
         self.manifest = manifest
         self.fallbacks: dict[str, str] = {}
+        self._changed: list[str] | None = None
+
+    def changed(self) -> list[str]:
+        """The compiled modules whose ``.py`` differs from the one they were compiled from (read once)."""
+        if self._changed is None:
+            root = PACKAGE_DIR.parent
+            sources = {name: root / f"{name.replace('.', '/')}.py" for name in self.manifest}
+            self._changed = [
+                name for name, source in sources.items()
+                if source.is_file() and source_digest(source) != self.manifest[name]
+            ]
+        return self._changed
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -114,8 +126,9 @@ class SourceFinder(importlib.abc.MetaPathFinder):
                 self.fallbacks[fullname] = f"{PURE_ENV}=1"
             elif fullname not in self.manifest:
                 self.fallbacks[fullname] = "the last build did not compile it"
-            elif self.manifest[fullname] != source_digest(source):
-                self.fallbacks[fullname] = "the .py changed since it was compiled (rebuild: make setup)"
+            elif self.changed():
+                # The compiled modules cimport each other's typed classes: one stale module makes them all pure.
+                self.fallbacks[fullname] = f"{', '.join(self.changed())} changed since the build (rebuild: make setup)"
             else:
                 return None
             return importlib.util.spec_from_file_location(fullname, source)

@@ -69,7 +69,9 @@ def test_finder_takes_the_source_when_the_build_is_missing_or_stale() -> None:
     assert current.find_spec(name, [str(RING)]) is None and not current.fallbacks
     for finder, reason in (
         (SourceFinder(forced=False, manifest={}), "the last build did not compile it"),
-        (SourceFinder(forced=False, manifest={name: "0" * 64}), "the .py changed since it was compiled"),
+        (SourceFinder(forced=False, manifest={name: "0" * 64}), f"{name} changed since the build"),
+        # session.pxd cimports Virtqueue: a stale virtqueue.py must not leave session compiled against the old class
+        (SourceFinder(forced=False, manifest={name: digest, "pvcore.ring.session": "0" * 64}), "pvcore.ring.session changed"),
         (SourceFinder(forced=True, manifest={name: digest}), f"{PURE_ENV}=1"),
     ):
         spec = finder.find_spec(name, [str(RING)])
