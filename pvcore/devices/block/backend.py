@@ -44,7 +44,8 @@ direction; writes, write-zeroes, discards and flushes the write direction, so a
 FLUSH keeps its place behind held-back writes. A READ or WRITE counts one
 request and its bytes, a WRITE_ZEROES or DISCARD one request, a FLUSH nothing.
 :meth:`BlockBackend.serve_now` serves inline only what the group lets go at
-once. :meth:`BlockBackend.close` lets every held-back request go first.
+once. :meth:`BlockBackend.close` and :meth:`BlockBackend.swap_store` let every
+held-back request go first, to the store it was sent for.
 
 Guest-chosen offsets and lengths are checked here before any I/O: a bad one
 produces an error result, never an exception in the caller's loop.
@@ -584,8 +585,8 @@ class BlockBackend:
         """Serve ``store`` in place of the current store from now on; the old store is returned, for the caller to close.
 
         Blocks (call it on a thread). Requests submitted meanwhile are held,
-        not failed; those in flight finish (those its I/O limits still hold
-        back are not waited for: they reach the new store); a writable old store is flushed
+        not failed; those in flight finish (those its I/O limits hold back
+        are let go at once and finish on the current store too); a writable old store is flushed
         (``fdatasync``); ``store`` takes its place; the held requests then run
         against it. ``store`` must have the size of the current one (the
         guest's capacity does not change) and be read-only exactly when it
@@ -597,6 +598,11 @@ class BlockBackend:
             raise SwapError(f"{self.name}: the new store has {store.size} bytes, the device {self.store.size}")
         if store.readonly != self.store.readonly:
             raise SwapError(f"{self.name}: the new store must be {'read-only' if self.store.readonly else 'writable'}")
+        with self._lock:
+            if self._closing or self._paused:
+                raise SwapError(f"{self.name}: the device is {'closing' if self._closing else 'being swapped already'}")
+        if self.throttle is not None:
+            self.throttle.release_all()  # what its limits hold back was written for the current store: it goes there
         with self._lock:
             if self._closing or self._paused:
                 raise SwapError(f"{self.name}: the device is {'closing' if self._closing else 'being swapped already'}")
