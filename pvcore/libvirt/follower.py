@@ -364,8 +364,14 @@ class HostDaemon:
             old = await daemon.swap_media(name, path)
             try:
                 await self._record(served, spec, {"path": path})
-            except ControlError:
-                await daemon.swap_media(name, old)
+            except ControlError as exc:
+                try:
+                    await daemon.swap_media(name, old)
+                except ControlError as back:
+                    raise ControlError(
+                        f"{exc}; putting {old} back failed too ({back}): the device serves {path}, which the "
+                        "domain's metadata does not record"
+                    ) from None
                 raise
             return old
 
