@@ -37,6 +37,25 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+MEMORY_FILE_SYSTEMS = frozenset({0x01021994, 0x858458F6})
+"""``statfs`` ``f_type`` of tmpfs (``TMPFS_MAGIC``) and ramfs (``RAMFS_MAGIC``): no disk behind the page cache."""
+
+
+def memory_backed(fd: int) -> bool:
+    """Whether ``fd``'s file lives on tmpfs or ramfs (``fstatfs(2)``), where a read never waits for a disk.
+
+    Such file systems refuse ``RWF_NOWAIT`` reads (``EOPNOTSUPP``, Linux 6.1
+    to 6.18 at least) although their pages are the storage; only a page the
+    host swapped out makes a read wait.
+    """
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+    if _fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_ulong.from_buffer(buffer).value & 0xFFFFFFFF in MEMORY_FILE_SYSTEMS
 
 
 class DirtyPageGauge:
@@ -151,6 +170,7 @@ class RawFileStore:
         self._dsync_writes = True
         self._nowait = {False: hasattr(os, "RWF_NOWAIT"), True: hasattr(os, "RWF_NOWAIT")}
         self._dirty_pages = dirty_pages
+        self._memory_backed = memory_backed(self.fd)
         self._punch_hole = True
         self._zero_range = True
         self._sync_error: str | None = None
@@ -199,7 +219,8 @@ class RawFileStore:
         """Do a whole read or (non-durable) write at once if it needs no waiting.
 
         Uses ``RWF_NOWAIT``: the kernel does the transfer only if it can without
-        blocking (the data is in the page cache). Where the kernel or file
+        blocking (the data is in the page cache); a read from tmpfs or ramfs,
+        which refuse ``RWF_NOWAIT``, is a plain read (:func:`memory_backed`). Where the kernel or file
         system refuses buffered ``RWF_NOWAIT`` writes (``EOPNOTSUPP``, as ext4
         does on some kernels), a write of whole pages is done as a plain buffered write
         while the host's dirty memory is far below the throttling threshold
@@ -213,6 +234,11 @@ class RawFileStore:
         if not views or len(views) > IOV_MAX:
             return False
         wanted = sum(map(len, views))
+        if not write and self._memory_backed:  # tmpfs refuses RWF_NOWAIT, yet its reads never wait for a disk
+            try:
+                return os.preadv(self.fd, views, offset) == wanted
+            except OSError:
+                return False
         if not self._nowait[write]:
             if not (write and offset % PAGE_SIZE == 0 and wanted % PAGE_SIZE == 0 and self._dirty_pages.low()):
                 return False
