@@ -287,6 +287,9 @@ class XenBlockBackend(XenbusBackend):
         ring = self.ring
 
         def done(result: BlockResult) -> None:
+            if ring is None or ring is not self.ring:  # answered after its connection went: its grants are not ours now
+                log.warning("%s: id %#x finished after its ring was disconnected; not answered", self.name, request.id)
+                return
             status = then(result) if then is not None else _status(result)
             if block.op is BlockOp.FLUSH:
                 log.debug("%s: flush for id %#x: %s", self.name, request.id, result.status.value)

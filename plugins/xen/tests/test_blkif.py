@@ -246,3 +246,36 @@ def test_pvcore_probe_lists_the_toolstacks_disks_and_their_state(tmp_path, capsy
     assert len(waiting) == 1 and waiting[0].startswith("block") and "state=1" in waiting[0], lines
     served = [line for line in lines if f"/backend/vbd/1/{XVDA} " in line]
     assert len(served) == 1 and "state=2" in served[0] and f"domain=1/{XVDA}" in served[0], lines
+
+
+def test_a_read_finishing_after_its_ring_was_disconnected_copies_nothing_to_the_guest(tmp_path, monkeypatch):
+    """Its segments' grants may have been given to new requests by then: the late answer must not touch them."""
+    from pvcore_xen import blkback
+
+    from pvcore.devices.block.backend import BlockResult, BlockStatus
+
+    configs = disks(tmp_path)[:1]
+    monkeypatch.setattr(blkback, "DRAIN_TIMEOUT", 0.2)
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            disk = await front(world, 1)
+            _, door = world.served("dom1-disk")
+            stalled = []
+            monkeypatch.setattr(door.engine, "serve_now", lambda request: False)
+            monkeypatch.setattr(door.engine, "submit", lambda request, callback: stalled.append((request, callback)))
+            page = disk.buffer()
+            disk.post(direct_request(blkif.BLKIF_OP_READ, 11, 0, disk.segments(page, 4096)))
+            for _ in range(100):
+                if stalled:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(stalled) == 1
+            await door.disconnect()
+            copies = []
+            monkeypatch.setattr(door.host, "grant_copy", lambda *args, **kwargs: copies.append(args) or [])
+            request, callback = stalled[0]
+            callback(BlockResult(BlockStatus.OK, request.length))
+            assert copies == []
+
+    run(body)
