@@ -16,7 +16,7 @@ import pytest
 from helpers import run
 from pvcore_xen import blkif
 from pvcore_xen.blkback import MAX_INDIRECT_SEGMENTS, PVCORE_KIND
-from pvcore_xen.ring import REQ_PROD
+from pvcore_xen.ring import REQ_PROD, RSP_PROD
 from pvcore_xen.testing.blkfront import (
     SimulatedBlkFrontend,
     direct_request,
@@ -277,5 +277,46 @@ def test_a_read_finishing_after_its_ring_was_disconnected_copies_nothing_to_the_
             request, callback = stalled[0]
             callback(BlockResult(BlockStatus.OK, request.length))
             assert copies == []
+
+    run(body)
+
+
+def test_each_response_is_announced_and_each_request_is_seen_after_one_kick(tmp_path):
+    """At queue depth 1 nothing is left for a timer or a later kick to find (``io/ring.h`` event indexes).
+
+    The frontend waits only on its event channel (no ring polling, unlike the
+    simulated frontend's helpers) and kicks only when ``req_event`` asks it
+    to: an idle backend must have asked (RING_FINAL_CHECK_FOR_REQUESTS) and
+    must announce every response (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY), for
+    reads answered on the spot and for flushes answered by an I/O thread.
+    """
+    configs = disks(tmp_path)
+    image = (tmp_path / "dom1.img").read_bytes()
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            disk = await front(world, 1)
+            buffer = disk.buffer()
+            loop = asyncio.get_running_loop()
+            for request_id in range(1, 41):
+                read = request_id % 2 == 1
+                slot = (direct_request(blkif.BLKIF_OP_READ, request_id, 8 * request_id, [(disk.ref(buffer), 0, 7)])
+                        if read else direct_request(blkif.BLKIF_OP_FLUSH_DISKCACHE, request_id, 0, []))
+                disk.ring.write(slot)
+                assert disk.ring.push(), f"request {request_id}: the idle backend did not ask to be kicked"
+                disk.channel.signal()
+                ready = loop.create_future()
+                loop.add_reader(disk.channel.fileno(), lambda f=ready: f.done() or f.set_result(None))
+                try:
+                    await asyncio.wait_for(ready, 2.0)
+                except TimeoutError:
+                    raise AssertionError(f"request {request_id}: no response announced") from None
+                finally:
+                    loop.remove_reader(disk.channel.fileno())
+                assert disk.channel.consume() and disk.ring.get(RSP_PROD) == request_id
+                assert await disk.wait(request_id, timeout=0.1) == blkif.BLKIF_RSP_OKAY
+                if read:
+                    at = disk.offset(buffer)
+                    assert bytes(disk.domain.memory[at : at + 4096]) == image[4096 * request_id : 4096 * (request_id + 1)]
 
     run(body)
