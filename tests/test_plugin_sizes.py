@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {
     "kvm": (REPO / "plugins/kvm/pvcore_kvm", (), 400),
     "lpar": (REPO / "plugins/lpar/pvcore_lpar", (), 400),
-    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 1400),
+    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 1450),
 }
 """Per plugin: its package, the files outside the budget (xen's xenstore wire client), the most code lines.
 

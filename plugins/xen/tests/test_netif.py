@@ -12,7 +12,9 @@ import asyncio
 import struct
 import time
 import uuid
+from types import SimpleNamespace
 
+import pytest
 from helpers import run
 from pvcore_xen.netif import NETIF_RSP_OKAY, NETTXF_CSUM_BLANK, PVCORE_KIND
 from pvcore_xen.ring import RSP_EVENT, RSP_PROD
@@ -226,3 +228,12 @@ def test_the_backend_signals_only_when_the_frontend_asked(tmp_path):
             assert one.channel.consume() == 1
 
     run(body)
+
+
+def test_a_rate_on_a_xen_nic_is_refused_rather_than_ignored(tmp_path):
+    from pvcore_xen.plugin import XenPlugin
+
+    instance = SimpleNamespace(config=device("net", "vif0", "1/0", mac="52:54:00:00:00:01", rate="10M"), engine=None)
+    context = SimpleNamespace(primitives=None)
+    with pytest.raises(ValueError, match="rate= is not applied to a Xen NIC"):
+        XenPlugin.pvcore_front_door(SimpleNamespace(host=None, xenstore_path=None, backend_domid=0), instance, context)
