@@ -91,8 +91,8 @@ def bind_private_socket(path: Path, what: str, *, kind: int = socket.SOCK_STREAM
             staging = Path(private) / "s"
             sock.bind(os.fspath(staging))
             os.chmod(staging, SOCKET_MODE)
+            sock.listen(LISTEN_BACKLOG)  # before the path appears: a client that sees it can connect
             os.rename(staging, path)
-        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
