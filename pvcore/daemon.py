@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,18 @@ log = logging.getLogger("pvcore.daemon")
 
 class DaemonError(Exception):
     """The daemon cannot serve what it was asked to; the message says why."""
+
+
+def start_metrics(address: MetricsAddress, entries: Callable[[], list[ServedEntry]]) -> MetricsServer:
+    """Serve the metrics of ``entries`` at ``address`` (``--metrics``); a port in use is a :class:`DaemonError`."""
+    from pvcore.metrics import MetricsError, MetricsServer
+
+    server = MetricsServer(address, entries)
+    try:
+        server.start()
+    except MetricsError as exc:
+        raise DaemonError(str(exc)) from None
+    return server
 
 
 def default_run_dir() -> Path:
@@ -95,14 +107,7 @@ class Daemon:
                 raise DaemonError(f"no plugin serves hypervisor {hypervisor!r} (available: {available})")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.metrics is not None:
-            from pvcore.metrics import MetricsError, MetricsServer
-
-            server = MetricsServer(self.metrics, self.served_entries)
-            try:
-                server.start()
-            except MetricsError as exc:
-                raise DaemonError(str(exc)) from None
-            self._metrics_server = server
+            self._metrics_server = start_metrics(self.metrics, self.served_entries)
         from pvcore.devices.net import get_switch
 
         loop = asyncio.get_running_loop()

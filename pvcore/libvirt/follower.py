@@ -64,12 +64,12 @@ import attrs
 from pvcore.config import ConfigError, parse_devices, split_spec
 from pvcore.contract import ContractError, DeviceConfig, LibvirtXml
 from pvcore.control import ControlError, ControlServer, control_socket_path
-from pvcore.daemon import Daemon, DaemonError
+from pvcore.daemon import Daemon, DaemonError, start_metrics
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
 from pvcore.libvirt.devicexml import plugin_xml
 from pvcore.libvirt.metadata import NAMESPACE, format_spec, read_specs, write_specs
-from pvcore.metrics import MetricsAddress, MetricsError, MetricsServer, ServedEntry
+from pvcore.metrics import MetricsAddress, MetricsServer, ServedEntry
 from pvcore.registry import Registry
 from pvcore.streams.unix import ListenerError
 from pvcore.systemd_notify import ready, reloading, stopping
@@ -231,12 +231,7 @@ class HostDaemon:
             self._loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             if self.metrics is not None:
-                server = MetricsServer(self.metrics, self.served_entries)
-                try:
-                    server.start()
-                except MetricsError as exc:
-                    raise DaemonError(str(exc)) from None
-                self._metrics_server = server
+                self._metrics_server = start_metrics(self.metrics, self.served_entries)
             await self._connect()
             if self.only_domain is not None:
                 domain = await asyncio.to_thread(lookup_domain, self._conn, self.only_domain)
