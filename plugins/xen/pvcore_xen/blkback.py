@@ -47,7 +47,7 @@ from pvcore_xen.blkif import Request, RequestError, Segment
 from pvcore_xen.grants import GrantMemory, grant_address
 from pvcore_xen.host import GNTST_OKAY, PAGE_SIZE, EventChannel, GrantCopy
 from pvcore_xen.ring import RSP_PROD, BackRing, RingError
-from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, frontend_path, read_number, require_number
+from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, read_number, require_number
 from pvcore_xen.xenstore import XenstoreClient
 
 log = logging.getLogger("pvcore.xen")
@@ -68,12 +68,11 @@ class XenBlockBackend(XenbusBackend):
 
     kind = "vbd"
     """The toolstack's disks (what ``pvcore probe`` lists); ``attach`` makes it :data:`PVCORE_KIND`."""
+    attach_kind = PVCORE_KIND
+    protocol = "blkif"
 
     def __init__(self, engine: BlockBackend, **where: Any) -> None:
-        self.kind = PVCORE_KIND if where.get("attach") else "vbd"
         super().__init__(**where)
-        self.frontend_path = frontend_path("vbd", self.domid, self.devid)
-        self.description = f"blkif backend {self.backend_path} (frontend {self.frontend_path})"
         self.engine = engine
         self.memory: GrantMemory | None = None
         self.channel: EventChannel | None = None

@@ -52,7 +52,7 @@ from pvcore.ring.memory import GuestMemoryError
 from pvcore_xen.grants import GrantMemory, grant_address
 from pvcore_xen.host import GNTST_OKAY, PAGE_SIZE, EventChannel, GrantCopy
 from pvcore_xen.ring import BackRing, RingError
-from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, frontend_path, read_number, require_number
+from pvcore_xen.xenbus import XenbusBackend, XenDeviceError, read_number, require_number
 from pvcore_xen.xenstore import XenstoreClient
 
 log = logging.getLogger("pvcore.xen")
@@ -119,12 +119,11 @@ class XenNetBackend(XenbusBackend):
 
     kind = "vif"
     """The toolstack's NICs (what ``pvcore probe`` lists); ``attach`` makes it :data:`PVCORE_KIND`."""
+    attach_kind = PVCORE_KIND
+    protocol = "netif"
 
     def __init__(self, endpoint: NetEndpoint, **where: Any) -> None:
-        self.kind = PVCORE_KIND if where.get("attach") else "vif"
         super().__init__(**where)
-        self.frontend_path = frontend_path("vif", self.domid, self.devid)
-        self.description = f"netif backend {self.backend_path} (frontend {self.frontend_path})"
         self.endpoint = endpoint
         self.port = NetifPort(self, endpoint.name, endpoint.mac)
         self.stats = NetifStats()

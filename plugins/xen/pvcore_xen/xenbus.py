@@ -126,6 +126,11 @@ class XenbusBackend(abc.ABC):
     """
 
     kind: str = ""
+    """The device type under ``device/`` and, without ``attach_kind``, under ``backend/``."""
+    attach_kind: str | None = None
+    """The backend type ``attach`` writes instead of :attr:`kind`, one the kernel's own backends leave alone."""
+    protocol = "xenbus"
+    """What the description calls this backend (``blkif``, ``netif``)."""
 
     def __init__(
         self,
@@ -147,9 +152,11 @@ class XenbusBackend(abc.ABC):
         self.domid = domid
         self.devid = devid
         self.name = name
-        self.backend_path = backend_path(backend_domid, self.kind, domid, devid)
         self.frontend_path = frontend_path(self.kind, domid, devid)
-        self.description = f"xenbus backend {self.backend_path} (frontend {self.frontend_path})"
+        if attach and self.attach_kind:
+            self.kind = self.attach_kind
+        self.backend_path = backend_path(backend_domid, self.kind, domid, devid)
+        self.description = f"{self.protocol} backend {self.backend_path} (frontend {self.frontend_path})"
         self.client: XenstoreClient | None = None
         self.state: XenbusState | None = None
         self.connected = False
