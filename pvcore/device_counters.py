@@ -1,7 +1,8 @@
 """One device's counters as plain numbers by name, for the control socket's ``list`` (and ``pvcore top``).
 
 Read from what the engines keep anyway: a block backend's counters (with
-the service-time histogram when it is kept), a NIC's switch-port counters,
+the service-time histogram when it is kept), a NIC's switch-port counters
+(and its tap uplink's, under ``uplink``),
 an rng's per-domain entropy counts, a vhost-user ring's interrupts and
 completions over its current connection (and, when it polls, its polling
 windows: ``polls``, ``polls_caught``, ``poll_ns``), and the seconds a block device's or
@@ -63,6 +64,9 @@ def device_counters(instance: DeviceInstance, door: FrontDoor) -> dict[str, Any]
         port = next((p for p in list(engine.switch.ports.values()) if p.mac == engine.mac), None)
         if port is not None:
             counters.update(port.counters.as_dict())
+        uplink = getattr(instance, "uplink", None)
+        if uplink is not None:
+            counters["uplink"] = {"name": uplink.name, **uplink.counters.as_dict(), **uplink.stats.as_dict()}
     throttle = device_throttle(instance)
     if throttle is not None:
         counters["throttled_seconds"] = round(throttle.throttled_seconds(), 3)

@@ -10,6 +10,7 @@ engine (``engine``), which is what stream front doors use.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -70,6 +71,8 @@ class NetServedDevice:
     config: DeviceConfig
     engine: Any
     _virtio: Any = None
+    uplink: Any = None
+    """The :class:`~pvcore.devices.net.tap.TapPort` the NIC's ``uplink=`` holds while it is served."""
 
     @property
     def virtio(self) -> Any:
@@ -79,12 +82,21 @@ class NetServedDevice:
         return self._virtio
 
     async def start(self) -> None:
-        """Nothing to start: the front door attaches the NIC's port."""
+        """Attach the switch's tap uplink if the NIC names one; the front door attaches the NIC's own port."""
+        if self.engine.uplink is not None:
+            from pvcore.devices.net.tap import tap_uplinks
+
+            self.uplink = tap_uplinks.acquire(self.engine.switch, self.engine.uplink, asyncio.get_running_loop())
 
     async def close(self) -> None:
-        """Take the NIC's port off the switch, if a ring front door made one."""
+        """Take the NIC's port off the switch, if a ring front door made one, and let go of its uplink."""
         if self._virtio is not None:
             self._virtio.close()
+        if self.uplink is not None:
+            from pvcore.devices.net.tap import tap_uplinks
+
+            tap_uplinks.release(self.uplink)
+            self.uplink = None
 
 
 def _create_net(config: DeviceConfig, context: DaemonContext) -> ServedDevice:
@@ -129,6 +141,7 @@ NET_OPTIONS = {
     "switch": "name of the switch to plug into (default: default); NICs naming one switch share it",
     "mtu": "largest frame payload (default 1500)",
     "rate": "bits per second each way, e.g. rate=100M (k, M, G: powers of 1000; default: no limit)",
+    "uplink": "tap:NAME: the switch also has a port on the host's tap device NAME (created if missing), to reach the host",
 }
 
 

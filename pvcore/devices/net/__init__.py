@@ -1,7 +1,8 @@
 """Networking: the daemon's L2 switch and the guest NICs that are its ports.
 
 :mod:`.switch` holds the switch, the :class:`Port` interface and the switch
-registry; :mod:`.virtio_net` the virtio-net device and its factory.
+registry; :mod:`.virtio_net` the virtio-net device and its factory;
+:mod:`.tap` the tap uplink that puts the host on a switch.
 """
 
 from pvcore.devices.net.switch import (

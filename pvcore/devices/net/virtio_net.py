@@ -56,6 +56,7 @@ from pvcore.devices.net.switch import (
     get_switch,
     parse_mac,
 )
+from pvcore.devices.net.tap import parse_uplink
 from pvcore.ring.memory import GuestMemoryError
 from pvcore.ring.session import RunningQueue
 from pvcore.ring.virtqueue import DescriptorChain
@@ -382,6 +383,8 @@ class NetEndpoint:
     mtu: int = DEFAULT_MTU
     throttle: Throttle | None = attrs.field(default=None, eq=False)
     """The NIC's rate both ways (see :func:`net_limits`); every front door of the NIC spends from it."""
+    uplink: str | None = None
+    """The host tap device whose uplink port the NIC's switch has while the NIC is served (``uplink=tap:NAME``)."""
 
     def virtio_device(self) -> VirtioNet:
         """A :class:`VirtioNet` on this endpoint (its port attaches now)."""
@@ -420,9 +423,10 @@ def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
     drops frames from any other source), ``switch=NAME`` (default
     ``default``; devices naming the same switch share it), ``mtu=N``
     (default 1500), ``rate=BITS`` (bits per second each way, with an optional
-    k, M, G suffix; default no limit).
+    k, M, G suffix; default no limit), ``uplink=tap:NAME`` (the switch also
+    has a port on the host's tap device NAME: :mod:`pvcore.devices.net.tap`).
     """
-    known = {"mac", "switch", "mtu", "rate"}
+    known = {"mac", "switch", "mtu", "rate", "uplink"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise DeviceError(
@@ -455,8 +459,12 @@ def parse_net_options(options: dict[str, str], *, name: str) -> NetEndpoint:
         limits = net_limits(options["rate"]) if "rate" in options else ThrottleLimits()
     except ThrottleError as exc:
         raise DeviceError(f"net device {name}: {exc}") from None
+    try:
+        uplink = parse_uplink(options["uplink"]) if "uplink" in options else None
+    except ValueError as exc:
+        raise DeviceError(f"net device {name}: {exc}") from None
     throttle = ThrottleGroup(name, limits).join(name)
-    return NetEndpoint(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu, throttle=throttle)
+    return NetEndpoint(name=name, mac=mac, switch=get_switch(switch_name), mtu=mtu, throttle=throttle, uplink=uplink)
 
 
 def create_net_device(options: dict[str, str], *, name: str) -> VirtioNet:
