@@ -36,6 +36,7 @@ from pvcore.metrics import MetricsAddress
 from pvcore.libvirt import LibvirtError
 from pvcore.registry import Registry, default_registry
 from pvcore.virtio import DeviceError
+from pvcore.workers import WorkerPool, default_worker_count, partition
 
 LIBVIRT_EPILOG = """\
 DEVICE is the syntax of `pvcore serve`; socket= is optional here (default
@@ -143,6 +144,12 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming devices ([[device]] tables)")
     serve.add_argument("--run-dir", type=Path, metavar="DIR", help="directory for sockets (default: /run/pvcore)")
     serve.add_argument("--metrics", type=metrics_address, metavar="HOST:PORT", help=METRICS_HELP)
+    serve.add_argument(
+        "--workers", type=worker_count, metavar="N",
+        help="worker processes to spread the devices over (default: the number of CPUs; 1: serve in this "
+        "process). NICs of one switch, disks of one throttle group and rng devices of one domain share a worker; "
+        "never more workers than such sets",
+    )
     serve.add_argument(
         "--print-qemu-args", action="store_true", help="print, per guest, the QEMU arguments that attach it, and exit"
     )
@@ -382,9 +389,27 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
             metrics = MetricsAddress.parse(settings["metrics"])
         except ValueError as exc:
             raise ConfigError(f"config {args.config}: {exc}") from None
+    workers = args.workers
+    if workers is None and "workers" in settings:
+        try:
+            workers = worker_count(str(settings["workers"]))
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config {args.config}: {exc}") from None
+    shares = partition(configs, workers or default_worker_count())
+    if len(shares) > 1:
+        pool = WorkerPool(registry, hypervisor, shares, run_dir=run_dir, metrics=metrics)
+        asyncio.run(pool.serve_forever())
+        return 0
     daemon = Daemon(registry, hypervisor, configs, run_dir=run_dir, metrics=metrics)
     asyncio.run(daemon.serve_forever())
     return 0
+
+
+def worker_count(text: str) -> int:
+    """``--workers N``: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"workers={text!r}: expected a whole number of at least 1")
+    return int(text)
 
 
 def print_qemu_args(registry: Registry, hypervisor: str, configs: list[DeviceConfig]) -> int:
@@ -453,7 +478,9 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             print(json.dumps(answer["devices"], indent=2))
         for device in [] if args.json else answer["devices"]:
             counts = " ".join(f"{key}={value}" for key, value in device["counters"].items() if not isinstance(value, dict))
-            print(f"{device['name']} ({device['class']}, domain {device['domain']}, {device['hypervisor']}): {device['door']}")
+            worker = f", worker {device['worker']}" if "worker" in device else ""
+            print(f"{device['name']} ({device['class']}, domain {device['domain']}, {device['hypervisor']}{worker}): "
+                  f"{device['door']}")
             print(f"  {counts or 'no counters yet'}")
     elif args.ctl_command == "add":
         print(f"added {answer['device']}")

@@ -32,7 +32,10 @@ same protocol on the same path (a one-domain server on
 ``RUN_DIR/control-UUID12.sock``): its ``list`` adds each device's ``state``
 (``served``/``not served``, with ``error``), ``swap-media`` also rewrites the
 domain's metadata, and ``add``/``remove`` are refused (deploy and undeploy
-change what it serves). Anything that answers is a :class:`Controlled`.
+change what it serves). ``pvcore serve --workers N``
+(:class:`~pvcore.workers.WorkerPool`) passes each request to the worker
+process serving the device (``list`` asks them all and adds each device's
+``worker``). Anything that answers is a :class:`Controlled`.
 
 Only the daemon's own user (and root) may connect: the peer's uid, from
 SO_PEERCRED, is checked before a request is read. A line longer than
@@ -43,6 +46,7 @@ SO_PEERCRED, is checked before a request is read. A line longer than
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -74,7 +78,9 @@ def control_socket_path(run_dir: Path, domain_uuid: str | None = None) -> Path:
 
 class Controlled(Protocol):
     """What a control socket controls: ``pvcore serve``'s :class:`~pvcore.daemon.Daemon`, or
-    ``pvcore daemon``'s :class:`~pvcore.libvirt.follower.HostDaemon`."""
+    ``pvcore daemon``'s :class:`~pvcore.libvirt.follower.HostDaemon`, or the parent of
+    ``pvcore serve``'s worker processes (:class:`~pvcore.workers.WorkerPool`), whose
+    ``describe_devices``, ``set_rng_rate`` and ``set_limits`` are coroutines."""
 
     run_dir: Path
 
@@ -101,6 +107,12 @@ def peer_uid(sock: socket.socket) -> int:
     """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
+
+
+async def _settled(answer: Any) -> Any:
+    """``answer``, awaited first if it is awaitable (a :class:`Controlled` may answer later: the
+    parent of worker processes asks them)."""
+    return await answer if inspect.isawaitable(answer) else answer
 
 
 def _text(body: Mapping[str, Any], key: str) -> str:
@@ -176,7 +188,7 @@ class ControlServer:
         return json.dumps(answer).encode() + b"\n"
 
     async def _list(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return {"devices": self.daemon.describe_devices()}
+        return {"devices": await _settled(self.daemon.describe_devices())}
 
     async def _add(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"device": await self.daemon.add_device(_text(body, "device"))}
@@ -186,10 +198,10 @@ class ControlServer:
         return {}
 
     async def _set_rate(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return {"rate": self.daemon.set_rng_rate(_text(body, "device"), _text(body, "rate"))}
+        return {"rate": await _settled(self.daemon.set_rng_rate(_text(body, "device"), _text(body, "rate")))}
 
     async def _set_limits(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.daemon.set_limits(_text(body, "device"), _text(body, "limits"))
+        return await _settled(self.daemon.set_limits(_text(body, "device"), _text(body, "limits")))
 
     async def _swap_media(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"old": await self.daemon.swap_media(_text(body, "device"), _text(body, "path"))}

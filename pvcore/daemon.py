@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,8 @@ from pvcore.registry import Registry
 from pvcore.systemd_notify import ready, reloading, stopping
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from pvcore.metrics import MetricsAddress, MetricsServer, ServedEntry
 
 log = logging.getLogger("pvcore.daemon")
@@ -37,11 +39,11 @@ class DaemonError(Exception):
     """The daemon cannot serve what it was asked to; the message says why."""
 
 
-def start_metrics(address: MetricsAddress, entries: Callable[[], list[ServedEntry]]) -> MetricsServer:
-    """Serve the metrics of ``entries`` at ``address`` (``--metrics``); a port in use is a :class:`DaemonError`."""
+def start_metrics(address: MetricsAddress, collector: Collector) -> MetricsServer:
+    """Serve what ``collector`` yields at ``address`` (``--metrics``); a port in use is a :class:`DaemonError`."""
     from pvcore.metrics import MetricsError, MetricsServer
 
-    server = MetricsServer(address, entries)
+    server = MetricsServer(address, collector)
     try:
         server.start()
     except MetricsError as exc:
@@ -107,7 +109,9 @@ class Daemon:
                 raise DaemonError(f"no plugin serves hypervisor {hypervisor!r} (available: {available})")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.metrics is not None:
-            self._metrics_server = start_metrics(self.metrics, self.served_entries)
+            from pvcore.metrics import DeviceCollector
+
+            self._metrics_server = start_metrics(self.metrics, DeviceCollector(self.served_entries))
         from pvcore.devices.net import get_switch
 
         loop = asyncio.get_running_loop()
@@ -302,6 +306,10 @@ class Daemon:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
         self._stop.set()
 
+    async def wait_for_stop(self) -> None:
+        """Return once :meth:`request_stop` was called."""
+        await self._stop.wait()
+
     async def serve_forever(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then stop cleanly."""
         loop = asyncio.get_running_loop()
@@ -319,7 +327,7 @@ class Daemon:
             )
             log_build()
             ready(self._status())
-            await self._stop.wait()
+            await self.wait_for_stop()
         finally:
             await control.stop()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pvcore.contract import DeviceInstance, FrontDoor
@@ -192,13 +192,50 @@ class DeviceCollector(Collector):
             errors.add_metric((*labels, reason), value)
 
 
-class MetricsServer:
-    """The HTTP endpoint Prometheus scrapes (prometheus-client's server, on its own thread)."""
+def families_as_json(collector: Collector) -> list[dict[str, Any]]:
+    """Every family ``collector`` yields now, as JSON-ready dicts (a worker process's answer to its parent)."""
+    return [
+        {
+            "name": family.name, "documentation": family.documentation, "type": family.type, "unit": family.unit,
+            "samples": [[sample.name, sample.labels, sample.value] for sample in family.samples],
+        }
+        for family in collector.collect()
+    ]
 
-    def __init__(self, address: MetricsAddress, served: ServedDevices) -> None:
+
+class MergedCollector(Collector):
+    """The families of several processes (``pvcore serve --workers N``), merged by name at each scrape.
+
+    ``fetch()`` returns, per worker that answered, what :func:`families_as_json`
+    made of its :class:`DeviceCollector`; a family two workers both yield is
+    one family with the samples of both, as Prometheus's text format wants.
+    """
+
+    def __init__(self, fetch: Callable[[], list[list[dict[str, Any]]]]) -> None:
+        self.fetch = fetch
+
+    def collect(self) -> Iterator[Any]:
+        """The merged families (called by prometheus-client's HTTP thread)."""
+        merged: dict[str, Metric] = {}
+        for families in self.fetch():
+            for family in families:
+                metric = merged.get(family["name"])
+                if metric is None:
+                    metric = merged[family["name"]] = Metric(
+                        family["name"], family["documentation"], family["type"], family["unit"]
+                    )
+                for name, labels, value in family["samples"]:
+                    metric.add_sample(name, labels, value)
+        yield from merged.values()
+
+
+class MetricsServer:
+    """The HTTP endpoint Prometheus scrapes (prometheus-client's server, on its own thread), answered by ``collector``."""
+
+    def __init__(self, address: MetricsAddress, collector: Collector) -> None:
         self.address = address
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(DeviceCollector(served))
+        self.registry.register(collector)
         self._server: Any = None
         self._thread: Any = None
 

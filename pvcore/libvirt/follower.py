@@ -231,7 +231,9 @@ class HostDaemon:
             self._loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             if self.metrics is not None:
-                self._metrics_server = start_metrics(self.metrics, self.served_entries)
+                from pvcore.metrics import DeviceCollector
+
+                self._metrics_server = start_metrics(self.metrics, DeviceCollector(self.served_entries))
             await self._connect()
             if self.only_domain is not None:
                 domain = await asyncio.to_thread(lookup_domain, self._conn, self.only_domain)

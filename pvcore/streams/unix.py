@@ -8,6 +8,10 @@ process that died is replaced atomically. A path that holds something other
 than a socket, or a socket someone still listens on, is refused with an error
 that names the path. On :meth:`UnixListener.stop` the socket file is removed,
 but only if it is still the one this listener created.
+
+In a worker process of ``pvcore serve --workers N`` the parent holds every
+listening socket, so that a socket outlives a worker that dies:
+:func:`set_listener_source` routes :func:`bind_private_socket` to it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ LISTEN_BACKLOG = 16
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 _PEERCRED = struct.Struct("3i")
+
+ListenerSource = Callable[[Path, str, int], socket.socket]
+"""Where a process gets its listening sockets: ``source(path, what, kind)``, a
+listening non-blocking socket at ``path``, or a :class:`ListenerError`."""
+
+_listener_source: ListenerSource | None = None
+
+
+def set_listener_source(source: ListenerSource | None) -> None:
+    """Take every listening socket of this process from ``source`` (a worker: its parent holds
+    them, :mod:`pvcore.worker`); None binds them here again."""
+    global _listener_source
+    _listener_source = source
 
 
 class ListenerError(Exception):
@@ -78,7 +95,10 @@ def _check_target(path: Path, what: str) -> None:
 
 def bind_private_socket(path: Path, what: str, *, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A listening, non-blocking ``AF_UNIX`` socket (stream, or ``kind``) at ``path``, mode 0600 from the
-    start (bound in a private directory, then moved into place), replacing a stale socket."""
+    start (bound in a private directory, then moved into place), replacing a stale socket; from the
+    :func:`set_listener_source` if one is set."""
+    if _listener_source is not None:
+        return _listener_source(path, what, kind)
     if len(os.fsencode(path)) >= 108:
         raise ListenerError(f"{what}: socket path {path} is too long for a Unix socket (at most 107 bytes)")
     directory = path.parent

@@ -1,0 +1,175 @@
+"""One worker process of ``pvcore serve --workers N``: serves its share of the devices for its parent.
+
+:class:`~pvcore.workers.WorkerPool` starts ``python -m pvcore.worker
+CONTROL_FD LISTEN_FD PARENT_PID`` with two sockets inherited from it:
+
+* CONTROL_FD (a stream): first the parent's pickled
+  :class:`~pvcore.workers.WorkerSpec` (8-byte length, then the bytes); then
+  the worker's one line ``{"ready": true, "devices": N}`` (or ``{"ready":
+  false, "error": ...}`` if a device cannot start); then, one line each way
+  per request, the control protocol (:mod:`pvcore.control`) plus
+  ``{"command": "metrics"}``, answered with the worker's metric families;
+* LISTEN_FD (a seqpacket socket): every listening socket a device's front
+  door asks for (:func:`~pvcore.streams.unix.bind_private_socket`) is asked
+  of the parent, which creates it (or hands back the one it already holds for
+  that path, after a restart) and passes it with SCM_RIGHTS. The parent keeps
+  every socket, so a path stays connectable while a worker restarts.
+
+A worker dies with its parent (PR_SET_PDEATHSIG): a daemon killed with
+SIGKILL leaves no worker behind. SIGTERM stops it cleanly (in-flight
+requests finish, block devices are flushed); SIGHUP reopens its log files;
+SIGINT is ignored, as the parent decides when to stop. A control channel
+that closes stops it too. The connections, guest memory and eventfds a front
+end passes arrive at the worker itself, on the connections it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from pvcore.control import ControlServer
+from pvcore.daemon import Daemon
+from pvcore.registry import default_registry
+from pvcore.streams.unix import ListenerError, set_listener_source
+from pvcore.workers import PAYLOAD_LENGTH, WorkerSpec
+
+log = logging.getLogger("pvcore.worker")
+
+PR_SET_PDEATHSIG = 1
+MAX_LISTEN_ANSWER = 4096
+
+
+class ParentListeners:
+    """The listening sockets of a worker, asked of its parent over the seqpacket ``channel``."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+
+    def __call__(self, path: Path, what: str, kind: int) -> socket.socket:
+        """A listening socket at ``path`` from the parent; a :class:`ListenerError` with its reason if none."""
+        self.channel.send(json.dumps({"path": os.fspath(path), "what": what, "kind": int(kind)}).encode())
+        data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_LISTEN_ANSWER, 1)
+        if not data:
+            raise ListenerError(f"{what}: the parent process is gone")
+        answer = json.loads(data)
+        if not answer.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ListenerError(answer.get("error") or f"{what}: the parent sent no socket for {path}")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(False)
+        return sock
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when the parent exits; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("worker: PR_SET_PDEATHSIG failed (errno %d); it may outlive a killed parent", ctypes.get_errno())
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking socket; fewer only at end of stream."""
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_spec(control: socket.socket) -> WorkerSpec:
+    """The parent's :class:`WorkerSpec`, read before the event loop starts."""
+    header = _receive_exactly(control, PAYLOAD_LENGTH.size)
+    if len(header) != PAYLOAD_LENGTH.size:
+        raise SystemExit("pvcore worker: the parent sent no work")
+    (length,) = PAYLOAD_LENGTH.unpack(header)
+    spec = pickle.loads(_receive_exactly(control, length))  # from the parent process, which started this one
+    if not isinstance(spec, WorkerSpec):
+        raise SystemExit("pvcore worker: the parent sent something other than a WorkerSpec")
+    return spec
+
+
+async def _answer(daemon: Daemon, answers: ControlServer, line: bytes) -> dict[str, Any]:
+    """One request of the parent: ``metrics``, or a control request."""
+    try:
+        command = json.loads(line).get("command")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        command = None
+    if command == "metrics":
+        from pvcore.metrics import DeviceCollector, families_as_json
+
+        return {"ok": True, "families": families_as_json(DeviceCollector(daemon.served_entries))}
+    return await answers.answer(line)
+
+
+async def serve(spec: WorkerSpec, control: socket.socket) -> int:
+    """Start the share of devices, say so, then answer the parent until SIGTERM or the channel closes."""
+    daemon = Daemon(default_registry(), spec.hypervisor, spec.configs, run_dir=spec.run_dir,
+                    measure_service_time=spec.measure_service_time)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reopen_logs)
+    reader, writer = await asyncio.open_unix_connection(sock=control)
+    try:
+        await daemon.start()
+    except Exception as exc:
+        log.error("worker w%d: %s", spec.index, exc)
+        writer.write(json.dumps({"ready": False, "error": str(exc)}).encode() + b"\n")
+        await writer.drain()
+        return 2
+    writer.write(json.dumps({"ready": True, "devices": len(daemon.served)}).encode() + b"\n")
+    await writer.drain()
+    log.info("worker w%d up: %d device(s)", spec.index, len(daemon.served))
+    answers = ControlServer(daemon)
+
+    async def answer_parent() -> None:
+        while line := await reader.readline():
+            writer.write(json.dumps(await _answer(daemon, answers, line)).encode() + b"\n")
+            await writer.drain()
+        log.info("worker w%d: the parent closed its channel", spec.index)
+        daemon.request_stop()
+
+    channel = loop.create_task(answer_parent())
+    try:
+        await daemon.wait_for_stop()
+    finally:
+        channel.cancel()
+        await daemon.stop()
+        writer.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pvcore.worker CONTROL_FD LISTEN_FD PARENT_PID`` (started by the parent only)."""
+    if len(argv) != 3 or not all(arg.isdigit() for arg in argv):
+        print("usage: python -m pvcore.worker CONTROL_FD LISTEN_FD PARENT_PID (started by pvcore serve)", file=sys.stderr)
+        return 2
+    control_fd, listen_fd, parent = (int(arg) for arg in argv)
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=control_fd)
+    spec = _read_spec(control)
+    logging.basicConfig(level=spec.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s pvcore[w{spec.index}] %(name)s: %(message)s")
+    set_listener_source(ParentListeners(socket.socket(fileno=listen_fd)))
+    return asyncio.run(serve(spec, control))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+

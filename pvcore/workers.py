@@ -1,0 +1,547 @@
+"""``pvcore serve --workers N``: the devices of one daemon spread over N worker processes.
+
+One Python process is one core, whatever the host has. With ``--workers N``
+the daemon's process becomes a parent that serves no device itself: it
+starts N worker processes (:mod:`pvcore.worker`), each a
+:class:`~pvcore.daemon.Daemon` over its share of the devices, and keeps what
+must outlive any one of them:
+
+* the sockets: every listening socket a worker's front doors ask for is
+  created and held by the parent (:class:`ListenerBroker`) and passed to the
+  worker with SCM_RIGHTS, so a socket path stays connectable (its connections
+  wait in the backlog) while a worker restarts; the connections, guest memory
+  and eventfds a front end passes then arrive at the worker itself;
+* signals: SIGTERM and SIGINT stop every worker cleanly (in-flight requests
+  finish, disks are flushed) and then the parent removes the sockets; SIGHUP
+  is passed on (log files reopen);
+* the control socket and the metrics endpoint: a ``pvcore ctl`` request goes
+  to the worker serving its device, ``list`` asks them all; a scrape merges
+  every worker's families (:class:`~pvcore.metrics.MergedCollector`);
+* the logs: workers write to the parent's standard error, each line marked
+  ``pvcore[wN]``.
+
+Devices that share state in one process stay together (:func:`partition`):
+every NIC of a switch, every disk of a throttle group, every rng device of a
+domain. A worker that dies is started again with the same devices (plus
+those added and minus those removed since, and with swapped media) after a
+delay that doubles while it keeps dying young; the other workers and their
+guests never notice. Live limit changes (``set-limits``, ``set-rate``) are
+not kept across a worker's restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from pvcore.contract import DeviceConfig
+from pvcore.daemon import DaemonError, start_metrics
+from pvcore.registry import Registry
+from pvcore.streams.unix import ListenerError, bind_private_socket
+from pvcore.systemd_notify import ready, reloading, stopping
+
+log = logging.getLogger("pvcore.workers")
+
+PAYLOAD_LENGTH = struct.Struct("!Q")
+"""The length of the pickled :class:`WorkerSpec` that opens a worker's control channel."""
+MAX_LISTEN_REQUEST = 8192
+STOP_TIMEOUT = 60.0
+"""Seconds a worker has to stop after SIGTERM before it is killed."""
+FIRST_RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+HEALTHY_SECONDS = 10.0
+"""A worker that ran this long before dying is restarted after the first delay again."""
+ASK_TIMEOUT = 30.0
+"""Seconds the parent waits for a worker's answer to a control or metrics request."""
+
+
+def default_worker_count() -> int:
+    """The CPUs this process may run on: the default of ``--workers``."""
+    return len(os.sched_getaffinity(0))
+
+
+def _shared_state(config: DeviceConfig) -> list[tuple[str, str]]:
+    """What ``config`` shares with other devices of a process: its switch, throttle group or rng domain."""
+    keys = []
+    if config.device_class == "net":
+        keys.append(("switch", str(config.get("switch", "default"))))
+    if config.get("group") is not None:
+        keys.append(("group", str(config.get("group"))))
+    if config.device_class == "rng":
+        keys.append(("rng-domain", str(config.get("domain") or config.name).partition("/")[0]))
+    return keys
+
+
+def partition(configs: Sequence[DeviceConfig], count: int) -> list[list[DeviceConfig]]:
+    """At most ``count`` non-empty shares of ``configs``; devices that share state are in one share.
+
+    Sets of devices bound together are placed largest first, each in the
+    share with the fewest devices so far; the order of devices within a share
+    is their order in ``configs``.
+    """
+    if count < 1:
+        raise ValueError(f"workers={count} must be at least 1")
+    owner: dict[tuple[str, str], int] = {}
+    parent = list(range(len(configs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, config in enumerate(configs):
+        for key in _shared_state(config):
+            if key in owner:
+                parent[root(i)] = root(owner[key])
+            else:
+                owner[key] = i
+    sets: dict[int, list[int]] = {}
+    for i in range(len(configs)):
+        sets.setdefault(root(i), []).append(i)
+    shares: list[list[int]] = [[] for _ in range(min(count, len(sets)))]
+    for members in sorted(sets.values(), key=len, reverse=True):
+        min(shares, key=len).extend(members)
+    return [[configs[i] for i in sorted(share)] for share in shares if share]
+
+
+@attrs.frozen
+class WorkerSpec:
+    """What a worker serves: its number, its devices and how (sent pickled to :mod:`pvcore.worker`)."""
+
+    index: int
+    hypervisor: str
+    configs: tuple[DeviceConfig, ...]
+    run_dir: Path
+    measure_service_time: bool
+    log_level: int
+
+
+class ListenerBroker:
+    """The listening sockets the parent holds for its workers, by path.
+
+    A worker asking again for a path (after a restart) gets the socket the
+    parent holds, if the file at the path is still that socket; otherwise (a
+    device removed, its file gone) a new one is made as
+    :func:`~pvcore.streams.unix.bind_private_socket` makes it.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[Path, tuple[socket.socket, tuple[int, int]]] = {}
+
+    def socket_for(self, path: Path, what: str, kind: int) -> socket.socket:
+        """The listening socket at ``path`` (a :class:`ListenerError` if none can be made there)."""
+        held = self._held.get(path)
+        if held is not None:
+            if _inode(path) == held[1] and held[0].type == kind:
+                return held[0]
+            self._forget(path)
+        sock = bind_private_socket(path, what, kind=kind)
+        inode = _inode(path)
+        assert inode is not None, path
+        self._held[path] = (sock, inode)
+        return sock
+
+    def prune(self) -> None:
+        """Close the sockets whose files are gone or replaced (their devices were removed)."""
+        for path in [path for path, (_, inode) in self._held.items() if _inode(path) != inode]:
+            self._forget(path)
+
+    def close(self) -> None:
+        """Close every socket and remove its file if the file is still that socket."""
+        for path, (sock, inode) in list(self._held.items()):
+            if _inode(path) == inode:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            sock.close()
+        self._held.clear()
+
+    def _forget(self, path: Path) -> None:
+        sock, _ = self._held.pop(path)
+        sock.close()
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+class WorkerDown(Exception):
+    """The worker serving a device is not running now (it is being started again)."""
+
+
+class Worker:
+    """One worker process of a :class:`WorkerPool`: its devices, its process and its two channels."""
+
+    def __init__(self, index: int, configs: list[DeviceConfig]) -> None:
+        self.index = index
+        self.configs = configs
+        self.restarts = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._listen: socket.socket | None = None
+        self._lock = asyncio.Lock()
+        self.serving = False
+
+    @property
+    def name(self) -> str:
+        """``wN``, as its log lines are marked."""
+        return f"w{self.index}"
+
+    def owns(self, name: str) -> bool:
+        """Whether device ``name`` is this worker's."""
+        return any(config.name == name for config in self.configs)
+
+    async def start(self, spec: WorkerSpec, broker: ListenerBroker) -> None:
+        """Start the process, hand it ``spec`` and wait until it serves (a :class:`DaemonError` if it cannot)."""
+        loop = asyncio.get_running_loop()
+        control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listen, listen_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pvcore.worker", str(control_child.fileno()), str(listen_child.fileno()),
+                str(os.getpid()), pass_fds=(control_child.fileno(), listen_child.fileno()),
+            )
+        finally:
+            control_child.close()
+            listen_child.close()
+        listen.setblocking(False)
+        self._listen = listen
+        loop.add_reader(listen.fileno(), self._give_listener, broker)
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=control)
+        payload = pickle.dumps(spec)
+        self._writer.write(PAYLOAD_LENGTH.pack(len(payload)) + payload)
+        await self._writer.drain()
+        line = await self._reader.readline()
+        answer = json.loads(line) if line else {"error": f"worker {self.name} exited before serving (see its log above)"}
+        if not answer.get("ready"):
+            await self.kill()
+            raise DaemonError(answer.get("error") or f"worker {self.name} did not start")
+        self.serving = True
+
+    def _give_listener(self, broker: ListenerBroker) -> None:
+        """Answer one listening-socket request of the worker (on the parent's loop)."""
+        assert self._listen is not None
+        try:
+            data = self._listen.recv(MAX_LISTEN_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_listen()
+            return
+        try:
+            request = json.loads(data)
+            path, what, kind = Path(request["path"]), str(request["what"]), int(request["kind"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("worker %s: a bad listening-socket request: %s", self.name, exc)
+            self._listen.send(json.dumps({"ok": False, "error": f"bad request: {exc}"}).encode())
+            return
+        try:
+            sock = broker.socket_for(path, what, kind)
+        except ListenerError as exc:
+            self._listen.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+            return
+        socket.send_fds(self._listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
+
+    def _close_listen(self) -> None:
+        if self._listen is not None:
+            asyncio.get_running_loop().remove_reader(self._listen.fileno())
+            self._listen.close()
+            self._listen = None
+
+    async def ask(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The worker's answer to one request; :class:`WorkerDown` if it is not running."""
+        async with self._lock:
+            if not self.serving or self._writer is None or self._reader is None:
+                raise WorkerDown(f"worker {self.name} is not running (it is being started again)")
+            try:
+                self._writer.write(json.dumps(body).encode() + b"\n")
+                await self._writer.drain()
+                line = await asyncio.wait_for(self._reader.readline(), ASK_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise WorkerDown(f"worker {self.name} did not answer: {exc or 'timed out'}") from None
+            if not line:
+                raise WorkerDown(f"worker {self.name} is not running (it is being started again)")
+            return json.loads(line)
+
+    async def stop(self) -> None:
+        """SIGTERM, then wait (SIGKILL after :data:`STOP_TIMEOUT`); channels closed."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.error("worker %s did not stop in %.0f s; killing it", self.name, STOP_TIMEOUT)
+                await self.kill()
+        self.close_channels()
+
+    async def kill(self) -> None:
+        """SIGKILL and reap; channels closed."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.close_channels()
+
+    def close_channels(self) -> None:
+        """Drop both channels to the process."""
+        self.serving = False
+        self._close_listen()
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+class WorkerPool:
+    """The parent of ``pvcore serve --workers N``: starts, watches and controls the workers (a
+    :class:`~pvcore.control.Controlled`); see the module docstring."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        hypervisor: str,
+        shares: Sequence[Sequence[DeviceConfig]],
+        *,
+        run_dir: Path,
+        metrics: Any = None,
+    ) -> None:
+        self.registry = registry
+        self.hypervisor = hypervisor
+        self.run_dir = run_dir
+        self.metrics = metrics
+        self.workers = [Worker(index, list(share)) for index, share in enumerate(shares)]
+        self.broker = ListenerBroker()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+        self._metrics_server: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _spec(self, worker: Worker) -> WorkerSpec:
+        return WorkerSpec(worker.index, self.hypervisor, tuple(worker.configs), self.run_dir,
+                          self.metrics is not None, logging.getLogger().getEffectiveLevel())
+
+    @property
+    def device_count(self) -> int:
+        """How many devices the workers serve."""
+        return sum(len(worker.configs) for worker in self.workers)
+
+    async def start(self) -> None:
+        """Start every worker (in parallel) and wait until each serves; on any failure stop them all."""
+        self._loop = asyncio.get_running_loop()
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.metrics is not None:
+            from pvcore.metrics import MergedCollector
+
+            self._metrics_server = start_metrics(self.metrics, MergedCollector(self._fetch_metrics))
+        results = await asyncio.gather(
+            *(worker.start(self._spec(worker), self.broker) for worker in self.workers), return_exceptions=True
+        )
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            await self.stop()
+            raise failed[0]
+        self._watchers = [asyncio.get_running_loop().create_task(self._watch(worker)) for worker in self.workers]
+
+    async def _watch(self, worker: Worker) -> None:
+        """Start ``worker`` again whenever it dies, until the pool stops."""
+        loop = asyncio.get_running_loop()
+        delay = FIRST_RESTART_DELAY
+        while True:
+            started = loop.time()
+            assert worker.proc is not None
+            status = await worker.proc.wait()
+            if self._stopping:
+                return
+            worker.close_channels()
+            how = f"signal {-status}" if status < 0 else f"status {status}"
+            if loop.time() - started >= HEALTHY_SECONDS:
+                delay = FIRST_RESTART_DELAY
+            names = ", ".join(config.name for config in worker.configs)
+            log.error("worker %s (%s) ended with %s; starting it again in %.1f s", worker.name, names, how, delay)
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                if self._stopping:
+                    return
+                try:
+                    await worker.start(self._spec(worker), self.broker)
+                except (DaemonError, OSError) as exc:
+                    log.error("worker %s did not start again: %s; next try in %.1f s", worker.name, exc, delay)
+                    continue
+                break
+            worker.restarts += 1
+            log.info("worker %s serves again (%d restart(s))", worker.name, worker.restarts)
+
+    async def stop(self) -> None:
+        """Stop every worker cleanly, then close the sockets and the metrics endpoint."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*(worker.stop() for worker in self.workers), return_exceptions=True)
+        self.broker.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+
+    def _fetch_metrics(self) -> list[list[dict[str, Any]]]:
+        """Every running worker's families (called on the metrics server's thread)."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._gather_metrics(), self._loop)
+        return future.result(ASK_TIMEOUT + 5)
+
+    async def _gather_metrics(self) -> list[list[dict[str, Any]]]:
+        families = []
+        for worker in self.workers:
+            try:
+                answer = await worker.ask({"command": "metrics"})
+            except WorkerDown as exc:
+                log.warning("metrics: %s", exc)
+                continue
+            if answer.get("ok"):
+                families.append(answer["families"])
+        return families
+
+    def _owner(self, name: str) -> Worker:
+        from pvcore.control import ControlError
+
+        for worker in self.workers:
+            if worker.owns(name):
+                return worker
+        known = ", ".join(config.name for worker in self.workers for config in worker.configs) or "none"
+        raise ControlError(f"no device named {name!r}; devices: {known}")
+
+    async def _forward(self, worker: Worker, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` answered by ``worker``; its error as a ``ControlError``."""
+        from pvcore.control import ControlError
+
+        try:
+            answer = await worker.ask(body)
+        except WorkerDown as exc:
+            raise ControlError(str(exc)) from None
+        if not answer.get("ok"):
+            raise ControlError(answer.get("error") or "the worker refused")
+        return answer
+
+    async def describe_devices(self) -> list[dict[str, object]]:
+        """Every device, asked of its worker, with ``worker`` added; a worker that is down lists its
+        devices with ``state`` ``restarting`` and no counters."""
+        devices: list[dict[str, object]] = []
+        for worker in self.workers:
+            try:
+                answer = await self._forward(worker, {"command": "list"})
+            except Exception as exc:
+                log.warning("list: %s", exc)
+                devices.extend(
+                    {"name": config.name, "class": config.device_class, "domain": config.get("domain"),
+                     "hypervisor": config.get("hypervisor") or self.hypervisor, "door": f"worker {worker.name} restarting",
+                     "counters": {}, "worker": worker.name, "state": "restarting"}
+                    for config in worker.configs
+                )
+                continue
+            pid = worker.proc.pid if worker.proc is not None else None
+            devices.extend({**device, "worker": worker.name, "worker_pid": pid, "worker_restarts": worker.restarts}
+                           for device in answer["devices"])
+        return devices
+
+    async def add_device(self, spec: str) -> str:
+        """Serve one more device, in the worker holding what it shares (else the one with fewest devices)."""
+        from pvcore.config import ConfigError, check_unique, parse_devices
+        from pvcore.control import ControlError
+
+        try:
+            (config,) = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
+            check_unique([c for worker in self.workers for c in worker.configs] + [config])
+        except (ConfigError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        keys = set(_shared_state(config))
+        worker = next((w for w in self.workers if keys & {k for c in w.configs for k in _shared_state(c)}), None)
+        worker = worker or min(self.workers, key=lambda w: len(w.configs))
+        await self._forward(worker, {"command": "add", "device": spec})
+        worker.configs.append(config)
+        return config.name
+
+    async def remove_device(self, name: str) -> None:
+        """Remove a device from its worker; its socket is closed."""
+        worker = self._owner(name)
+        await self._forward(worker, {"command": "remove", "device": name})
+        worker.configs = [config for config in worker.configs if config.name != name]
+        self.broker.prune()
+
+    async def set_rng_rate(self, name: str, rate: str) -> str:
+        """Change an rng device's domain's rate, in its worker."""
+        answer = await self._forward(self._owner(name), {"command": "set-rate", "device": name, "rate": rate})
+        return str(answer["rate"])
+
+    async def set_limits(self, name: str, limits: str) -> dict[str, object]:
+        """Change a device's I/O limits, in its worker."""
+        answer = await self._forward(self._owner(name), {"command": "set-limits", "device": name, "limits": limits})
+        return {key: value for key, value in answer.items() if key != "ok"}
+
+    async def swap_media(self, name: str, path: str) -> str:
+        """Change a block device's backing file, in its worker; a restarted worker serves the new one."""
+        worker = self._owner(name)
+        answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
+        worker.configs = [
+            DeviceConfig(c.device_class, c.name, {**c.options, "path": path}) if c.name == name else c
+            for c in worker.configs
+        ]
+        return str(answer["old"])
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
+        self._stop.set()
+
+    def _reload(self) -> None:
+        reloading()
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.proc.send_signal(signal.SIGHUP)
+        log.info("log files reopened")
+        ready(self._status())
+
+    def _status(self) -> str:
+        return f"serving {self.device_count} device(s) in {len(self.workers)} worker processes"
+
+    async def serve_forever(self) -> None:
+        """Start the workers, serve until SIGTERM/SIGINT, then stop them cleanly."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        from pvcore.build import log_build
+        from pvcore.control import ControlServer
+
+        control = ControlServer(self)
+        try:
+            await control.start()
+            log.info("%s; default hypervisor %s; run dir %s", self._status(), self.hypervisor, self.run_dir)
+            log_build()
+            ready(self._status())
+            await self._stop.wait()
+        finally:
+            await control.stop()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            log.info("stopping")
+            stopping()
+            await self.stop()

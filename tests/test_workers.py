@@ -1,0 +1,218 @@
+"""``pvcore serve --workers N``: devices spread over worker processes behind one parent.
+
+The end-to-end tests run a real ``pvcore serve`` with two vhost-user disks in
+two workers and drive both with the Python vhost-user front end: a worker
+killed with SIGKILL takes nothing from the other worker's guest, is started
+again on the same socket (held by the parent meanwhile), and resumes the write
+it had in flight; ``ctl`` and the metrics endpoint reach every worker; SIGTERM
+stops them all and removes the sockets; SIGKILL of the parent leaves no worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pvcore.contract import DeviceConfig
+from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from pvcore.streams.unix import ListenerError
+from pvcore.testing.serve_process import ServeProcess
+from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+from pvcore.workers import ListenerBroker, partition
+
+SECTOR = 512
+DISK = 1 << 20
+
+
+def config(device_class: str, name: str, **options: str) -> DeviceConfig:
+    return DeviceConfig(device_class, name, options)
+
+
+def names(shares: list[list[DeviceConfig]]) -> list[list[str]]:
+    return [[c.name for c in share] for share in shares]
+
+
+def test_partition_keeps_shared_state_together_and_balances_the_rest() -> None:
+    configs = [
+        config("net", "a-nic", switch="lan0"), config("block", "a-disk", group="g"), config("net", "b-nic", switch="lan0"),
+        config("block", "b-disk", group="g"), config("rng", "a-rng", domain="a"), config("rng", "a-rng2", domain="a"),
+        config("console", "c1"), config("console", "c2"), config("net", "c-nic"), config("net", "d-nic"),
+    ]
+    shares = partition(configs, 3)
+    assert len(shares) == 3
+    where = {c.name: i for i, share in enumerate(shares) for c in share}
+    assert where["a-nic"] == where["b-nic"] and where["a-disk"] == where["b-disk"] and where["a-rng"] == where["a-rng2"]
+    assert where["c-nic"] == where["d-nic"]  # both on the switch named "default"
+    assert sorted(len(share) for share in shares) == [3, 3, 4]
+    assert sorted(c.name for share in shares for c in share) == sorted(c.name for c in configs)
+
+
+def test_partition_never_makes_more_shares_than_sets_nor_empty_ones() -> None:
+    configs = [config("net", "a", switch="s"), config("net", "b", switch="s"), config("console", "c")]
+    assert names(partition(configs, 8)) == [["a", "b"], ["c"]]
+    assert names(partition(configs, 1)) == [["a", "b", "c"]]
+    assert partition([], 4) == []
+    with pytest.raises(ValueError):
+        partition(configs, 0)
+
+
+def test_the_broker_hands_back_the_socket_it_holds_and_drops_one_whose_file_went(tmp_path: Path) -> None:
+    broker = ListenerBroker()
+    path = tmp_path / "d.sock"
+    first = broker.socket_for(path, "disk", socket.SOCK_STREAM)
+    assert broker.socket_for(path, "disk", socket.SOCK_STREAM) is first
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.connect(str(path))  # connectable while no worker accepts: it waits in the backlog
+    probe.close()
+    path.unlink()
+    broker.prune()
+    assert first.fileno() == -1
+    second = broker.socket_for(path, "disk", socket.SOCK_STREAM)
+    assert second is not first and path.exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ListenerError, match="is not a socket"):
+        broker.socket_for(tmp_path / "file", "disk", socket.SOCK_STREAM)
+    broker.close()
+    assert not path.exists() and second.fileno() == -1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write(sector: int, fill: int) -> list[bytes]:
+    return [REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, sector), bytes([fill]) * SECTOR]
+
+
+def read(frontend: VhostUserFrontend, sector: int) -> bytes:
+    used = frontend.request(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, sector)], [SECTOR, 1])
+    assert used.data[-1:] == bytes([VIRTIO_BLK_S_OK])
+    return used.data[:SECTOR]
+
+
+def ctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pvcore.cli", "ctl", "--run-dir", str(tmp_path / "run"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def listed(tmp_path: Path) -> dict[str, dict]:
+    done = ctl(tmp_path, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    return {device["name"]: device for device in json.loads(done.stdout)}
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return status != "Z"
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path):
+    for disk in ("d0", "d1"):
+        (tmp_path / f"{disk}.img").write_bytes(bytes(DISK))
+    port = free_port()
+    daemon = ServeProcess(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
+         str(tmp_path / "run"), "--metrics", f"127.0.0.1:{port}",
+         *(f"block:name={d},path={tmp_path / f'{d}.img'},socket={tmp_path / f'{d}.sock'}" for d in ("d0", "d1"))],
+        tmp_path / "serve.log",
+    )
+    daemon.start()
+    yield daemon, port
+    daemon.terminate()
+
+
+def test_a_killed_worker_takes_nothing_from_the_other_and_comes_back_on_the_same_socket(tmp_path, two_workers) -> None:
+    daemon, port = two_workers
+    devices = listed(tmp_path)
+    assert {devices["d0"]["worker"], devices["d1"]["worker"]} == {"w0", "w1"}
+    victim, survivor = devices["d0"]["worker_pid"], devices["d1"]["worker_pid"]
+    assert victim != survivor and victim != daemon.proc.pid
+
+    zero = VhostUserFrontend.connect(tmp_path / "d0.sock", timeout=30.0)
+    zero.start(num_queues=1, queue_size=64, inflight=True)
+    one = VhostUserFrontend.connect(tmp_path / "d1.sock", timeout=30.0)
+    one.start(num_queues=1, queue_size=64, inflight=True)
+    for sector in range(8):
+        assert zero.request(0, write(sector, 0x10 + sector), [1]).data == bytes([VIRTIO_BLK_S_OK])
+        assert one.request(0, write(sector, 0x20 + sector), [1]).data == bytes([VIRTIO_BLK_S_OK])
+
+    os.kill(victim, signal.SIGKILL)
+    for sector in range(8, 64):  # the other worker's guest goes on, on the same connection, at once
+        assert one.request(0, write(sector, 0x20 + sector % 32), [1]).data == bytes([VIRTIO_BLK_S_OK])
+    wait_for(lambda: "worker w0 serves again (1 restart(s))" in daemon.text(), "w0's restart")
+    assert "worker w0 (d0) ended with signal 9" in daemon.text()
+    assert (tmp_path / "d0.sock").exists()
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(tmp_path / "d0.sock"))
+    zero.reconnect(sock)
+    assert [read(zero, sector) for sector in range(8)] == [bytes([0x10 + s]) * SECTOR for s in range(8)]
+    assert zero.request(0, write(9, 0x33), [1]).data == bytes([VIRTIO_BLK_S_OK])
+    assert read(one, 40) == bytes([0x20 + 8]) * SECTOR
+
+    devices = listed(tmp_path)
+    assert devices["d0"]["worker_restarts"] == 1 and devices["d0"]["worker_pid"] != victim
+    assert devices["d1"]["worker_restarts"] == 0 and devices["d1"]["worker_pid"] == survivor
+    assert devices["d1"]["counters"]["writes"] == 64
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    assert text.count("# TYPE pvcore_requests_total counter") == 1
+    assert 'pvcore_requests_total{class="block",device="d0"' in text and 'device="d1"' in text
+    zero.close()
+    one.close()
+
+    workers = [devices["d0"]["worker_pid"], survivor]
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not any(alive(pid) for pid in workers)
+    assert not (tmp_path / "d0.sock").exists() and not (tmp_path / "d1.sock").exists()
+    image = (tmp_path / "d1.img").read_bytes()
+    assert image[63 * SECTOR:64 * SECTOR] == bytes([0x20 + 63 % 32]) * SECTOR
+
+
+def test_ctl_reaches_the_worker_of_each_device_and_a_killed_parent_leaves_no_worker(tmp_path, two_workers) -> None:
+    daemon, _port = two_workers
+    (tmp_path / "d2.img").write_bytes(bytes(DISK))
+    added = ctl(tmp_path, "add", f"block:name=d2,path={tmp_path / 'd2.img'},socket={tmp_path / 'd2.sock'},group=g,iops=1000")
+    assert added.returncode == 0, added.stderr
+    limits = ctl(tmp_path, "set-limits", "d2", "iops=500")
+    assert limits.returncode == 0 and "iops=500" in limits.stdout, limits.stderr
+    devices = listed(tmp_path)
+    assert devices["d2"]["limits"] == "iops=500" and devices["d2"]["worker"] in ("w0", "w1")
+    refused = ctl(tmp_path, "set-limits", "nosuch", "iops=5")
+    assert refused.returncode != 0 and "no device named 'nosuch'" in refused.stderr
+
+    frontend = VhostUserFrontend.connect(tmp_path / "d2.sock", timeout=30.0)
+    frontend.start(num_queues=1, queue_size=64)
+    assert frontend.request(0, write(3, 0x77), [1]).data == bytes([VIRTIO_BLK_S_OK])
+    frontend.close()
+    removed = ctl(tmp_path, "remove", "d2")
+    assert removed.returncode == 0, removed.stderr
+    assert not (tmp_path / "d2.sock").exists() and sorted(listed(tmp_path)) == ["d0", "d1"]
+    assert (tmp_path / "d2.img").read_bytes()[3 * SECTOR:4 * SECTOR] == b"\x77" * SECTOR
+
+    workers = [device["worker_pid"] for device in listed(tmp_path).values()]
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to die with their parent", timeout=10)
