@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {
     "kvm": (REPO / "plugins/kvm/pvcore_kvm", (), 400),
     "lpar": (REPO / "plugins/lpar/pvcore_lpar", (), 400),
-    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 1450),
+    "xen": (REPO / "plugins/xen/pvcore_xen", ("xenstore.py", "xs_wire.py"), 1500),
 }
 """Per plugin: its package, the files outside the budget (xen's xenstore wire client), the most code lines.
 
@@ -25,7 +25,11 @@ xen's is larger because real Xen guests speak Xen's own PV protocols, not
 virtio: the netif and blkif ring formats and their grant-copying back ends
 are the plugin's by design (shared/DESIGN.md, "Real Xen speaks Xen's PV
 protocols"); the switch, the block engine and the console engine behind
-them stay the core's.
+them stay the core's. 1450 became 1500 for blkif's multi-page rings and
+multi-queue (about 40 lines: reading and checking ``ring-page-order``, the
+``ring-refN`` and ``queue-N`` nodes, one gntdev mapping per ring, a ring
+and channel per queue); the mapped ring is a region of the core's
+GuestMemory, and the block engine behind the queues is the core's.
 """
 
 

@@ -10,11 +10,18 @@ first time it is touched and keeps it mapped until :meth:`GrantMemory.close`. Co
 consecutive pages, so a buffer may cross pages as it crosses regions. A ref
 the guest never granted to this domain is a
 :class:`~pvcore.ring.memory.GuestMemoryError`, which fails that device only.
+
+A ring of several pages (blkif's ``ring-ref0..N``) names refs in no
+particular order, yet its entries run across page boundaries:
+:meth:`GrantMemory.map_ring` maps them back to back in one gntdev mapping
+and places it below the grant addresses (bit 63 clear), where no grant
+address can collide with it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import attrs
 
@@ -63,6 +70,7 @@ class GrantMemory(GuestMemory):
         self.domid = domid
         self.host = host
         self._pages: dict[int, tuple[GrantPage, MemoryRegion]] = {}
+        self._rings: list[tuple[GrantPage, MemoryRegion]] = []
 
     def __repr__(self) -> str:
         return f"GrantMemory(dom{self.domid}, {len(self._pages)} pages mapped)"
@@ -70,11 +78,31 @@ class GrantMemory(GuestMemory):
     @property
     def size(self) -> int:
         """Bytes currently mapped."""
-        return len(self._pages) * PAGE_SIZE
+        return len(self._pages) * PAGE_SIZE + sum(region.size for _, region in self._rings)
 
-    def _region_at(self, addr: int) -> MemoryRegion:
+    def map_ring(self, refs: Sequence[int]) -> int:
+        """Map the pages granted as ``refs`` writable, back to back; the address of the first.
+
+        One host call maps them all (one ``IOCTL_GNTDEV_MAP_GRANT_REF``); a
+        ref that is not granted writable to this domain is a
+        :class:`GuestMemoryError`. The mapping lasts until :meth:`close`.
+        """
+        try:
+            page = self.host.map_grants(self.domid, refs, writable=True)
+        except OSError as exc:
+            raise GuestMemoryError(f"dom{self.domid}: ring grant refs {list(refs)} cannot be mapped: {exc}") from None
+        address = sum(region.size for _, region in self._rings)
+        region = MemoryRegion(address, memoryview(page.buffer))
+        self._rings.append((page, region))
+        super().__init__([ring for _, ring in self._rings])
+        return address
+
+    def _region_at(self, addr: int) -> MemoryRegion | None:
         if not addr & XEN_GRANT_DMA_ADDR_OFF:
-            raise GuestMemoryError(f"dom{self.domid}: address {addr:#x} is not a grant address (bit 63 clear)")
+            ring = super()._region_at(addr)
+            if ring is None:
+                raise GuestMemoryError(f"dom{self.domid}: address {addr:#x} is not a grant address (bit 63 clear) nor in a ring")
+            return ring
         ref = (addr & ~XEN_GRANT_DMA_ADDR_OFF) >> PAGE_SHIFT
         if ref > MAX_GRANT_REF:
             raise GuestMemoryError(f"dom{self.domid}: address {addr:#x} names grant ref {ref:#x}, beyond 32 bits")
@@ -86,19 +114,20 @@ class GrantMemory(GuestMemory):
     def _map(self, ref: int) -> tuple[GrantPage, MemoryRegion]:
         readonly = False
         try:
-            page = self.host.map_grant(self.domid, ref, writable=True)
+            page = self.host.map_grants(self.domid, [ref], writable=True)
         except OSError:
             readonly = True
             try:
-                page = self.host.map_grant(self.domid, ref, writable=False)
+                page = self.host.map_grants(self.domid, [ref], writable=False)
             except OSError as exc:
                 raise GuestMemoryError(f"dom{self.domid}: grant ref {ref} cannot be mapped: {exc}") from None
         return page, MemoryRegion(grant_address(ref), memoryview(page.buffer), readonly=readonly)
 
     def close(self) -> None:
         """Unmap every mapped page (a page still viewed elsewhere is unmapped when that view goes)."""
-        pages, self._pages = self._pages, {}
-        for page, region in pages.values():
+        pages, self._pages, rings, self._rings = self._pages, {}, self._rings, []
+        super().__init__()
+        for page, region in [*pages.values(), *rings]:
             try:
                 region.view.release()
                 page.close()

@@ -38,15 +38,17 @@ _BIND_INTERDOMAIN = struct.Struct("=II")
 """``struct ioctl_evtchn_bind_interdomain``: remote_domain, remote_port."""
 _PORT = struct.Struct("=I")
 """``struct ioctl_evtchn_notify`` / ``ioctl_evtchn_unbind`` (a port), and one ``evtchn_port_t`` read or written."""
-_MAP_GRANT_REF = struct.Struct("=IIQII")
-"""``struct ioctl_gntdev_map_grant_ref`` with one ref: count, pad, index, refs[0].domid, refs[0].ref."""
+_MAP_HEADER = struct.Struct("=IIQ")
+"""``struct ioctl_gntdev_map_grant_ref`` up to its refs: count, pad, index (the kernel reads ``count`` refs after it)."""
+_GRANT_REF = struct.Struct("=II")
+"""``struct ioctl_gntdev_grant_ref``: domid, ref."""
 _UNMAP_GRANT_REF = struct.Struct("=QII")
 """``struct ioctl_gntdev_unmap_grant_ref``: index, count, pad."""
 
 IOCTL_EVTCHN_BIND_INTERDOMAIN = _ioc("E", 1, _BIND_INTERDOMAIN.size)
 IOCTL_EVTCHN_UNBIND = _ioc("E", 3, _PORT.size)
 IOCTL_EVTCHN_NOTIFY = _ioc("E", 4, _PORT.size)
-IOCTL_GNTDEV_MAP_GRANT_REF = _ioc("G", 0, _MAP_GRANT_REF.size)
+IOCTL_GNTDEV_MAP_GRANT_REF = _ioc("G", 0, _MAP_HEADER.size + _GRANT_REF.size)
 IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc("G", 1, _UNMAP_GRANT_REF.size)
 _GRANT_COPY = struct.Struct("=I4xQ")
 """``struct ioctl_gntdev_grant_copy``: count, (padding), segments pointer."""
@@ -95,9 +97,9 @@ class EventChannel(Protocol):
 
 @runtime_checkable
 class GrantPage(Protocol):
-    """One guest page mapped through its grant reference."""
+    """Guest pages mapped through their grant references, back to back in one buffer."""
 
-    buffer: mmap.mmap
+    buffer: mmap.mmap | memoryview
 
     def close(self) -> None:
         """Unmap the page."""
@@ -110,8 +112,11 @@ class XenHost(Protocol):
     def bind_interdomain(self, domid: int, remote_port: int) -> EventChannel:
         """Bind to port ``remote_port`` that domain ``domid`` allocated for us (``OSError`` if it cannot)."""
 
-    def map_grant(self, domid: int, ref: int, writable: bool = True) -> GrantPage:
-        """Map the page domain ``domid`` granted us as ``ref`` (``OSError`` if it did not)."""
+    def map_grants(self, domid: int, refs: Sequence[int], writable: bool = True) -> GrantPage:
+        """Map the pages domain ``domid`` granted us as ``refs``, in that order, as one buffer.
+
+        ``OSError`` if any of them is not granted to us (with that access).
+        """
 
     def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
         """Copy between ``buffer`` (the pieces back to back) and granted pages, without mapping them.
@@ -171,22 +176,23 @@ class LinuxEventChannel:
 
 
 class LinuxGrantPage:
-    """A page mapped with ``IOCTL_GNTDEV_MAP_GRANT_REF`` and ``mmap`` of the gntdev descriptor."""
+    """Pages mapped with one ``IOCTL_GNTDEV_MAP_GRANT_REF`` (``count`` refs) and one ``mmap`` of the gntdev descriptor."""
 
-    def __init__(self, gntdev_fd: int, domid: int, ref: int, writable: bool) -> None:
-        request = bytearray(_MAP_GRANT_REF.pack(1, 0, 0, domid, ref))
+    def __init__(self, gntdev_fd: int, domid: int, refs: Sequence[int], writable: bool) -> None:
+        request = bytearray(_MAP_HEADER.pack(len(refs), 0, 0) + b"".join(_GRANT_REF.pack(domid, ref) for ref in refs))
         fcntl.ioctl(gntdev_fd, IOCTL_GNTDEV_MAP_GRANT_REF, request, True)
-        self.index = _MAP_GRANT_REF.unpack(request)[2]
+        self.index = _MAP_HEADER.unpack_from(request)[2]
+        self.count = len(refs)
         self.gntdev_fd = gntdev_fd
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            self.buffer = mmap.mmap(gntdev_fd, PAGE_SIZE, mmap.MAP_SHARED, prot, offset=self.index)
+            self.buffer = mmap.mmap(gntdev_fd, self.count * PAGE_SIZE, mmap.MAP_SHARED, prot, offset=self.index)
         except OSError as exc:
             self._unmap_ioctl()
-            raise OSError(exc.errno, f"grant ref {ref} of domain {domid}: cannot map: {exc.strerror}") from None
+            raise OSError(exc.errno, f"grant refs {list(refs)} of domain {domid}: cannot map: {exc.strerror}") from None
 
     def _unmap_ioctl(self) -> None:
-        fcntl.ioctl(self.gntdev_fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, _UNMAP_GRANT_REF.pack(self.index, 1, 0))
+        fcntl.ioctl(self.gntdev_fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, _UNMAP_GRANT_REF.pack(self.index, self.count, 0))
 
     def close(self) -> None:
         """munmap, then release the grant mapping."""
@@ -207,11 +213,11 @@ class LinuxXenHost:
         """Bind a channel on a new evtchn descriptor."""
         return LinuxEventChannel(self.evtchn_path, domid, remote_port)
 
-    def map_grant(self, domid: int, ref: int, writable: bool = True) -> LinuxGrantPage:
-        """Map one granted page through gntdev."""
+    def map_grants(self, domid: int, refs: Sequence[int], writable: bool = True) -> LinuxGrantPage:
+        """Map granted pages through gntdev, contiguously."""
         if self._gntdev_fd is None:
             self._gntdev_fd = os.open(self.gntdev_path, os.O_RDWR | os.O_CLOEXEC)
-        return LinuxGrantPage(self._gntdev_fd, domid, ref, writable)
+        return LinuxGrantPage(self._gntdev_fd, domid, refs, writable)
 
     def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
         """``IOCTL_GNTDEV_GRANT_COPY``: the hypervisor copies, checking every grant."""

@@ -1,8 +1,9 @@
-"""The backend's half of a Xen shared ring (``io/ring.h``), in one granted page.
+"""The backend's half of a Xen shared ring (``io/ring.h``), in one granted page or several back to back.
 
-The page starts with four free-running 32-bit indexes — ``req_prod``,
+The ring starts with four free-running 32-bit indexes — ``req_prod``,
 ``req_event``, ``rsp_prod``, ``rsp_event`` — and 48 bytes of padding; the
-entries follow at byte 64, as many as fit, rounded down to a power of two.
+entries follow at byte 64, as many as fit in its pages, rounded down to a
+power of two (``__RING_SIZE``; an entry may straddle two pages).
 An entry is the union of a protocol's request and response, so a response
 goes into the slot of the request it answers. The frontend produces requests
 and consumes responses; the backend keeps its own request consumer and
@@ -33,25 +34,27 @@ class RingError(Exception):
     """The frontend's indexes are impossible; the message says how."""
 
 
-def ring_size(entry_size: int) -> int:
-    """``__RING_SIZE``: the entries of ``entry_size`` bytes that fit in a page, rounded down to a power of two."""
-    count = (PAGE_SIZE - HEADER_SIZE) // entry_size
+def ring_size(entry_size: int, pages: int = 1) -> int:
+    """``__RING_SIZE``: the entries of ``entry_size`` bytes that fit in ``pages`` pages, rounded down to a power of two."""
+    count = (pages * PAGE_SIZE - HEADER_SIZE) // entry_size
     return 1 << (count.bit_length() - 1)
 
 
 class BackRing:
     """One shared ring seen from the backend: requests in, responses out.
 
-    ``base`` is the guest address of the page in ``memory``; ``start`` is the
-    index to carry on from (the ``rsp_prod`` in the page, for a pick-up).
+    ``base`` is the guest address of the ring's ``pages`` contiguous pages
+    in ``memory``; ``start`` is the index to carry on from (the ``rsp_prod``
+    in the page, for a pick-up).
     """
 
-    def __init__(self, memory: GuestMemory, base: int, entry_size: int, name: str, *, start: int = 0) -> None:
-        memory.check(base, PAGE_SIZE, write=True)
+    def __init__(self, memory: GuestMemory, base: int, entry_size: int, name: str, *, start: int = 0,
+                 pages: int = 1) -> None:
+        memory.check(base, pages * PAGE_SIZE, write=True)
         self.memory = memory
         self.base = base
         self.entry_size = entry_size
-        self.size = ring_size(entry_size)
+        self.size = ring_size(entry_size, pages)
         self.name = name
         self.req_cons = self.rsp_prod = start & U32
 

@@ -204,8 +204,6 @@ def test_a_producer_beyond_the_ring_fails_that_disk_only(tmp_path, caplog):
     "overrides, reason",
     [
         ({"protocol": "x86_32-abi"}, "only x86_64-abi"),
-        ({"ring-page-order": "2"}, "one-page ring"),
-        ({"multi-queue-num-queues": "4"}, "one queue"),
         ({"ring-ref": "424242"}, "cannot be mapped"),
         ({"event-channel": "999"}, "event channel 999"),
     ],

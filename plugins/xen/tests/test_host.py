@@ -31,7 +31,7 @@ def test_linux_host_names_the_missing_device(tmp_path):
     with pytest.raises(FileNotFoundError):
         linux.bind_interdomain(1, 5)
     with pytest.raises(FileNotFoundError):
-        linux.map_grant(1, 8)
+        linux.map_grants(1, [8])
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_granted_page_is_shared_memory(simulated_host):
     guest = simulated_host.add_domain(1, memory_size=4 * PAGE_SIZE)
     guest.memory[2 * PAGE_SIZE:2 * PAGE_SIZE + 5] = b"hello"
     ref = guest.grant(2, to_domid=0)
-    page = simulated_host.map_grant(1, ref)
+    page = simulated_host.map_grants(1, [ref])
     assert isinstance(page, GrantPage)
     assert page.buffer[:5] == b"hello"
     page.buffer[5:10] = b"world"
@@ -58,20 +58,20 @@ def test_grant_checks(simulated_host):
     readonly_ref = guest.grant(0, to_domid=0, readonly=True)
     other_ref = guest.grant(1, to_domid=7)
     with pytest.raises(OSError, match="not granted to domain 0"):
-        simulated_host.map_grant(1, 999)
+        simulated_host.map_grants(1, [999])
     with pytest.raises(OSError, match="not granted to domain 0"):
-        simulated_host.map_grant(1, other_ref)
+        simulated_host.map_grants(1, [other_ref])
     with pytest.raises(OSError, match="read-only"):
-        simulated_host.map_grant(1, readonly_ref, writable=True)
-    page = simulated_host.map_grant(1, readonly_ref, writable=False)
+        simulated_host.map_grants(1, [readonly_ref], writable=True)
+    page = simulated_host.map_grants(1, [readonly_ref], writable=False)
     with pytest.raises(TypeError):
         page.buffer[0:1] = b"x"
     page.close()
     guest.revoke(readonly_ref)
     with pytest.raises(OSError):
-        simulated_host.map_grant(1, readonly_ref, writable=False)
+        simulated_host.map_grants(1, [readonly_ref], writable=False)
     with pytest.raises(OSError, match="no simulated domain 4"):
-        simulated_host.map_grant(4, 8)
+        simulated_host.map_grants(4, [8])
     with pytest.raises(ValueError):
         guest.grant(1000, to_domid=0)
 

@@ -16,6 +16,7 @@ the pages of each block to the backend domain while it is allocated. Frame
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import mmap
@@ -39,15 +40,44 @@ class _Grant:
     readonly: bool
 
 
-class SimulatedGrantPage:
-    """A guest page mapped by the simulated host (a ``mmap`` of the guest's memfd)."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
-    def __init__(self, buffer: mmap.mmap) -> None:
-        self.buffer = buffer
+
+class SimulatedGrantPage:
+    """Guest pages mapped by the simulated host, back to back as gntdev maps them.
+
+    Each page is a ``MAP_SHARED | MAP_FIXED`` mapping of its frame of the
+    guest's memfd, placed in one reserved range, so frames in any order (or
+    one frame twice) are seen contiguously and stay the guest's memory.
+    """
+
+    def __init__(self, memory_fd: int, frames: Sequence[int], writable: bool) -> None:
+        self.length = len(frames) * PAGE_SIZE
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.address = _libc.mmap(None, self.length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if self.address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "simulated grant map: cannot reserve the range")
+        for index, frame in enumerate(frames):
+            placed = _libc.mmap(self.address + index * PAGE_SIZE, PAGE_SIZE, prot, mmap.MAP_SHARED | _MAP_FIXED,
+                                memory_fd, frame * PAGE_SIZE)
+            if placed in (None, _MAP_FAILED):
+                _libc.munmap(self.address, self.length)
+                raise OSError(ctypes.get_errno(), f"simulated grant map: cannot map frame {frame}")
+        view = memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
+        self.buffer = view if writable else view.toreadonly()
 
     def close(self) -> None:
-        """Unmap the page."""
-        self.buffer.close()
+        """Unmap the pages."""
+        if self.address:
+            self.buffer.release()
+            _libc.munmap(self.address, self.length)
+            self.address = 0
 
 
 class SimulatedEventChannel:
@@ -242,12 +272,13 @@ class SimulatedXenHost:
         """Bind the port guest ``domid`` allocated for the backend."""
         return self._domain(domid).bind(remote_port, self.backend_domid)
 
-    def map_grant(self, domid: int, ref: int, writable: bool = True) -> SimulatedGrantPage:
-        """Map the page guest ``domid`` granted the backend as ``ref``."""
+    def map_grants(self, domid: int, refs: Sequence[int], writable: bool = True) -> SimulatedGrantPage:
+        """Map the pages guest ``domid`` granted the backend as ``refs``, back to back."""
         domain = self._domain(domid)
-        frame = domain.granted_frame(ref, self.backend_domid, writable)
-        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        return SimulatedGrantPage(mmap.mmap(domain.memory_fd, PAGE_SIZE, access=access, offset=frame * PAGE_SIZE))
+        if not refs:
+            raise OSError(errno.EINVAL, "no grant refs to map")
+        frames = [domain.granted_frame(ref, self.backend_domid, writable) for ref in refs]
+        return SimulatedGrantPage(domain.memory_fd, frames, writable)
 
     def grant_copy(self, pieces: Sequence[GrantCopy], buffer: bytearray, *, to_guest: bool) -> list[int]:
         """Copy as ``GNTTABOP_copy`` does: each piece checked on its own (grant, access, page bounds)."""

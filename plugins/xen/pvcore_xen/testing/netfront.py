@@ -35,14 +35,14 @@ _U32 = struct.Struct("<I")
 
 
 class FrontRing:
-    """The frontend's half of one shared ring in a page of the simulated domain's memory."""
+    """The frontend's half of one shared ring in ``pages`` consecutive pages of the simulated domain's memory."""
 
-    def __init__(self, memory: mmap.mmap, offset: int, entry_size: int) -> None:
+    def __init__(self, memory: mmap.mmap, offset: int, entry_size: int, pages: int = 1) -> None:
         self.memory = memory
         self.offset = offset
         self.entry_size = entry_size
-        self.size = ring_size(entry_size)
-        memory[offset : offset + PAGE_SIZE] = bytes(PAGE_SIZE)
+        self.size = ring_size(entry_size, pages)
+        memory[offset : offset + pages * PAGE_SIZE] = bytes(pages * PAGE_SIZE)
         for index, value in ((REQ_EVENT, 1), (RSP_EVENT, 1)):
             self.put(index, value)
         self.req_prod = self.rsp_cons = 0
