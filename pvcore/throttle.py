@@ -318,6 +318,51 @@ class Throttle:
         self.group.remove(self)
 
 
+class Pacer:
+    """One direction of a device's rate, for a front door that sends its frames in order, one at a time.
+
+    Before each frame the door asks :meth:`may_go`: True spends the frame's
+    bytes and lets it go now; False means it waits, and ``retry`` runs (on
+    ``loop``) when its turn comes, after which :meth:`may_go` for that frame
+    is True without spending again. While a frame waits, every ask is False.
+    :meth:`reset` forgets a wait (a disconnect): its turn then retries nothing.
+    No ``throttle``: every frame goes.
+    """
+
+    def __init__(self, throttle: Throttle | None, *, write: bool) -> None:
+        self.throttle = throttle
+        self.write = write
+        self._paid = False
+        self._waiting = False
+        self._generation = 0
+
+    def may_go(self, nbytes: int, retry: Release, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a frame of ``nbytes`` may go now; if not, ``retry()`` runs when it may."""
+        if self.throttle is None or self._paid:
+            self._paid = False
+            return True
+        if self._waiting:
+            return False
+        cost = Cost(self.write, 0, nbytes)
+        if self.throttle.try_go(cost):
+            return True
+        self._waiting = True
+        generation = self._generation
+
+        def turn() -> None:
+            if generation == self._generation:
+                self._waiting, self._paid = False, True
+                retry()
+
+        self.throttle.go(cost, turn, loop)
+        return False
+
+    def reset(self) -> None:
+        """Forget the frame that waits or was paid for; a turn still to come retries nothing."""
+        self._generation += 1
+        self._paid = self._waiting = False
+
+
 class ThrottleGroup:
     """One budget of :class:`ThrottleLimits` shared in turn by the devices (:class:`Throttle`) of the group.
 

@@ -443,3 +443,31 @@ def test_a_vhost_user_disk_is_held_to_its_limits_and_a_flush_waits_behind_held_w
         backend.close()
     assert 0.5 <= took < 5.0  # 40 writes at 50 per second, the first 6 at once
     assert image.read_bytes()[39 * 8 * 512] == 39
+
+
+def test_a_pacer_holds_one_frame_until_its_turn_and_forgets_it_on_reset() -> None:
+    """Pacer (a stream door's NIC rate): the frame after the bucket is full waits; retry runs once its turn comes,
+    and that frame then goes without spending again; a reset before the turn makes the turn retry nothing."""
+    from pvcore.throttle import Pacer
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        throttle = ThrottleGroup("nic", ThrottleLimits(bps_write=10_000)).join("nic")
+        pacer = Pacer(throttle, write=True)
+        retries: list[float] = []
+        started = time.monotonic()
+        assert pacer.may_go(1_000, lambda: retries.append(-3.0), loop)  # the bucket holds 1000 (0.1 s of the rate)
+        assert pacer.may_go(1_000, lambda: retries.append(-3.0), loop)  # may overshoot it once
+        assert not pacer.may_go(1_000, lambda: retries.append(time.monotonic() - started), loop)
+        assert not pacer.may_go(1_000, lambda: retries.append(-1.0), loop)  # still waiting: no second wait
+        while not retries:
+            await asyncio.sleep(0.01)
+        assert retries[0] >= 0.09  # the overshoot drained (1000 bytes: 0.1 s at 10 kB/s)
+        assert pacer.may_go(1_000, lambda: None, loop)  # paid by its turn
+        assert not pacer.may_go(1_000, lambda: retries.append(-2.0), loop)
+        pacer.reset()
+        await asyncio.sleep(0.3)
+        assert retries == [retries[0]]  # the forgotten wait's turn retried nothing
+        assert Pacer(None, write=True).may_go(10**9, lambda: None, loop)
+
+    asyncio.run(scenario())

@@ -33,6 +33,12 @@ bounded backlog until the guest posts requests; each frame is copied into one
 page, or with the frontend's ``feature-sg`` into as many as it needs
 (``NETRXF_more_data`` on all but the last), and answered with id, offset 0
 and its length as status. Ids are the frontend's own and only echoed.
+
+Rate: the NIC's ``rate=`` (changed live by ``pvcore ctl set-limits``) goes
+through :class:`~pvcore.devices.net.pacing.PacedPort`: a transmitted frame the
+rate holds back is kept (one) and the tx ring is read no further until it
+goes, so the guest's next packets wait in its own ring (a disconnect lets
+the held frame go at once); received frames wait in the backlog.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import attrs
 
 from pvcore.devices.net import NetEndpoint, Port, format_mac, parse_mac
 from pvcore.devices.net.checksum import complete_checksum
+from pvcore.devices.net.pacing import PacedPort
 from pvcore.devices.net.switch import ETH_HEADER_LEN
 from pvcore.ring.memory import GuestMemoryError
 from pvcore_xen.grants import GrantMemory, grant_address
@@ -134,6 +141,7 @@ class XenNetBackend(XenbusBackend):
         self.sg = False
         self._backlog: collections.deque[bytes] = collections.deque()
         self._broken = False
+        self.pace = PacedPort(self.port, endpoint.throttle, self._service)
 
     @property
     def max_frame_len(self) -> int:
@@ -224,6 +232,7 @@ class XenNetBackend(XenbusBackend):
             self.memory = None
         self.tx = self.rx = None
         self._backlog.clear()
+        self.pace.flush()
 
     def receive(self, frame: bytes) -> bool:
         """A frame from the switch: queue it and copy what the guest has room for."""
@@ -257,13 +266,17 @@ class XenNetBackend(XenbusBackend):
     def _transmit(self) -> bool:
         assert self.tx is not None
         notify = False
+        if not self.pace.transmit():
+            return False
         for _ in range(4):  # then give the loop back; the rest is served on the next pass
             waiting = self.tx.final_check()
             if not waiting:
                 return notify
-            while waiting:
+            while waiting and self.pace.held is None:
                 waiting -= self._packet(waiting)
             notify |= self.tx.push()
+            if self.pace.held is not None:
+                return notify  # read on when the rate lets the held frame go
         asyncio.get_running_loop().call_soon(self._service)
         return notify
 
@@ -303,7 +316,7 @@ class XenNetBackend(XenbusBackend):
         elif flags & NETTXF_CSUM_BLANK and (completed := complete_checksum(frame)) is None:
             self.port.counters.dropped_malformed += 1
         else:
-            self.port.send(completed if flags & NETTXF_CSUM_BLANK else frame)
+            self.pace.transmit(bytes(completed if flags & NETTXF_CSUM_BLANK else frame))
         return len(answers)
 
     @staticmethod
@@ -320,7 +333,7 @@ class XenNetBackend(XenbusBackend):
         while self._backlog:
             frame = self._backlog[0]
             need = -(-len(frame) // PAGE_SIZE)
-            if rx.final_check(need) < need:
+            if rx.final_check(need) < need or not self.pace.may_receive(len(frame)):
                 break
             self._backlog.popleft()
             requests = [RX_REQUEST.unpack(rx.take()[: RX_REQUEST.size]) for _ in range(need)]

@@ -230,8 +230,6 @@ class XenPlugin:
             "name": config.name,
             "attach": bool(config.get("attach", False)),
         }
-        if config.device_class == "net" and config.get("rate"):
-            raise ValueError(f"{config.name}: rate= is not applied to a Xen NIC yet (netif has no limit); leave it out")
         door = FRONT_DOORS.get(config.device_class)
         if door is None:
             raise ValueError(

@@ -12,9 +12,7 @@ import asyncio
 import struct
 import time
 import uuid
-from types import SimpleNamespace
 
-import pytest
 from helpers import run
 from pvcore_xen.netif import NETIF_RSP_OKAY, NETTXF_CSUM_BLANK, PVCORE_KIND
 from pvcore_xen.ring import RSP_EVENT, RSP_PROD
@@ -230,10 +228,61 @@ def test_the_backend_signals_only_when_the_frontend_asked(tmp_path):
     run(body)
 
 
-def test_a_rate_on_a_xen_nic_is_refused_rather_than_ignored(tmp_path):
-    from pvcore_xen.plugin import XenPlugin
+FRAMES = 30
+FRAME_LEN = 1000
 
-    instance = SimpleNamespace(config=device("net", "vif0", "1/0", mac="52:54:00:00:00:01", rate="10M"), engine=None)
-    context = SimpleNamespace(primitives=None)
-    with pytest.raises(ValueError, match="rate= is not applied to a Xen NIC"):
-        XenPlugin.pvcore_front_door(SimpleNamespace(host=None, xenstore_path=None, backend_domid=0), instance, context)
+
+async def timed_burst(sender: SimulatedNetFrontend, receiver: SimulatedNetFrontend, dst: bytes, src: bytes) -> float:
+    """Seconds from the first of :data:`FRAMES` frames sent until the last arrives; every one must arrive, in order."""
+    receiver.post_rx(FRAMES)
+    frames = [ethernet(dst, src, bytes([i]) * (FRAME_LEN - 14)) for i in range(FRAMES)]
+    started = time.monotonic()
+    for i, frame in enumerate(frames):
+        sender.send(frame, first_id=i)
+    for frame in frames:
+        assert await receiver.receive(timeout=30) == frame
+    elapsed = time.monotonic() - started
+    assert sorted(await sender.wait_tx(FRAMES, timeout=30)) == [(i, NETIF_RSP_OKAY) for i in range(FRAMES)]
+    return elapsed
+
+
+def least_time(rate_bits: int) -> float:
+    """The shortest time :data:`FRAMES` frames may take at ``rate_bits`` (all bytes, less a full bucket and the
+    frame that may overshoot it), less 5% for rounding; without the rate they take a few milliseconds."""
+    rate = rate_bits / 8
+    return 0.95 * (FRAMES * FRAME_LEN - rate / 10 - FRAME_LEN) / rate
+
+
+def test_a_xen_nics_rate_holds_frames_both_ways_and_changes_live(tmp_path):
+    """rate= on a netif NIC: transmit and receive each at most the rate, nothing dropped; set-limits applies at once."""
+    switch = f"xen-{uuid.uuid4().hex[:8]}"
+    limited, other = nics(switch)
+    limited = device("net", "dom1-nic", "1/0", mac=limited.options["mac"], switch=switch, rate="400k")
+
+    async def body() -> None:
+        async with xen_world(tmp_path, [limited, other]) as world:
+            one = SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=0)
+            two = SimulatedNetFrontend(world.host.domains[2], world.clients[2], devid=0)
+            await one.connect()
+            await two.connect()
+            sent = await timed_burst(one, two, MAC2, MAC1)
+            received = await timed_burst(two, one, MAC1, MAC2)
+            print(f"rate=400k: {FRAMES} x {FRAME_LEN} B sent in {sent:.2f} s, received in {received:.2f} s "
+                  f"(at least {least_time(400_000):.2f} s each)")
+            assert least_time(400_000) <= sent < 4 * least_time(400_000) + 1
+            assert least_time(400_000) <= received < 4 * least_time(400_000) + 1
+
+            assert world.daemon.set_limits("dom1-nic", "rate=200k")["limits"] == "rate=200000"
+            sent = await timed_burst(one, two, MAC2, MAC1)
+            received = await timed_burst(two, one, MAC1, MAC2)
+            print(f"rate=200k: sent in {sent:.2f} s, received in {received:.2f} s (at least {least_time(200_000):.2f} s)")
+            assert least_time(200_000) <= sent < 4 * least_time(200_000) + 1
+            assert least_time(200_000) <= received < 4 * least_time(200_000) + 1
+
+            _, backend = world.served("dom1-nic")
+            counters = backend.port.counters
+            assert (counters.rx_frames, counters.tx_frames) == (2 * FRAMES, 2 * FRAMES)
+            assert counters.dropped_full == counters.dropped_spoof == 0 and backend.stats.tx_errors == 0
+            assert backend.endpoint.throttle.throttled_seconds() > 0
+
+    run(body, timeout=120)
