@@ -218,6 +218,7 @@ class Worker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pvcore.worker", str(control_child.fileno()), str(listen_child.fileno()),
                 str(os.getpid()), pass_fds=(control_child.fileno(), listen_child.fileno()),
+                env={key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"},  # the parent notifies
             )
         finally:
             control_child.close()
@@ -253,14 +254,18 @@ class Worker:
             path, what, kind = Path(request["path"]), str(request["what"]), int(request["kind"])
         except (ValueError, KeyError, TypeError) as exc:
             log.error("worker %s: a bad listening-socket request: %s", self.name, exc)
-            self._listen.send(json.dumps({"ok": False, "error": f"bad request: {exc}"}).encode())
+            with contextlib.suppress(OSError):
+                self._listen.send(json.dumps({"ok": False, "error": f"bad request: {exc}"}).encode())
             return
         try:
-            sock = broker.socket_for(path, what, kind)
-        except ListenerError as exc:
-            self._listen.send(json.dumps({"ok": False, "error": str(exc)}).encode())
-            return
-        socket.send_fds(self._listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
+            try:
+                sock = broker.socket_for(path, what, kind)
+            except ListenerError as exc:
+                self._listen.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+                return
+            socket.send_fds(self._listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
+        except OSError as exc:  # the worker went away while asking: its watcher starts it again
+            log.warning("worker %s: could not answer its request for %s: %s", self.name, path, exc)
 
     def _close_listen(self) -> None:
         if self._listen is not None:
