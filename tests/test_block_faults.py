@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pvcore.devices.block import create_block_device
+from pvcore.devices.block.iopool import shared_pool
 from pvcore.devices.block.virtio_blk import (
     REQUEST_HEADER,
     VIRTIO_BLK_S_IOERR,
@@ -149,12 +150,18 @@ def test_slow_disk_completes_correctly_and_the_loop_stays_responsive(disk, loop_
     assert write(disk, 8, b"\x77" * 512) == OK
 
 
+def io_threads() -> int:
+    """The shared pool's threads alive now (a thread that ending took with it is gone from this count)."""
+    return sum(thread.name.startswith(shared_pool().name) for thread in threading.enumerate())
+
+
 def test_an_io_thread_dying_answers_its_request_and_the_others_serve_on(disk):
-    before = threading.active_count()
     with disk.store.injecting("die"):
         assert write(disk, 8, b"\x88" * 4096) == IOERR
     assert disk.image.read_bytes()[4096:8192] == disk.original[4096:8192]
     for n in range(12):
         assert write(disk, 32 + 8 * n, bytes([n]) * 4096) == OK
         assert read(disk, 32 + 8 * n, 4096) == bytes([n]) * 4096 + OK
-    assert threading.active_count() == before, "an I/O thread died and was not replaced"
+    # A thread the pool counts but that is gone would be one that died: the count can only lag the other
+    # way (a thread timing out leaves the count just before it ends).
+    assert 1 <= shared_pool().threads <= io_threads(), "an I/O thread died and the pool still counts it"

@@ -60,7 +60,8 @@ OPTIONS = {
     "cache": "writeback or writethrough (default writeback)",
     "queues": f"number of request queues, 1..{MAX_QUEUES} (default 1)",
     "serial": f"disk serial returned by GET_ID, up to {VIRTIO_BLK_ID_BYTES} ASCII characters (default empty)",
-    "workers": f"I/O threads, 1..{MAX_WORKERS} (default {DEFAULT_WORKERS})",
+    "workers": f"most requests of this disk the shared I/O threads run at once, 1..{MAX_WORKERS} "
+    f"(default {DEFAULT_WORKERS})",
     **THROTTLE_OPTIONS,
 }
 """Every option :func:`create_block_device` accepts, with what it means."""

@@ -8,8 +8,11 @@ when the device is idle and the page cache can serve it without waiting;
 otherwise it calls :meth:`BlockBackend.submit` from its event loop, and the
 callback gets a :class:`BlockResult` back on that same loop.
 
-Scheduling: a bounded pool of worker threads takes requests from one priority
-queue. A request's priority is its Linux ioprio counted in steps
+Scheduling: the I/O threads are the process's, shared by every device
+(:mod:`~pvcore.devices.block.iopool`: started on demand up to a bound set by the
+CPUs, ended when idle, devices served in turns so that none starves another).
+A backend keeps its own priority queue and runs at most ``workers`` of its
+requests at once; each turn the pool gives it runs the first of its queue. A request's priority is its Linux ioprio counted in steps
 (:func:`ioprio_steps`; the value comes from the guest, so :func:`ioprio_rank`
 clamps it): RT levels 0-7 are steps 0-7, BE levels 0-7 steps 8-15, IDLE step
 16. Fewer steps run first, equal ones first come first served. Priorities age
@@ -64,6 +67,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from pvcore.devices.block.iopool import IOPool, shared_pool
 from pvcore.devices.block.store import RawFileStore
 from pvcore.service_time import ServiceTimeHistogram, ServiceTimes
 from pvcore.throttle import Cost, Throttle
@@ -244,11 +248,14 @@ class SwapError(Exception):
 
 
 class BlockBackend:
-    """A backing store served by a pool of I/O threads with ageing priorities and flush barriers.
+    """A backing store served by the shared I/O threads with ageing priorities and flush barriers.
 
-    ``ageing`` is the seconds of waiting worth one priority step, and
-    ``clock`` the monotonic clock that measures it (see the module docstring).
-    ``throttle`` (also settable later, :attr:`throttle`) limits its requests.
+    ``workers`` is the most requests of this device the threads of ``pool``
+    (the process's :func:`~pvcore.devices.block.iopool.shared_pool` unless
+    given) run at once. ``ageing`` is the seconds of waiting worth one
+    priority step, and ``clock`` the monotonic clock that measures it (see the
+    module docstring). ``throttle`` (also settable later, :attr:`throttle`)
+    limits its requests.
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class BlockBackend:
         ageing: float = AGEING_QUANTUM,
         clock: Callable[[], float] = time.monotonic,
         throttle: Throttle | None = None,
+        pool: IOPool | None = None,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"{name}: workers={workers} must be between 1 and {MAX_WORKERS}")
@@ -286,11 +294,10 @@ class BlockBackend:
         self._paused = False
         self._held: list[_Job] = []
         self._in_throttle = 0
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-io{i}", daemon=True) for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._workers = workers
+        self._running = 0
+        self._scheduled = False
+        self._pool = shared_pool() if pool is None else pool
 
     def __repr__(self) -> str:
         return f"BlockBackend({self.name!r}, {self.store!r}, cache={self.cache.value})"
@@ -480,7 +487,16 @@ class BlockBackend:
         else:
             heapq.heappush(self._unfinished, job.seq)
         heapq.heappush(self._ready, (job.key, job.seq, job))
-        self._cond.notify()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Ask the pool for a turn if a request is ready, fewer than ``workers`` run and no turn is pending.
+
+        Caller holds the lock.
+        """
+        if not self._scheduled and self._ready and self._running < self._workers:
+            self._scheduled = True
+            self._pool.schedule(self)
 
     def _oldest_unfinished(self) -> float:
         while self._unfinished and self._unfinished[0] in self._finished:
@@ -504,34 +520,42 @@ class BlockBackend:
         while self._barriers and self._barriers[0].seq < oldest:
             barrier = self._barriers.pop(0)
             heapq.heappush(self._ready, (barrier.key, barrier.seq, barrier))
-            self._cond.notify()
 
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                while not self._ready and not (self._closing and not self._barriers):
-                    self._cond.wait()
-                if not self._ready:
-                    return
-                _, _, job = heapq.heappop(self._ready)
+    def pool_turn(self) -> bool:
+        """Run the first ready request, on a pool thread; True to take another turn (see :class:`IOPool`).
+
+        Before it runs, another turn is asked for if more requests are ready and fewer than ``workers`` run,
+        so that up to ``workers`` requests of this device run at once.
+        """
+        with self._lock:
+            self._scheduled = False
+            if not self._ready or self._running >= self._workers:
+                return False
+            _, _, job = heapq.heappop(self._ready)
+            self._running += 1
+            self._kick()
+        try:
+            result = self._execute(job.request)
+        except BaseException as exc:  # even what would end this thread answers the request, and it serves on
+            log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
+            result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
+        with self._lock:
+            self._running -= 1
+            self._finish(job, result)
+            again = not self._scheduled and bool(self._ready)  # one ended: fewer than workers run now
+            if again:
+                self._scheduled = True
+            if self._closing or self._paused:
+                self._cond.notify_all()
+            batch = self._completed.setdefault(job.loop, [])
+            batch.append((job.callback, result))
+            wake_loop = len(batch) == 1
+        if wake_loop:
             try:
-                result = self._execute(job.request)
-            except BaseException as exc:  # even what would end this thread answers the request, and it serves on
-                log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
-                result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
-            with self._lock:
-                self._finish(job, result)
-                if self._closing or self._paused:
-                    self._cond.notify_all()
-                batch = self._completed.setdefault(job.loop, [])
-                batch.append((job.callback, result))
-                wake_loop = len(batch) == 1
-            if wake_loop:
-                try:
-                    job.loop.call_soon_threadsafe(self._deliver, job.loop)
-                except RuntimeError:
-                    log.debug("%s: event loop closed; %s result dropped", self.name, job.request.op.value)
-            del job, result, batch  # an idle worker must not keep the last request's guest-memory views alive
+                job.loop.call_soon_threadsafe(self._deliver, job.loop)
+            except RuntimeError:
+                log.debug("%s: event loop closed; %s result dropped", self.name, job.request.op.value)
+        return again
 
     def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run, on ``loop``, the callbacks of every result completed for it since the last wake-up."""
@@ -649,7 +673,9 @@ class BlockBackend:
                 log.debug("%s: event loop closed; %s rejection dropped", self.name, job.request.op.value)
 
     def close(self) -> None:
-        """Finish every queued request, stop the I/O threads, flush a writable store and close it.
+        """Finish every queued request, flush a writable store and close it.
+
+        Blocks until the last request has run (never call it on a pool thread).
 
         The flush (``fdatasync``) makes every write acknowledged in writeback
         mode durable; if it fails, that is logged as an error and the store is
@@ -665,9 +691,7 @@ class BlockBackend:
             if self._closing:
                 return
             self._closing = True
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
+            self._cond.wait_for(lambda: not self._ready and not self._barriers and not self._running)
         try:
             if not self.store.readonly:
                 self.store.sync()

@@ -1,0 +1,194 @@
+"""The I/O threads of a process: one pool shared by every block device, sized by cores and queued work.
+
+A device with requests for the threads (a :class:`Tenant`, such as
+:class:`~pvcore.devices.block.backend.BlockBackend`) asks :meth:`IOPool.schedule`
+for a turn. The pool keeps one run queue of devices, first come first served:
+a thread takes the device at its head and calls :meth:`Tenant.pool_turn`,
+which runs one of that device's requests (the device chooses which: its own
+priorities and barriers); a device with more ready takes another turn at
+the tail. So devices take turns request by
+request: a device with a thousand requests queued holds one place in the run
+queue, and another device's request waits behind at most one request of each
+busy device, never behind the busy device's whole queue.
+
+Sizing: threads start on demand and end when idle. A turn asked for when no
+thread is idle starts a thread unless :attr:`IOPool.max_threads` run already;
+that bound is ``min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))``
+(8 on 1 or 2 CPUs, 16 on 4, 64 from 16), with ``cpus`` the CPUs this process
+may run on. I/O threads spend most of their time in a system call with the GIL
+released, so a few per core keep the storage busy; more only contend for the
+GIL. The threads running thus follow the queued work (one per request
+waiting, up to the bound), and a thread idle for :data:`IDLE_TIMEOUT`
+seconds ends. An idle daemon has no I/O threads at all, whatever the number of
+its devices, and its threads sleep in the kernel: no CPU while idle.
+
+A limit: a request whose system call never returns (a hung NFS server) holds
+its thread. Each device runs at most its own ``workers`` requests at once, so
+a hung device holds at most that many of the shared threads; enough hung
+devices to hold all of them stall the others too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from typing import Protocol
+
+log = logging.getLogger("pvcore.block")
+
+MIN_THREADS = 8
+THREADS_PER_CPU = 4
+MAX_THREADS = 64
+IDLE_TIMEOUT = 10.0
+"""Seconds an I/O thread waits for work before it ends."""
+
+
+class Tenant(Protocol):
+    """A device served by an :class:`IOPool`."""
+
+    def pool_turn(self) -> bool:
+        """Run at most one queued request, on the calling pool thread; True to take another turn.
+
+        The pool queues the next turn at the tail (behind the other devices'
+        turns), and the calling thread takes the turn at the head: a device
+        that still has work when its request ends starts no thread. A tenant
+        that wants a turn before this one ends (to run requests in parallel)
+        asks :meth:`IOPool.schedule`. Must not raise: a request's failure is
+        that request's result.
+        """
+
+
+def default_max_threads() -> int:
+    """The bound on a pool's threads for this process's CPUs (see the module docstring)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))
+
+
+class IOPool:
+    """Threads, started on demand up to ``max_threads``, that give devices turns in first-come order.
+
+    ``idle_timeout`` is the seconds an idle thread waits for work before it
+    ends; ``name`` prefixes the threads' names.
+    """
+
+    def __init__(
+        self, *, max_threads: int | None = None, idle_timeout: float = IDLE_TIMEOUT, name: str = "pvcore-io"
+    ) -> None:
+        bound = default_max_threads() if max_threads is None else max_threads
+        if bound < 1:
+            raise ValueError(f"{name}: max_threads={bound} must be at least 1")
+        if not idle_timeout > 0:
+            raise ValueError(f"{name}: idle_timeout={idle_timeout} must be a positive number of seconds")
+        self.max_threads = bound
+        self.idle_timeout = idle_timeout
+        self.name = name
+        self._numbers = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: collections.deque[Tenant] = collections.deque()
+        self._threads = 0
+        self._idle: list[threading.Event] = []
+        self._peak = 0
+
+    def __repr__(self) -> str:
+        return f"IOPool({self.name!r}, threads={self._threads}, max_threads={self.max_threads})"
+
+    @property
+    def threads(self) -> int:
+        """Threads alive now."""
+        return self._threads
+
+    @property
+    def peak_threads(self) -> int:
+        """The most threads alive at once since the pool was made."""
+        return self._peak
+
+    def schedule(self, tenant: Tenant) -> None:
+        """Give ``tenant`` a turn after the turns already asked for; a thread takes it when one is free.
+
+        The caller asks once per turn it wants (a tenant that is waiting for a
+        turn does not ask again). Safe from any thread.
+        """
+        with self._lock:
+            self._queue.append(tenant)
+            if self._idle:
+                self._idle.pop().set()  # the thread idle the shortest time: the others may time out and end
+            elif self._threads < self.max_threads:
+                self._start()
+
+    def _start(self) -> None:
+        """Start one thread (caller holds the lock)."""
+        self._threads += 1
+        self._peak = max(self._peak, self._threads)
+        self._numbers += 1
+        thread = threading.Thread(target=self._work, name=f"{self.name}{self._numbers}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # the host is out of threads: those running serve the queue
+            self._threads -= 1
+            if not self._threads:
+                raise
+            log.warning("%s: could not start another I/O thread; %d serve on", self.name, self._threads)
+
+    def _work(self) -> None:
+        wake = threading.Event()
+        while True:
+            with self._lock:
+                tenant = self._queue.popleft() if self._queue else None
+                if tenant is None:
+                    self._idle.append(wake)
+            if tenant is None:
+                woken = wake.wait(self.idle_timeout)
+                with self._lock:
+                    if not woken and wake in self._idle:  # idle for the whole timeout, and nobody chose it since
+                        self._idle.remove(wake)
+                        self._threads -= 1
+                        return
+                wake.clear()
+                continue
+            try:
+                again = tenant.pool_turn()
+            except BaseException:  # a tenant's bug ends neither this thread nor the others' service
+                log.exception("%s: a device's turn failed", self.name)
+                again = False
+            if again:
+                with self._lock:
+                    self._queue.append(tenant)  # this thread goes on to the head of the queue
+            del tenant
+
+    def after_fork(self) -> None:
+        """Forget the parent's threads in a forked child (they do not exist there); queued turns are served anew."""
+        queued = list(self._queue)
+        self._reset()
+        for tenant in queued:
+            self.schedule(tenant)
+
+
+_shared: IOPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool() -> IOPool:
+    """The process's pool, made (with no threads) on first use; every block device uses it unless given another."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = IOPool()
+        return _shared
+
+
+def _after_fork_in_child() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    if _shared is not None:
+        _shared.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
