@@ -22,7 +22,7 @@ from pvcore_xen.testing.blkfront import SimulatedBlkFrontend, direct_request
 from pvcore_xen.testing.host import SimulatedXenHost
 from pvcore_xen.xenbus import XenbusState
 from test_blkif import XVDA, disks, front
-from world import xen_world
+from world import start_daemon, stop_daemon, xen_world
 
 
 def test_the_backend_offers_several_pages_and_queues(tmp_path):
@@ -83,6 +83,34 @@ def test_two_queues_are_served_by_one_disk_each_with_its_own_ids(tmp_path):
             assert "blkif queue-1 ring" in door.failure and "more than 64 ahead" in door.failure
             other = await front(world, 2, queues=2)
             assert (await other.read(1, 0, 4096, queue=1))[0] == blkif.BLKIF_RSP_OKAY
+
+    run(body)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "crash"])
+def test_a_restarted_daemon_picks_up_every_queue_of_a_multi_page_disk(tmp_path, crash):
+    """Requests posted on both queues while no backend ran are served by the next one, from the same rings."""
+    configs = disks(tmp_path)
+    image = tmp_path / "dom1.img"
+
+    async def body() -> None:
+        async with xen_world(tmp_path, configs) as world:
+            disk = await front(world, 1, order=2, queues=2)
+            payload = os.urandom(4096)
+            assert await disk.write(1, 40, payload, queue=1) == blkif.BLKIF_RSP_OKAY
+            await stop_daemon(world, crash=crash)
+            buffers = [disk.buffer(), disk.buffer()]
+            for queue, buffer in enumerate(buffers):
+                disk.post(direct_request(blkif.BLKIF_OP_READ, 2, 40, [(disk.ref(buffer), 0, 7)]), queue=queue)
+            await start_daemon(world, configs)
+            for queue, buffer in enumerate(buffers):
+                assert await disk.wait(2, queue=queue) == blkif.BLKIF_RSP_OKAY
+                at = disk.offset(buffer)
+                assert bytes(disk.domain.memory[at : at + 4096]) == payload
+            _, door = world.served("dom1-disk")
+            assert door.resumed and [queue.ring.size for queue in door.queues] == [128, 128]
+            assert await disk.read(3, 40, 4096, queue=0) == (blkif.BLKIF_RSP_OKAY, payload)
+        assert image.read_bytes()[40 * 512 : 40 * 512 + 4096] == payload
 
     run(body)
 

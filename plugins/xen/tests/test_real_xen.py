@@ -51,6 +51,27 @@ echo "written $(dd if=$SCRATCH/disk.img bs=4096 skip=256 count=1 2>/dev/null | m
 """,
 )
 
+RING_PAGE_ORDER = 2
+
+BLOCK_RINGS = Check(
+    name="blkif_rings",
+    xl_config=("vcpus = 2",),
+    domu_module_options=(f"xen-blkfront max_ring_page_order={RING_PAGE_ORDER}",),
+    dom0_during=r"""
+F=/local/domain/$DOMID/device/vbd/51712
+i=0; while [ "$(xenstore-read $F/state 2>/dev/null)" != 4 ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done
+echo "state $(xenstore-read $F/state)"
+echo "offered $(xenstore-read $(xenstore-read $F/backend)/max-ring-page-order)"
+echo "order $(xenstore-read $F/ring-page-order)"
+echo "queues $(xenstore-read $F/multi-queue-num-queues)"
+for q in 0 1; do echo "queue$q-refs $(xenstore-list $F/queue-$q | grep -c '^ring-ref[0-9]')"; done
+""",
+    domu=r"""
+echo "cpus $(grep -c ^processor /proc/cpuinfo)"
+echo "hwqueues $(ls /sys/block/xvda/mq | wc -l)"
+""",
+)
+
 CONSOLE = Check(
     name="console",
     serve=("console:name=con1,domain=$DOMID/1,attach=on,log=$SCRATCH/con1.log",),
@@ -98,7 +119,7 @@ echo "image $(dd if=$SCRATCH/disk.img bs=4096 skip=2048 count={RESTART_BLOCKS} 2
 """,
 )
 
-CHECKS = [HOST_LAYER, BLOCK, CONSOLE, RESTART, NETIF]
+CHECKS = [HOST_LAYER, BLOCK, BLOCK_RINGS, CONSOLE, RESTART, NETIF]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +166,22 @@ def test_an_o_direct_write_from_the_guest_is_in_the_image(xen_run):
 def test_the_guests_fsync_is_a_flush_the_engine_did(xen_run):
     flushes = re.findall(r"disk0: flush for id \S+: (\S+)", xen_run.pvcore_log)
     assert flushes and set(flushes) == {"ok"}, xen_run.describe()
+
+
+def test_blkfront_runs_on_multi_page_rings_in_two_queues(xen_run):
+    """The guest's blkfront takes the offered order and a queue per vCPU; every block check above ran through them."""
+    during = xen_run.dom0["blkif_rings.dom0_during"]
+    assert _value(during.output, "state") == "4", during.output
+    assert _value(during.output, "offered") == str(RING_PAGE_ORDER)
+    assert _value(during.output, "order") == str(RING_PAGE_ORDER)
+    assert _value(during.output, "queues") == "2"
+    for queue in (0, 1):
+        assert _value(during.output, f"queue{queue}-refs") == str(1 << RING_PAGE_ORDER), during.output
+    guest = xen_run.domu["blkif_rings"]
+    assert _value(guest.output, "cpus") == "2" and _value(guest.output, "hwqueues") == "2", guest.output
+    assert re.search(rf"disk0: dom\d+ vbd 51712 connected, \d+ bytes, 2 queue\(s\) of {1 << RING_PAGE_ORDER}-page rings",
+                     xen_run.pvcore_log), xen_run.describe()
+    assert xen_run.domu["blkif"].rc == 0 and "DOMU: insmod" not in xen_run.guest_console
 
 
 def test_the_console_carries_text_both_ways(xen_run):

@@ -111,9 +111,9 @@ async def stop_daemon(world: World, *, crash: bool = False) -> None:
             door._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await door._runner
-        channel = getattr(door, "channel", None)
-        if channel is not None:
-            loop.remove_reader(channel.fileno())
+        for channel in (getattr(door, "channel", None), *(queue.channel for queue in getattr(door, "queues", ()))):
+            if channel is not None:  # the dead process's event channels wake nothing
+                loop.remove_reader(channel.fileno())
         if hasattr(door, "stream"):
             door.stream.on_input = None
         port = getattr(door, "port", None)

@@ -11,11 +11,14 @@ say:
 1. ``dom0_before`` of each check (dom0 shell, before the guest exists);
 2. ``xl create -p`` of one PV guest named ``domU`` (256 MiB, one vCPU,
    console on xenconsoled, no disk or NIC of the toolstack's own unless a
-   check adds lines to its xl config: ``xl_config``);
+   check adds lines to its xl config: ``xl_config``; a line setting a key
+   of the base config, such as ``vcpus = 2``, replaces it);
 3. one ``pvcore serve --hypervisor xen`` with the ``serve`` devices of every
    check, run from the host's checkout in a chroot of the host root, until
    every device logged ``up``;
-4. ``xl unpause``: the guest's /init loads xen-blkfront and xen-netfront and
+4. ``xl unpause``: the guest's /init loads xen-blkfront and xen-netfront
+   (with the parameters of a check's ``domu_module_options``, e.g.
+   ``xen-blkfront max_ring_page_order=2``: they apply to the whole guest) and
    runs the ``domu`` shell of each check, in order, then powers off; at the
    same time dom0 runs the ``dom0_during`` shell of each check in the
    background;
@@ -73,6 +76,7 @@ from pvcore.testing.guest.initramfs import CpioArchive, build_initramfs
 from pvcore.testing.guest.kernels import GuestKernel, cache_dir, fetch_kernel
 from pvcore.testing.guest.modules import (
     decompress_module,
+    module_name,
     read_builtin,
     read_modules_dep,
     resolve_modules,
@@ -123,6 +127,7 @@ class Check:
     name: str
     serve: tuple[str, ...] = ()
     xl_config: tuple[str, ...] = ()
+    domu_module_options: tuple[str, ...] = ()
     dom0_before: str = ""
     dom0_during: str = ""
     domu: str = ""
@@ -307,6 +312,31 @@ def build_dom0(kernel: GuestKernel, tools: XenTools, out: Path) -> Path:
     return path
 
 
+def _module_options(checks: Sequence[Check]) -> dict[str, str]:
+    """``{module name: parameters}`` from every check's ``domu_module_options`` (``"MODULE PARAM=VALUE ..."``)."""
+    options = {}
+    for check in checks:
+        for entry in check.domu_module_options:
+            module, _, parameters = entry.partition(" ")
+            options[module_name(module)] = f"{options.get(module_name(module), '')} {parameters}".strip()
+    return options
+
+
+def _domu_modules(kernel: GuestKernel, options: dict[str, str]) -> tuple[list[str], dict[str, bytes], str]:
+    """The modules /init loads, the archive files of those loaded with parameters, and the lines loading them."""
+    plain = [module for module in DOMU_MODULES if module_name(module) not in options]
+    directory = kernel.modules_dir
+    order = resolve_modules(list(options), read_modules_dep((directory / "modules.dep").read_text(errors="replace")),
+                            read_builtin(directory)) if options else []
+    files, lines = {}, []
+    for relative in order:
+        path = f"lib/modules/{kernel.version}/{uncompressed_name(relative)}"
+        files[path] = decompress_module(directory / relative)
+        name = module_name(relative)
+        lines.append(f"insmod /{path} {options.get(name, '')} || echo 'DOMU: insmod {name} failed'")
+    return plain, files, "".join(f"{line}\n" for line in lines)
+
+
 def _domu_script(checks: Sequence[Check]) -> str:
     lines = []
     for check in checks:
@@ -452,9 +482,13 @@ def boot(checks: Sequence[Check], work: Path, *, timeout: float = 900.0, guest_t
             if text:
                 (parts / f"{check.name}.{name}.sh").write_text(text.strip() + "\n")
     (work / "scenario.sh").write_text(_scenario(checks, checkout_pvcore(), guest_timeout))
-    (work / "domU.cfg").write_text(DOMU_CONFIG + "".join(f"{line}\n" for check in checks for line in check.xl_config))
+    extra = [line for check in checks for line in check.xl_config]
+    replaced = {line.partition("=")[0].strip() for line in extra}
+    base = [line for line in DOMU_CONFIG.splitlines() if line.partition("=")[0].strip() not in replaced]
+    (work / "domU.cfg").write_text("".join(f"{line}\n" for line in base + extra))
     shutil.copyfile(kernel.kernel, work / "vmlinuz")
-    build_initramfs(kernel, _domu_script(checks), DOMU_MODULES, work, name="domU.cpio.gz", auto_virtio_pci=False)
+    plain, files, loading = _domu_modules(kernel, _module_options(checks))
+    build_initramfs(kernel, loading + _domu_script(checks), plain, work, files, name="domU.cpio.gz", auto_virtio_pci=False)
     dom0 = build_dom0(kernel, tools, work)
     serial = work / "serial.log"
     command = [
