@@ -16,7 +16,9 @@ import pytest
 from pvcore_xen.testing.real_xen import Check, XenRun, boot, unavailable_reason
 from real_xen_netif import (  # noqa: F401 (netif's tests run on this module's boot)
     NETIF,
+    TAP,
     test_a_forged_mac_gets_nothing_through,
+    test_a_netfront_guest_pings_dom0_through_the_tap_uplink,
     test_a_netfront_guest_pings_through_pvcores_switch,
 )
 
@@ -119,7 +121,7 @@ echo "image $(dd if=$SCRATCH/disk.img bs=4096 skip=2048 count={RESTART_BLOCKS} 2
 """,
 )
 
-CHECKS = [HOST_LAYER, BLOCK, BLOCK_RINGS, CONSOLE, RESTART, NETIF]
+CHECKS = [HOST_LAYER, BLOCK, BLOCK_RINGS, CONSOLE, RESTART, NETIF, TAP]
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ XEN_PACKAGES = (
 
 DOM0_MODULES = (
     "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback", "xen-netback",
-    "loop", "bridge", "virtio_pci", "9pnet_virtio", "9p",
+    "loop", "bridge", "tun", "virtio_pci", "9pnet_virtio", "9p",
 )
 DOMU_MODULES = ("xen-blkfront", "xen-netfront")
 
