@@ -73,7 +73,7 @@ def test_the_bound_follows_the_cpus() -> None:
 
 
 def test_threads_start_on_demand_up_to_the_bound_and_end_when_idle() -> None:
-    pool = IOPool(max_threads=3, idle_timeout=0.3, name="test-bound")
+    pool = IOPool(max_threads=3, idle_timeout=0.3, stall=60, name="test-bound")
     assert pool.threads == 0
     gate = Gate()
     pool.schedule(gate.tenant())
@@ -84,12 +84,14 @@ def test_threads_start_on_demand_up_to_the_bound_and_end_when_idle() -> None:
     assert wait_until(lambda: gate.running == 3)
     time.sleep(0.1)
     assert pool.threads == 3 and gate.most == 3
-    assert sum(t.name.startswith("test-bound") for t in threading.enumerate()) == 3
+    assert sum(t.name.startswith("test-bound") and "watch" not in t.name for t in threading.enumerate()) == 3
     gate.open.set()
     assert wait_until(lambda: gate.done == 10)
     assert gate.most == 3 and pool.peak_threads == 3
     assert wait_until(lambda: pool.threads == 0, 5), "idle threads did not end"
-    assert wait_until(lambda: not any(t.name.startswith("test-bound") for t in threading.enumerate()), 5)
+    assert wait_until(  # the watcher sleeps out its stall=60
+        lambda: not any(t.name.startswith("test-bound") and "watch" not in t.name for t in threading.enumerate()), 5
+    )
     gate2 = Gate()
     gate2.open.set()
     pool.schedule(gate2.tenant())
@@ -120,6 +122,30 @@ def test_a_failing_turn_does_not_end_the_thread(caplog) -> None:
     pool.schedule(gate.tenant())
     assert wait_until(lambda: gate.done == 1)
     assert pool.threads == 1 and "a device's turn failed" in caplog.text
+
+
+def test_threads_stuck_in_the_kernel_do_not_stall_the_other_devices() -> None:
+    """Every thread of the bound blocked: after ``stall`` with no turn taken a thread beyond it serves the rest."""
+    pool = IOPool(max_threads=2, stall=0.2, idle_timeout=1, name="test-stuck")
+    stuck = Gate()
+    for _ in range(2):  # a device has one turn queued at a time: each of these stands for a hung device
+        pool.schedule(stuck.tenant())
+    assert wait_until(lambda: stuck.running == 2)
+    served = Gate()
+    served.open.set()
+    started = time.monotonic()
+    pool.schedule(served.tenant())
+    assert wait_until(lambda: served.done == 1, 5), "a stuck pool served nothing more"
+    assert time.monotonic() - started >= 0.15  # not at once: only after a stall
+    for _ in range(18):
+        pool.schedule(stuck.tenant())
+    assert wait_until(lambda: stuck.running == pool.hard_max_threads == 8, 10)
+    time.sleep(0.5)
+    assert stuck.running == 8 and pool.threads == 8, "threads beyond the hard bound"
+    stuck.open.set()
+    assert wait_until(lambda: stuck.done == 20)
+    assert wait_until(lambda: pool.threads == 0, 5)
+    assert wait_until(lambda: not any(t.name.startswith("test-stuck") for t in threading.enumerate()), 5)
 
 
 def test_many_idle_disks_start_no_thread(disk: Path) -> None:

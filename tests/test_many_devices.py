@@ -56,7 +56,8 @@ def test_two_hundred_disks_in_one_process_have_bounded_threads_and_idle_at_no_cp
             client.join(60)
         assert not errors and ops
         assert most > idle["threads"], "the load started no I/O thread"
-        assert most <= idle["threads"] + default_max_threads(), f"{most} threads under load"
+        # The bound, and the pool's watcher (it runs while requests wait for a thread).
+        assert most <= idle["threads"] + default_max_threads() + 1, f"{most} threads under load"
     finally:
         daemon.terminate()
         daemon.wait(60)

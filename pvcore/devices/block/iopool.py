@@ -22,10 +22,15 @@ waiting, up to the bound), and a thread idle for :data:`IDLE_TIMEOUT`
 seconds ends. An idle daemon has no I/O threads at all, whatever the number of
 its devices, and its threads sleep in the kernel: no CPU while idle.
 
-A limit: a request whose system call never returns (a hung NFS server) holds
-its thread. Each device runs at most its own ``workers`` requests at once, so
-a hung device holds at most that many of the shared threads; enough hung
-devices to hold all of them stall the others too.
+Stuck threads: a request whose system call does not return (a hung NFS
+server) holds its thread, and a device runs at most its own ``workers``
+requests at once, so a hung device holds at most that many threads. So that
+enough hung devices to hold every thread do not stall the others, while
+turns wait and every thread is busy a watcher thread looks once every
+:data:`STALL_SECONDS`: if no thread took a turn meanwhile, it starts one more
+thread beyond the bound, up to :attr:`IOPool.hard_max_threads`
+(``STUCK_FACTOR`` times the bound). The extra threads end when idle like the
+others. The watcher exists only while turns wait.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from typing import Protocol
 
 log = logging.getLogger("pvcore.block")
@@ -43,6 +49,9 @@ THREADS_PER_CPU = 4
 MAX_THREADS = 64
 IDLE_TIMEOUT = 10.0
 """Seconds an I/O thread waits for work before it ends."""
+STALL_SECONDS = 1.0
+"""Seconds with turns waiting and none taken after which the pool starts a thread beyond its bound."""
+STUCK_FACTOR = 4
 
 
 class Tenant(Protocol):
@@ -73,19 +82,29 @@ class IOPool:
     """Threads, started on demand up to ``max_threads``, that give devices turns in first-come order.
 
     ``idle_timeout`` is the seconds an idle thread waits for work before it
-    ends; ``name`` prefixes the threads' names.
+    ends, ``stall`` the seconds without a turn taken after which threads
+    beyond the bound start (see the module docstring); ``name`` prefixes the
+    threads' names.
     """
 
     def __init__(
-        self, *, max_threads: int | None = None, idle_timeout: float = IDLE_TIMEOUT, name: str = "pvcore-io"
+        self,
+        *,
+        max_threads: int | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        stall: float = STALL_SECONDS,
+        name: str = "pvcore-io",
     ) -> None:
         bound = default_max_threads() if max_threads is None else max_threads
         if bound < 1:
             raise ValueError(f"{name}: max_threads={bound} must be at least 1")
-        if not idle_timeout > 0:
-            raise ValueError(f"{name}: idle_timeout={idle_timeout} must be a positive number of seconds")
+        if not idle_timeout > 0 or not stall > 0:
+            raise ValueError(f"{name}: idle_timeout={idle_timeout} and stall={stall} must be positive seconds")
         self.max_threads = bound
+        self.hard_max_threads = STUCK_FACTOR * bound
+        """The most threads, counting those started beyond the bound while every thread was stuck."""
         self.idle_timeout = idle_timeout
+        self.stall = stall
         self.name = name
         self._numbers = 0
         self._reset()
@@ -96,6 +115,8 @@ class IOPool:
         self._threads = 0
         self._idle: list[threading.Event] = []
         self._peak = 0
+        self._taken = 0
+        self._watching = False
 
     def __repr__(self) -> str:
         return f"IOPool({self.name!r}, threads={self._threads}, max_threads={self.max_threads})"
@@ -122,6 +143,29 @@ class IOPool:
                 self._idle.pop().set()  # the thread idle the shortest time: the others may time out and end
             elif self._threads < self.max_threads:
                 self._start()
+            elif not self._watching:
+                self._watching = True
+                threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """While turns wait, start a thread beyond the bound for each ``stall`` seconds in which none was taken."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._watching = False
+                    return
+                taken = self._taken
+            time.sleep(self.stall)
+            with self._lock:
+                if not self._queue:
+                    self._watching = False
+                    return
+                if self._taken == taken and not self._idle and self._threads < self.hard_max_threads:
+                    log.warning(
+                        "%s: no I/O thread took a request in %.0f s (stuck in the kernel?); starting thread %d",
+                        self.name, self.stall, self._threads + 1,
+                    )
+                    self._start()
 
     def _start(self) -> None:
         """Start one thread (caller holds the lock)."""
@@ -144,6 +188,8 @@ class IOPool:
                 tenant = self._queue.popleft() if self._queue else None
                 if tenant is None:
                     self._idle.append(wake)
+                else:
+                    self._taken += 1
             if tenant is None:
                 woken = wake.wait(self.idle_timeout)
                 with self._lock:
