@@ -4,24 +4,50 @@ For hypervisors whose own device model owns the ring (QEMU pseries serving a
 PAPR guest's v-scsi disk or CD-ROM, or any QEMU ``-drive file=nbd+unix://...``),
 :class:`NbdFrontDoor` serves one :class:`~pvcore.devices.block.backend.BlockBackend`
 as one export on a Unix socket; :func:`block_export` finds it for a device. It speaks the fixed newstyle handshake and
-the transmission phase with simple replies, as described in the protocol
-document of the NetworkBlockDevice project (doc/proto.md):
+the transmission phase with simple or structured replies, as described in
+the protocol document of the NetworkBlockDevice project (doc/proto.md):
 
 * handshake: ``NBD_FLAG_FIXED_NEWSTYLE`` and ``NBD_FLAG_NO_ZEROES``; options
   ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_GO``, ``NBD_OPT_INFO`` (answering
   ``NBD_INFO_EXPORT``, ``NBD_INFO_NAME`` when asked, and always
-  ``NBD_INFO_BLOCK_SIZE`` with a minimum of 1 byte), ``NBD_OPT_LIST`` and
-  ``NBD_OPT_ABORT``. Every other option, structured replies and TLS
-  included, is refused with ``NBD_REP_ERR_UNSUP``, so clients fall back to
-  simple replies. The empty export name means the default (the only) export.
+  ``NBD_INFO_BLOCK_SIZE`` with a minimum of 1 byte), ``NBD_OPT_LIST``,
+  ``NBD_OPT_ABORT``, ``NBD_OPT_STRUCTURED_REPLY`` (no data, once; otherwise
+  ``NBD_REP_ERR_INVALID``), and after it ``NBD_OPT_LIST_META_CONTEXT`` and
+  ``NBD_OPT_SET_META_CONTEXT`` with the one context ``base:allocation``
+  (before structured replies, or malformed: ``NBD_REP_ERR_INVALID``; an
+  unknown export: ``NBD_REP_ERR_UNKNOWN``; queries in other namespaces match
+  nothing). Every other option, TLS and extended headers included, is
+  refused with ``NBD_REP_ERR_UNSUP``. The empty export name means the
+  default (the only) export.
 * transmission: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (``NO_HOLE`` keeps the
-  range allocated) and DISC; the ``FUA`` flag makes a write durable before
-  its reply. Many requests are in flight per connection and replies go out
-  as each finishes, matched by the client's handle. Transmission flags:
-  HAS_FLAGS, SEND_FLUSH, SEND_FUA and CAN_MULTI_CONN (every connection uses
-  the same backend and a flush syncs the whole file, so a flush on one
-  connection covers writes completed on any), plus READ_ONLY for a
-  read-only export, or SEND_TRIM and SEND_WRITE_ZEROES for a writable one.
+  range allocated), BLOCK_STATUS and DISC; the ``FUA`` flag makes a write
+  durable before its reply. Many requests are in flight per connection and
+  replies go out as each finishes, matched by the client's handle.
+  Transmission flags: HAS_FLAGS, SEND_FLUSH, SEND_FUA and CAN_MULTI_CONN
+  (every connection uses the same backend and a flush syncs the whole file,
+  so a flush on one connection covers writes completed on any), SEND_DF once
+  structured replies are negotiated, plus READ_ONLY for a read-only export,
+  or SEND_TRIM and SEND_WRITE_ZEROES for a writable one.
+
+Structured replies: a client that negotiated them gets every reply as
+chunks: ``NBD_REPLY_TYPE_NONE`` for a request without data, an
+``NBD_REPLY_TYPE_ERROR`` chunk with the reason for a failed or refused one,
+and a read as ``NBD_REPLY_TYPE_OFFSET_DATA`` chunks for its data and
+``NBD_REPLY_TYPE_OFFSET_HOLE`` chunks for the holes of the backing file
+(the last chunk carries ``NBD_REPLY_FLAG_DONE``). The holes come from the
+block engine: a read not served on the spot from the page cache is a
+``sparse`` read (:mod:`~pvcore.devices.block.extents`: ``SEEK_DATA`` and
+``SEEK_HOLE``), which reads the data extents only, so a hole costs neither a
+read nor its bytes on the socket; a hole sharing a page with data is sent as
+data. A read with ``NBD_CMD_FLAG_DF`` is one OFFSET_DATA chunk, zeros
+included (up to :data:`MAX_REQUEST_LEN`, so never ``EOVERFLOW``).
+``NBD_CMD_BLOCK_STATUS`` (``REQ_ONE`` honoured) is a block engine
+``MAP`` request, checked, limited and counted like the others, and answered
+with one ``NBD_REPLY_TYPE_BLOCK_STATUS`` chunk of at most
+:data:`~pvcore.devices.block.extents.MAX_EXTENTS` extents, ``NBD_STATE_HOLE |
+NBD_STATE_ZERO`` for a hole and 0 for data (it may cover less than asked; the
+client asks again for the rest). A client that did not ask for structured
+replies gets simple replies, as before.
 
 Clients are hostile until proven otherwise:
 
@@ -35,6 +61,9 @@ Clients are hostile until proven otherwise:
 * a request past the end of the export gets ``ENOSPC`` for WRITE and
   WRITE_ZEROES (as the protocol asks) and ``EINVAL`` for anything else; a
   WRITE's payload is read and dropped first so the stream stays in step;
+* BLOCK_STATUS of 0 bytes, or without ``base:allocation`` selected, gets
+  ``EINVAL``; an option after the export is chosen is a bad request magic
+  and ends the connection;
 * an unknown command, or a flag not valid for the command, gets ``EINVAL``;
   a write on a read-only export gets ``EPERM``;
 * per connection at most :data:`MAX_IN_FLIGHT` requests and
@@ -42,14 +71,17 @@ Clients are hostile until proven otherwise:
   connection's next request is not read until earlier ones finish.
 
 Replies: a small read (below :data:`SPLICE_MIN_BYTES`) is read into one
-buffer that has room for the reply header in front of the data, so header and
-data leave in one ``send`` with no copy in Python (the page-cache hit on an
+buffer that has room for the reply header (simple, or OFFSET_DATA chunk) in front of the data, so header and
+data leave in one ``send`` with no copy in Python (a structured read with
+holes sends each data extent from its place in that buffer) (the page-cache hit on an
 idle device is served on the spot, as the block engine's ``serve_now``
 allows). A bigger read of a plain image file (the block engine's
 ``splices_reads``) is answered without copying its bytes at all: an I/O
 thread splices the range from the page cache into a pipe of the connection's
 own (``splice(2)``: page references), and on completion the reply header is
-written to the socket and the data spliced from the pipe after it (the socket
+written to the socket and the data spliced from the pipe after it (a
+structured read with holes splices only its data extents, and sends each
+behind its chunk header; the socket
 is a Unix one, where ``MSG_MORE`` would change nothing). When the socket is
 full the rest of the reply waits in the pipe, and every later reply of the
 connection waits behind it in the connection's output queue, until the socket
@@ -84,12 +116,13 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 
 from pvcore.devices.block.backend import BlockBackend, BlockOp, BlockRequest, BlockResult, BlockStatus
+from pvcore.devices.block.extents import Extent
 from pvcore.streams.unix import UnixListener, peer_description
 
 log = logging.getLogger("pvcore.nbd")
@@ -101,6 +134,7 @@ NBD_OPTS_MAGIC = 0x49484156454F5054
 NBD_REP_MAGIC = 0x3E889045565A9
 NBD_REQUEST_MAGIC = 0x25609513
 NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
 NBD_FLAG_NO_ZEROES = 1 << 1
@@ -114,6 +148,7 @@ NBD_FLAG_SEND_FLUSH = 1 << 2
 NBD_FLAG_SEND_FUA = 1 << 3
 NBD_FLAG_SEND_TRIM = 1 << 5
 NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_SEND_DF = 1 << 7
 NBD_FLAG_CAN_MULTI_CONN = 1 << 8
 
 NBD_OPT_EXPORT_NAME = 1
@@ -122,10 +157,13 @@ NBD_OPT_LIST = 3
 NBD_OPT_INFO = 6
 NBD_OPT_GO = 7
 NBD_OPT_STRUCTURED_REPLY = 8
+NBD_OPT_LIST_META_CONTEXT = 9
+NBD_OPT_SET_META_CONTEXT = 10
 
 NBD_REP_ACK = 1
 NBD_REP_SERVER = 2
 NBD_REP_INFO = 3
+NBD_REP_META_CONTEXT = 4
 NBD_REP_ERR_UNSUP = (1 << 31) + 1
 NBD_REP_ERR_INVALID = (1 << 31) + 3
 NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
@@ -140,9 +178,29 @@ NBD_CMD_DISC = 2
 NBD_CMD_FLUSH = 3
 NBD_CMD_TRIM = 4
 NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_BLOCK_STATUS = 7
 
 NBD_CMD_FLAG_FUA = 1 << 0
 NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_CMD_FLAG_DF = 1 << 2
+NBD_CMD_FLAG_REQ_ONE = 1 << 3
+
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_OFFSET_HOLE = 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+
+BASE_ALLOCATION = b"base:allocation"
+"""The one metadata context served: which extents are holes (``NBD_STATE_HOLE | NBD_STATE_ZERO``) and which data."""
+ALLOCATION_CONTEXT_ID = 1
+"""The id ``NBD_OPT_SET_META_CONTEXT`` gives ``base:allocation``."""
+MAX_ERROR_MESSAGE = 256
+"""Bytes of the reason sent with an error chunk (the protocol allows up to 4096)."""
 
 NBD_EPERM = 1
 NBD_EIO = 5
@@ -183,6 +241,14 @@ _OPTION_REPLY = struct.Struct(">QIII")
 _EXPORT_REPLY = struct.Struct(">QH")
 _REQUEST = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+"""A chunk header with the offset of an ``NBD_REPLY_TYPE_OFFSET_DATA`` payload: the data follows."""
+_HOLE_CHUNK = struct.Struct(">IHHQIQI")
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")
+_DESCRIPTOR = struct.Struct(">II")
+_ZEROS = memoryview(bytes(SPLICE_MIN_BYTES))
+"""Zeros to compare a read served on the spot with (a memcmp; it is never longer than a splice)."""
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 
@@ -192,6 +258,7 @@ _COMMAND_OPS = {
     NBD_CMD_FLUSH: BlockOp.FLUSH,
     NBD_CMD_TRIM: BlockOp.DISCARD,
     NBD_CMD_WRITE_ZEROES: BlockOp.WRITE_ZEROES,
+    NBD_CMD_BLOCK_STATUS: BlockOp.MAP,
 }
 _ALLOWED_FLAGS = {
     NBD_CMD_READ: NBD_CMD_FLAG_FUA,
@@ -199,6 +266,7 @@ _ALLOWED_FLAGS = {
     NBD_CMD_FLUSH: NBD_CMD_FLAG_FUA,
     NBD_CMD_TRIM: NBD_CMD_FLAG_FUA,
     NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_BLOCK_STATUS: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE,
 }
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -233,11 +301,16 @@ class _Pipe:
 
 
 class _Splice:
-    """Queued output: the data of a read reply waiting in ``pipe``, ``remaining`` bytes still to send."""
+    """Queued output: data of a read reply waiting in ``pipe``, ``remaining`` bytes still to send.
 
-    def __init__(self, pipe: _Pipe, remaining: int) -> None:
+    ``release``: the pipe is free again once these bytes are sent (the last
+    data of its read; a structured reply may take several from one pipe).
+    """
+
+    def __init__(self, pipe: _Pipe, remaining: int, release: bool = True) -> None:
         self.pipe = pipe
         self.remaining = remaining
+        self.release = release
 
 
 class ProtocolViolation(Exception):
@@ -398,11 +471,16 @@ class _Connection:
         self._pipes: list[_Pipe] = []
         self._free_pipes: list[_Pipe] = []
         self._payload_buffers: dict[int, list[bytearray]] = {}
-        self._out: collections.deque[bytes | bytearray | _Splice] = collections.deque()
+        self._out: collections.deque[bytes | bytearray | memoryview | _Splice] = collections.deque()
         self._out_bytes = 0
         self._watch_fd = -1
         self._watching = False
         self._loop = asyncio.get_running_loop()
+        self.structured = False
+        """Whether the client negotiated structured replies."""
+        self.allocation_context = False
+        """Whether the client selected ``base:allocation`` (it may send NBD_CMD_BLOCK_STATUS)."""
+        self._read_header = _REPLY.size
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     async def serve(self) -> str:
@@ -471,7 +549,7 @@ class _Connection:
             if option == NBD_OPT_EXPORT_NAME:
                 if not self.door.export_matches(data):
                     raise ProtocolViolation(f"asked for unknown export {data[:256]!r}")
-                reply = _EXPORT_REPLY.pack(self.backend.size, self.door.transmission_flags)
+                reply = _EXPORT_REPLY.pack(self.backend.size, self._transmission_flags())
                 self.writer.write(reply if no_zeroes else reply + bytes(124))
                 return True
             if option == NBD_OPT_ABORT:
@@ -483,11 +561,57 @@ class _Connection:
                 if self._info(option, data) and option == NBD_OPT_GO:
                     return True
             elif option == NBD_OPT_STRUCTURED_REPLY:
-                self._option_error(option, NBD_REP_ERR_UNSUP, "structured replies are not supported")
+                self._structured_reply(data)
+            elif option in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
+                self._meta_context(option, data)
             else:
                 self._option_error(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported")
             await self.writer.drain()
         raise ProtocolViolation(f"more than {MAX_OPTIONS} options without choosing an export")
+
+    def _transmission_flags(self) -> int:
+        """The door's transmission flags, with ``NBD_FLAG_SEND_DF`` once structured replies are negotiated."""
+        flags = self.door.transmission_flags
+        return flags | NBD_FLAG_SEND_DF if self.structured else flags
+
+    def _structured_reply(self, data: bytes) -> None:
+        """Answer NBD_OPT_STRUCTURED_REPLY: it takes no data and is negotiated once."""
+        if data:
+            self._option_error(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        elif self.structured:
+            self._option_error(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ERR_INVALID, "structured replies already negotiated")
+        else:
+            self.structured = True
+            self._read_header = _DATA_CHUNK.size
+            self._option_reply(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK)
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        """Answer NBD_OPT_LIST_META_CONTEXT or NBD_OPT_SET_META_CONTEXT (``base:allocation`` is the one context).
+
+        A SET replaces the selection even when it fails. Both need structured replies first. A query in an
+        unknown namespace, or naming an unknown ``base:`` context, matches nothing; ``base:`` lists
+        ``base:allocation`` but selects nothing, as the protocol says.
+        """
+        listing = option == NBD_OPT_LIST_META_CONTEXT
+        if not listing:
+            self.allocation_context = False
+        if not self.structured:
+            self._option_error(option, NBD_REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._option_error(option, NBD_REP_ERR_INVALID, "malformed export name or query list")
+            return
+        name, queries = parsed
+        if not self.door.export_matches(name):
+            self._option_error(option, NBD_REP_ERR_UNKNOWN, f"no export {name[:256]!r}")
+            return
+        wanted = {BASE_ALLOCATION, b"base:"} if listing else {BASE_ALLOCATION}
+        if (listing and not queries) or wanted.intersection(queries):
+            context_id = 0 if listing else ALLOCATION_CONTEXT_ID
+            self._option_reply(option, NBD_REP_META_CONTEXT, _U32.pack(context_id) + BASE_ALLOCATION)
+            self.allocation_context = not listing or self.allocation_context
+        self._option_reply(option, NBD_REP_ACK)
 
     def _option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
         self.writer.write(_OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply, len(data)) + data)
@@ -515,7 +639,7 @@ class _Connection:
                 option, NBD_REP_ERR_UNKNOWN, f"no export {name[:256]!r}; this server exports {self.door.export_name!r}"
             )
             return False
-        export = _U16.pack(NBD_INFO_EXPORT) + _EXPORT_REPLY.pack(self.backend.size, self.door.transmission_flags)
+        export = _U16.pack(NBD_INFO_EXPORT) + _EXPORT_REPLY.pack(self.backend.size, self._transmission_flags())
         self._option_reply(option, NBD_REP_INFO, export)
         if NBD_INFO_NAME in requests:
             self._option_reply(option, NBD_REP_INFO, _U16.pack(NBD_INFO_NAME) + self.door.encoded_export_name)
@@ -549,7 +673,7 @@ class _Connection:
         """Read a WRITE's payload, then start the request once the connection has room for it."""
         command, length = request.command, request.length
         if command == NBD_CMD_WRITE and length > MAX_REQUEST_LEN:
-            self._reply(request, NBD_EINVAL)
+            self._reply(request, NBD_EINVAL, f"write longer than {MAX_REQUEST_LEN} bytes")
             raise ProtocolViolation(f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped")
         payload = await self._read_payload(length) if command == NBD_CMD_WRITE else b""
         while not self._try_start(request, payload):
@@ -599,20 +723,25 @@ class _Connection:
         if error:
             where = f"command {command}, {request.offset}+{length}"
             self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
-            self._reply(request, error)
+            self._reply(request, error, reason)
             self._release_payload(payload)
             return True
         if not self._has_room(request):
             return False
         cost = length if command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
+        if command == NBD_CMD_BLOCK_STATUS:
+            self.in_flight += 1
+            self._block_status(request)
+            return True
         pipe = None
         buffer = None
         if command == NBD_CMD_READ:
             if length >= SPLICE_MIN_BYTES and self.backend.splices_reads:
                 pipe = self._take_pipe(request.offset, length)
             if pipe is None:
-                buffer = bytearray(_REPLY.size + length)  # the reply header goes in front of the data
-                buffers: tuple[memoryview, ...] = (memoryview(buffer)[_REPLY.size :],)
+                header = self._read_header
+                buffer = bytearray(header + length)  # the reply header goes in front of the data
+                buffers: tuple[memoryview, ...] = (memoryview(buffer)[header:],)
             else:
                 buffers = ()
         elif command == NBD_CMD_WRITE:
@@ -627,6 +756,7 @@ class _Connection:
             fua=bool(request.flags & NBD_CMD_FLAG_FUA) and command != NBD_CMD_READ,
             may_unmap=not request.flags & NBD_CMD_FLAG_NO_HOLE,
             pipe=-1 if pipe is None else pipe.write_fd,
+            sparse=self.structured and command == NBD_CMD_READ and not request.flags & NBD_CMD_FLAG_DF,
         )
         self.in_flight += 1
         self.in_flight_bytes += cost
@@ -637,6 +767,31 @@ class _Connection:
         else:
             self.backend.submit(block_request, lambda result: self._complete(request, cost, buffer, result, payload))
         return True
+
+    def _block_status(self, request: NbdRequest) -> None:
+        """Ask the block engine for the extents of a checked NBD_CMD_BLOCK_STATUS range; reply when it answers."""
+        block_request = BlockRequest(BlockOp.MAP, offset=request.offset, length=request.length)
+        self.backend.submit(block_request, lambda result: self._complete_block_status(request, result))
+
+    def _complete_block_status(self, request: NbdRequest, result: BlockResult) -> None:
+        """Send the ``base:allocation`` extents as one NBD_REPLY_TYPE_BLOCK_STATUS chunk (one extent for REQ_ONE)."""
+        self.in_flight -= 1
+        self._changed.set()
+        extents = result.extents
+        if not result.ok or not extents:
+            message = result.message or "no extents"
+            self._log_refusal(f"request {request.handle:#x} (block status) failed: {message}")
+            self._reply(request, nbd_error(result, request.command) or NBD_EIO, message)
+            return
+        if request.flags & NBD_CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        hole = NBD_STATE_HOLE | NBD_STATE_ZERO
+        descriptors = b"".join(_DESCRIPTOR.pack(e.length, hole if e.hole else 0) for e in extents)
+        header = _CHUNK.pack(
+            NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, request.handle,
+            4 + len(descriptors),
+        )
+        self._send(header + _U32.pack(ALLOCATION_CONTEXT_ID) + descriptors)
 
     def _take_pipe(self, offset: int, length: int) -> _Pipe | None:
         """A free pipe with room for this read's reply, or None (then the read takes the buffer path)."""
@@ -672,6 +827,8 @@ class _Connection:
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             return NBD_EINVAL, "unknown command"
+        if command == NBD_CMD_READ and self.structured:
+            allowed |= NBD_CMD_FLAG_DF
         if request.flags & ~allowed:
             return NBD_EINVAL, f"flags {request.flags:#x} not valid for this command"
         if command == NBD_CMD_FLUSH:
@@ -680,7 +837,12 @@ class _Connection:
             return 0, ""
         if command == NBD_CMD_READ and request.length > MAX_REQUEST_LEN:
             return NBD_EINVAL, f"read longer than {MAX_REQUEST_LEN} bytes"
-        if command != NBD_CMD_READ and self.door.readonly:
+        if command == NBD_CMD_BLOCK_STATUS:
+            if not self.allocation_context:
+                return NBD_EINVAL, "block status without a selected metadata context"
+            if not request.length:
+                return NBD_EINVAL, "block status of 0 bytes"
+        elif command != NBD_CMD_READ and self.door.readonly:
             return NBD_EPERM, "the export is read-only"
         if request.offset + request.length > self.backend.size:
             error = NBD_ENOSPC if command in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
@@ -697,12 +859,58 @@ class _Connection:
         error = nbd_error(result, request.command)
         if error:
             self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
-            self._reply(request, error)
-        elif buffer is not None:
+            self._reply(request, error, result.message)
+        elif buffer is None:
+            self._reply(request, 0)
+        elif not self.structured:
             _REPLY.pack_into(buffer, 0, NBD_SIMPLE_REPLY_MAGIC, 0, request.handle)
             self._send(buffer)
         else:
-            self._reply(request, 0)
+            self._send_read_chunks(request, result.extents, buffer)
+
+    def _send_read_chunks(self, request: NbdRequest, extents: Sequence[Extent], buffer: bytearray) -> None:
+        """Answer a structured read from ``buffer`` (the data after room for a chunk header): a chunk per extent.
+
+        A read served whole on the spot (no extents, no DF) that reads as all zeros is one OFFSET_HOLE chunk
+        (the page cache serves a hole's zero pages too, unmapped); otherwise a read with no holes goes out as one
+        OFFSET_DATA chunk whose header is written in front of the data, in one send. A mapped read with
+        holes is an OFFSET_HOLE chunk per hole and an OFFSET_DATA chunk per data extent, sent from its
+        place in the buffer. The last chunk has DONE.
+        """
+        unmapped = not extents and request.length < len(_ZEROS) and not request.flags & NBD_CMD_FLAG_DF
+        if unmapped and buffer.startswith(_ZEROS[: request.length], _DATA_CHUNK.size):
+            extents = (Extent(request.offset, request.length, True),)
+        if not extents or (len(extents) == 1 and not extents[0].hole):
+            _DATA_CHUNK.pack_into(
+                buffer, 0, NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+                request.handle, 8 + request.length, request.offset,
+            )
+            self._send(buffer)
+            return
+        view = memoryview(buffer)
+        last = len(extents) - 1
+        for index, extent in enumerate(extents):
+            header = self._content_chunk(request, extent, index == last)
+            if extent.hole:
+                self._send(header)
+            else:
+                start = _DATA_CHUNK.size + extent.offset - request.offset
+                self._send(header)
+                self._send(view[start : start + extent.length])
+
+    @staticmethod
+    def _content_chunk(request: NbdRequest, extent: Extent, done: bool) -> bytes:
+        """An OFFSET_HOLE chunk, or the header of an OFFSET_DATA chunk (its data follows), for ``extent``."""
+        flags = NBD_REPLY_FLAG_DONE if done else 0
+        if extent.hole:
+            return _HOLE_CHUNK.pack(
+                NBD_STRUCTURED_REPLY_MAGIC, flags, NBD_REPLY_TYPE_OFFSET_HOLE, request.handle, 12,
+                extent.offset, extent.length,
+            )
+        return _DATA_CHUNK.pack(
+            NBD_STRUCTURED_REPLY_MAGIC, flags, NBD_REPLY_TYPE_OFFSET_DATA, request.handle, 8 + extent.length,
+            extent.offset,
+        )
 
     def _complete_spliced(self, request: NbdRequest, cost: int, pipe: _Pipe, result: BlockResult) -> None:
         """Answer a read whose data waits in ``pipe``: the header, then the data spliced, or the error."""
@@ -715,17 +923,44 @@ class _Connection:
             self._free_pipes.append(pipe)
             if error:
                 self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
-                self._reply(request, error)
+                self._reply(request, error, result.message)
             return
         self.door.spliced_reads += 1
-        self._queue(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, request.handle))
-        self._queue(_Splice(pipe, request.length))
+        if not self.structured:
+            self._queue(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, request.handle))
+            self._queue(_Splice(pipe, request.length))
+            self._pump()
+            return
+        extents = result.extents or (Extent(request.offset, request.length, False),)
+        data_left = sum(extent.length for extent in extents if not extent.hole)
+        if not data_left:
+            self._free_pipes.append(pipe)  # all holes: nothing went into the pipe
+        last = len(extents) - 1
+        for index, extent in enumerate(extents):
+            self._queue(self._content_chunk(request, extent, index == last))
+            if not extent.hole:
+                data_left -= extent.length
+                self._queue(_Splice(pipe, extent.length, release=not data_left))
         self._pump()
 
-    def _reply(self, request: NbdRequest, error: int) -> None:
-        self._send(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
+    def _reply(self, request: NbdRequest, error: int, message: str = "") -> None:
+        """A reply without data: a simple reply, or once structured replies are negotiated a NONE or ERROR chunk.
 
-    def _send(self, data: bytes | bytearray) -> None:
+        ``message`` (cut to :data:`MAX_ERROR_MESSAGE` bytes) goes with an error chunk.
+        """
+        if not self.structured:
+            self._send(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
+        elif not error:
+            self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, request.handle, 0))
+        else:
+            text = message.encode(errors="replace")[:MAX_ERROR_MESSAGE].decode(errors="ignore").encode()
+            chunk = _ERROR_CHUNK.pack(
+                NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, request.handle,
+                6 + len(text), error, len(text),
+            )
+            self._send(chunk + text)
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` after every reply before it: through the transport, or behind the output queue."""
         if self.writer.is_closing():
             return
@@ -734,7 +969,7 @@ class _Connection:
         else:
             self.writer.write(data)
 
-    def _queue(self, item: bytes | bytearray | _Splice) -> None:
+    def _queue(self, item: bytes | bytearray | memoryview | _Splice) -> None:
         self._out.append(item)
         self._out_bytes += item.remaining if isinstance(item, _Splice) else len(item)
 
@@ -754,7 +989,8 @@ class _Connection:
                         )
                         item.remaining -= count
                         self._out_bytes -= count
-                    self._free_pipes.append(item.pipe)
+                    if item.release:
+                        self._free_pipes.append(item.pipe)
                 else:
                     transport.write(item)
                     self._out_bytes -= len(item)
@@ -779,7 +1015,7 @@ class _Connection:
     def _drop_output(self) -> None:
         """Throw away queued output (the connection is ending), freeing its pipes."""
         for item in self._out:
-            if isinstance(item, _Splice):
+            if isinstance(item, _Splice) and item.release:
                 item.pipe.drain()
                 self._free_pipes.append(item.pipe)
         self._out.clear()
@@ -802,3 +1038,35 @@ def _parse_info_request(data: bytes) -> tuple[bytes, set[int]] | None:
     if len(rest) != 2 * count:
         return None
     return name, {value for (value,) in struct.iter_unpack(">H", rest)}
+
+
+def _parse_meta_request(data: bytes) -> tuple[bytes, list[bytes]] | None:
+    """The export name and queries of a LIST/SET_META_CONTEXT option, or None if malformed.
+
+    Each query must be UTF-8 of at most :data:`MAX_EXPORT_NAME_LEN` bytes without NUL, and start with a
+    namespace and a colon; the lengths must account for the data exactly.
+    """
+    if len(data) < 8:
+        return None
+    (name_len,) = _U32.unpack_from(data)
+    if name_len > MAX_EXPORT_NAME_LEN or len(data) < 4 + name_len + 4:
+        return None
+    name = data[4 : 4 + name_len]
+    (count,) = _U32.unpack_from(data, 4 + name_len)
+    position = 8 + name_len
+    queries = []
+    for _ in range(count):
+        if len(data) < position + 4:
+            return None
+        (length,) = _U32.unpack_from(data, position)
+        position += 4
+        query = data[position : position + length]
+        position += length
+        if len(query) != length or length > MAX_EXPORT_NAME_LEN or b"\0" in query or b":" not in query[1:]:
+            return None
+        try:
+            query.decode()
+        except UnicodeDecodeError:
+            return None
+        queries.append(query)
+    return (name, queries) if position == len(data) else None

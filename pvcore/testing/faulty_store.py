@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from pvcore.devices.block import store as store_module
+from pvcore.devices.block.extents import Extent
 from pvcore.devices.block.store import RawFileStore
 
 FAULTS = ("eio", "enospc", "fdatasync", "slow", "die")
@@ -96,6 +97,11 @@ class FaultyStore:
         """The inner read, after the fault."""
         self._before(write=False)
         return self.inner.readv(buffers, offset)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The inner extent map, after the fault (a failing disk cannot be asked where its data is either)."""
+        self._before(write=False)
+        return self.inner.extents(offset, length)
 
     def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
         """Declined while a fault is set (a slow disk's data is not in the page cache); else the inner fast path."""

@@ -50,6 +50,13 @@ request and its bytes, a WRITE_ZEROES or DISCARD one request, a FLUSH nothing.
 once. :meth:`BlockBackend.close` and :meth:`BlockBackend.swap_store` let every
 held-back request go first, to the store it was sent for.
 
+Extent maps (:mod:`~pvcore.devices.block.extents`): a :attr:`BlockOp.MAP`
+request asks which parts of a range are data and which are holes, and a
+``sparse`` READ reads only the data; both answer with the range's extents in
+:attr:`BlockResult.extents`. They are checked, limited, counted (``maps``; a
+sparse read's ``bytes_read`` is the data it read) and queued like any other
+request; a MAP costs its throttle group one read request and no bytes.
+
 Guest-chosen offsets and lengths are checked here before any I/O: a bad one
 produces an error result, never an exception in the caller's loop.
 """
@@ -67,6 +74,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from pvcore.devices.block.extents import Extent, read_mapped
 from pvcore.devices.block.iopool import IOPool, shared_pool
 from pvcore.devices.block.store import RawFileStore
 from pvcore.service_time import ServiceTimeHistogram, ServiceTimes
@@ -101,6 +109,7 @@ class BlockOp(enum.Enum):
     FLUSH = "flush"
     DISCARD = "discard"
     WRITE_ZEROES = "write-zeroes"
+    MAP = "map"
 
 
 class CacheMode(enum.Enum):
@@ -165,7 +174,11 @@ class BlockRequest:
     :meth:`~pvcore.devices.block.store.RawFileStore.splice_to`; a stream door
     then splices it on to its socket). ``priority`` is a Linux ioprio value.
     ``fua`` makes a write durable before completion; ``may_unmap`` lets
-    WRITE_ZEROES deallocate the range.
+    WRITE_ZEROES deallocate the range. A ``sparse`` READ reads only the
+    data extents of its range (into the buffers at their places, or one after
+    the other into the pipe) and leaves the buffers over holes as they are;
+    its result lists the extents, except when :meth:`BlockBackend.serve_now`
+    served it whole.
     """
 
     op: BlockOp
@@ -176,16 +189,18 @@ class BlockRequest:
     fua: bool = False
     may_unmap: bool = False
     pipe: int = -1
+    sparse: bool = False
 
 
 @attrs.frozen
 class BlockResult:
-    """The outcome of a request: a status, bytes moved, and a reason when it failed."""
+    """The outcome of a request: a status, bytes moved, a reason when it failed, and a MAP's or sparse READ's extents."""
 
     status: BlockStatus
     transferred: int = 0
     message: str = ""
     errno: int = 0
+    extents: Sequence[Extent] = ()
 
     @property
     def ok(self) -> bool:
@@ -206,6 +221,7 @@ class BlockCounters:
     flushes: int = 0
     discards: int = 0
     write_zeroes: int = 0
+    maps: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
@@ -218,6 +234,7 @@ _OP_COUNTER = {
     BlockOp.FLUSH: "flushes",
     BlockOp.DISCARD: "discards",
     BlockOp.WRITE_ZEROES: "write_zeroes",
+    BlockOp.MAP: "maps",
 }
 
 
@@ -226,6 +243,8 @@ def request_cost(request: BlockRequest) -> Cost:
     op = request.op
     if op is BlockOp.READ:
         return Cost(False, 1, request.length)
+    if op is BlockOp.MAP:
+        return Cost(False, 1, 0)
     if op is BlockOp.WRITE:
         return Cost(True, 1, request.length)
     if op is BlockOp.FLUSH:
@@ -348,7 +367,8 @@ class BlockBackend:
         Only on an idle device and within the limits of :meth:`_try_inline`;
         True when the request is done (and counted). False means nothing was
         done: :meth:`submit` it. A request that fails its checks is never
-        served here, so that :meth:`submit` reports it.
+        served here, so that :meth:`submit` reports it. A ``sparse`` READ
+        served here is read whole (it was in the page cache).
         """
         with self._lock:
             service_time = self._service_time
@@ -434,7 +454,7 @@ class BlockBackend:
         op = request.op
         if op is BlockOp.FLUSH:
             return None
-        if op is not BlockOp.READ and self.store.readonly:
+        if op is not BlockOp.READ and op is not BlockOp.MAP and self.store.readonly:
             return BlockResult(BlockStatus.READ_ONLY, message=f"{self.name}: {op.value} on a read-only device")
         offset, length = request.offset, request.length
         if offset < 0 or length < 0:
@@ -578,6 +598,9 @@ class BlockBackend:
         try:
             if op is BlockOp.READ:
                 pipe = request.pipe
+                if request.sparse:
+                    done, extents = read_mapped(store, request.buffers, pipe, offset, length)
+                    return BlockResult(BlockStatus.OK, done, extents=tuple(extents))
                 done = store.readv(request.buffers, offset) if pipe < 0 else store.splice_to(pipe, offset, length)
                 if done < length:
                     return BlockResult(
@@ -589,6 +612,8 @@ class BlockBackend:
             if op is BlockOp.FLUSH:
                 store.sync()
                 return BlockResult(BlockStatus.OK)
+            if op is BlockOp.MAP:
+                return BlockResult(BlockStatus.OK, extents=tuple(store.extents(offset, length)))
             if op is BlockOp.DISCARD:
                 store.discard(offset, length)
             else:

@@ -9,6 +9,10 @@ answering a read, from the page cache into a pipe with ``splice``
 (:meth:`RawFileStore.splice_to`), so that the bytes reach the socket without
 ever being copied.
 
+Its extent map (:meth:`RawFileStore.extents`: which ranges are data and
+which are holes, from ``SEEK_DATA``/``SEEK_HOLE``, see
+:mod:`~pvcore.devices.block.extents`) lets a stream door skip holes.
+
 Discard punches a hole and write-zeroes zeroes a range with Linux ``fallocate``
 (through libc, because :func:`os.posix_fallocate` only allocates); where the
 file system cannot, both fall back to writing zeros, so a discarded or zeroed
@@ -22,6 +26,8 @@ import errno
 import os
 import time
 from collections.abc import Callable, Sequence
+
+from pvcore.devices.block.extents import Extent, map_extents
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -214,6 +220,17 @@ class RawFileStore:
                 break
             total += count
         return total
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The data and hole extents of ``offset``..+``length`` (see :func:`~pvcore.devices.block.extents.map_extents`).
+
+        A plain :class:`RawFileStore` maps its file; a subclass, which may
+        serve other bytes than the file's, reports the range as one data
+        extent (always a safe answer), as :meth:`splice_to` copies for it.
+        """
+        if type(self) is not RawFileStore:
+            return [Extent(offset, length, False)]
+        return map_extents(self.fd, offset, length)
 
     def transfer_nowait(self, buffers: Sequence[memoryview], offset: int, *, write: bool) -> bool:
         """Do a whole read or (non-durable) write at once if it needs no waiting.
