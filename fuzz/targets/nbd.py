@@ -1,4 +1,5 @@
-"""The NBD front door's option haggling and transmission phase, fed a hostile client's byte stream.
+"""The NBD front door's option haggling and transmission phase (simple and structured replies, block status),
+fed a hostile client's byte stream.
 
 Two exports run on the loop: A read-write over a 64 KiB file, B read-only
 over another. The first input byte picks the door (even: A, odd: B); the
@@ -19,7 +20,11 @@ from pathlib import Path
 from fuzz.harness import Baseline, InvariantError, loop_thread, send_and_drain
 from pvcore.devices.block import create_block_device
 from pvcore.streams.nbd import (
+    BASE_ALLOCATION,
+    NBD_CMD_BLOCK_STATUS,
     NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_REQ_ONE,
     NBD_CMD_FLUSH,
     NBD_CMD_READ,
     NBD_CMD_TRIM,
@@ -31,6 +36,8 @@ from pvcore.streams.nbd import (
     NBD_OPT_GO,
     NBD_OPT_INFO,
     NBD_OPT_LIST,
+    NBD_OPT_LIST_META_CONTEXT,
+    NBD_OPT_SET_META_CONTEXT,
     NBD_OPT_STRUCTURED_REPLY,
     NBD_OPTS_MAGIC,
     NBD_REQUEST_MAGIC,
@@ -103,11 +110,18 @@ def seeds() -> dict[str, bytes]:
     """Client streams in the shapes nbdinfo, nbdcopy and qemu-nbd clients send (see fuzz/seeds.py for captured ones)."""
     flags = struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
     info = struct.pack(">I", 0) + struct.pack(">H", 2) + struct.pack(">HH", 0, 3)
+    meta = struct.pack(">II", 0, 1) + struct.pack(">I", len(BASE_ALLOCATION)) + BASE_ALLOCATION
     return {
         "read": b"\0" + good_session(),
         "haggle": b"\0" + flags + _option(NBD_OPT_STRUCTURED_REPLY) + _option(NBD_OPT_LIST) + _option(NBD_OPT_INFO, info)
         + _option(NBD_OPT_GO, info) + _request(NBD_CMD_WRITE, 1, 512, 8, data=b"pvcore!!")
         + _request(NBD_CMD_FLUSH, 2, 0, 0) + _request(NBD_CMD_TRIM, 3, 0, 4096)
         + _request(NBD_CMD_WRITE_ZEROES, 4, 8192, 4096) + _request(NBD_CMD_DISC, 5, 0, 0),
+        "structured-block-status": b"\1" + flags + _option(NBD_OPT_STRUCTURED_REPLY)
+        + _option(NBD_OPT_LIST_META_CONTEXT, meta[:4] + struct.pack(">I", 0))
+        + _option(NBD_OPT_SET_META_CONTEXT, meta) + _option(NBD_OPT_GO, info)
+        + _request(NBD_CMD_BLOCK_STATUS, 1, 0, SIZE) + _request(NBD_CMD_BLOCK_STATUS, 2, 512, 4096, NBD_CMD_FLAG_REQ_ONE)
+        + _request(NBD_CMD_READ, 3, 0, 8192, NBD_CMD_FLAG_DF) + _request(NBD_CMD_READ, 4, 4096, 512)
+        + _request(NBD_CMD_DISC, 5, 0, 0),
         "readonly-write": b"\1" + flags + _option(NBD_OPT_EXPORT_NAME) + _request(NBD_CMD_WRITE, 1, 0, 4, data=b"evil"),
     }

@@ -102,6 +102,8 @@ def page_holes(extents: Sequence[Extent], offset: int, length: int) -> list[Exte
     merged, and whatever ``extents`` leave uncovered at the end is data.
     """
     end = offset + length
+    if len(extents) == 1 and not extents[0].hole and extents[0].length == length:
+        return list(extents)  # all data, the common case: nothing to shrink
     merged: list[Extent] = []
 
     def add(start: int, stop: int, hole: bool) -> None:
