@@ -13,6 +13,12 @@ three times (blkback's disk first), then ``dd iflag=direct bs=1M`` reads
 times each run. Prints the median requests per second for both, the ratio,
 and the sequential MiB/s. Under TCG on a shared machine the absolute figures
 say little; the ratio is the point, and it varies from run to run.
+
+With ``--strace`` the guest then reads 100 more blocks of xvda while
+``strace -T`` follows pvcore in dom0, and the bench prints the median time
+each of pvcore's ``ioctl`` and ``preadv2`` calls spent in the kernel (the
+grant copy, the event-channel notify, the read) against the time a request
+takes: what removing the grant copy (persistent grants) could save.
 """
 
 from __future__ import annotations
@@ -41,10 +47,41 @@ echo "{disk} sequential MiB 32 seconds $(echo "$now $start" | awk '{{print $1 - 
 """
 
 
+TRACED_READS = r"""
+echo STRACE-NOW
+sleep 40
+start=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/xvda of=/dev/null bs=4096 count=100 skip=4000 iflag=direct 2>/dev/null
+now=$(cut -d' ' -f1 /proc/uptime)
+echo "traced requests 100 seconds $(echo "$now $start" | awk '{print $1 - $2}')"
+echo STRACE-DONE
+"""
+
+TRACE_PVCORE = r"""
+L=/var/log/xen/console/guest-domU.log
+i=0; while ! grep -aq STRACE-NOW $L 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.2; i=$((i+1)); done
+$CHROOT strace -f -T -ttt -e trace=ioctl,preadv2,preadv,pread64 -o $SCRATCH/strace.log -p $(cat $SCRATCH/pvcore.pid) &
+ST=$!
+i=0; while ! grep -aq STRACE-DONE $L 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.2; i=$((i+1)); done
+kill $ST; sleep 2
+cp $SCRATCH/strace.log $OUT/strace.log
+"""
+
+
+def syscall_times(trace: str) -> dict[str, list[float]]:
+    """Seconds in the kernel per call, by system call (ioctls by request name), from ``strace -T`` output."""
+    times: dict[str, list[float]] = {}
+    for name, arguments, seconds in re.findall(r"^\d+\s+[\d.]+ (\w+)\((.*)\) += .*<([\d.]+)>$", trace, re.M):
+        key = f"ioctl {arguments.split(',')[1].strip()}" if name == "ioctl" else name
+        times.setdefault(key, []).append(float(seconds))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="reads per timed run (default 200)")
     parser.add_argument("--work", type=Path, help="work directory (default: a new temporary one)")
+    parser.add_argument("--strace", action="store_true", help="then time pvcore's system calls in dom0 (see above)")
     args = parser.parse_args()
     check = Check(
         name="qd1",
@@ -55,7 +92,9 @@ dd if=/dev/urandom of=$SCRATCH/pvcore.img bs=1M count=64 2>/dev/null
 cp $SCRATCH/pvcore.img $SCRATCH/blkback.img
 losetup /dev/loop0 $SCRATCH/blkback.img
 """,
-        domu="\n".join(GUEST_READ.format(disk=disk, requests=args.requests) for disk in ("xvdb", "xvda")),
+        domu="\n".join(GUEST_READ.format(disk=disk, requests=args.requests) for disk in ("xvdb", "xvda"))
+        + (TRACED_READS if args.strace else ""),
+        dom0_during=TRACE_PVCORE if args.strace else "",
     )
     work = args.work or Path(tempfile.mkdtemp(prefix="xen-qd1-"))
     run = boot([check], work, timeout=600.0, guest_timeout=300.0)
@@ -74,6 +113,14 @@ losetup /dev/loop0 $SCRATCH/blkback.img
     if len(sequential) == 2:
         print(f"sequential 1 MiB O_DIRECT reads: pvcore {sequential['xvda']:.1f} MiB/s, blkback {sequential['xvdb']:.1f} MiB/s"
               f" (ratio {sequential['xvda'] / sequential['xvdb']:.2f})")
+    trace = work / "out" / "strace.log"
+    if args.strace and trace.exists():
+        print(f"pvcore's system calls in dom0 under strace ({work / 'out' / 'strace.log'}), time in the kernel:")
+        for call, seconds in sorted(syscall_times(trace.read_text(errors="replace")).items()):
+            print(f"  {call}: {len(seconds)} calls, median {statistics.median(seconds) * 1e3:.3f} ms")
+        print(f"  against {1e3 / rates['xvda']:.1f} ms per request untraced")
+    elif args.strace:
+        print(f"no strace log ({trace}): was strace installed on the host?")
 
 
 if __name__ == "__main__":
