@@ -120,7 +120,8 @@ def seeds() -> dict[str, bytes]:
         "structured-block-status": b"\1" + flags + _option(NBD_OPT_STRUCTURED_REPLY)
         + _option(NBD_OPT_LIST_META_CONTEXT, meta[:4] + struct.pack(">I", 0))
         + _option(NBD_OPT_SET_META_CONTEXT, meta) + _option(NBD_OPT_GO, info)
-        + _request(NBD_CMD_BLOCK_STATUS, 1, 0, SIZE) + _request(NBD_CMD_BLOCK_STATUS, 2, 512, 4096, NBD_CMD_FLAG_REQ_ONE)
+        + _request(NBD_CMD_BLOCK_STATUS, 1, 0, SIZE)
+        + _request(NBD_CMD_BLOCK_STATUS, 2, 512, 4096, NBD_CMD_FLAG_REQ_ONE)
         + _request(NBD_CMD_READ, 3, 0, 8192, NBD_CMD_FLAG_DF) + _request(NBD_CMD_READ, 4, 4096, 512)
         + _request(NBD_CMD_DISC, 5, 0, 0),
         "readonly-write": b"\1" + flags + _option(NBD_OPT_EXPORT_NAME) + _request(NBD_CMD_WRITE, 1, 0, 4, data=b"evil"),

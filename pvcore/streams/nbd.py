@@ -951,7 +951,8 @@ class _Connection:
         if not self.structured:
             self._send(_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, request.handle))
         elif not error:
-            self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, request.handle, 0))
+            done = NBD_REPLY_FLAG_DONE
+            self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done, NBD_REPLY_TYPE_NONE, request.handle, 0))
         else:
             text = message.encode(errors="replace")[:MAX_ERROR_MESSAGE].decode(errors="ignore").encode()
             chunk = _ERROR_CHUNK.pack(

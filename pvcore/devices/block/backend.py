@@ -194,7 +194,7 @@ class BlockRequest:
 
 @attrs.frozen
 class BlockResult:
-    """The outcome of a request: a status, bytes moved, a reason when it failed, and a MAP's or sparse READ's extents."""
+    """A request's outcome: status, bytes moved, a reason when it failed, a MAP's or sparse READ's extents."""
 
     status: BlockStatus
     transferred: int = 0
