@@ -280,7 +280,9 @@ def test_workers_caps_a_devices_requests_in_the_pool(disk: Path) -> None:
         asyncio.run(scenario())
     finally:
         backend.close()
-    assert all(r.ok for r in results) and Counting.most == 2 and pool.peak_threads <= 3
+    assert all(r.ok for r in results) and Counting.most == 2
+    # a thread ending its turn takes the next one: a disk capped at 2 needs 2 threads, not the pool's 8
+    assert pool.peak_threads == 2
 
 
 def test_close_drains_its_device_while_the_pool_serves_others(disk: Path) -> None:

@@ -559,6 +559,7 @@ class BlockBackend:
         except BaseException as exc:  # even what would end this thread answers the request, and it serves on
             log.exception("%s: %s request failed unexpectedly", self.name, job.request.op.value)
             result = BlockResult(BlockStatus.IO_ERROR, message=f"internal error: {exc}")
+        self._pool.turn_ending()
         with self._lock:
             self._running -= 1
             self._finish(job, result)

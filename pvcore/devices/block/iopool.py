@@ -17,8 +17,9 @@ that bound is ``min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))``
 (8 on 1 or 2 CPUs, 16 on 4, 64 from 16), with ``cpus`` the CPUs this process
 may run on. I/O threads spend most of their time in a system call with the GIL
 released, so a few per core keep the storage busy; more only contend for the
-GIL. The threads running thus follow the queued work (one per request
-waiting, up to the bound), and a thread idle for :data:`IDLE_TIMEOUT`
+GIL. A turn asked for while a thread is ending its turn (its I/O done) starts
+no thread: that one takes it. The threads running thus follow the queued work
+(one per request waiting, up to the bound), and a thread idle for :data:`IDLE_TIMEOUT`
 seconds ends. An idle daemon has no I/O threads at all, whatever the number of
 its devices, and its threads sleep in the kernel: no CPU while idle.
 
@@ -64,8 +65,9 @@ class Tenant(Protocol):
         turns), and the calling thread takes the turn at the head: a device
         that still has work when its request ends starts no thread. A tenant
         that wants a turn before this one ends (to run requests in parallel)
-        asks :meth:`IOPool.schedule`. Must not raise: a request's failure is
-        that request's result.
+        asks :meth:`IOPool.schedule`. Once its request's I/O is done, it
+        calls :meth:`IOPool.turn_ending`. Must not raise: a request's failure
+        is that request's result.
         """
 
 
@@ -117,6 +119,7 @@ class IOPool:
         self._peak = 0
         self._taken = 0
         self._watching = False
+        self._ending: set[int] = set()
 
     def __repr__(self) -> str:
         return f"IOPool({self.name!r}, threads={self._threads}, max_threads={self.max_threads})"
@@ -141,11 +144,18 @@ class IOPool:
             self._queue.append(tenant)
             if self._idle:
                 self._idle.pop().set()  # the thread idle the shortest time: the others may time out and end
+            elif len(self._queue) <= len(self._ending):
+                pass  # a thread about to end its turn takes it: starting another would only add an idle one
             elif self._threads < self.max_threads:
                 self._start()
             elif not self._watching:
                 self._watching = True
                 threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True).start()
+
+    def turn_ending(self) -> None:
+        """Called by a tenant on a pool thread when its request's I/O is done: the thread is free in a moment."""
+        with self._lock:
+            self._ending.add(threading.get_ident())
 
     def _watch(self) -> None:
         """While turns wait, start a thread beyond the bound for each ``stall`` seconds in which none was taken."""
@@ -183,13 +193,19 @@ class IOPool:
 
     def _work(self) -> None:
         wake = threading.Event()
+        me = threading.get_ident()
+        again: Tenant | None = None
         while True:
             with self._lock:
+                self._ending.discard(me)
+                if again is not None:
+                    self._queue.append(again)  # behind the other devices; this thread goes on to the head
                 tenant = self._queue.popleft() if self._queue else None
                 if tenant is None:
                     self._idle.append(wake)
                 else:
                     self._taken += 1
+            again = None
             if tenant is None:
                 woken = wake.wait(self.idle_timeout)
                 with self._lock:
@@ -200,13 +216,10 @@ class IOPool:
                 wake.clear()
                 continue
             try:
-                again = tenant.pool_turn()
+                if tenant.pool_turn():
+                    again = tenant
             except BaseException:  # a tenant's bug ends neither this thread nor the others' service
                 log.exception("%s: a device's turn failed", self.name)
-                again = False
-            if again:
-                with self._lock:
-                    self._queue.append(tenant)  # this thread goes on to the head of the queue
             del tenant
 
     def after_fork(self) -> None:
