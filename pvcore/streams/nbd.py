@@ -610,7 +610,8 @@ class _Connection:
         if (listing and not queries) or wanted.intersection(queries):
             context_id = 0 if listing else ALLOCATION_CONTEXT_ID
             self._option_reply(option, NBD_REP_META_CONTEXT, _U32.pack(context_id) + BASE_ALLOCATION)
-            self.allocation_context = not listing or self.allocation_context
+            if not listing:
+                self.allocation_context = True
         self._option_reply(option, NBD_REP_ACK)
 
     def _option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
