@@ -17,8 +17,9 @@ that bound is ``min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))``
 (8 on 1 or 2 CPUs, 16 on 4, 64 from 16), with ``cpus`` the CPUs this process
 may run on. I/O threads spend most of their time in a system call with the GIL
 released, so a few per core keep the storage busy; more only contend for the
-GIL. A turn asked for while a thread is ending its turn (its I/O done) starts
-no thread: that one takes it. The threads running thus follow the queued work
+GIL. A turn asked for while a thread is ending its turn (its I/O done), was
+just woken or just started, and has no turn yet, starts no thread: that one
+takes it. The threads running thus follow the queued work
 (one per request waiting, up to the bound), and a thread idle for :data:`IDLE_TIMEOUT`
 seconds ends. An idle daemon has no I/O threads at all, whatever the number of
 its devices, and its threads sleep in the kernel: no CPU while idle.
@@ -120,6 +121,7 @@ class IOPool:
         self._taken = 0
         self._watching = False
         self._ending: set[int] = set()
+        self._coming = 0
 
     def __repr__(self) -> str:
         return f"IOPool({self.name!r}, threads={self._threads}, max_threads={self.max_threads})"
@@ -144,8 +146,9 @@ class IOPool:
             self._queue.append(tenant)
             if self._idle:
                 self._idle.pop().set()  # the thread idle the shortest time: the others may time out and end
-            elif len(self._queue) <= len(self._ending):
-                pass  # a thread about to end its turn takes it: starting another would only add an idle one
+                self._coming += 1
+            elif len(self._queue) <= len(self._ending) + self._coming:
+                pass  # a thread ending its turn, just woken or just started takes it: another would idle
             elif self._threads < self.max_threads:
                 self._start()
             elif not self._watching:
@@ -180,6 +183,7 @@ class IOPool:
     def _start(self) -> None:
         """Start one thread (caller holds the lock)."""
         self._threads += 1
+        self._coming += 1
         self._peak = max(self._peak, self._threads)
         self._numbers += 1
         thread = threading.Thread(target=self._work, name=f"{self.name}{self._numbers}", daemon=True)
@@ -187,6 +191,7 @@ class IOPool:
             thread.start()
         except RuntimeError:  # the host is out of threads: those running serve the queue
             self._threads -= 1
+            self._coming -= 1
             if not self._threads:
                 raise
             log.warning("%s: could not start another I/O thread; %d serve on", self.name, self._threads)
@@ -195,8 +200,12 @@ class IOPool:
         wake = threading.Event()
         me = threading.get_ident()
         again: Tenant | None = None
+        coming = True  # started or woken for a turn: counted in _coming until it takes one
         while True:
             with self._lock:
+                if coming:
+                    self._coming -= 1
+                    coming = False
                 self._ending.discard(me)
                 if again is not None:
                     self._queue.append(again)  # behind the other devices; this thread goes on to the head
@@ -207,13 +216,14 @@ class IOPool:
                     self._taken += 1
             again = None
             if tenant is None:
-                woken = wake.wait(self.idle_timeout)
+                wake.wait(self.idle_timeout)
                 with self._lock:
-                    if not woken and wake in self._idle:  # idle for the whole timeout, and nobody chose it since
+                    if wake in self._idle:  # idle for the whole timeout, and nobody chose it since
                         self._idle.remove(wake)
                         self._threads -= 1
                         return
                 wake.clear()
+                coming = True
                 continue
             try:
                 if tenant.pool_turn():
