@@ -101,8 +101,13 @@ class Daemon:
             for instance, door in list(self.served)
         ]
 
-    async def start(self) -> None:
-        """Build and start every device; on any failure stop those already started."""
+    async def start(self, *, keep_going: bool = False) -> dict[str, str]:
+        """Build and start every device; on any failure stop those already started.
+
+        With ``keep_going`` (a worker process started again), a device that
+        cannot start is logged and left out instead; the answer maps each such
+        device's name to its error (empty otherwise).
+        """
         for hypervisor in {self.hypervisor, *(c.get("hypervisor") for c in self.configs)} - {None}:
             if hypervisor not in self.registry.hypervisors():
                 available = ", ".join(sorted(self.registry.hypervisors())) or "none installed"
@@ -116,16 +121,24 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         classes = self.registry.device_classes()
+        failed: dict[str, str] = {}
         try:
             for config in self.configs:
                 hypervisor = config.get("hypervisor") or self.hypervisor
                 context = DaemonContext(
                     primitives=self.registry.primitives(hypervisor), run_dir=self.run_dir, loop=loop, switch=get_switch
                 )
-                await self._start_device(classes[config.device_class], config, context)
+                try:
+                    await self._start_device(classes[config.device_class], config, context)
+                except Exception as exc:
+                    if not keep_going:
+                        raise
+                    log.error("device %s (%s) not served: %s", config.name, config.device_class, exc)
+                    failed[config.name] = str(exc)
         except BaseException:
             await self.stop()
             raise
+        return failed
 
     async def _start_device(self, device_class: DeviceClass, config: DeviceConfig, context: DaemonContext) -> None:
         instance = device_class.create(config, context)

@@ -208,7 +208,9 @@ class MergedCollector(Collector):
 
     ``fetch()`` returns, per worker that answered, what :func:`families_as_json`
     made of its :class:`DeviceCollector`; a family two workers both yield is
-    one family with the samples of both, as Prometheus's text format wants.
+    one family with the samples of both, as Prometheus's text format wants,
+    and a series two workers both yield (a switch whose NICs moved from one
+    worker to another) is their sum.
     """
 
     def __init__(self, fetch: Callable[[], list[list[dict[str, Any]]]]) -> None:
@@ -216,17 +218,21 @@ class MergedCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         """The merged families (called by prometheus-client's HTTP thread)."""
-        merged: dict[str, Metric] = {}
+        merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
         for families in self.fetch():
             for family in families:
-                metric = merged.get(family["name"])
-                if metric is None:
-                    metric = merged[family["name"]] = Metric(
-                        family["name"], family["documentation"], family["type"], family["unit"]
+                if family["name"] not in merged:
+                    merged[family["name"]] = (
+                        Metric(family["name"], family["documentation"], family["type"], family["unit"]), {}
                     )
+                series = merged[family["name"]][1]
                 for name, labels, value in family["samples"]:
-                    metric.add_sample(name, labels, value)
-        yield from merged.values()
+                    key = (name, tuple(sorted(labels.items())))
+                    series[key] = series.get(key, 0.0) + value
+        for metric, series in merged.values():
+            for (name, labels), value in series.items():
+                metric.add_sample(name, dict(labels), value)
+            yield metric
 
 
 class MetricsServer:

@@ -5,15 +5,18 @@ CONTROL_FD LISTEN_FD PARENT_PID`` with two sockets inherited from it:
 
 * CONTROL_FD (a stream): first the parent's pickled
   :class:`~pvcore.workers.WorkerSpec` (8-byte length, then the bytes); then
-  the worker's one line ``{"ready": true, "devices": N}`` (or ``{"ready":
-  false, "error": ...}`` if a device cannot start); then, one line each way
-  per request, the control protocol (:mod:`pvcore.control`) plus
-  ``{"command": "metrics"}``, answered with the worker's metric families;
+  the worker's one line ``{"ready": true, "devices": N, "failed": {NAME:
+  ERROR}}`` (or ``{"ready": false, "error": ...}`` if a device cannot start
+  at the daemon's start; a worker started again serves what it can and names
+  the rest in ``failed``); then, one line each way per request, the control
+  protocol (:mod:`pvcore.control`) plus ``{"command": "metrics"}``, answered
+  with the worker's metric families; each answer carries its request's ``id``;
 * LISTEN_FD (a seqpacket socket): every listening socket a device's front
   door asks for (:func:`~pvcore.streams.unix.bind_private_socket`) is asked
   of the parent, which creates it (or hands back the one it already holds for
   that path, after a restart) and passes it with SCM_RIGHTS. The parent keeps
-  every socket, so a path stays connectable while a worker restarts.
+  every socket, so a path stays connectable while a worker restarts; a
+  device removed says ``{"release": PATH}`` and the parent removes its socket.
 
 A worker dies with its parent (PR_SET_PDEATHSIG): a daemon killed with
 SIGKILL leaves no worker behind. SIGTERM stops it cleanly (in-flight
@@ -41,24 +44,33 @@ from pvcore.control import ControlServer
 from pvcore.daemon import Daemon
 from pvcore.registry import default_registry
 from pvcore.streams.unix import ListenerError, set_listener_source
-from pvcore.workers import PAYLOAD_LENGTH, WorkerSpec
+from pvcore.devices.block.iopool import share_cpus
+from pvcore.workers import MAX_CHANNEL_LINE, PAYLOAD_LENGTH, WorkerSpec
 
 log = logging.getLogger("pvcore.worker")
 
 PR_SET_PDEATHSIG = 1
 MAX_LISTEN_ANSWER = 4096
+LISTEN_TIMEOUT = 30.0
+"""Seconds a worker waits for its parent to answer a request for a listening socket."""
 
 
 class ParentListeners:
-    """The listening sockets of a worker, asked of its parent over the seqpacket ``channel``."""
+    """The listening sockets of a worker, asked of its parent over the seqpacket ``channel``
+    (a :class:`~pvcore.streams.unix.ListenerSource`)."""
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
+        self.channel.settimeout(LISTEN_TIMEOUT)
+        self.exiting = False
 
-    def __call__(self, path: Path, what: str, kind: int) -> socket.socket:
+    def get(self, path: Path, what: str, kind: int) -> socket.socket:
         """A listening socket at ``path`` from the parent; a :class:`ListenerError` with its reason if none."""
-        self.channel.send(json.dumps({"path": os.fspath(path), "what": what, "kind": int(kind)}).encode())
-        data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_LISTEN_ANSWER, 1)
+        try:
+            self.channel.send(json.dumps({"path": os.fspath(path), "what": what, "kind": int(kind)}).encode())
+            data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_LISTEN_ANSWER, 1)
+        except OSError as exc:  # a timeout included: the parent did not answer
+            raise ListenerError(f"{what}: no socket for {path} from the parent process: {exc}") from None
         if not data:
             raise ListenerError(f"{what}: the parent process is gone")
         answer = json.loads(data)
@@ -69,6 +81,15 @@ class ParentListeners:
         sock = socket.socket(fileno=fds[0])
         sock.setblocking(False)
         return sock
+
+    def release(self, path: Path) -> None:
+        """Tell the parent the device listening at ``path`` is gone (not when the whole worker stops:
+        the parent keeps its sockets then)."""
+        if not self.exiting:
+            try:
+                self.channel.send(json.dumps({"release": os.fspath(path)}).encode())
+            except OSError as exc:
+                log.warning("could not tell the parent that %s is released: %s", path, exc)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -105,34 +126,38 @@ def _read_spec(control: socket.socket) -> WorkerSpec:
 
 
 async def _answer(daemon: Daemon, answers: ControlServer, line: bytes) -> dict[str, Any]:
-    """One request of the parent: ``metrics``, or a control request."""
+    """One request of the parent, answered with its ``id``: ``metrics``, or a control request."""
     try:
-        command = json.loads(line).get("command")
+        request = json.loads(line)
+        command, ident = request.get("command"), request.get("id")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        command = None
+        command = ident = None
     if command == "metrics":
         from pvcore.metrics import DeviceCollector, families_as_json
 
-        return {"ok": True, "families": families_as_json(DeviceCollector(daemon.served_entries))}
-    return await answers.answer(line)
+        answer = {"ok": True, "families": families_as_json(DeviceCollector(daemon.served_entries))}
+    else:
+        answer = await answers.answer(line)
+    return {**answer, "id": ident}
 
 
-async def serve(spec: WorkerSpec, control: socket.socket) -> int:
+async def serve(spec: WorkerSpec, control: socket.socket, listeners: ParentListeners) -> int:
     """Start the share of devices, say so, then answer the parent until SIGTERM or the channel closes."""
+    share_cpus(spec.processes)
     daemon = Daemon(default_registry(), spec.hypervisor, spec.configs, run_dir=spec.run_dir,
                     measure_service_time=spec.measure_service_time)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reopen_logs)
-    reader, writer = await asyncio.open_unix_connection(sock=control)
+    reader, writer = await asyncio.open_unix_connection(sock=control, limit=MAX_CHANNEL_LINE)
     try:
-        await daemon.start()
+        failed = await daemon.start(keep_going=spec.restart)
     except Exception as exc:
         log.error("worker w%d: %s", spec.index, exc)
         writer.write(json.dumps({"ready": False, "error": str(exc)}).encode() + b"\n")
         await writer.drain()
         return 2
-    writer.write(json.dumps({"ready": True, "devices": len(daemon.served)}).encode() + b"\n")
+    writer.write(json.dumps({"ready": True, "devices": len(daemon.served), "failed": failed}).encode() + b"\n")
     await writer.drain()
     log.info("worker w%d up: %d device(s)", spec.index, len(daemon.served))
     answers = ControlServer(daemon)
@@ -149,6 +174,7 @@ async def serve(spec: WorkerSpec, control: socket.socket) -> int:
         await daemon.wait_for_stop()
     finally:
         channel.cancel()
+        listeners.exiting = True  # the parent keeps the sockets of a worker that stops
         await daemon.stop()
         writer.close()
     return 0
@@ -159,15 +185,17 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3 or not all(arg.isdigit() for arg in argv):
         print("usage: python -m pvcore.worker CONTROL_FD LISTEN_FD PARENT_PID (started by pvcore serve)", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop reopens logs on it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control_fd, listen_fd, parent = (int(arg) for arg in argv)
     _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
     spec = _read_spec(control)
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format=f"%(asctime)s pvcore[w{spec.index}] %(name)s: %(message)s")
-    set_listener_source(ParentListeners(socket.socket(fileno=listen_fd)))
-    return asyncio.run(serve(spec, control))
+    listeners = ParentListeners(socket.socket(fileno=listen_fd))
+    set_listener_source(listeners)
+    return asyncio.run(serve(spec, control, listeners))
 
 
 if __name__ == "__main__":

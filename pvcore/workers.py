@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -66,6 +67,11 @@ HEALTHY_SECONDS = 10.0
 """A worker that ran this long before dying is restarted after the first delay again."""
 ASK_TIMEOUT = 30.0
 """Seconds the parent waits for a worker's answer to a control or metrics request."""
+START_TIMEOUT = 120.0
+"""Seconds a worker has to start its devices and say it serves."""
+MAX_CHANNEL_LINE = 256 << 20
+"""The longest line either end of a control channel reads (a ``list`` or ``metrics`` answer of
+thousands of devices is megabytes)."""
 
 
 def default_worker_count() -> int:
@@ -128,6 +134,10 @@ class WorkerSpec:
     run_dir: Path
     measure_service_time: bool
     log_level: int
+    processes: int
+    """How many workers share the CPUs (the I/O thread bound counts this one's share)."""
+    restart: bool
+    """Started again after it died: serve what can start, name the rest."""
 
 
 class ListenerBroker:
@@ -155,10 +165,14 @@ class ListenerBroker:
         self._held[path] = (sock, inode)
         return sock
 
-    def prune(self) -> None:
-        """Close the sockets whose files are gone or replaced (their devices were removed)."""
-        for path in [path for path, (_, inode) in self._held.items() if _inode(path) != inode]:
-            self._forget(path)
+    def release(self, path: Path) -> None:
+        """The device at ``path`` is gone: close its socket and remove the file if it is still that socket."""
+        held = self._held.pop(path, None)
+        if held is not None:
+            if _inode(path) == held[1]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            held[0].close()
 
     def close(self) -> None:
         """Close every socket and remove its file if the file is still that socket."""
@@ -193,12 +207,16 @@ class Worker:
         self.index = index
         self.configs = configs
         self.restarts = 0
+        self.failed: dict[str, str] = {}
+        """Devices the running process could not start (after a restart), with their errors."""
         self.proc: asyncio.subprocess.Process | None = None
+        self.serving = False
+        self.starting = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._listen: socket.socket | None = None
         self._lock = asyncio.Lock()
-        self.serving = False
+        self._ids = itertools.count(1)
 
     @property
     def name(self) -> str:
@@ -210,7 +228,20 @@ class Worker:
         return any(config.name == name for config in self.configs)
 
     async def start(self, spec: WorkerSpec, broker: ListenerBroker) -> None:
-        """Start the process, hand it ``spec`` and wait until it serves (a :class:`DaemonError` if it cannot)."""
+        """Start the process, hand it ``spec`` and wait until it serves (a :class:`DaemonError` if it cannot;
+        nothing of it is left then)."""
+        self.starting = True
+        try:
+            await self._start(spec, broker)
+        except BaseException as exc:
+            await self.kill()
+            if isinstance(exc, (OSError, ValueError, asyncio.TimeoutError)):
+                raise DaemonError(f"worker {self.name} did not start: {exc or 'timed out'}") from None
+            raise
+        finally:
+            self.starting = False
+
+    async def _start(self, spec: WorkerSpec, broker: ListenerBroker) -> None:
         loop = asyncio.get_running_loop()
         control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen, listen_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -220,73 +251,93 @@ class Worker:
                 str(os.getpid()), pass_fds=(control_child.fileno(), listen_child.fileno()),
                 env={key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"},  # the parent notifies
             )
+        except BaseException:
+            control.close()
+            listen.close()
+            raise
         finally:
             control_child.close()
             listen_child.close()
         listen.setblocking(False)
         self._listen = listen
-        loop.add_reader(listen.fileno(), self._give_listener, broker)
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=control)
+        loop.add_reader(listen.fileno(), self._give_listener, listen, broker)
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=control, limit=MAX_CHANNEL_LINE)
+        except BaseException:
+            control.close()
+            raise
         payload = pickle.dumps(spec)
         self._writer.write(PAYLOAD_LENGTH.pack(len(payload)) + payload)
         await self._writer.drain()
-        line = await self._reader.readline()
+        line = await asyncio.wait_for(self._reader.readline(), START_TIMEOUT)
         answer = json.loads(line) if line else {"error": f"worker {self.name} exited before serving (see its log above)"}
         if not answer.get("ready"):
-            await self.kill()
             raise DaemonError(answer.get("error") or f"worker {self.name} did not start")
+        self.failed = dict(answer.get("failed") or {})
         self.serving = True
 
-    def _give_listener(self, broker: ListenerBroker) -> None:
-        """Answer one listening-socket request of the worker (on the parent's loop)."""
-        assert self._listen is not None
+    def _give_listener(self, listen: socket.socket, broker: ListenerBroker) -> None:
+        """Answer one message of the worker on ``listen`` (on the parent's loop): a request for a
+        listening socket, answered always, or the release of one."""
         try:
-            data = self._listen.recv(MAX_LISTEN_REQUEST)
+            data = listen.recv(MAX_LISTEN_REQUEST)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            self._close_listen()
+            self._close_listen(listen)
             return
         try:
             request = json.loads(data)
+            if "release" in request:
+                broker.release(Path(request["release"]))
+                return
             path, what, kind = Path(request["path"]), str(request["what"]), int(request["kind"])
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("worker %s: a bad listening-socket request: %s", self.name, exc)
+            sock = broker.socket_for(path, what, kind)
+        except Exception as exc:  # every request gets an answer: the worker waits for one
+            error = str(exc) if isinstance(exc, ListenerError) else f"no listening socket: {type(exc).__name__}: {exc}"
             with contextlib.suppress(OSError):
-                self._listen.send(json.dumps({"ok": False, "error": f"bad request: {exc}"}).encode())
+                listen.send(json.dumps({"ok": False, "error": error}).encode())
             return
         try:
-            try:
-                sock = broker.socket_for(path, what, kind)
-            except ListenerError as exc:
-                self._listen.send(json.dumps({"ok": False, "error": str(exc)}).encode())
-                return
-            socket.send_fds(self._listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
+            socket.send_fds(listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
         except OSError as exc:  # the worker went away while asking: its watcher starts it again
             log.warning("worker %s: could not answer its request for %s: %s", self.name, path, exc)
 
-    def _close_listen(self) -> None:
-        if self._listen is not None:
-            asyncio.get_running_loop().remove_reader(self._listen.fileno())
-            self._listen.close()
+    def _close_listen(self, listen: socket.socket | None = None) -> None:
+        listen = listen or self._listen
+        if listen is None or listen.fileno() == -1:
+            return
+        asyncio.get_running_loop().remove_reader(listen.fileno())
+        listen.close()
+        if listen is self._listen:
             self._listen = None
 
     async def ask(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The worker's answer to one request; :class:`WorkerDown` if it is not running."""
+        """The worker's answer to one request; :class:`WorkerDown` if it is not running or does not answer.
+
+        Each request carries an id and the worker's answer echoes it, so a
+        late answer to an earlier request that timed out is skipped.
+        """
         async with self._lock:
-            if not self.serving or self._writer is None or self._reader is None:
+            reader, writer = self._reader, self._writer
+            if not self.serving or reader is None or writer is None:
                 raise WorkerDown(f"worker {self.name} is not running (it is being started again)")
+            ident = next(self._ids)
             try:
-                self._writer.write(json.dumps(body).encode() + b"\n")
-                await self._writer.drain()
-                line = await asyncio.wait_for(self._reader.readline(), ASK_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as exc:
+                writer.write(json.dumps({**body, "id": ident}).encode() + b"\n")
+                await writer.drain()
+                async with asyncio.timeout(ASK_TIMEOUT):
+                    while True:
+                        line = await reader.readline()
+                        if not line:
+                            raise WorkerDown(f"worker {self.name} is not running (it is being started again)")
+                        answer = json.loads(line)
+                        if answer.get("id") == ident:
+                            return answer
+            except (OSError, ValueError, asyncio.TimeoutError) as exc:
                 raise WorkerDown(f"worker {self.name} did not answer: {exc or 'timed out'}") from None
-            if not line:
-                raise WorkerDown(f"worker {self.name} is not running (it is being started again)")
-            return json.loads(line)
 
     async def stop(self) -> None:
         """SIGTERM, then wait (SIGKILL after :data:`STOP_TIMEOUT`); channels closed."""
@@ -340,9 +391,9 @@ class WorkerPool:
         self._metrics_server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _spec(self, worker: Worker) -> WorkerSpec:
+    def _spec(self, worker: Worker, *, restart: bool = False) -> WorkerSpec:
         return WorkerSpec(worker.index, self.hypervisor, tuple(worker.configs), self.run_dir,
-                          self.metrics is not None, logging.getLogger().getEffectiveLevel())
+                          self.metrics is not None, logging.getLogger().getEffectiveLevel(), len(self.workers), restart)
 
     @property
     def device_count(self) -> int:
@@ -388,13 +439,15 @@ class WorkerPool:
                 if self._stopping:
                     return
                 try:
-                    await worker.start(self._spec(worker), self.broker)
-                except (DaemonError, OSError) as exc:
+                    await worker.start(self._spec(worker, restart=True), self.broker)
+                except DaemonError as exc:
                     log.error("worker %s did not start again: %s; next try in %.1f s", worker.name, exc, delay)
                     continue
                 break
             worker.restarts += 1
             log.info("worker %s serves again (%d restart(s))", worker.name, worker.restarts)
+            for name, error in worker.failed.items():
+                log.error("worker %s: device %s not served: %s (ctl remove or swap-media it)", worker.name, name, error)
 
     async def stop(self) -> None:
         """Stop every worker cleanly, then close the sockets and the metrics endpoint."""
@@ -465,6 +518,12 @@ class WorkerPool:
             pid = worker.proc.pid if worker.proc is not None else None
             devices.extend({**device, "worker": worker.name, "worker_pid": pid, "worker_restarts": worker.restarts}
                            for device in answer["devices"])
+            devices.extend(
+                {"name": config.name, "class": config.device_class, "domain": config.get("domain"),
+                 "hypervisor": config.get("hypervisor") or self.hypervisor, "door": "not served", "counters": {},
+                 "worker": worker.name, "state": "not served", "error": worker.failed[config.name]}
+                for config in worker.configs if config.name in worker.failed
+            )
         return devices
 
     async def add_device(self, spec: str) -> str:
@@ -485,11 +544,25 @@ class WorkerPool:
         return config.name
 
     async def remove_device(self, name: str) -> None:
-        """Remove a device from its worker; its socket is closed."""
+        """Remove a device from its worker (its socket goes); from a worker that is down, or that could
+        not start it, from what the worker serves when it starts."""
         worker = self._owner(name)
-        await self._forward(worker, {"command": "remove", "device": name})
+        if worker.serving and name not in worker.failed:
+            await self._forward(worker, {"command": "remove", "device": name})
+        else:
+            self._not_starting(worker)
+            config = next(c for c in worker.configs if c.name == name)
+            if config.get("socket"):
+                self.broker.release(Path(config.get("socket")))
+        worker.failed.pop(name, None)
         worker.configs = [config for config in worker.configs if config.name != name]
-        self.broker.prune()
+
+    @staticmethod
+    def _not_starting(worker: Worker) -> None:
+        from pvcore.control import ControlError
+
+        if worker.starting:
+            raise ControlError(f"worker {worker.name} is starting; try again when it serves")
 
     async def set_rng_rate(self, name: str, rate: str) -> str:
         """Change an rng device's domain's rate, in its worker."""
@@ -502,14 +575,20 @@ class WorkerPool:
         return {key: value for key, value in answer.items() if key != "ok"}
 
     async def swap_media(self, name: str, path: str) -> str:
-        """Change a block device's backing file, in its worker; a restarted worker serves the new one."""
+        """Change a block device's backing file, in its worker; a restarted worker serves the new one.
+        For a worker that is down, or a device it could not start, the file it serves when it starts."""
         worker = self._owner(name)
-        answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
+        if worker.serving and name not in worker.failed:
+            answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
+            old = str(answer["old"])
+        else:
+            self._not_starting(worker)
+            old = str(next(c for c in worker.configs if c.name == name).get("path"))
         worker.configs = [
             DeviceConfig(c.device_class, c.name, {**c.options, "path": path}) if c.name == name else c
             for c in worker.configs
         ]
-        return str(answer["old"])
+        return old
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
@@ -518,7 +597,7 @@ class WorkerPool:
     def _reload(self) -> None:
         reloading()
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.returncode is None:
+            if worker.serving and worker.proc is not None and worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGHUP)
         log.info("log files reopened")
         ready(self._status())
@@ -529,10 +608,15 @@ class WorkerPool:
     async def serve_forever(self) -> None:
         """Start the workers, serve until SIGTERM/SIGINT, then stop them cleanly."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)  # a stop asked while starting waits for the start
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            await self.start()
+        except BaseException:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            raise
         from pvcore.build import log_build
         from pvcore.control import ControlServer
 

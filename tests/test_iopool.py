@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from pvcore.devices.block import BlockBackend, BlockOp, BlockRequest, BlockResult, RawFileStore
-from pvcore.devices.block.iopool import MAX_THREADS, MIN_THREADS, IOPool, default_max_threads, shared_pool
+from pvcore.devices.block.iopool import (
+    MAX_THREADS,
+    MIN_THREADS,
+    IOPool,
+    default_max_threads,
+    share_cpus,
+    shared_pool,
+)
 
 DISK_SIZE = 1 << 20
 
@@ -310,3 +317,15 @@ def test_close_drains_its_device_while_the_pool_serves_others(disk: Path) -> Non
         asyncio.run(scenario())
     finally:
         serving.close()
+
+
+def test_a_worker_process_bounds_its_pool_by_its_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_max_threads() == MAX_THREADS == 64
+    try:
+        share_cpus(4)
+        assert default_max_threads() == 16
+        share_cpus(16)
+        assert default_max_threads() == MIN_THREADS
+    finally:
+        share_cpus(1)

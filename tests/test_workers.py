@@ -27,6 +27,7 @@ from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIR
 from pvcore.streams.unix import ListenerError
 from pvcore.testing.serve_process import ServeProcess
 from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+from pvcore.metrics import MergedCollector
 from pvcore.workers import ListenerBroker, partition
 
 SECTOR = 512
@@ -65,7 +66,7 @@ def test_partition_never_makes_more_shares_than_sets_nor_empty_ones() -> None:
         partition(configs, 0)
 
 
-def test_the_broker_hands_back_the_socket_it_holds_and_drops_one_whose_file_went(tmp_path: Path) -> None:
+def test_the_broker_hands_back_the_socket_it_holds_and_makes_a_new_one_after_a_release(tmp_path: Path) -> None:
     broker = ListenerBroker()
     path = tmp_path / "d.sock"
     first = broker.socket_for(path, "disk", socket.SOCK_STREAM)
@@ -73,16 +74,18 @@ def test_the_broker_hands_back_the_socket_it_holds_and_drops_one_whose_file_went
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.connect(str(path))  # connectable while no worker accepts: it waits in the backlog
     probe.close()
-    path.unlink()
-    broker.prune()
-    assert first.fileno() == -1
+    broker.release(path)  # its device was removed
+    assert first.fileno() == -1 and not path.exists()
     second = broker.socket_for(path, "disk", socket.SOCK_STREAM)
     assert second is not first and path.exists()
+    path.unlink()  # someone removed the file: a new socket takes the path
+    third = broker.socket_for(path, "disk", socket.SOCK_STREAM)
+    assert third is not second and second.fileno() == -1 and path.exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ListenerError, match="is not a socket"):
         broker.socket_for(tmp_path / "file", "disk", socket.SOCK_STREAM)
     broker.close()
-    assert not path.exists() and second.fileno() == -1
+    assert not path.exists() and third.fileno() == -1
 
 
 def free_port() -> int:
@@ -216,3 +219,69 @@ def test_ctl_reaches_the_worker_of_each_device_and_a_killed_parent_leaves_no_wor
     workers = [device["worker_pid"] for device in listed(tmp_path).values()]
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to die with their parent", timeout=10)
+
+
+def test_merged_metrics_have_each_family_once_and_sum_a_series_two_workers_both_have() -> None:
+    def family(name: str, samples: list) -> dict:
+        return {"name": name, "documentation": "d", "type": "counter", "unit": "", "samples": samples}
+
+    worker0 = [family("pvcore_switch_frames", [["pvcore_switch_frames_total", {"switch": "lan0"}, 3.0]])]
+    worker1 = [family("pvcore_switch_frames", [["pvcore_switch_frames_total", {"switch": "lan0"}, 4.0],
+                                               ["pvcore_switch_frames_total", {"switch": "lan1"}, 1.0]])]
+    (merged,) = MergedCollector(lambda: [worker0, worker1]).collect()
+    assert {(s.labels["switch"], s.value) for s in merged.samples} == {("lan0", 7.0), ("lan1", 1.0)}
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_a_worker_that_cannot_start_a_device_serves_the_rest_and_the_sockets_outlive_any_worker(tmp_path) -> None:
+    """One worker serves 300 rng devices of one domain (answers far over 64 KiB), the other the disks.
+    d2's image goes and the disks' worker is killed: it serves d0 and d1 again, lists d2 as not served,
+    and ``ctl remove d2`` removes it. A worker stopped with SIGTERM by someone else is started again;
+    no socket changes its inode."""
+    for disk in ("d0", "d1", "d2"):
+        (tmp_path / f"{disk}.img").write_bytes(bytes(DISK))
+    rngs = [f"rng:name=r{i},socket={tmp_path / f'r{i}.sock'},domain=d1" for i in range(300)]
+    daemon = ServeProcess(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
+         str(tmp_path / "run"), "--metrics", f"127.0.0.1:{(port := free_port())}",
+         *(f"block:name={d},path={tmp_path / f'{d}.img'},socket={tmp_path / f'{d}.sock'},group={g},iops=100000"
+           for d, g in (("d0", "a"), ("d1", "b"), ("d2", "a"))), *rngs[:1],
+         *rngs[1:]],
+        tmp_path / "serve.log",
+    )
+    daemon.start()
+    try:
+        devices = listed(tmp_path)
+        assert len(devices) == 303
+        disks, rng = devices["d0"]["worker"], devices["r7"]["worker"]
+        assert devices["d2"]["worker"] == disks != rng == devices["r299"]["worker"]
+        sockets = {d: inode(tmp_path / f"{d}.sock") for d in ("d0", "d1", "d2", "r299")}
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        assert len(json.dumps(devices)) > 64 * 1024 and len(text) > 64 * 1024
+        assert text.count("# TYPE pvcore_requests_total counter") == 1 and 'device="r299"' in text
+
+        (tmp_path / "d2.img").unlink()
+        os.kill(devices["d0"]["worker_pid"], signal.SIGKILL)
+        wait_for(lambda: f"worker {disks} serves again (1 restart(s))" in daemon.text(), "the disks' worker's restart")
+        assert "device d2 (block) not served" in daemon.text()
+        after = listed(tmp_path)
+        assert after["d2"]["state"] == "not served" and "no such file" in after["d2"]["error"]
+        assert "state" not in after["d0"] and after["d0"]["worker_restarts"] == 1
+        frontend = VhostUserFrontend.connect(tmp_path / "d0.sock", timeout=30.0)
+        frontend.start(num_queues=1, queue_size=64)
+        assert frontend.request(0, write(1, 0x41), [1]).data == bytes([VIRTIO_BLK_S_OK])
+        frontend.close()
+        removed = ctl(tmp_path, "remove", "d2")
+        assert removed.returncode == 0, removed.stderr
+        assert "d2" not in listed(tmp_path) and not (tmp_path / "d2.sock").exists()
+
+        os.kill(devices["r7"]["worker_pid"], signal.SIGTERM)  # not the parent's doing: started again
+        wait_for(lambda: f"worker {rng} serves again (1 restart(s))" in daemon.text(), "the rng worker's restart")
+        assert {d: inode(tmp_path / f"{d}.sock") for d in ("d0", "d1", "r299")} == {
+            d: sockets[d] for d in ("d0", "d1", "r299")}
+        assert len(listed(tmp_path)) == 302
+    finally:
+        daemon.terminate()

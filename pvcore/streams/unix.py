@@ -27,7 +27,7 @@ import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("pvcore.streams")
 
@@ -38,9 +38,15 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 
 _PEERCRED = struct.Struct("3i")
 
-ListenerSource = Callable[[Path, str, int], socket.socket]
-"""Where a process gets its listening sockets: ``source(path, what, kind)``, a
-listening non-blocking socket at ``path``, or a :class:`ListenerError`."""
+class ListenerSource(Protocol):
+    """Where a process gets its listening sockets when it does not own them (a worker process)."""
+
+    def get(self, path: Path, what: str, kind: int) -> socket.socket:
+        """A listening non-blocking socket at ``path``, or a :class:`ListenerError`."""
+
+    def release(self, path: Path) -> None:
+        """The socket at ``path`` is no longer listened on here (its device is gone)."""
+
 
 _listener_source: ListenerSource | None = None
 
@@ -50,6 +56,20 @@ def set_listener_source(source: ListenerSource | None) -> None:
     them, :mod:`pvcore.worker`); None binds them here again."""
     global _listener_source
     _listener_source = source
+
+
+def remove_socket_file(path: Path, inode: tuple[int, int] | None) -> None:
+    """A listener at ``path`` stops: unlink the file if it is still the socket of ``inode``; in a
+    process whose sockets come from a :class:`ListenerSource`, tell it instead (it owns the file)."""
+    if _listener_source is not None:
+        _listener_source.release(path)
+        return
+    if inode is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        info = path.lstat()
+        if (info.st_dev, info.st_ino) == inode:
+            path.unlink()
 
 
 class ListenerError(Exception):
@@ -98,7 +118,7 @@ def bind_private_socket(path: Path, what: str, *, kind: int = socket.SOCK_STREAM
     start (bound in a private directory, then moved into place), replacing a stale socket; from the
     :func:`set_listener_source` if one is set."""
     if _listener_source is not None:
-        return _listener_source(path, what, kind)
+        return _listener_source.get(path, what, kind)
     if len(os.fsencode(path)) >= 108:
         raise ListenerError(f"{what}: socket path {path} is too long for a Unix socket (at most 107 bytes)")
     directory = path.parent
@@ -193,9 +213,5 @@ class UnixListener:
     def _remove_socket_file(self) -> None:
         """Unlink the socket file if it is still the one this listener created."""
         inode, self._inode = self._inode, None
-        if inode is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            info = self.path.lstat()
-            if (info.st_dev, info.st_ino) == inode:
-                self.path.unlink()
+        if inode is not None:
+            remove_socket_file(self.path, inode)

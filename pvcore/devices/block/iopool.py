@@ -15,7 +15,9 @@ Sizing: threads start on demand and end when idle. A turn asked for when no
 thread is idle starts a thread unless :attr:`IOPool.max_threads` run already;
 that bound is ``min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))``
 (8 on 1 or 2 CPUs, 16 on 4, 64 from 16), with ``cpus`` the CPUs this process
-may run on. I/O threads spend most of their time in a system call with the GIL
+may run on, divided among the processes that share them
+(:func:`share_cpus`: each of ``pvcore serve --workers N``'s workers counts
+its share). I/O threads spend most of their time in a system call with the GIL
 released, so a few per core keep the storage busy; more only contend for the
 GIL. A turn asked for while a thread is ending its turn (its I/O done), was
 just woken or just started, and has no turn yet, starts no thread: that one
@@ -72,13 +74,23 @@ class Tenant(Protocol):
         """
 
 
+_processes = 1
+
+
+def share_cpus(processes: int) -> None:
+    """This process is one of ``processes`` that serve devices on the same CPUs (a worker of
+    ``pvcore serve --workers N``): pools made from now on are bounded by its share of the CPUs."""
+    global _processes
+    _processes = max(1, processes)
+
+
 def default_max_threads() -> int:
-    """The bound on a pool's threads for this process's CPUs (see the module docstring)."""
+    """The bound on a pool's threads for this process's share of the CPUs (see the module docstring)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))
+    return min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * max(1, cpus // _processes)))
 
 
 class IOPool:

@@ -57,7 +57,7 @@ from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.ring.session import SessionError, VirtioSession
 from pvcore.ring.virtqueue import ring_sizes
-from pvcore.streams.unix import bind_private_socket
+from pvcore.streams.unix import bind_private_socket, remove_socket_file
 from pvcore.virtio import DeviceError, VirtioDevice, bit
 from pvcore.transports.vhost_user.protocol import (
     F_LOG_ALL,
@@ -563,12 +563,7 @@ class VhostUserFrontDoor:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
-                try:
-                    info = os.lstat(self.socket_path)
-                    if (info.st_dev, info.st_ino) == self._socket_inode:
-                        os.unlink(self.socket_path)
-                except FileNotFoundError:
-                    pass
+                remove_socket_file(Path(self.socket_path), self._socket_inode)
 
     def _listen(self) -> socket.socket:
         listener = bind_private_socket(self.socket_path, f"vhost-user {self.name}")
