@@ -362,6 +362,9 @@ def test_hostile_structured_requests(serve, sparse, sconnect):
     assert raw.error(6) == nbd.NBD_EINVAL
     raw.send_request(nbd.NBD_CMD_FLUSH, 7, 0, 0)
     assert raw.chunks() == [(nbd.NBD_REPLY_TYPE_NONE, 7, b"")]
+    for flags in (0, nbd.NBD_CMD_FLAG_DF):  # a read of nothing: no chunk may describe 0 bytes
+        raw.send_request(nbd.NBD_CMD_READ, 8, MIB, 0, flags=flags)
+        assert raw.chunks() == [(nbd.NBD_REPLY_TYPE_NONE, 8, b"")]
     assert raw.structured_read(MIB, 4096)[0] == content[MIB : MIB + 4096]
 
     no_context = sconnect(uri)  # structured replies, but base:allocation not selected

@@ -876,8 +876,12 @@ class _Connection:
         (the page cache serves a hole's zero pages too, unmapped); otherwise a read with no holes goes out as one
         OFFSET_DATA chunk whose header is written in front of the data, in one send. A mapped read with
         holes is an OFFSET_HOLE chunk per hole and an OFFSET_DATA chunk per data extent, sent from its
-        place in the buffer. The last chunk has DONE.
+        place in the buffer. The last chunk has DONE. A read of 0 bytes gets a NONE chunk: a data or hole
+        chunk must describe at least one byte.
         """
+        if not request.length:
+            self._reply(request, 0)
+            return
         unmapped = not extents and request.length < len(_ZEROS) and not request.flags & NBD_CMD_FLAG_DF
         if unmapped and buffer.startswith(_ZEROS[: request.length], _DATA_CHUNK.size):
             extents = (Extent(request.offset, request.length, True),)
