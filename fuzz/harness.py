@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from pvcore.devices.block.iopool import shared_pool
 from pvcore.testing.loopthread import LoopThread
 
 
@@ -65,7 +66,23 @@ def resources() -> dict[str, int]:
     """
     gc.collect()
     loop_thread()
-    return {"fds": open_fds(), "mappings": mappings(), "threads": threading.active_count(), "tasks": tasks()}
+    return {"fds": open_fds(), "mappings": mappings(), "threads": threads(), "tasks": tasks()}
+
+
+def threads() -> int:
+    """Threads alive, but for the shared I/O pool's: they start on demand, end after
+    :data:`~pvcore.devices.block.iopool.IDLE_TIMEOUT` idle and are bounded by the pool itself
+    (an input that starts more than the bound is a finding of :func:`pool_within_bound`)."""
+    prefix = shared_pool().name
+    return sum(1 for thread in threading.enumerate() if not thread.name.startswith(prefix))
+
+
+def pool_within_bound() -> None:
+    """Raise :class:`InvariantError` if the shared I/O pool runs more threads than its hard bound."""
+    pool = shared_pool()
+    running = sum(1 for thread in threading.enumerate() if thread.name.startswith(pool.name))
+    if running > pool.hard_max_threads:
+        raise InvariantError(f"the I/O pool runs {running} threads, over its bound of {pool.hard_max_threads}")
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -96,6 +113,7 @@ class Baseline:
             now = resources()
             grown = {key: (self.counts[key], now[key]) for key in now if now[key] > self.counts[key]}
             if not grown:
+                pool_within_bound()
                 return
             if time.monotonic() > deadline:
                 detail = ", ".join(f"{key} {before} -> {after}" for key, (before, after) in grown.items())
