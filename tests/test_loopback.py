@@ -130,7 +130,7 @@ def test_request_waits_for_a_late_completion() -> None:
     device = HoldingDevice()
     with Loopback(device) as lb:
         head = lb.submit(0, [b"late"], [8])
-        lb.loop.call_later(0.05, device.release, head)
+        lb.loop.call_soon_threadsafe(lb.loop.call_later, 0.05, device.release, head)  # the loop runs in its own thread
         (used,) = lb.wait_used(0, 1, timeout=30)  # returns as soon as it is used; generous for a loaded machine
         assert (used.head, used.data) == (head, b"done")
 
