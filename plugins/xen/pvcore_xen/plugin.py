@@ -192,6 +192,8 @@ class XenPlugin:
                             log.warning("xenstore %s: not a <domid>/<devid> backend node; skipped", address)
                             continue
                         domid, devid = int(domid_text), int(devid_text)
+                        if kind == "console" and devid == 0:
+                            continue  # the primary console: xenconsoled's, never a front door's
                         properties = {"devid": str(devid), "domain": f"{domid}/{devid}"}
                         for node in ("state", "frontend", "mac"):
                             try:

@@ -61,13 +61,13 @@ def test_console_both_ways_with_wrapping_indexes(tmp_path):
 
 
 def test_probe_lists_the_backend_tree(tmp_path):
-    configs = [device("net", "dom1-nic", "1/3", mac=format_mac(MAC1), switch=f"xen-{uuid.uuid4().hex[:8]}"), device("console", "dom2-con", "2/0")]
+    configs = [device("net", "dom1-nic", "1/3", mac=format_mac(MAC1), switch=f"xen-{uuid.uuid4().hex[:8]}"), device("console", "dom2-con", "2/1")]
 
     async def body() -> None:
         async with xen_world(tmp_path, configs) as world:
             for front in (
                 SimulatedNetFrontend(world.host.domains[1], world.clients[1], devid=3),
-                SimulatedConsoleFrontend(world.host.domains[2], world.clients[2], devid=0),
+                SimulatedConsoleFrontend(world.host.domains[2], world.clients[2], devid=1),
             ):  # the handshake moves the state nodes the probe reads: let it settle first
                 await front.wait_backend(XenbusState.INIT_WAIT)
             plugin: XenPlugin = world.plugin
@@ -76,7 +76,12 @@ def test_probe_lists_the_backend_tree(tmp_path):
                 None, lambda: world.registry.call("xen", "pvcore_probe", host=host)
             )
             found = {(slot.device_class, slot.domain, slot.properties["devid"]) for slot in slots}
-            assert found == {("net", "1", "3"), ("console", "2", "0")}
+            assert found == {("net", "1", "3"), ("console", "2", "1")}
+            await world.clients[0].write("/local/domain/0/backend/console/2/0/state", b"1")
+            primary = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: world.registry.call("xen", "pvcore_probe", host=host)
+            )  # xl's primary console (device 0) is xenconsoled's: never listed as waiting
+            assert {(slot.device_class, slot.domain, slot.properties["devid"]) for slot in primary} == found
             direct = await asyncio.get_running_loop().run_in_executor(None, lambda: plugin.pvcore_probe(host=host))
             assert slots == direct
 

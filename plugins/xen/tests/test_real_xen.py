@@ -121,7 +121,20 @@ echo "image $(dd if=$SCRATCH/disk.img bs=4096 skip=2048 count={RESTART_BLOCKS} 2
 """,
 )
 
-CHECKS = [HOST_LAYER, BLOCK, BLOCK_RINGS, CONSOLE, RESTART, NETIF, TAP]
+PROBE = Check(
+    name="probe",
+    dom0_during=r"""
+B=/local/domain/0/backend/console/$DOMID/7
+xenstore-write $B/frontend /local/domain/$DOMID/device/console/7 $B/frontend-id $DOMID $B/state 1
+echo "domid $DOMID"
+$PVCORE probe --hypervisor xen
+xenstore-rm /local/domain/0/backend/console/$DOMID
+""",
+)
+"""A device waiting for a backend, as a toolstack leaves it (backend nodes in state 1), found by
+``pvcore probe`` on the real xenstored."""
+
+CHECKS = [HOST_LAYER, BLOCK, BLOCK_RINGS, CONSOLE, RESTART, NETIF, TAP, PROBE]
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +215,16 @@ def test_pvcore_killed_under_the_guest_is_picked_up_with_no_acknowledged_write_l
     acked = _value(guest.output, "acked")
     assert _value(guest.output, "readback") == acked
     assert _value(xen_run.dom0["restart.dom0_final"].output, "image") == acked
+
+
+def test_probe_on_dom0_lists_a_device_waiting_for_a_backend(xen_run):
+    during = xen_run.dom0["probe.dom0_during"]
+    assert during.rc == 0, during.output
+    domid = _value(during.output, "domid")
+    consoles = {line.split()[1]: line for line in during.output.splitlines() if line.startswith("console ")}
+    root = f"/local/domain/0/backend/console/{domid}"
+    assert f"{root}/0" not in consoles, during.output  # the primary console, which xl leaves to xenconsoled
+    assert "state=4" in consoles[f"{root}/1"], during.output  # the console pvcore serves (CONSOLE)
+    line = consoles[f"{root}/7"]
+    assert "state=1" in line, line
+    assert f"domain={domid}/7" in line and f"frontend=/local/domain/{domid}/device/console/7" in line, line
