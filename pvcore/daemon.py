@@ -20,7 +20,7 @@ import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pvcore.build import log_build
 from pvcore.contract import DaemonContext, DeviceClass, DeviceConfig, DeviceInstance, FrontDoor
@@ -306,14 +306,15 @@ class Daemon:
         self.configs = [instance.config if c is config else c for c in self.configs]
         return old
 
-    def _status(self) -> str:
+    def status(self) -> str:
+        """What the daemon does now, for systemd's STATUS= and the log."""
         return f"serving {len(self.served)} device(s)"
 
-    def _reload(self) -> None:
-        """SIGHUP under :meth:`serve_forever`: tell systemd a reload runs, reopen the logs, say ready again."""
+    def reload(self) -> None:
+        """SIGHUP: tell systemd a reload runs, reopen the logs, say ready again."""
         reloading()
         self.reopen_logs()
-        ready(self._status())
+        ready(self.status())
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
@@ -324,27 +325,64 @@ class Daemon:
         await self._stop.wait()
 
     async def serve_forever(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        await self.start()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        from pvcore.control import ControlServer
+        """Start, serve until SIGTERM/SIGINT, then stop cleanly (:func:`serve_until_stopped`)."""
+        await serve_until_stopped(self)
 
-        control = ControlServer(self)
+
+class Serving(Protocol):
+    """What :func:`serve_until_stopped` runs: a :class:`Daemon`, or the parent of worker processes
+    (:class:`~pvcore.workers.WorkerPool`); also what its control socket controls."""
+
+    hypervisor: str
+    run_dir: Path
+
+    async def start(self) -> Any:
+        """Start every device; a failure leaves nothing started."""
+
+    async def stop(self) -> None:
+        """Stop every device cleanly."""
+
+    def request_stop(self) -> None:
+        """Make :meth:`wait_for_stop` return."""
+
+    async def wait_for_stop(self) -> None:
+        """Return once :meth:`request_stop` was called."""
+
+    def reload(self) -> None:
+        """SIGHUP: reopen log files."""
+
+    def status(self) -> str:
+        """What it does now (``serving N device(s)...``)."""
+
+
+async def serve_until_stopped(server: Serving) -> None:
+    """Start ``server``, answer its control socket until SIGTERM or SIGINT, then stop it cleanly.
+
+    The signal handlers are in place before the start, so a stop asked for
+    while starting is done once the start ends; SIGHUP calls ``reload``. The
+    log line ``serving N device(s)...`` says the start is over; under systemd
+    READY=1 follows it and STOPPING=1 comes before the stop.
+    """
+    from pvcore.control import ControlServer
+
+    loop = asyncio.get_running_loop()
+    handlers = {signal.SIGTERM: server.request_stop, signal.SIGINT: server.request_stop, signal.SIGHUP: server.reload}
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
+    try:
+        await server.start()
+        control = ControlServer(server)
         try:
             await control.start()
-            log.info(
-                "serving %d device(s); default hypervisor %s; run dir %s", len(self.served), self.hypervisor, self.run_dir
-            )
+            log.info("%s; default hypervisor %s; run dir %s", server.status(), server.hypervisor, server.run_dir)
             log_build()
-            ready(self._status())
-            await self.wait_for_stop()
+            ready(server.status())
+            await server.wait_for_stop()
         finally:
             await control.stop()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
             log.info("stopping")
             stopping()
-            await self.stop()
+            await server.stop()
+    finally:
+        for signum in handlers:
+            loop.remove_signal_handler(signum)

@@ -49,10 +49,10 @@ from typing import Any
 import attrs
 
 from pvcore.contract import DeviceConfig
-from pvcore.daemon import DaemonError, start_metrics
+from pvcore.daemon import DaemonError, serve_until_stopped, start_metrics
 from pvcore.registry import Registry
 from pvcore.streams.unix import ListenerError, bind_private_socket
-from pvcore.systemd_notify import ready, reloading, stopping
+from pvcore.systemd_notify import ready, reloading
 
 log = logging.getLogger("pvcore.workers")
 
@@ -594,43 +594,23 @@ class WorkerPool:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
         self._stop.set()
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: every serving worker reopens its log files."""
         reloading()
         for worker in self.workers:
             if worker.serving and worker.proc is not None and worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGHUP)
         log.info("log files reopened")
-        ready(self._status())
+        ready(self.status())
 
-    def _status(self) -> str:
+    def status(self) -> str:
+        """What the workers do now, for systemd's STATUS= and the log."""
         return f"serving {self.device_count} device(s) in {len(self.workers)} worker processes"
 
-    async def serve_forever(self) -> None:
-        """Start the workers, serve until SIGTERM/SIGINT, then stop them cleanly."""
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)  # a stop asked while starting waits for the start
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        try:
-            await self.start()
-        except BaseException:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            raise
-        from pvcore.build import log_build
-        from pvcore.control import ControlServer
+    async def wait_for_stop(self) -> None:
+        """Return once :meth:`request_stop` was called."""
+        await self._stop.wait()
 
-        control = ControlServer(self)
-        try:
-            await control.start()
-            log.info("%s; default hypervisor %s; run dir %s", self._status(), self.hypervisor, self.run_dir)
-            log_build()
-            ready(self._status())
-            await self._stop.wait()
-        finally:
-            await control.stop()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            log.info("stopping")
-            stopping()
-            await self.stop()
+    async def serve_forever(self) -> None:
+        """Start the workers, serve until SIGTERM/SIGINT, then stop them cleanly (:func:`serve_until_stopped`)."""
+        await serve_until_stopped(self)
