@@ -25,8 +25,10 @@ every NIC of a switch, every disk of a throttle group, every rng device of a
 domain. A worker that dies is started again with the same devices (plus
 those added and minus those removed since, and with swapped media) after a
 delay that doubles while it keeps dying young; the other workers and their
-guests never notice. Live limit changes (``set-limits``, ``set-rate``) are
-not kept across a worker's restart.
+guests never notice. A device the restarted worker cannot start is listed as
+not served until ``ctl remove`` or ``swap-media`` fixes it; the others serve.
+Live limit changes (``set-limits``, ``set-rate``) are not kept across a
+worker's restart.
 """
 
 from __future__ import annotations
