@@ -123,7 +123,7 @@ class XenPeer(ConformancePeer):
         self.host = SimulatedXenHost(backend_domid=0)
         self.clients: dict[int, XenstoreClient] = {}
         self.devices: dict[str, tuple[int, int]] = {}
-        self.next_devid = dict.fromkeys(GUESTS, 0)
+        self.next_devid = dict.fromkeys(GUESTS, 1)  # device 0 of a console is the primary, xenconsoled's
         self.xen_plugin: XenPlugin | None = None
         self.loop: LoopThread | None = None
         self.corrupt = False
