@@ -226,18 +226,23 @@ def socket_of(uri: str) -> str:
     return uri.split("socket=", 1)[1]
 
 
-@pytest.fixture
-def connect() -> Iterator[Callable[[str], RawClient]]:
-    """Opens raw clients to an export's URI; all are closed afterwards."""
+def open_clients(kind: type[RawClient]) -> Iterator[Callable[[str], RawClient]]:
+    """A fixture's body: opens raw clients of ``kind`` to an export's URI; all are closed afterwards."""
     clients: list[RawClient] = []
 
     def open_client(uri: str) -> RawClient:
-        clients.append(RawClient(socket_of(uri)))
+        clients.append(kind(socket_of(uri)))
         return clients[-1]
 
     yield open_client
     for raw in clients:
         raw.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[str], RawClient]]:
+    """Opens raw clients to an export's URI; all are closed afterwards."""
+    yield from open_clients(RawClient)
     
 
 def test_hostile_requests_get_errors_and_others_keep_working(serve, image, connect):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_nbd import RawClient, client, run, serve  # noqa: F401
+from test_nbd import RawClient, client, open_clients, run, serve  # noqa: F401
 
 from pvcore.devices.block.extents import PAGE_SIZE, Extent, map_extents, page_holes, read_mapped
 from pvcore.devices.block.store import RawFileStore
@@ -67,15 +67,7 @@ def sparse(tmp_path: Path) -> SparseImage:
 @pytest.fixture
 def sconnect() -> Iterator[Callable[[str], StructuredClient]]:
     """Opens raw clients that can negotiate structured replies; all are closed afterwards."""
-    clients: list[StructuredClient] = []
-
-    def open_client(uri: str) -> StructuredClient:
-        clients.append(StructuredClient(socket_path(uri)))
-        return clients[-1]
-
-    yield open_client
-    for raw in clients:
-        raw.close()
+    yield from open_clients(StructuredClient)
 
 
 class StructuredClient(RawClient):
@@ -160,10 +152,6 @@ class StructuredClient(RawClient):
 def meta_request(name: bytes, queries: list[bytes]) -> bytes:
     body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
     return body + b"".join(struct.pack(">I", len(q)) + q for q in queries)
-
-
-def socket_path(uri: str) -> str:
-    return uri.split("socket=", 1)[1]
 
 
 def nbdinfo_map(uri: str) -> list[tuple[int, int, str]]:
