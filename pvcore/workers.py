@@ -53,7 +53,7 @@ import attrs
 from pvcore.contract import DeviceConfig
 from pvcore.daemon import DaemonError, serve_until_stopped, start_metrics
 from pvcore.registry import Registry
-from pvcore.streams.unix import ListenerError, bind_private_socket
+from pvcore.streams.unix import ListenerError, bind_private_socket, remove_socket_file
 from pvcore.systemd_notify import ready, reloading
 
 log = logging.getLogger("pvcore.workers")
@@ -171,17 +171,13 @@ class ListenerBroker:
         """The device at ``path`` is gone: close its socket and remove the file if it is still that socket."""
         held = self._held.pop(path, None)
         if held is not None:
-            if _inode(path) == held[1]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            remove_socket_file(path, held[1])
             held[0].close()
 
     def close(self) -> None:
         """Close every socket and remove its file if the file is still that socket."""
         for path, (sock, inode) in list(self._held.items()):
-            if _inode(path) == inode:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            remove_socket_file(path, inode)
             sock.close()
         self._held.clear()
 
