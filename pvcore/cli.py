@@ -272,6 +272,12 @@ def add_libvirt_commands(commands: Any) -> None:
     daemon.add_argument("--run-dir", **run_dir)
     daemon.add_argument("--metrics", type=metrics_address, metavar="HOST:PORT", help=METRICS_HELP)
     daemon.add_argument("--domain", metavar="DOMAIN", help="serve only DOMAIN, until it stops (what deploy starts without a daemon)")
+    daemon.add_argument(
+        "--workers", type=worker_count, metavar="N",
+        help="worker processes to serve the devices in, libvirt followed in this one (default: the number of CPUs; "
+        "with --domain: 1; 1: serve in this process). Devices sharing a switch, a throttle group or a domain's rng "
+        "share a worker; the others go to the worker with the fewest",
+    )
 
 
 def cmd_probe_host(registry: Registry, hypervisor: str) -> int:
@@ -299,9 +305,10 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
         if args.command == "daemon":
             from pvcore.libvirt.follower import HostDaemon
 
+            workers = args.workers or (1 if args.domain else default_worker_count())
             host_daemon = HostDaemon(
                 registry, args.connect, run_dir=run_dir, hypervisor=args.hypervisor, only_domain=args.domain,
-                metrics=args.metrics,
+                metrics=args.metrics, workers=workers,
             )
             asyncio.run(host_daemon.run())
             return 0

@@ -208,16 +208,26 @@ class Daemon:
 
     async def add_device(self, spec: str) -> str:
         """Build and start one more device from ``CLASS:key=value,...``; its name. A ``ControlError`` changes nothing."""
-        from pvcore.config import ConfigError, check_unique, parse_devices
+        from pvcore.config import ConfigError, parse_devices
+        from pvcore.control import ControlError
+
+        try:
+            (config,) = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
+        except (ConfigError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
+        return await self.add_config(config)
+
+    async def add_config(self, config: DeviceConfig) -> str:
+        """Build and start one more device from its parsed ``config``; its name. A ``ControlError`` changes nothing."""
+        from pvcore.config import ConfigError, check_unique
         from pvcore.control import ControlError
         from pvcore.devices.net import get_switch
         from pvcore.streams.unix import ListenerError
         from pvcore.virtio import DeviceError
 
         try:
-            (config,) = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
             check_unique([instance.config for instance, _ in self.served] + [config])
-        except (ConfigError, ValueError) as exc:
+        except ConfigError as exc:
             raise ControlError(str(exc)) from None
         hypervisor = config.get("hypervisor") or self.hypervisor
         if hypervisor not in self.registry.hypervisors():

@@ -9,8 +9,12 @@ CONTROL_FD LISTEN_FD PARENT_PID`` with two sockets inherited from it:
   ERROR}}`` (or ``{"ready": false, "error": ...}`` if a device cannot start
   at the daemon's start; a worker started again serves what it can and names
   the rest in ``failed``); then, one line each way per request, the control
-  protocol (:mod:`pvcore.control`) plus ``{"command": "metrics"}``, answered
-  with the worker's metric families; each answer carries its request's ``id``;
+  protocol (:mod:`pvcore.control`) plus two requests of the parent only:
+  ``{"command": "metrics"}``, answered with the worker's metric families, and
+  ``{"command": "add-config", "config": BASE64}``, a pickled
+  :class:`~pvcore.contract.DeviceConfig` to serve (``pvcore daemon`` adds
+  devices already parsed and adapted to the domain's XML); each answer
+  carries its request's ``id``;
 * LISTEN_FD (a seqpacket socket): every listening socket a device's front
   door asks for (:func:`~pvcore.streams.unix.bind_private_socket`) is asked
   of the parent, which creates it (or hands back the one it already holds for
@@ -29,6 +33,7 @@ end passes arrive at the worker itself, on the connections it accepts.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import logging
@@ -40,7 +45,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pvcore.control import ControlServer
+from pvcore.contract import DeviceConfig
+from pvcore.control import ControlError, ControlServer
 from pvcore.daemon import Daemon
 from pvcore.registry import default_registry
 from pvcore.streams.unix import ListenerError, set_listener_source
@@ -125,8 +131,22 @@ def _read_spec(control: socket.socket) -> WorkerSpec:
     return spec
 
 
+async def _add_config(daemon: Daemon, payload: str) -> dict[str, Any]:
+    """``add-config``: serve the pickled :class:`DeviceConfig` the parent sent (a refused one changes nothing)."""
+    config = pickle.loads(base64.b64decode(payload))  # from the parent process, which started this one
+    if not isinstance(config, DeviceConfig):
+        return {"ok": False, "error": "add-config: the parent sent something other than a DeviceConfig"}
+    try:
+        return {"ok": True, "device": await daemon.add_config(config)}
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a plugin's own error (a ContractError, say) refuses that device only
+        log.exception("worker: device %s did not start", config.name)
+        return {"ok": False, "error": f"{config.name}: {type(exc).__name__}: {exc}"}
+
+
 async def _answer(daemon: Daemon, answers: ControlServer, line: bytes) -> dict[str, Any]:
-    """One request of the parent, answered with its ``id``: ``metrics``, or a control request."""
+    """One request of the parent, answered with its ``id``: ``metrics``, ``add-config``, or a control request."""
     try:
         request = json.loads(line)
         command, ident = request.get("command"), request.get("id")
@@ -136,6 +156,8 @@ async def _answer(daemon: Daemon, answers: ControlServer, line: bytes) -> dict[s
         from pvcore.metrics import DeviceCollector, families_as_json
 
         answer = {"ok": True, "families": families_as_json(DeviceCollector(daemon.served_entries))}
+    elif command == "add-config":
+        answer = await _add_config(daemon, str(request.get("config")))
     else:
         answer = await answers.answer(line)
     return {**answer, "id": ident}

@@ -1,10 +1,13 @@
-"""``pvcore serve --workers N``: the devices of one daemon spread over N worker processes.
+"""``pvcore serve --workers N`` and ``pvcore daemon --workers N``: devices spread over N worker processes.
 
 One Python process is one core, whatever the host has. With ``--workers N``
 the daemon's process becomes a parent that serves no device itself: it
 starts N worker processes (:mod:`pvcore.worker`), each a
 :class:`~pvcore.daemon.Daemon` over its share of the devices, and keeps what
-must outlive any one of them:
+must outlive any one of them (``pvcore daemon`` also keeps libvirt: it
+follows the domains in the parent and asks the pool to :meth:`~WorkerPool.add`
+and :meth:`~WorkerPool.remove` their devices, see
+:mod:`pvcore.libvirt.follower`):
 
 * the sockets: every listening socket a worker's front doors ask for is
   created and held by the parent (:class:`ListenerBroker`) and passed to the
@@ -22,7 +25,8 @@ must outlive any one of them:
 
 Devices that share state in one process stay together (:func:`partition`):
 every NIC of a switch, every disk of a throttle group, every rng device of a
-domain. A worker that dies is started again with the same devices (plus
+domain; a device added later goes to the worker holding what it shares, else
+to the one serving the fewest devices (:meth:`WorkerPool.place`). A worker that dies is started again with the same devices (plus
 those added and minus those removed since, and with swapped media) after a
 delay that doubles while it keeps dying young; the other workers and their
 guests never notice. A device the restarted worker cannot start is listed as
@@ -34,6 +38,7 @@ worker's restart.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -366,7 +371,13 @@ class Worker:
 
 class WorkerPool:
     """The parent of ``pvcore serve --workers N``: starts, watches and controls the workers (a
-    :class:`~pvcore.control.Controlled`); see the module docstring."""
+    :class:`~pvcore.control.Controlled`); see the module docstring.
+
+    ``shares`` are the devices each worker starts with; ``pvcore daemon``
+    starts N empty ones and adds the domains' devices as libvirt names them
+    (:meth:`add`, :meth:`remove`: the :class:`~pvcore.libvirt.hosting.DeviceHost`
+    of its follower).
+    """
 
     def __init__(
         self,
@@ -525,21 +536,61 @@ class WorkerPool:
         return devices
 
     async def add_device(self, spec: str) -> str:
-        """Serve one more device, in the worker holding what it shares (else the one with fewest devices)."""
-        from pvcore.config import ConfigError, check_unique, parse_devices
+        """Serve one more device from ``CLASS:key=value,...`` (:meth:`add`); its name."""
+        from pvcore.config import ConfigError, parse_devices
         from pvcore.control import ControlError
 
         try:
             (config,) = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
-            check_unique([c for worker in self.workers for c in worker.configs] + [config])
         except (ConfigError, ValueError) as exc:
             raise ControlError(str(exc)) from None
-        keys = set(_shared_state(config))
-        worker = next((w for w in self.workers if keys & {k for c in w.configs for k in _shared_state(c)}), None)
-        worker = worker or min(self.workers, key=lambda w: len(w.configs))
-        await self._forward(worker, {"command": "add", "device": spec})
-        worker.configs.append(config)
+        await self.add([config])
         return config.name
+
+    def place(self, configs: Sequence[DeviceConfig]) -> Worker:
+        """The worker for ``configs``: the one holding state they share (a switch, a throttle group, an rng
+        domain), else the serving one with the fewest devices."""
+        keys = {key for config in configs for key in _shared_state(config)}
+        bound = next((w for w in self.workers if keys & {k for c in w.configs for k in _shared_state(c)}), None)
+        if bound is not None:
+            return bound
+        return min([w for w in self.workers if w.serving] or self.workers, key=lambda w: len(w.configs))
+
+    async def add(self, configs: Sequence[DeviceConfig]) -> None:
+        """Serve ``configs`` together in the worker :meth:`place` picks; a ``ControlError`` leaves none of them.
+
+        A worker that is down (its restart pending) takes them into what it
+        serves when it starts again.
+        """
+        from pvcore.config import ConfigError, check_unique
+        from pvcore.control import ControlError
+
+        try:
+            check_unique([c for worker in self.workers for c in worker.configs] + list(configs))
+        except ConfigError as exc:
+            raise ControlError(str(exc)) from None
+        worker = self.place(configs)
+        if not worker.serving:
+            self._not_starting(worker)
+            worker.configs.extend(configs)
+            return
+        added: list[DeviceConfig] = []
+        try:
+            for config in configs:
+                payload = base64.b64encode(pickle.dumps(config)).decode()
+                await self._forward(worker, {"command": "add-config", "config": payload})
+                worker.configs.append(config)
+                added.append(config)
+        except Exception:
+            for config in added:
+                with contextlib.suppress(Exception):  # the first error is the answer
+                    await self.remove_device(config.name)
+            raise
+
+    async def remove(self, names: Sequence[str]) -> None:
+        """Stop and remove the devices ``names`` (:meth:`remove_device` each)."""
+        for name in names:
+            await self.remove_device(name)
 
     async def remove_device(self, name: str) -> None:
         """Remove a device from its worker (its socket goes); from a worker that is down, or that could
@@ -592,13 +643,17 @@ class WorkerPool:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""
         self._stop.set()
 
-    def reload(self) -> None:
-        """SIGHUP: every serving worker reopens its log files."""
-        reloading()
+    def reopen_logs(self) -> None:
+        """Every serving worker reopens its log files (SIGHUP to it)."""
         for worker in self.workers:
             if worker.serving and worker.proc is not None and worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGHUP)
         log.info("log files reopened")
+
+    def reload(self) -> None:
+        """SIGHUP: tell systemd a reload runs, have every worker reopen its log files, say ready again."""
+        reloading()
+        self.reopen_logs()
         ready(self.status())
 
     def status(self) -> str:

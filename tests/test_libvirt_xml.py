@@ -552,8 +552,8 @@ def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_
             patched.setattr(follower, "write_specs", refused)
             answer = request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)})
         assert answer["ok"] is False and "could not be recorded in its metadata: metadata write refused" in answer["error"]
-        served = host.served[domain.UUIDString()]
-        assert served.devices[block].served[0][0].engine.store.path == str(old)
+        assert set(host.served[domain.UUIDString()].devices) == {block, rng}
+        assert host.devices.daemons["disk"].served[0][0].engine.store.path == str(old)
         assert read_specs(domain, libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt) == [block, rng, missing]
 
         assert request(run_dir, {"command": "swap-media", "device": "disk", "path": str(new)}) == {"ok": True, "old": str(old)}
@@ -564,7 +564,7 @@ def test_host_daemon_control_socket_lists_by_domain_swaps_media_into_the_record_
         wait_until(lambda: host._events.empty())
         served = host.served[domain.UUIDString()]
         assert set(served.devices) == {swapped, rng}
-        assert served.devices[swapped].served[0][0].engine.store.path == str(new)
+        assert host.devices.daemons["disk"].served[0][0].engine.store.path == str(new)
         assert plugin.doors.count("start disk") == 1 and "stop disk" not in plugin.doors
     finally:
         loop.loop.call_soon_threadsafe(host.request_stop)

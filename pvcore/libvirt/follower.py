@@ -1,8 +1,13 @@
 """``pvcore daemon --connect URI``: serve every domain's devices from metadata, following lifecycles.
 
 The host daemon reads pvcore's metadata of every domain on the connection
-and serves each recorded device (one :class:`~pvcore.daemon.Daemon` per
-device, so adding or removing one never touches the others). It follows
+and serves each recorded device through a
+:class:`~pvcore.libvirt.hosting.DeviceHost`: with ``workers`` 1 in its own
+process (one :class:`~pvcore.daemon.Daemon` per device, so adding or removing
+one never touches the others), with more in that many worker processes
+(:class:`~pvcore.workers.WorkerPool`; libvirt, the sockets, the logs and the
+signals stay in this process, and a worker that dies is started again with
+its devices while the follower goes on). It follows
 libvirt's events (lifecycle and metadata changes) on a thread running
 libvirt's default event loop and handles them one at a time on the asyncio
 loop:
@@ -64,12 +69,13 @@ import attrs
 from pvcore.config import ConfigError, parse_devices, split_spec
 from pvcore.contract import ContractError, DeviceConfig, LibvirtXml
 from pvcore.control import ControlError, ControlServer, control_socket_path
-from pvcore.daemon import Daemon, DaemonError, start_metrics
+from pvcore.daemon import DaemonError
 from pvcore.libvirt import LibvirtError, runlock
 from pvcore.libvirt.connection import choose_hypervisor, import_libvirt, is_local_uri, lookup_domain, open_connection
 from pvcore.libvirt.devicexml import plugin_xml
+from pvcore.libvirt.hosting import DeviceHost, LocalDevices
 from pvcore.libvirt.metadata import NAMESPACE, format_spec, read_specs, write_specs
-from pvcore.metrics import MetricsAddress, MetricsServer, ServedEntry
+from pvcore.metrics import MetricsAddress
 from pvcore.registry import Registry
 from pvcore.streams.unix import ListenerError
 from pvcore.systemd_notify import ready, reloading, stopping
@@ -128,12 +134,13 @@ def check_metadata_paths(config: DeviceConfig, run_dir: Path) -> None:
 
 @attrs.define(eq=False)
 class ServedDomain:
-    """The devices served for one domain: spec -> its daemon, and the domain lock held for them."""
+    """The devices served for one domain: spec -> the names of the devices it made, and the domain lock held
+    for them."""
 
     uuid: str
     name: str
     lock_fd: int
-    devices: dict[str, Daemon] = attrs.field(factory=dict)
+    devices: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -160,7 +167,8 @@ class HostDaemon:
     ``hypervisor`` forces a plugin (default: detected from the connection);
     ``only_domain`` makes this the one-domain server described above;
     ``metrics`` is where the devices of every domain are served as Prometheus
-    metrics (None: nowhere).
+    metrics (None: nowhere); ``workers`` is how many worker processes serve
+    the devices (1: this process, as :class:`~pvcore.libvirt.hosting.LocalDevices`).
     """
 
     def __init__(
@@ -172,10 +180,15 @@ class HostDaemon:
         hypervisor: str | None = None,
         only_domain: str | None = None,
         metrics: MetricsAddress | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be at least 1")
         self.registry = registry
         self.metrics = metrics
-        self._metrics_server: MetricsServer | None = None
+        self.workers = workers
+        self.devices: DeviceHost | None = None
+        """What serves the devices, made once the connection names the hypervisor."""
         self.uri = uri
         self.run_dir = run_dir
         self.requested_hypervisor = hypervisor
@@ -196,15 +209,6 @@ class HostDaemon:
         self._unserved: dict[str, Unserved] = {}
         self._changing = asyncio.Lock()
         """Held while an event is handled and while a control request rewrites metadata."""
-
-    def served_entries(self) -> list[ServedEntry]:
-        """Every device served now, of every domain (what the metrics collector reads)."""
-        return [
-            entry
-            for served in list(self.served.values())
-            for daemon in list(served.devices.values())
-            for entry in daemon.served_entries()
-        ]
 
     @property
     def device_count(self) -> int:
@@ -230,11 +234,9 @@ class HostDaemon:
             self._loop.add_signal_handler(signal.SIGINT, self.request_stop)
             self._loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
-            if self.metrics is not None:
-                from pvcore.metrics import DeviceCollector
-
-                self._metrics_server = start_metrics(self.metrics, DeviceCollector(self.served_entries))
             await self._connect()
+            self.devices = self._device_host()
+            await self.devices.start()
             if self.only_domain is not None:
                 domain = await asyncio.to_thread(lookup_domain, self._conn, self.only_domain)
                 self._only_uuid = domain.UUIDString()
@@ -260,16 +262,26 @@ class HostDaemon:
                 self._control = None
             for uuid in list(self.served):
                 await self._release_domain(uuid, "the daemon stops")
+            if self.devices is not None:
+                await self.devices.stop()
             await asyncio.to_thread(self._disconnect)
             if self._daemon_lock is not None:
                 runlock.release(self._daemon_lock)
                 self._daemon_lock = None
-            if self._metrics_server is not None:
-                self._metrics_server.stop()
-                self._metrics_server = None
+
+    def _device_host(self) -> DeviceHost:
+        """In this process (``workers`` 1), or a pool of that many empty workers the devices are added to."""
+        if self.workers == 1:
+            return LocalDevices(self.registry, self.hypervisor, run_dir=self.run_dir, metrics=self.metrics)
+        from pvcore.workers import WorkerPool
+
+        return WorkerPool(
+            self.registry, self.hypervisor, [[] for _ in range(self.workers)], run_dir=self.run_dir, metrics=self.metrics
+        )
 
     def _status(self) -> str:
-        return f"serving {self.device_count} device(s) of {len(self.served)} domain(s)"
+        where = f" in {self.workers} worker processes" if self.workers > 1 else ""
+        return f"serving {self.device_count} device(s) of {len(self.served)} domain(s){where}"
 
     async def _start_control(self) -> None:
         """Listen on the control socket; if that fails the devices are served all the same (logged)."""
@@ -289,20 +301,22 @@ class HostDaemon:
 
     def reopen_logs(self) -> None:
         """SIGHUP: every device reopens the log files it writes."""
-        for served in self.served.values():
-            for daemon in served.devices.values():
-                daemon.reopen_logs()
+        if self.devices is not None:
+            self.devices.reopen_logs()
 
     # -- the control socket ------------------------------------------------
 
-    def describe_devices(self) -> list[dict[str, object]]:
-        """Every device of every domain: those served (``state`` served), then those that could not be
-        (``state`` not served, ``error`` why); ``domain`` is the libvirt domain's name."""
+    async def describe_devices(self) -> list[dict[str, object]]:
+        """Every device of every domain: those served (``state`` served, or as a worker pool says: ``restarting``,
+        ``not served``), then those that could not be (``state`` not served, ``error`` why); ``domain`` is the
+        libvirt domain's name."""
+        domains = {
+            name: served.name for served in list(self.served.values()) for names in served.devices.values() for name in names
+        }
+        entries = await self.devices.describe_devices() if self.devices is not None else []
         devices: list[dict[str, object]] = [
-            {**entry, "domain": served.name, "state": "served"}
-            for served in list(self.served.values())
-            for daemon in list(served.devices.values())
-            for entry in daemon.describe_devices()
+            {**entry, "domain": domains.get(str(entry["name"]), entry.get("domain")), "state": entry.get("state", "served")}
+            for entry in entries
         ]
         for unserved in list(self._unserved.values()):
             for spec, error in list(unserved.errors.items()):
@@ -331,39 +345,39 @@ class HostDaemon:
             "remove a device with `pvcore undeploy --connect URI DOMAIN NAME`, which detaches it and updates the record"
         )
 
-    def _find(self, name: str) -> tuple[ServedDomain, str, Daemon]:
+    def _find(self, name: str) -> tuple[ServedDomain, str, DeviceHost]:
         for served in self.served.values():
-            for spec, daemon in served.devices.items():
-                if any(instance.config.name == name for instance, _ in daemon.served):
-                    return served, spec, daemon
-        names = sorted(i.config.name for s in self.served.values() for d in s.devices.values() for i, _ in d.served)
+            for spec, names in served.devices.items():
+                if name in names and self.devices is not None:
+                    return served, spec, self.devices
+        names = sorted(n for s in self.served.values() for device in s.devices.values() for n in device)
         raise ControlError(f"no device named {name!r} is served; devices: {', '.join(names) or 'none'}")
 
-    def set_rng_rate(self, name: str, rate: str) -> str:
+    async def set_rng_rate(self, name: str, rate: str) -> str:
         """Change the rate of rng device ``name``'s domain now (not recorded in the metadata)."""
-        _, _, daemon = self._find(name)
-        return daemon.set_rng_rate(name, rate)
+        _, _, devices = self._find(name)
+        return await devices.set_rng_rate(name, rate)
 
-    def set_limits(self, name: str, limits: str) -> dict[str, object]:
+    async def set_limits(self, name: str, limits: str) -> dict[str, object]:
         """Change device ``name``'s I/O limits now (see :meth:`Daemon.set_limits`; not recorded in the metadata)."""
-        _, _, daemon = self._find(name)
-        return daemon.set_limits(name, limits)
+        _, _, devices = self._find(name)
+        return await devices.set_limits(name, limits)
 
     async def swap_media(self, name: str, path: str) -> str:
         """Change block device ``name``'s backing file (see :meth:`Daemon.swap_media`) and record the
         new ``path=`` in the domain's metadata; if the record cannot be written, the old file is put back."""
         async with self._changing:
-            served, spec, daemon = self._find(name)
+            served, spec, devices = self._find(name)
             try:
                 check_metadata_paths(DeviceConfig("block", name, {"path": path}), self.run_dir)
             except ConfigError as exc:
                 raise ControlError(str(exc)) from None
-            old = await daemon.swap_media(name, path)
+            old = await devices.swap_media(name, path)
             try:
                 await self._record(served, spec, {"path": path})
             except ControlError as exc:
                 try:
-                    await daemon.swap_media(name, old)
+                    await devices.swap_media(name, old)
                 except ControlError as back:
                     raise ControlError(
                         f"{exc}; putting {old} back failed too ({back}): the device serves {path}, which the "
@@ -595,30 +609,30 @@ class HostDaemon:
             await self._sync_domain(uuid, "retry")
 
     async def _start_device(self, served: ServedDomain, spec: str) -> None:
+        assert self.devices is not None
         try:
             configs = parse_devices([spec], self.registry.device_classes(), self.registry.plugin_options(self.hypervisor))
             for config in configs:
                 check_metadata_paths(config, self.run_dir)
             as_served = [self.xml.served(c) for c in configs] if self.xml is not None else configs
-            daemon = Daemon(
-                self.registry, self.hypervisor, as_served, run_dir=self.run_dir,
-                measure_service_time=self.metrics is not None,
-            )
-            await daemon.start()
-        except (ConfigError, DaemonError, DeviceError, ContractError, ListenerError, ValueError, OSError) as exc:
+            await self.devices.add(as_served)
+        except (
+            ConfigError, ControlError, DaemonError, DeviceError, ContractError, ListenerError, ValueError, OSError
+        ) as exc:
             unserved = self._unserved.setdefault(served.uuid, Unserved(served.name))
             if unserved.errors.get(spec) != str(exc):
                 log.error("domain %s: device %s not served: %s", served.name, spec, exc)
             unserved.errors[spec] = str(exc)
             return
         self._unserved.get(served.uuid, Unserved(served.name)).errors.pop(spec, None)
-        served.devices[spec] = daemon
+        served.devices[spec] = tuple(config.name for config in as_served)
         log.info("domain %s: serving %s", served.name, spec)
 
     async def _stop_device(self, served: ServedDomain, spec: str, why: str) -> None:
-        daemon = served.devices.pop(spec)
+        names = served.devices.pop(spec)
         try:
-            await daemon.stop()
+            assert self.devices is not None
+            await self.devices.remove(names)
         except Exception as exc:  # one device's failing clean-up must not keep the others up
             log.error("domain %s: device %s did not stop cleanly: %s", served.name, spec, exc)
         log.info("domain %s: released %s: %s", served.name, spec, why)

@@ -284,3 +284,72 @@ def test_shared_memory_that_is_not_a_memfd_is_a_problem(backing):
         "<domain><name>vm</name><memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking></domain>"
     )
     assert LIBVIRT_XML.check("vm", memfd, [disk]) == []
+
+
+def test_host_daemon_with_workers_serves_in_them_and_a_killed_worker_serves_its_devices_again(
+    conn, kvm_registry, domain_name, run_dir
+) -> None:
+    """``pvcore daemon --workers 2``: the follower stays in this process and each deployed device is served by
+    a worker process, its child; a domain's two rng devices share one worker, the rest are spread. A worker
+    killed with SIGKILL is started again with its devices on the same socket (a disk written before reads
+    back), the other worker goes on, and undeploy removes the devices and their sockets from the workers."""
+    import os
+    import signal
+    import socket
+
+    from pvcore.control import request
+    from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+    from pvcore.testing.vhost_user_frontend import VhostUserFrontend
+
+    disk = run_dir / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    conn.defineXML(domain_xml(domain_name))
+    loop = LoopThread()
+    host = HostDaemon(kvm_registry, URI, run_dir=run_dir, workers=2)
+    future = asyncio.run_coroutine_threadsafe(host.run(handle_signals=False), loop.loop)
+
+    def listed() -> dict[str, dict]:
+        answer = request(run_dir, {"command": "list"})
+        assert answer["ok"], answer
+        return {device["name"]: device for device in answer["devices"]}
+
+    def parent_of(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    try:
+        wait_until(lambda: (run_dir / "control.sock").exists(), 60)
+        texts = [f"block:path={disk}", "console:", "rng:rate=4096/1s", "rng:rate=4096/1s"]
+        deploy(conn, kvm_registry, URI, domain_name, texts, run_dir=run_dir, timeout=30)
+        devices = listed()
+        block, console, rng0, rng1 = (f"{domain_name}-{n}" for n in ("block0", "console0", "rng0", "rng1"))
+        assert {d["state"] for d in devices.values()} == {"served"} and set(devices) == {block, console, rng0, rng1}
+        assert {d["domain"] for d in devices.values()} == {domain_name}
+        pids = {name: device["worker_pid"] for name, device in devices.items()}
+        assert all(parent_of(pid) == os.getpid() for pid in pids.values())
+        assert devices[rng0]["worker"] == devices[rng1]["worker"]
+        assert {d["worker"] for d in devices.values()} == {"w0", "w1"}
+
+        frontend = VhostUserFrontend.connect(run_dir / f"{domain_name}-block0.sock", timeout=30.0)
+        frontend.start(num_queues=1, queue_size=64, inflight=True)
+        header = REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 5)
+        assert frontend.request(0, [header, b"\x5a" * 512], [1]).data == bytes([VIRTIO_BLK_S_OK])
+        os.kill(pids[block], signal.SIGKILL)
+        wait_until(lambda: listed()[block].get("worker_restarts") == 1, 60)
+        after = listed()
+        assert after[block]["worker_pid"] != pids[block] and after[block]["state"] == "served"
+        other = rng0 if devices[rng0]["worker"] != devices[block]["worker"] else console
+        assert after[other]["worker_pid"] == pids[other] and after[other]["worker_restarts"] == 0
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(run_dir / f"{domain_name}-block0.sock"))  # the parent kept the socket
+        frontend.reconnect(sock)
+        used = frontend.request(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 5)], [512, 1])
+        assert used.data == b"\x5a" * 512 + bytes([VIRTIO_BLK_S_OK])
+        frontend.close()
+
+        undeploy(conn, kvm_registry, URI, domain_name, timeout=30)
+        assert not any(run_dir.glob(f"{domain_name}-*.sock")) and listed() == {}
+    finally:
+        loop.loop.call_soon_threadsafe(host.request_stop)
+        future.result(60)
+        loop.close()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in {after[block]["worker_pid"], *pids.values()})
