@@ -79,7 +79,7 @@ def control_socket_path(run_dir: Path, domain_uuid: str | None = None) -> Path:
 class Controlled(Protocol):
     """What a control socket controls: ``pvcore serve``'s :class:`~pvcore.daemon.Daemon`, or
     ``pvcore daemon``'s :class:`~pvcore.libvirt.follower.HostDaemon`, or the parent of
-    ``pvcore serve``'s worker processes (:class:`~pvcore.workers.WorkerPool`), whose
+    ``pvcore serve``'s worker processes (:class:`~pvcore.workers.WorkerPool`); the last two's
     ``describe_devices``, ``set_rng_rate`` and ``set_limits`` are coroutines."""
 
     run_dir: Path

@@ -17,13 +17,19 @@ Two boots:
 1. ``pvcore deploy`` a disk and an rng with no daemon running (deploy starts
    a one-domain server); ``virsh start``; the guest's results are checked;
    ``virsh destroy`` releases the backends and removes their sockets.
-2. ``pvcore daemon`` runs; libvirt alone starts the domain; the daemon serves
-   it from metadata. While the guest waits, the daemon is stopped (SIGTERM)
+2. ``pvcore daemon --workers 2`` runs; libvirt alone starts the domain; the
+   daemon follows libvirt in its own process and serves the devices from
+   metadata in its two worker processes (``ctl list`` names each device's
+   worker, a child of the daemon; the disk and the rng are in different
+   ones). While the guest waits, the daemon is stopped (SIGTERM)
    and started again; then the marker is written and the guest's next disk
    reads go through the new daemon (QEMU reconnected). While the guest writes
    records, the daemon is restarted again as ``systemctl restart`` would
    (SIGTERM, then the same command): the writes go on, none fails, every
-   acknowledged record is in the image. Then ``virsh save`` mid-write (every
+   acknowledged record is in the image. Then the worker serving the disk is
+   killed with SIGKILL mid-write: the daemon starts it again on the socket it
+   kept, QEMU reconnects and resubmits what was in flight, the writes go on
+   and none fails, and the rng's worker is not touched. Then ``virsh save`` mid-write (every
    record acknowledged before it is in the image), ``virsh restore``: the
    guest goes on writing and reads back every record, before and after.
    The guest's rng reads go on after the restart (QEMU 7.2's rng-egd never
@@ -82,6 +88,8 @@ WRITERS = 4
 AREA = 250
 MAX_RECORDS = AREA - 1
 PHASE_RECORDS = 30
+WORKERS = 2
+"""Worker processes of the host daemon (``pvcore daemon --workers``)."""
 RNG_WAIT = 30.0
 """How long the test waits for the guest's first rng read after the daemon restart or the restore."""
 """Records the guest must acknowledge after each step (daemon restart, restore) before the next."""
@@ -263,11 +271,42 @@ def seconds_to_rng_read(log: Path, offset: int, since: float, timeout: float) ->
     return time.monotonic() - since
 
 
+def listed(run_dir: Path) -> dict[str, dict]:
+    """``pvcore ctl list --json`` of the daemon serving ``run_dir``, by device name."""
+    done = pvcore("ctl", "--run-dir", str(run_dir), "list", "--json")
+    assert done.returncode == 0, done.stderr
+    return {device["name"]: device for device in json.loads(done.stdout)}
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def kill_the_disks_worker(name: str, domain, host_daemon, run_dir: Path, log: Path) -> dict[str, object]:
+    """While the guest writes: SIGKILL the worker serving the disk, wait for it to serve again and for the
+    guest to acknowledge :data:`PHASE_RECORDS` more records. Returns the listings before and after and the times."""
+    facts: dict[str, object] = {}
+    before = listed(run_dir)
+    facts["listed_before_kill"] = before
+    acked = len(acks(log.read_text(errors="replace")))
+    victim = before[f"{name}-block0"]["worker_pid"]
+    restarts = host_daemon.log.read_text().count("serves again (")
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: host_daemon.log.read_text().count("serves again (") > restarts, 60, "the killed worker did not serve again")
+    facts["worker_back_seconds"] = time.monotonic() - killed
+    facts["kill_to_next_ack_seconds"] = wait_for_acks(log, acked + 1, 120, domain) - killed
+    wait_for_acks(log, acked + PHASE_RECORDS, 180, domain)
+    facts["listed_after_kill"] = listed(run_dir)
+    return facts
+
+
 def restart_save_restore_under_writes(virsh, name, domain, host_daemon, disk, log, work, sockets) -> dict[str, object]:
-    """While the guest writes numbered records: restart the daemon (SIGTERM, start), then virsh save and restore.
+    """While the guest writes numbered records: restart the daemon (SIGTERM, start), kill the disk's worker,
+    then virsh save and restore.
 
     Each step waits for :data:`PHASE_RECORDS` acknowledgements after the one before, so records are
-    written across both. Returns what the tests check: the acknowledgements at each step, the records
+    written across them. Returns what the tests check: the acknowledgements at each step, the records
     missing from the image at the save, when the guest's rng read again, and the times taken.
     """
     facts: dict[str, object] = {}
@@ -281,6 +320,7 @@ def restart_save_restore_under_writes(virsh, name, domain, host_daemon, disk, lo
     facts["restart_to_next_ack_seconds"] = wait_for_acks(log, facts["acks_before_restart"] + 1, 120, domain) - restarted
     wait_for_acks(log, facts["acks_before_restart"] + PHASE_RECORDS, 180, domain)
     facts["rng_back_seconds"] = seconds_to_rng_read(log, len(text), restarted, RNG_WAIT)
+    facts.update(kill_the_disks_worker(name, domain, host_daemon, sockets[0].parent, log))
 
     saved_file = work / "domain.save"
     released = host_daemon.log.read_text().count("it stopped (fresh backends follow")
@@ -362,8 +402,9 @@ def hotplug_swap_and_unplug(uri: str, run_dir: Path, name: str, domain, log: Pat
 class HostDaemonProcess:
     """`pvcore daemon --connect URI` as a subprocess, with its log."""
 
-    def __init__(self, uri: str, run_dir: Path, log: Path) -> None:
-        self.command = [sys.executable, "-m", "pvcore.cli", "daemon", "--connect", uri, "--run-dir", str(run_dir)]
+    def __init__(self, uri: str, run_dir: Path, log: Path, workers: int = WORKERS) -> None:
+        self.command = [sys.executable, "-m", "pvcore.cli", "daemon", "--connect", uri, "--run-dir", str(run_dir),
+                        "--workers", str(workers)]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -373,7 +414,7 @@ class HostDaemonProcess:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         wait_until(
             lambda: self.proc.poll() is not None or self.log.read_text().count("following ") > before,
-            30, "pvcore daemon did not come up",
+            60, "pvcore daemon did not come up",
         )
         assert self.proc.poll() is None, self.log.read_text()
 
@@ -439,6 +480,11 @@ def real(tmp_path_factory: pytest.TempPathFactory):
         log.write_text("")  # the serial log is appended to (so that it survives the restore): boot 1's lines go
         domain.create()
         wait_for_text(log, "PVCORE-WAITING", 120, domain)
+        facts["listed_running"] = listed(run_dir)
+        facts["daemon_pid"] = host_daemon.proc.pid
+        facts["worker_parents"] = {
+            device: parent_of(entry["worker_pid"]) for device, entry in facts["listed_running"].items()
+        }
         assert host_daemon.stop() == 0
         facts["sockets_while_daemon_down"] = [s.exists() for s in sockets]
         host_daemon.start()
@@ -494,6 +540,13 @@ def test_guest_reads_the_deployed_disk_and_rng(real) -> None:
 
 def test_daemon_serves_from_metadata_and_survives_its_restart(real) -> None:
     assert real["sockets_with_daemon"] == [True, True]
+    # in the daemon's worker processes: its children, the disk in one and the rng in the other
+    name, running = real["name"], real["listed_running"]
+    assert set(running) == {f"{name}-block0", f"{name}-rng0"}
+    assert {device["worker"] for device in running.values()} == {"w0", "w1"}
+    assert set(real["worker_parents"].values()) == {real["daemon_pid"]}
+    assert all(device["state"] == "served" and device["domain"] == name for device in running.values())
+    assert running[f"{name}-block0"]["counters"]["reads"] > 0  # the guest's md5sum, read in the worker
     assert real["sockets_while_daemon_down"] == [False, False]
     results = real["boot2"]
     assert results["md5"] == real["disk_md5"]
@@ -525,8 +578,26 @@ def test_daemon_restart_under_writes_loses_no_record(real) -> None:
     assert real["boot2"]["dmesg_problems"] == ""
     log = real["daemon_log"]
     assert log.count("following qemu:///system through plugin kvm: 2 device(s) of 1 domain(s)") == 3
-    # QEMU came back to each new daemon by itself: one connection per daemon, one more after the restore
-    assert log.count(f"frontend connected (connection 1) on {real['block_socket']}") == 4, log[-3000:]
+    # QEMU came back to each new daemon by itself: one connection per daemon, one to the disk's worker started
+    # again after its SIGKILL, one more after the restore
+    assert log.count(f"frontend connected (connection 1) on {real['block_socket']}") == 5, log[-3000:]
+
+
+def test_a_killed_worker_of_the_daemon_serves_the_disk_again_and_the_guest_writes_on(real) -> None:
+    """SIGKILL of the worker serving the disk while the guest writes with O_DIRECT: the daemon starts it again
+    on the socket it kept, QEMU reconnects, the guest's writes go on with none failed and none lost (checked
+    with every acknowledged record above), and the rng's worker was not touched."""
+    name = real["name"]
+    before, after = real["listed_before_kill"], real["listed_after_kill"]
+    print(f"worker SIGKILL: serving again {real['worker_back_seconds']:.1f} s later, the guest's next "
+          f"acknowledgement {real['kill_to_next_ack_seconds']:.1f} s after the kill")
+    disk, rng = f"{name}-block0", f"{name}-rng0"
+    assert after[disk]["worker"] == before[disk]["worker"] and after[disk]["worker_pid"] != before[disk]["worker_pid"]
+    assert after[disk]["worker_restarts"] == before[disk]["worker_restarts"] + 1 and after[disk]["state"] == "served"
+    assert after[rng]["worker_pid"] == before[rng]["worker_pid"] and after[rng]["worker_restarts"] == 0
+    assert after[disk]["counters"]["writes"] > 0  # the guest's writes since, in the new worker
+    log = real["daemon_log"]
+    assert f"worker {before[disk]['worker']} ({disk}) ended with signal 9" in log
 
 
 def test_save_and_restore_keep_the_disk(real) -> None:
@@ -573,6 +644,7 @@ def test_a_disk_deployed_to_the_running_guest_appears_takes_new_media_and_goes(r
     assert "  live: attached" in out
     listed = real["hot_listed"][f"{name}-hot"]
     assert (listed["class"], listed["domain"], listed["state"]) == ("block", name, "served")
+    assert listed["worker"] in ("w0", "w1") and listed["worker_pid"] != real["daemon_pid"]
     hot1, hot2 = real["hot_md5"]
     # the first block of each file, in turn, and no failed read between (a read failing while the disk is
     # unplugged prints the md5 of nothing: tolerated only just before "gone")

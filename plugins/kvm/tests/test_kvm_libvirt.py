@@ -292,20 +292,28 @@ def test_host_daemon_with_workers_serves_in_them_and_a_killed_worker_serves_its_
     """``pvcore daemon --workers 2``: the follower stays in this process and each deployed device is served by
     a worker process, its child; a domain's two rng devices share one worker, the rest are spread. A worker
     killed with SIGKILL is started again with its devices on the same socket (a disk written before reads
-    back), the other worker goes on, and undeploy removes the devices and their sockets from the workers."""
+    back), the other worker goes on, and undeploy removes the devices and their sockets from the workers.
+    The metrics endpoint of the parent merges every worker's devices."""
     import os
     import signal
     import socket
+    import urllib.request
+
+    from pvcore.metrics import MetricsAddress
 
     from pvcore.control import request
     from pvcore.devices.block.virtio_blk import REQUEST_HEADER, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
     from pvcore.testing.vhost_user_frontend import VhostUserFrontend
 
-    disk = run_dir / "disk.img"
+    disk, other_disk = run_dir / "disk.img", run_dir / "other.img"
     disk.write_bytes(bytes(1 << 20))
+    other_disk.write_bytes(bytes(1 << 20))
     conn.defineXML(domain_xml(domain_name))
     loop = LoopThread()
-    host = HostDaemon(kvm_registry, URI, run_dir=run_dir, workers=2)
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+    host = HostDaemon(kvm_registry, URI, run_dir=run_dir, workers=2, metrics=MetricsAddress.parse(f"127.0.0.1:{port}"))
     future = asyncio.run_coroutine_threadsafe(host.run(handle_signals=False), loop.loop)
 
     def listed() -> dict[str, dict]:
@@ -318,16 +326,19 @@ def test_host_daemon_with_workers_serves_in_them_and_a_killed_worker_serves_its_
 
     try:
         wait_until(lambda: (run_dir / "control.sock").exists(), 60)
-        texts = [f"block:path={disk}", "console:", "rng:rate=4096/1s", "rng:rate=4096/1s"]
+        texts = [f"block:path={disk}", f"block:path={other_disk}", "console:", "rng:rate=4096/1s", "rng:rate=4096/1s"]
         deploy(conn, kvm_registry, URI, domain_name, texts, run_dir=run_dir, timeout=30)
         devices = listed()
-        block, console, rng0, rng1 = (f"{domain_name}-{n}" for n in ("block0", "console0", "rng0", "rng1"))
-        assert {d["state"] for d in devices.values()} == {"served"} and set(devices) == {block, console, rng0, rng1}
+        block, block1, console, rng0, rng1 = (
+            f"{domain_name}-{n}" for n in ("block0", "block1", "console0", "rng0", "rng1")
+        )
+        assert {d["state"] for d in devices.values()} == {"served"}
+        assert set(devices) == {block, block1, console, rng0, rng1}
         assert {d["domain"] for d in devices.values()} == {domain_name}
         pids = {name: device["worker_pid"] for name, device in devices.items()}
         assert all(parent_of(pid) == os.getpid() for pid in pids.values())
         assert devices[rng0]["worker"] == devices[rng1]["worker"]
-        assert {d["worker"] for d in devices.values()} == {"w0", "w1"}
+        assert {devices[block]["worker"], devices[block1]["worker"]} == {"w0", "w1"}  # spread by load
 
         frontend = VhostUserFrontend.connect(run_dir / f"{domain_name}-block0.sock", timeout=30.0)
         frontend.start(num_queues=1, queue_size=64, inflight=True)
@@ -337,14 +348,16 @@ def test_host_daemon_with_workers_serves_in_them_and_a_killed_worker_serves_its_
         wait_until(lambda: listed()[block].get("worker_restarts") == 1, 60)
         after = listed()
         assert after[block]["worker_pid"] != pids[block] and after[block]["state"] == "served"
-        other = rng0 if devices[rng0]["worker"] != devices[block]["worker"] else console
-        assert after[other]["worker_pid"] == pids[other] and after[other]["worker_restarts"] == 0
+        assert after[block1]["worker_pid"] == pids[block1] and after[block1]["worker_restarts"] == 0
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(run_dir / f"{domain_name}-block0.sock"))  # the parent kept the socket
         frontend.reconnect(sock)
         used = frontend.request(0, [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 5)], [512, 1])
         assert used.data == b"\x5a" * 512 + bytes([VIRTIO_BLK_S_OK])
         frontend.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        assert text.count("# TYPE pvcore_requests_total counter") == 1
+        assert f'device="{block}"' in text and f'device="{block1}"' in text  # from each worker
 
         undeploy(conn, kvm_registry, URI, domain_name, timeout=30)
         assert not any(run_dir.glob(f"{domain_name}-*.sock")) and listed() == {}
