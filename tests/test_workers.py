@@ -28,7 +28,7 @@ from pvcore.streams.unix import ListenerError
 from pvcore.testing.serve_process import ServeProcess
 from pvcore.testing.vhost_user_frontend import VhostUserFrontend
 from pvcore.metrics import MergedCollector
-from pvcore.workers import ListenerBroker, partition
+from pvcore.workers import ListenerBroker, WorkerPool, partition
 
 SECTOR = 512
 DISK = 1 << 20
@@ -64,6 +64,43 @@ def test_partition_never_makes_more_shares_than_sets_nor_empty_ones() -> None:
     assert partition([], 4) == []
     with pytest.raises(ValueError):
         partition(configs, 0)
+
+
+def test_a_device_added_later_joins_what_it_shares_else_the_serving_worker_with_fewest_devices() -> None:
+    """WorkerPool.place, as ``pvcore daemon --workers N`` adds each domain's devices to N empty workers."""
+    pool = WorkerPool(None, "kvm", [[], [], []], run_dir=Path("/nonexistent"))
+    w0, w1, w2 = pool.workers
+    for worker in pool.workers:
+        worker.serving = True
+    w0.configs = [config("block", "a"), config("console", "b")]
+    w1.configs = [config("net", "n1", switch="lan0"), config("rng", "vm1-rng0", domain="vm1")]
+    w2.configs = [config("block", "g1", group="g")]
+    assert pool.place([config("net", "n2", switch="lan0")]) is w1
+    assert pool.place([config("rng", "vm1-rng1", domain="vm1")]) is w1
+    assert pool.place([config("block", "g2", group="g")]) is w2
+    assert pool.place([config("block", "c")]) is w2  # one device: the fewest
+    w2.serving = False  # its restart is pending: a new set goes to a serving worker, a bound one still to it
+    assert pool.place([config("block", "c")]) is w0 and pool.place([config("block", "g3", group="g")]) is w2
+    w0.configs.append(config("block", "c"))
+    assert pool.place([config("net", "n3", switch="lan1")]) is w1
+
+
+def test_a_device_added_to_a_worker_that_is_down_is_served_when_it_starts_again() -> None:
+    import asyncio
+
+    from pvcore.control import ControlError
+
+    pool = WorkerPool(None, "kvm", [[config("block", "g1", group="g")], []], run_dir=Path("/nonexistent"))
+    w0, w1 = pool.workers
+    w1.serving = True
+    asyncio.run(pool.add([config("block", "g2", group="g")]))  # bound to w0, which is down: no request is sent
+    assert [c.name for c in w0.configs] == ["g1", "g2"]
+    with pytest.raises(ControlError, match="g1"):  # names stay unique across the workers
+        asyncio.run(pool.add([config("block", "g1")]))
+    w0.starting = True
+    with pytest.raises(ControlError, match="is starting"):
+        asyncio.run(pool.add([config("block", "g3", group="g")]))
+    assert [c.name for c in w0.configs] == ["g1", "g2"] and w1.configs == []
 
 
 def test_the_broker_hands_back_the_socket_it_holds_and_makes_a_new_one_after_a_release(tmp_path: Path) -> None:

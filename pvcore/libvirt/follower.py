@@ -50,7 +50,12 @@ metadata records, which ``pvcore deploy`` and ``pvcore undeploy`` change.
 With ``only_domain`` the same code is the one-domain server that
 ``pvcore deploy`` starts when no host daemon runs: it serves that domain
 until the domain has stopped (or is undefined, or has no pvcore devices
-left), then releases everything and exits.
+left), then releases everything and exits; ``pvcore daemon --domain`` serves
+in its own process unless ``--workers`` says otherwise (one domain's devices,
+for one run, do not pay for a worker's process).
+
+Device names are unique on a host: a device whose name another domain's
+device already has is not served (``list`` says why).
 """
 
 from __future__ import annotations
