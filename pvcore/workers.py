@@ -215,6 +215,8 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.serving = False
         self.starting = False
+        self._settled = asyncio.Event()
+        self._settled.set()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._listen: socket.socket | None = None
@@ -234,6 +236,7 @@ class Worker:
         """Start the process, hand it ``spec`` and wait until it serves (a :class:`DaemonError` if it cannot;
         nothing of it is left then)."""
         self.starting = True
+        self._settled.clear()
         try:
             await self._start(spec, broker)
         except BaseException as exc:
@@ -243,6 +246,11 @@ class Worker:
             raise
         finally:
             self.starting = False
+            self._settled.set()
+
+    async def settled(self) -> None:
+        """Return once the worker is not starting (it serves, or its start failed and it is down)."""
+        await self._settled.wait()
 
     async def _start(self, spec: WorkerSpec, broker: ListenerBroker) -> None:
         loop = asyncio.get_running_loop()
@@ -559,8 +567,8 @@ class WorkerPool:
     async def add(self, configs: Sequence[DeviceConfig]) -> None:
         """Serve ``configs`` together in the worker :meth:`place` picks; a ``ControlError`` leaves none of them.
 
-        A worker that is down (its restart pending) takes them into what it
-        serves when it starts again.
+        A worker that is starting is waited for; one that is down (its
+        restart pending) takes them into what it serves when it starts again.
         """
         from pvcore.config import ConfigError, check_unique
         from pvcore.control import ControlError
@@ -570,8 +578,8 @@ class WorkerPool:
         except ConfigError as exc:
             raise ControlError(str(exc)) from None
         worker = self.place(configs)
+        await worker.settled()
         if not worker.serving:
-            self._not_starting(worker)
             worker.configs.extend(configs)
             return
         added: list[DeviceConfig] = []
@@ -588,8 +596,9 @@ class WorkerPool:
             raise
 
     async def remove(self, names: Sequence[str]) -> None:
-        """Stop and remove the devices ``names`` (:meth:`remove_device` each)."""
+        """Stop and remove the devices ``names`` (:meth:`remove_device` each, once its worker is not starting)."""
         for name in names:
+            await self._owner(name).settled()
             await self.remove_device(name)
 
     async def remove_device(self, name: str) -> None:

@@ -97,10 +97,21 @@ def test_a_device_added_to_a_worker_that_is_down_is_served_when_it_starts_again(
     assert [c.name for c in w0.configs] == ["g1", "g2"]
     with pytest.raises(ControlError, match="g1"):  # names stay unique across the workers
         asyncio.run(pool.add([config("block", "g1")]))
-    w0.starting = True
-    with pytest.raises(ControlError, match="is starting"):
-        asyncio.run(pool.add([config("block", "g3", group="g")]))
     assert [c.name for c in w0.configs] == ["g1", "g2"] and w1.configs == []
+
+    async def while_starting() -> None:  # an add and a remove wait for a worker that is starting, then go on
+        w0.starting = True
+        w0._settled.clear()
+        add = asyncio.create_task(pool.add([config("block", "g3", group="g")]))
+        remove = asyncio.create_task(pool.remove(["g1"]))
+        await asyncio.sleep(0.1)
+        assert not add.done() and not remove.done() and [c.name for c in w0.configs] == ["g1", "g2"]
+        w0.starting = False  # its start failed: it is down again
+        w0._settled.set()
+        await asyncio.gather(add, remove)
+
+    asyncio.run(while_starting())
+    assert [c.name for c in w0.configs] == ["g2", "g3"]
 
 
 def test_the_broker_hands_back_the_socket_it_holds_and_makes_a_new_one_after_a_release(tmp_path: Path) -> None:
