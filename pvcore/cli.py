@@ -30,6 +30,7 @@ from pvcore.config import (
     split_devices,
 )
 from pvcore.contract import ContractError, DeviceConfig, HostContext, OptionSpec
+from pvcore.devices.block.iopool import MAX_THREAD_BOUND, set_thread_bound
 from pvcore.control import ControlError
 from pvcore.daemon import Daemon, DaemonError, default_run_dir
 from pvcore.metrics import MetricsAddress
@@ -150,6 +151,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         "process). NICs of one switch, disks of one throttle group and rng devices of one domain share a worker; "
         "never more workers than such sets",
     )
+    serve.add_argument("--io-threads", type=io_thread_count, metavar="N", help=IO_THREADS_HELP)
     serve.add_argument(
         "--print-qemu-args", action="store_true", help="print, per guest, the QEMU arguments that attach it, and exit"
     )
@@ -212,6 +214,10 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
 
 
 METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (see docs/operations.md)"
+IO_THREADS_HELP = (
+    f"the most block I/O threads a process runs for waiting requests, 1..{MAX_THREAD_BOUND}; with --workers, each "
+    "worker's (default: 4 per CPU of the process's share, at least 8, at most 64; see docs/performance.md)"
+)
 
 
 def metrics_address(text: str) -> MetricsAddress:
@@ -278,6 +284,7 @@ def add_libvirt_commands(commands: Any) -> None:
         "with --domain: 1; 1: serve in this process). Devices sharing a switch, a throttle group or a domain's rng "
         "share a worker; the others go to the worker with the fewest",
     )
+    daemon.add_argument("--io-threads", type=io_thread_count, metavar="N", help=IO_THREADS_HELP)
 
 
 def cmd_probe_host(registry: Registry, hypervisor: str) -> int:
@@ -306,6 +313,7 @@ def cmd_libvirt(registry: Registry, args: argparse.Namespace) -> int:
             from pvcore.libvirt.follower import HostDaemon
 
             workers = args.workers or (1 if args.domain else default_worker_count())
+            set_thread_bound(args.io_threads)
             host_daemon = HostDaemon(
                 registry, args.connect, run_dir=run_dir, hypervisor=args.hypervisor, only_domain=args.domain,
                 metrics=args.metrics, workers=workers,
@@ -402,6 +410,15 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
             workers = worker_count(str(settings["workers"]))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"config {args.config}: {exc}") from None
+    io_threads = args.io_threads
+    if "io_threads" in settings:
+        raise ConfigError(f"config {args.config}: the setting is spelled io-threads, as the option --io-threads")
+    if io_threads is None and "io-threads" in settings:
+        try:
+            io_threads = io_thread_count(str(settings["io-threads"]))
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config {args.config}: {exc}") from None
+    set_thread_bound(io_threads)  # with workers: each worker's (WorkerPool passes it on)
     shares = partition(configs, workers or default_worker_count())
     if len(shares) > 1:
         pool = WorkerPool(registry, hypervisor, shares, run_dir=run_dir, metrics=metrics)
@@ -417,6 +434,16 @@ def worker_count(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"workers={text!r}: expected a whole number of at least 1")
     return int(text)
+
+
+def io_thread_count(text: str) -> int:
+    """``--io-threads N``: a whole number from 1 to :data:`~pvcore.devices.block.iopool.MAX_THREAD_BOUND`."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_THREAD_BOUND:
+        raise argparse.ArgumentTypeError(
+            f"io-threads={text!r}: expected a whole number from 1 to {MAX_THREAD_BOUND}"
+        )
+    return int(value)
 
 
 def print_qemu_args(registry: Registry, hypervisor: str, configs: list[DeviceConfig]) -> int:

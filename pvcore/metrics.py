@@ -4,7 +4,8 @@ Nothing here runs on the request path: :class:`DeviceCollector` is a
 prometheus-client custom collector that, when Prometheus scrapes, reads the
 counters the engines keep anyway (a block backend's :class:`BlockCounters`, a
 switch port's :class:`PortCounters` and the switch's own, an entropy source's
-byte count, a vhost-user ring's interrupts). The one addition to the hot path
+byte count, a vhost-user ring's interrupts, the block I/O thread pool's
+:class:`~pvcore.devices.block.iopool.PoolStats`). The one addition to the hot path
 is the block service-time histogram (:mod:`pvcore.service_time`), switched on
 only when metrics are served. The families and their labels are listed in
 docs/operations.md ("Metrics").
@@ -25,6 +26,7 @@ from pvcore.contract import DeviceInstance, FrontDoor
 from pvcore.device_counters import ring_counts
 from pvcore.device_limits import device_throttle
 from pvcore.devices.block.backend import BlockBackend
+from pvcore.devices.block.iopool import shared_pool
 from pvcore.devices.net.switch import Switch
 from pvcore.devices.rng import EntropySource
 
@@ -153,6 +155,28 @@ class DeviceCollector(Collector):
         yield from (
             requests, request_bytes, seconds, inflight, interrupts, completions, polls, polls_caught, poll_seconds, errors,
             switch_frames, rng_bytes, throttled,
+        )
+        yield from self._io_pool()
+
+    @staticmethod
+    def _io_pool() -> Iterator[Metric]:
+        """The families of the process's shared block I/O threads (summed over the workers by the parent)."""
+        stats = shared_pool().stats()
+        yield GaugeMetricFamily("pvcore_io_pool_threads", "Block I/O threads alive (idle ones included)", value=stats.threads)
+        yield GaugeMetricFamily("pvcore_io_pool_busy_threads", "Block I/O threads running a request", value=stats.busy)
+        yield GaugeMetricFamily(
+            "pvcore_io_pool_max_threads", "The bound on block I/O threads (--io-threads, else by the CPUs)",
+            value=stats.max_threads,
+        )
+        yield GaugeMetricFamily(
+            "pvcore_io_pool_queued_turns", "Block devices waiting for an I/O thread to run their next request",
+            value=stats.queued,
+        )
+        yield CounterMetricFamily("pvcore_io_pool_turns", "Requests the block I/O threads took", value=stats.turns)
+        yield CounterMetricFamily(
+            "pvcore_io_pool_stall_threads",
+            "Block I/O threads started beyond the bound because no thread took a request for a second (stuck I/O)",
+            value=stats.stall_threads,
         )
 
     @staticmethod

@@ -50,7 +50,7 @@ from pvcore.control import ControlError, ControlServer
 from pvcore.daemon import Daemon
 from pvcore.registry import default_registry
 from pvcore.streams.unix import ListenerError, set_listener_source
-from pvcore.devices.block.iopool import share_cpus
+from pvcore.devices.block.iopool import set_thread_bound, share_cpus
 from pvcore.workers import MAX_CHANNEL_LINE, PAYLOAD_LENGTH, WorkerSpec
 
 log = logging.getLogger("pvcore.worker")
@@ -166,6 +166,7 @@ async def _answer(daemon: Daemon, answers: ControlServer, line: bytes) -> dict[s
 async def serve(spec: WorkerSpec, control: socket.socket, listeners: ParentListeners) -> int:
     """Start the share of devices, say so, then answer the parent until SIGTERM or the channel closes."""
     share_cpus(spec.processes)
+    set_thread_bound(spec.io_threads)
     daemon = Daemon(default_registry(), spec.hypervisor, spec.configs, run_dir=spec.run_dir,
                     measure_service_time=spec.measure_service_time)
     loop = asyncio.get_running_loop()

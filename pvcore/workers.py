@@ -57,6 +57,7 @@ import attrs
 
 from pvcore.contract import DeviceConfig
 from pvcore.daemon import DaemonError, serve_until_stopped, start_metrics
+from pvcore.devices.block.iopool import thread_bound_setting
 from pvcore.registry import Registry
 from pvcore.streams.unix import ListenerError, bind_private_socket, remove_socket_file
 from pvcore.systemd_notify import ready, reloading
@@ -143,6 +144,8 @@ class WorkerSpec:
     log_level: int
     processes: int
     """How many workers share the CPUs (the I/O thread bound counts this one's share)."""
+    io_threads: int | None
+    """The bound on this worker's I/O threads (``--io-threads``); None: its share of the CPUs decides."""
     restart: bool
     """Started again after it died: serve what can start, name the rest."""
 
@@ -384,7 +387,8 @@ class WorkerPool:
     ``shares`` are the devices each worker starts with; ``pvcore daemon``
     starts N empty ones and adds the domains' devices as libvirt names them
     (:meth:`add`, :meth:`remove`: the :class:`~pvcore.libvirt.hosting.DeviceHost`
-    of its follower).
+    of its follower). Each worker's I/O threads are bounded by this process's
+    :func:`~pvcore.devices.block.iopool.set_thread_bound` (``--io-threads``), if set.
     """
 
     def __init__(
@@ -410,7 +414,8 @@ class WorkerPool:
 
     def _spec(self, worker: Worker, *, restart: bool = False) -> WorkerSpec:
         return WorkerSpec(worker.index, self.hypervisor, tuple(worker.configs), self.run_dir,
-                          self.metrics is not None, logging.getLogger().getEffectiveLevel(), len(self.workers), restart)
+                          self.metrics is not None, logging.getLogger().getEffectiveLevel(), len(self.workers),
+                          thread_bound_setting(), restart)
 
     @property
     def device_count(self) -> int:

@@ -16,9 +16,12 @@ from pvcore.devices.block.iopool import (
     MAX_THREADS,
     MIN_THREADS,
     IOPool,
+    PoolStats,
     default_max_threads,
+    set_thread_bound,
     share_cpus,
     shared_pool,
+    thread_bound_setting,
 )
 
 DISK_SIZE = 1 << 20
@@ -149,6 +152,7 @@ def test_threads_stuck_in_the_kernel_do_not_stall_the_other_devices() -> None:
     assert wait_until(lambda: stuck.running == pool.hard_max_threads == 8, 10)
     time.sleep(0.5)
     assert stuck.running == 8 and pool.threads == 8, "threads beyond the hard bound"
+    assert pool.stats().stall_threads == 8 - 2  # every thread beyond the bound, and no other
     stuck.open.set()
     assert wait_until(lambda: stuck.done == 20)
     assert wait_until(lambda: pool.threads == 0, 5)
@@ -329,3 +333,47 @@ def test_a_worker_process_bounds_its_pool_by_its_share_of_the_cpus(monkeypatch: 
         assert default_max_threads() == MIN_THREADS
     finally:
         share_cpus(1)
+
+
+def test_stats_count_threads_busy_ones_queued_turns_and_turns_taken() -> None:
+    pool = IOPool(max_threads=2, idle_timeout=0.3, stall=60, name="test-stats")
+    assert pool.stats() == PoolStats(threads=0, busy=0, max_threads=2, queued=0, turns=0, stall_threads=0)
+    gate = Gate()
+    for _ in range(5):
+        pool.schedule(gate.tenant())
+    assert wait_until(lambda: gate.running == 2)
+    assert pool.stats() == PoolStats(threads=2, busy=2, max_threads=2, queued=3, turns=2, stall_threads=0)
+    gate.open.set()
+    assert wait_until(lambda: gate.done == 5)
+    assert wait_until(lambda: pool.stats().busy == 0)
+    assert pool.stats() == PoolStats(threads=2, busy=0, max_threads=2, queued=0, turns=5, stall_threads=0)
+    assert wait_until(lambda: pool.stats().threads == 0, 5)
+
+
+def test_the_thread_bound_setting_bounds_the_shared_pool_and_new_ones() -> None:
+    shared = shared_pool()
+    try:
+        set_thread_bound(3)
+        assert thread_bound_setting() == 3
+        assert shared.max_threads == 3 and shared.hard_max_threads == 12
+        assert IOPool(name="test-set").max_threads == 3
+        assert IOPool(max_threads=5, name="test-set").max_threads == 5  # a pool given its own bound keeps it
+        for bad in (0, -1, 1025):
+            with pytest.raises(ValueError, match="io-threads"):
+                set_thread_bound(bad)
+        assert shared.max_threads == 3
+    finally:
+        set_thread_bound(None)
+    assert thread_bound_setting() is None and shared.max_threads == default_max_threads()
+
+
+def test_raising_the_bound_starts_threads_for_turns_already_waiting() -> None:
+    pool = IOPool(max_threads=1, idle_timeout=1, stall=60, name="test-raise")
+    gate = Gate()
+    for _ in range(3):
+        pool.schedule(gate.tenant())
+    assert wait_until(lambda: gate.running == 1)
+    pool.set_max_threads(3)
+    assert wait_until(lambda: gate.running == 3), "the turns waiting got no new thread"
+    gate.open.set()
+    assert wait_until(lambda: gate.done == 3)

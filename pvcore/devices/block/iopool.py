@@ -17,7 +17,8 @@ that bound is ``min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * cpus))``
 (8 on 1 or 2 CPUs, 16 on 4, 64 from 16), with ``cpus`` the CPUs this process
 may run on, divided among the processes that share them
 (:func:`share_cpus`: each of ``pvcore serve --workers N``'s workers counts
-its share). I/O threads spend most of their time in a system call with the GIL
+its share). ``pvcore serve --io-threads N`` sets the bound instead
+(:func:`set_thread_bound`; with workers, each worker's). I/O threads spend most of their time in a system call with the GIL
 released, so a few per core keep the storage busy; more only contend for the
 GIL. A turn asked for while a thread is ending its turn (its I/O done), was
 just woken or just started, and has no turn yet, starts no thread: that one
@@ -35,6 +36,9 @@ turns wait and every thread is busy a watcher thread looks once every
 thread beyond the bound, up to :attr:`IOPool.hard_max_threads`
 (``STUCK_FACTOR`` times the bound). The extra threads end when idle like the
 others. The watcher exists only while turns wait.
+
+:meth:`IOPool.stats` reads what the pool does now (threads, busy ones,
+turns waiting, and counts since it was made) for the metrics.
 """
 
 from __future__ import annotations
@@ -46,11 +50,15 @@ import threading
 import time
 from typing import Protocol
 
+import attrs
+
 log = logging.getLogger("pvcore.block")
 
 MIN_THREADS = 8
 THREADS_PER_CPU = 4
 MAX_THREADS = 64
+MAX_THREAD_BOUND = 1024
+"""The largest bound :func:`set_thread_bound` takes (``--io-threads``)."""
 IDLE_TIMEOUT = 10.0
 """Seconds an I/O thread waits for work before it ends."""
 STALL_SECONDS = 1.0
@@ -75,6 +83,7 @@ class Tenant(Protocol):
 
 
 _processes = 1
+_thread_bound: int | None = None
 
 
 def share_cpus(processes: int) -> None:
@@ -84,6 +93,31 @@ def share_cpus(processes: int) -> None:
     _processes = max(1, processes)
 
 
+def set_thread_bound(threads: int | None) -> None:
+    """``pvcore serve --io-threads N``: bound this process's pools by ``threads`` (None: by the CPUs).
+
+    Applies to the pools made from now on and to the shared pool if it is
+    made already. A ``ValueError`` if ``threads`` is not from 1 to :data:`MAX_THREAD_BOUND`.
+    """
+    global _thread_bound
+    if threads is not None and not 1 <= threads <= MAX_THREAD_BOUND:
+        raise ValueError(f"io-threads={threads} must be from 1 to {MAX_THREAD_BOUND}")
+    _thread_bound = threads
+    with _shared_lock:
+        if _shared is not None:
+            _shared.set_max_threads(thread_bound())
+
+
+def thread_bound_setting() -> int | None:
+    """The bound :func:`set_thread_bound` set in this process (None: none, the CPUs decide)."""
+    return _thread_bound
+
+
+def thread_bound() -> int:
+    """The bound of a pool made now without one: :func:`set_thread_bound`'s, else :func:`default_max_threads`."""
+    return default_max_threads() if _thread_bound is None else _thread_bound
+
+
 def default_max_threads() -> int:
     """The bound on a pool's threads for this process's share of the CPUs (see the module docstring)."""
     try:
@@ -91,6 +125,24 @@ def default_max_threads() -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     return min(MAX_THREADS, max(MIN_THREADS, THREADS_PER_CPU * max(1, cpus // _processes)))
+
+
+@attrs.frozen
+class PoolStats:
+    """What an :class:`IOPool` does at one moment, and its counts since it was made (:meth:`IOPool.stats`)."""
+
+    threads: int
+    """Threads alive (idle ones included; those started beyond the bound too)."""
+    busy: int
+    """Threads running a turn (a request) now."""
+    max_threads: int
+    """The bound on threads started for waiting turns."""
+    queued: int
+    """Turns waiting for a thread: one per device with a request ready for one, however deep its own queue."""
+    turns: int
+    """Turns the threads took since the pool was made."""
+    stall_threads: int
+    """Threads the watcher started beyond the bound because no thread took a turn for ``stall`` seconds."""
 
 
 class IOPool:
@@ -110,7 +162,7 @@ class IOPool:
         stall: float = STALL_SECONDS,
         name: str = "pvcore-io",
     ) -> None:
-        bound = default_max_threads() if max_threads is None else max_threads
+        bound = thread_bound() if max_threads is None else max_threads
         if bound < 1:
             raise ValueError(f"{name}: max_threads={bound} must be at least 1")
         if not idle_timeout > 0 or not stall > 0:
@@ -131,6 +183,8 @@ class IOPool:
         self._idle: list[threading.Event] = []
         self._peak = 0
         self._taken = 0
+        self._busy = 0
+        self._stall_starts = 0
         self._watching = False
         self._ending: set[int] = set()
         self._coming = 0
@@ -147,6 +201,24 @@ class IOPool:
     def peak_threads(self) -> int:
         """The most threads alive at once since the pool was made."""
         return self._peak
+
+    def stats(self) -> PoolStats:
+        """The pool now (see :class:`PoolStats`); safe from any thread."""
+        with self._lock:
+            return PoolStats(
+                threads=self._threads, busy=self._busy, max_threads=self.max_threads, queued=len(self._queue),
+                turns=self._taken, stall_threads=self._stall_starts,
+            )
+
+    def set_max_threads(self, bound: int) -> None:
+        """Bound the threads by ``bound`` from now on (threads beyond a lowered bound end when idle)."""
+        if bound < 1:
+            raise ValueError(f"{self.name}: max_threads={bound} must be at least 1")
+        with self._lock:
+            self.max_threads = bound
+            self.hard_max_threads = STUCK_FACTOR * bound
+            while self._threads < bound and len(self._queue) > len(self._ending) + self._coming + len(self._idle):
+                self._start()
 
     def schedule(self, tenant: Tenant) -> None:
         """Give ``tenant`` a turn after the turns already asked for; a thread takes it when one is free.
@@ -190,6 +262,7 @@ class IOPool:
                         "%s: no I/O thread took a request in %.0f s (stuck in the kernel?); starting thread %d",
                         self.name, self.stall, self._threads + 1,
                     )
+                    self._stall_starts += 1
                     self._start()
 
     def _start(self) -> None:
@@ -213,11 +286,15 @@ class IOPool:
         me = threading.get_ident()
         again: Tenant | None = None
         coming = True  # started or woken for a turn: counted in _coming until it takes one
+        busy = False  # ran a turn since it last held the lock: counted in _busy
         while True:
             with self._lock:
                 if coming:
                     self._coming -= 1
                     coming = False
+                if busy:
+                    self._busy -= 1
+                    busy = False
                 self._ending.discard(me)
                 if again is not None:
                     self._queue.append(again)  # behind the other devices; this thread goes on to the head
@@ -226,6 +303,8 @@ class IOPool:
                     self._idle.append(wake)
                 else:
                     self._taken += 1
+                    self._busy += 1
+                    busy = True
             again = None
             if tenant is None:
                 wake.wait(self.idle_timeout)
