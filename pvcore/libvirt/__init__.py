@@ -14,6 +14,8 @@ One concept per module:
 * :mod:`pvcore.libvirt.deploy` — ``pvcore deploy`` / ``pvcore undeploy``;
 * :mod:`pvcore.libvirt.follower` — ``pvcore daemon``: serves every domain's
   devices from metadata and follows lifecycle events;
+* :mod:`pvcore.libvirt.hosting` — where the daemon's devices run: in its own
+  process, or in worker processes (``--workers N``);
 * :mod:`pvcore.libvirt.probe` — ``pvcore probe``: what a connection holds.
 
 libvirt-python is an optional dependency (``pip install pvcore[libvirt]``);
