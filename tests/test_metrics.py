@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pvcore.contract import DeviceConfig
+from pvcore.devices.block.iopool import default_max_threads
 from pvcore.devices.net.switch import Port, Switch
 from pvcore.devices.net.virtio_net import NetEndpoint
 from pvcore.metrics import DeviceCollector, MetricsAddress, ServedEntry
@@ -122,6 +123,10 @@ def test_prometheus_scrapes_the_counts_of_what_nbd_clients_did(tmp_path: Path) -
         assert served_times[""] == sum(requests.values())
         assert prometheus_query(prometheus_port, f"pvcore_inflight_requests{selector}") == {"": 0}
         assert prometheus_query(prometheus_port, f'pvcore_errors_total{selector}') == {"": 0}
+        pool = {name: prometheus_query(prometheus_port, f'pvcore_io_pool_{name}{{job="pvcore"}}')[""]
+                for name in ("max_threads", "turns_total", "stall_threads_total")}
+        assert pool == {"max_threads": default_max_threads(), "turns_total": pool["turns_total"], "stall_threads_total": 0}
+        assert pool["turns_total"] >= 4 * MIB // (256 * 1024)  # nbdcopy's 256 KiB writes went to the I/O threads
     finally:
         prometheus.send_signal(signal.SIGTERM)
         prometheus.wait(60)
