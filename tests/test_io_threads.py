@@ -6,7 +6,9 @@ flush every 4, while /metrics is read every 50 ms: the bound set reaches the
 pool (in the daemon's own process, and in each worker of ``--workers 2``),
 the threads climb to that bound and no further, busy threads and queued
 turns rise under the load and fall back to zero after it, and the turn
-counter counts. Bad values are refused before anything starts.
+counter counts. ``pvcore daemon --io-threads`` on libvirt's test driver shows
+its bound, in its own process and in its workers. Bad values are refused
+before anything starts.
 """
 
 from __future__ import annotations
@@ -134,6 +136,32 @@ def test_each_worker_takes_the_bound_from_its_spec(tmp_path: Path) -> None:
     assert max(s["threads"] for s in seen) == 3, seen  # per worker, not the parent's share of the CPUs
     assert all(s["threads"] <= 3 + s["stall_threads_total"] for s in seen), seen
     assert max(s["busy_threads"] for s in seen) >= 1 and after["turns_total"] > 100
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pvcore_daemon_takes_the_bound_in_its_process_and_its_workers(tmp_path: Path, workers: int) -> None:
+    """``pvcore daemon`` on libvirt's test driver (no domain, so no device): the bound is on /metrics, from the
+    daemon's own pool with ``--workers 1``, summed over the (empty) workers' pools with ``--workers 2``."""
+    pytest.importorskip("libvirt", reason="pvcore daemon needs libvirt-python: pip install -e .[libvirt]")
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "pvcore.cli", "daemon", "--connect", "test:///default", "--hypervisor", "kvm",
+             "--run-dir", str(tmp_path / "run"), "--workers", str(workers), "--io-threads", "3",
+             "--metrics", f"127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "following test:///default" not in log.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert pool_metrics(port)["max_threads"] == 3 * workers
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    assert daemon.returncode == 0, log.read_text()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "x", "2.5", "1025", "\u00b2"])
