@@ -783,8 +783,9 @@ def test_idle_device_serves_cached_reads_and_writes_without_a_worker(disk: Path)
     assert "read inline" in calls, calls
 
 
-def test_serve_now_only_on_an_idle_device_and_never_for_a_bad_request(disk: Path) -> None:
-    """serve_now does a cached read on the spot and counts it; busy, bad or big requests go to submit()."""
+def test_serve_now_only_while_no_request_waits_and_never_for_a_bad_request(disk: Path) -> None:
+    """serve_now does a cached read on the spot and counts it, also beside a request running on a thread;
+    while a request waits for a thread, and for bad or big requests, it leaves them to submit()."""
 
     class CachedGatedStore(GatedStore):
         transfer_nowait = RawFileStore.transfer_nowait  # cached data is served; worker reads wait at the gate
@@ -810,11 +811,17 @@ def test_serve_now_only_on_an_idle_device_and_never_for_a_bad_request(disk: Path
         held: asyncio.Future[BlockResult] = loop.create_future()
         backend.submit(huge, held.set_result)  # too big to serve inline: a worker takes it and waits at the gate
         assert await asyncio.to_thread(store.entered.wait, 5)
+        beside, beside_buffer = read_request(16384, 4096)
+        assert backend.serve_now(beside)  # one running on a thread is overtaken by no one: served on the spot
+        assert bytes(beside_buffer) == expected[16384:20480]
+        queued: asyncio.Future[BlockResult] = loop.create_future()
+        backend.submit(huge, queued.set_result)  # workers=1: this one waits for the thread
         busy_request, busy_buffer = read_request(8192, 4096)
-        assert not backend.serve_now(busy_request)  # the device is not idle
+        assert not backend.serve_now(busy_request)  # a request waits: it must not be overtaken
         assert not any(busy_buffer)
         store.opened.set()
         assert (await asyncio.wait_for(held, 5)).ok
+        assert (await asyncio.wait_for(queued, 5)).ok
         assert backend.serve_now(busy_request) and bytes(busy_buffer) == expected[8192:12288]
 
     try:

@@ -435,3 +435,87 @@ def test_connections_beyond_the_limit_are_refused(serve, image, connect):
     assert first.read(0, 512) == content[:512]
     assert second.read(512, 512) == content[512:1024]
     assert door.connection_count == 2
+
+
+def test_requests_behind_the_handshake_and_cut_anywhere(serve, image, connect):
+    """Requests sent in the handshake's own write are served, and so are requests cut at any byte."""
+    content = bytearray(image.read_bytes())
+    door, uri = serve(image)
+    raw = connect(uri)
+    raw.greeting()
+    small, big = os.urandom(3000), os.urandom(100 * 1024)  # big: received into a kept payload buffer
+
+    def request(command: int, handle: int, offset: int, length: int, payload: bytes = b"") -> bytes:
+        return struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, command, handle, offset, length) + payload
+
+    go = struct.pack(">QII", nbd.NBD_OPTS_MAGIC, nbd.NBD_OPT_GO, 6) + struct.pack(">IH", 0, 0)
+    raw.sock.sendall(
+        struct.pack(">I", nbd.NBD_FLAG_C_FIXED_NEWSTYLE | nbd.NBD_FLAG_C_NO_ZEROES) + go
+        + request(nbd.NBD_CMD_WRITE, 1, 8192, len(small), small) + request(nbd.NBD_CMD_READ, 2, 8000, 4000)
+    )
+    while raw.option_reply()[1] != nbd.NBD_REP_ACK:
+        pass
+    replies = replies_by_handle(raw, {1: 0, 2: 4000})
+    assert replies[1] == (0, b"") and replies[2][0] == 0
+    assert replies[2][1] in (content[8000:12000], bytes(content[8000:8192]) + small + bytes(content[11192:12000]))
+    content[8192 : 8192 + len(small)] = small
+
+    stream = (
+        request(nbd.NBD_CMD_WRITE, 3, 65536, len(big), big) + request(nbd.NBD_CMD_READ, 4, 65000, 2000)
+        + request(nbd.NBD_CMD_WRITE, 5, 100, len(small), small) + request(nbd.NBD_CMD_READ, 6, 0, 4096)
+    )
+    content[65536 : 65536 + len(big)] = big
+    content[100 : 100 + len(small)] = small
+    sizes = [1, 2, 3, 5, 7, 28, 29, 4095]  # splits inside headers, at their edges and inside payloads
+    position = index = 0
+    while position < len(stream):
+        raw.sock.sendall(stream[position : position + sizes[index % len(sizes)]])
+        position += sizes[index % len(sizes)]
+        index += 1
+        if index % 64 == 0:
+            time.sleep(0.001)  # let the server see the pieces apart
+    replies = replies_by_handle(raw, {3: 0, 4: 2000, 5: 0, 6: 4096})
+    assert {handle: error for handle, (error, _) in replies.items()} == {3: 0, 4: 0, 5: 0, 6: 0}
+    assert image.read_bytes() == bytes(content)
+    assert raw.read(65000, 2000) == content[65000:67000] and raw.read(0, 4096) == content[:4096]
+
+
+def replies_by_handle(raw: RawClient, read_lengths: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+    """The replies to the requests of ``read_lengths`` (handle: bytes a read returns), in whatever order they come."""
+    replies = {}
+    for _ in read_lengths:
+        magic, error, handle = struct.unpack(">IIQ", raw.recv(16))
+        assert magic == nbd.NBD_SIMPLE_REPLY_MAGIC and handle in read_lengths and handle not in replies
+        replies[handle] = (error, raw.recv(read_lengths[handle]) if not error else b"")
+    return replies
+
+
+def test_a_client_that_reads_no_replies_is_not_read_from_until_it_does(serve, image, connect):
+    """Replies the client does not take stop the reading of its requests; when it reads, all come, in step."""
+    content = image.read_bytes()
+    door, uri = serve(image)
+    raw = connect(uri)
+    raw.go()
+    count, length = 400, 60 * 1024  # 24 MiB of replies: far beyond the socket and the 4 MiB of held replies
+    offsets = [(handle * 40960) % (IMAGE_SIZE - length) for handle in range(count)]
+    sent = threading.Event()
+
+    def send_all() -> None:
+        raw.sock.sendall(b"".join(
+            struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ, handle, offsets[handle], length)
+            for handle in range(count)
+        ))
+        sent.set()
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    started = door.backend.counters().requests
+    assert started < count, "every request was read although no reply was taken"
+    time.sleep(0.5)
+    assert door.backend.counters().requests == started  # still paused: nothing more is read
+    for expected in range(count):
+        error, handle, data = raw.reply(length)
+        assert (error, handle) == (0, expected) and data == content[offsets[handle] : offsets[handle] + length]
+    sender.join(10)
+    assert sent.is_set() and door.backend.counters().requests == count

@@ -103,7 +103,11 @@ the write completes: a fresh megabyte costs a page fault and a zeroed page per
 4 KiB, a kept one only the copy.
 
 Each connection is served by its own task, so a misbehaving client affects
-no other. Stopping the door closes the socket, lets in-flight requests finish
+no other. The task runs the handshake; then the connection's socket is handed
+to a :class:`_RequestStream`, which cuts requests from the bytes as they
+arrive (a WRITE's payload is received straight into its own buffer) and
+starts each at once: a request costs no task wake-up, and the replies of a
+batch of requests served on the spot leave in one ``send``. Stopping the door closes the socket, lets in-flight requests finish
 and send their replies, then closes every connection.
 """
 
@@ -227,7 +231,11 @@ MAX_PIPES = 8
 """Splice pipes per connection; reads beyond that many at once take the buffer path."""
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 POOLED_WRITE_BYTES = 64 * 1024
-"""WRITE payloads this long or longer are read into reused buffers (see :meth:`_Connection._read_payload`)."""
+"""WRITE payloads this long or longer are read into reused buffers (see :meth:`_Connection._payload_buffer`)."""
+MAX_CORKED_BYTES = 256 * 1024
+"""Replies gathered from one batch of requests before they are written (see :meth:`_Connection._cork`)."""
+INPUT_BUFFER_BYTES = 64 * 1024
+"""Bytes of requests a connection takes from its socket at a time (WRITE payloads go to their own buffers)."""
 MAX_POOLED_PER_SIZE = 8
 """Reused payload buffers a connection keeps per payload length."""
 CLOSE_FLUSH_TIMEOUT = 5.0
@@ -317,7 +325,7 @@ class ProtocolViolation(Exception):
     """A client broke the protocol in a way that ends its connection; the message says how."""
 
 
-@attrs.frozen
+@attrs.define
 class NbdRequest:
     """One transmission-phase request header as the client sent it."""
 
@@ -481,6 +489,9 @@ class _Connection:
         self.allocation_context = False
         """Whether the client selected ``base:allocation`` (it may send NBD_CMD_BLOCK_STATUS)."""
         self._read_header = _REPLY.size
+        self._stream: _RequestStream | None = None
+        self._corked: list[bytes | bytearray | memoryview] | None = None
+        self._corked_bytes = 0
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     async def serve(self) -> str:
@@ -504,7 +515,9 @@ class _Connection:
             return f"connection lost: {exc.strerror or exc}"
 
     async def close(self) -> None:
-        """Wait for in-flight requests to reply, then close the socket."""
+        """Read no more requests, wait for those in flight to reply, then close the socket."""
+        if self._stream is not None:
+            self._stream.end("server stopping")
         try:
             await self._wait_until(lambda: self.in_flight == 0)
             if self._out:
@@ -652,60 +665,61 @@ class _Connection:
     # transmission
 
     async def _transmission(self) -> str:
-        """Read and dispatch requests until DISC, a violation, or the client goes away."""
-        reader = self.reader
+        """Hand the socket to a :class:`_RequestStream` and serve requests until DISC, a violation, or the end."""
         transport = self.writer.transport
-        while True:
-            header = await reader.readexactly(_REQUEST.size)
-            magic, flags, command, handle, offset, length = _REQUEST.unpack(header)
-            if magic != NBD_REQUEST_MAGIC:
-                raise ProtocolViolation(f"bad request magic {magic:#x}")
-            request = NbdRequest(flags, command, handle, offset, length)
-            if command == NBD_CMD_DISC:
-                return "disconnect requested by the client"
-            if command == NBD_CMD_WRITE or not self._try_start(request, b""):
-                await self._dispatch(request)
-            if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH or transport.is_closing():
-                await self.writer.drain()  # a client that does not read its replies is not read from either
-            if self._out_bytes > WRITE_BUFFER_HIGH:
-                await self._wait_until(lambda: self._out_bytes <= WRITE_BUFFER_HIGH)
+        if transport.is_closing():
+            return "closed by the client"
+        stream = _RequestStream(self, transport)
+        transport.set_protocol(stream)
+        self._stream = stream
+        self.reader.feed_eof()  # the handshake's reader gets nothing more: what it holds is the first requests
+        stream.receive(await self.reader.read())
+        return await stream.ended
 
-    async def _dispatch(self, request: NbdRequest) -> None:
-        """Read a WRITE's payload, then start the request once the connection has room for it."""
-        command, length = request.command, request.length
-        if command == NBD_CMD_WRITE and length > MAX_REQUEST_LEN:
-            self._reply(request, NBD_EINVAL, f"write longer than {MAX_REQUEST_LEN} bytes")
-            raise ProtocolViolation(f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped")
-        payload = await self._read_payload(length) if command == NBD_CMD_WRITE else b""
-        while not self._try_start(request, payload):
-            await self._wait_until(lambda: self._has_room(request))
-
-    async def _read_payload(self, length: int) -> bytes | bytearray:
-        """A WRITE's payload; a big one lands in a buffer kept from an earlier write of that length.
+    def _payload_buffer(self, length: int) -> bytearray:
+        """A buffer for a WRITE payload: a big one kept from an earlier write of that length, else a new one.
 
         A fresh buffer of a megabyte costs the kernel a page fault and a zeroed page per 4 KiB (it is
         mapped anew each time); a kept one is only copied into. :meth:`_release_payload` gives it back.
         """
-        if length < POOLED_WRITE_BYTES:
-            return await self.reader.readexactly(length)
-        kept = self._payload_buffers.get(length)
-        buffer = kept.pop() if kept else bytearray(length)
-        view = memoryview(buffer)
-        done = 0
-        while done < length:
-            chunk = await self.reader.read(length - done)
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", length)
-            view[done : done + len(chunk)] = chunk
-            done += len(chunk)
-        return buffer
+        if length >= POOLED_WRITE_BYTES:
+            kept = self._payload_buffers.get(length)
+            if kept:
+                return kept.pop()
+        return bytearray(length)
 
     def _release_payload(self, payload: bytes | bytearray) -> None:
         """Keep a big WRITE payload buffer for the next write of its length (a few per length)."""
-        if isinstance(payload, bytearray):
+        if isinstance(payload, bytearray) and len(payload) >= POOLED_WRITE_BYTES:
             kept = self._payload_buffers.setdefault(len(payload), [])
             if len(kept) < MAX_POOLED_PER_SIZE:
                 kept.append(payload)
+
+    def _may_read(self) -> bool:
+        """Whether the client's next request may be read: its replies are being taken off the socket."""
+        return self._out_bytes <= WRITE_BUFFER_HIGH
+
+    def _progressed(self) -> None:
+        """A request finished or output left: wake :meth:`close` and let the request stream go on."""
+        self._changed.set()
+        if self._stream is not None:
+            self._stream.resume()
+
+    def _cork(self) -> None:
+        """Collect replies sent until :meth:`_uncork` (those of a batch of requests served on the spot)."""
+        self._corked = []
+        self._corked_bytes = 0
+
+    def _uncork(self) -> None:
+        """Send the replies collected since :meth:`_cork` with one write."""
+        corked, self._corked = self._corked, None
+        if corked:
+            self._send(corked[0] if len(corked) == 1 else b"".join(corked))
+
+    def _flush_cork(self) -> None:
+        """Send what is corked now (:data:`MAX_CORKED_BYTES` gathered) and go on collecting."""
+        self._uncork()
+        self._cork()
 
     def _has_room(self, request: NbdRequest) -> bool:
         """Whether the connection's in-flight limits let ``request`` start now."""
@@ -777,7 +791,7 @@ class _Connection:
     def _complete_block_status(self, request: NbdRequest, result: BlockResult) -> None:
         """Send the ``base:allocation`` extents as one NBD_REPLY_TYPE_BLOCK_STATUS chunk (one extent for REQ_ONE)."""
         self.in_flight -= 1
-        self._changed.set()
+        self._progressed()
         extents = result.extents
         if not result.ok or not extents:
             message = result.message or "no extents"
@@ -856,7 +870,7 @@ class _Connection:
         self._release_payload(payload)
         self.in_flight -= 1
         self.in_flight_bytes -= cost
-        self._changed.set()
+        self._progressed()
         error = nbd_error(result, request.command)
         if error:
             self._log_refusal(f"request {request.handle:#x} (command {request.command}) failed: {result.message}")
@@ -921,7 +935,7 @@ class _Connection:
         """Answer a read whose data waits in ``pipe``: the header, then the data spliced, or the error."""
         self.in_flight -= 1
         self.in_flight_bytes -= cost
-        self._changed.set()
+        self._progressed()
         error = nbd_error(result, request.command)
         if error or self.writer.is_closing():
             pipe.drain()
@@ -970,7 +984,12 @@ class _Connection:
         """Send ``data`` after every reply before it: through the transport, or behind the output queue."""
         if self.writer.is_closing():
             return
-        if self._out:
+        if self._corked is not None:
+            self._corked.append(data)
+            self._corked_bytes += len(data)
+            if self._corked_bytes >= MAX_CORKED_BYTES:
+                self._flush_cork()  # the transport learns how much waits, and pauses the reading of requests
+        elif self._out:
             self._queue(data)
         else:
             self.writer.write(data)
@@ -1007,7 +1026,7 @@ class _Connection:
             log.info("%s: sending a read reply failed: %s", self.what, exc.strerror or exc)
             self._drop_output()
             transport.abort()
-        self._changed.set()
+        self._progressed()
         if out and not self._watching:
             self.door.socket_full_waits += 1
             if self._watch_fd < 0:
@@ -1029,6 +1048,170 @@ class _Connection:
         if self._watching:
             self._loop.remove_writer(self._watch_fd)
             self._watching = False
+
+
+class _RequestStream(asyncio.BufferedProtocol):
+    """The transmission phase of one connection: requests cut from the socket's bytes as they arrive.
+
+    After the handshake the connection's transport is handed to this protocol,
+    so that a request costs no task wake-up: the bytes land in an input buffer
+    (a WRITE's payload straight in its own buffer), and every whole request in
+    it is started at once, the replies of those served on the spot leaving in
+    one write. Reading pauses while the connection has no room for the next
+    request (see :meth:`_Connection._has_room`), while its replies wait for a
+    client that does not read them, and at the end; :meth:`resume` goes on
+    when one of those clears. :attr:`ended` gets why the stream ended: DISC,
+    the client's end of the socket, or a protocol violation (logged here).
+    """
+
+    def __init__(self, connection: _Connection, transport: asyncio.BaseTransport) -> None:
+        self.connection = connection
+        self.transport = transport
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._input = bytearray(INPUT_BUFFER_BYTES)
+        self._start = 0
+        self._end = 0
+        self._payload: bytearray | None = None
+        """The WRITE payload being received (for :attr:`_payload_request`), or None."""
+        self._payload_request: NbdRequest | None = None
+        self._payload_received = 0
+        self._waiting: tuple[NbdRequest, bytes | bytearray] | None = None
+        """A request read whole that waits for room on the connection."""
+        self._write_paused = False
+        self._reading = True
+        self._parsing = False
+
+    def receive(self, data: bytes) -> None:
+        """Take bytes read before this stream had the socket (requests the client sent behind its handshake)."""
+        if not data or self.ended.done():
+            return
+        if len(self._input) - self._end < len(data):
+            self._input.extend(bytes(len(data)))
+        self._input[self._end : self._end + len(data)] = data
+        self._end += len(data)
+        self._parse()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next bytes from the socket go: the rest of a WRITE payload, or the input buffer."""
+        if self._payload is not None:
+            return memoryview(self._payload)[self._payload_received :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._input) - self._end < _REQUEST.size:
+            left = self._end - self._start
+            self._input[:left] = self._input[self._start : self._end]
+            self._start, self._end = 0, left
+        return memoryview(self._input)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Bytes arrived where :meth:`get_buffer` said: start every request they complete."""
+        if self._payload is not None:
+            self._payload_received += nbytes
+            if self._payload_received < len(self._payload):
+                return
+            self._waiting = (self._payload_request, self._payload)
+            self._payload = self._payload_request = None
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool:
+        """The client sent its last byte: end, keeping the socket open for the replies still to go."""
+        self.end("closed by the client")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is gone."""
+        self.end("closed by the client" if exc is None else f"connection lost: {getattr(exc, 'strerror', None) or exc}")
+
+    def pause_writing(self) -> None:
+        """The transport holds more than :data:`WRITE_BUFFER_HIGH` of replies: read no request until it sends them."""
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        """The transport sent its replies: go on reading requests."""
+        self._write_paused = False
+        self.resume()
+
+    def resume(self) -> None:
+        """Go on if reading was paused and what paused it has cleared (a request finished, replies left)."""
+        if not self._reading and not self.ended.done():
+            self._parse()
+
+    def end(self, reason: str) -> None:
+        """Read no more requests (those started still reply); :attr:`ended` gets ``reason`` if it has none yet."""
+        if not self.ended.done():
+            self.ended.set_result(reason)
+        self._set_reading(False)
+
+    def _blocked(self) -> bool:
+        return self._write_paused or not self.connection._may_read() or self.ended.done()
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading != self._reading and not self.transport.is_closing():
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+        self._reading = reading
+
+    def _parse(self) -> None:
+        """Start every whole request in the input buffer, unless something blocks; then read or pause."""
+        if self._parsing:
+            return
+        self._parsing = True
+        connection = self.connection
+        connection._cork()
+        try:
+            self._parse_requests(connection)
+        except ProtocolViolation as exc:
+            log.warning("%s: %s; closing the connection", connection.what, exc)
+            self.end(str(exc))
+        finally:
+            self._parsing = False
+            connection._uncork()
+        self._set_reading(self._waiting is None and not self._blocked())
+
+    def _parse_requests(self, connection: _Connection) -> None:
+        data = self._input
+        while not self._blocked():
+            if self._waiting is not None:
+                request, payload = self._waiting
+                if not connection._try_start(request, payload):
+                    return
+                self._waiting = None
+            if self._payload is not None or self._end - self._start < _REQUEST.size:
+                return
+            magic, flags, command, handle, offset, length = _REQUEST.unpack_from(data, self._start)
+            self._start += _REQUEST.size
+            if magic != NBD_REQUEST_MAGIC:
+                raise ProtocolViolation(f"bad request magic {magic:#x}")
+            request = NbdRequest(flags, command, handle, offset, length)
+            if command == NBD_CMD_DISC:
+                self.end("disconnect requested by the client")
+                return
+            if command != NBD_CMD_WRITE:
+                if not connection._try_start(request, b""):
+                    self._waiting = (request, b"")
+                continue
+            if length > MAX_REQUEST_LEN:
+                connection._reply(request, NBD_EINVAL, f"write longer than {MAX_REQUEST_LEN} bytes")
+                raise ProtocolViolation(
+                    f"write of {length} bytes (limit {MAX_REQUEST_LEN}); its payload cannot be skipped"
+                )
+            present = min(length, self._end - self._start)
+            if present == length and length < POOLED_WRITE_BYTES:
+                payload: bytes | bytearray = bytes(data[self._start : self._start + length])
+                self._start += length
+                self._waiting = (request, payload)
+                continue
+            buffer = connection._payload_buffer(length)
+            buffer[:present] = data[self._start : self._start + present]
+            self._start += present
+            if present == length:
+                self._waiting = (request, buffer)
+            else:
+                self._payload, self._payload_request, self._payload_received = buffer, request, present
 
 
 def _parse_info_request(data: bytes) -> tuple[bytes, set[int]] | None:

@@ -4,7 +4,8 @@
 :class:`BlockRequest` (guest buffers as memoryviews, so reads and writes go
 between the backing store and guest memory without a copy) and first offers
 it to :meth:`BlockBackend.serve_now`, which does a small read or write at once
-when the device is idle and the page cache can serve it without waiting;
+when none of the device's requests waits for a thread (those already running
+on one do not count) and the page cache can serve it without waiting;
 otherwise it calls :meth:`BlockBackend.submit` from its event loop, and the
 callback gets a :class:`BlockResult` back on that same loop.
 
@@ -85,7 +86,7 @@ log = logging.getLogger("pvcore.block")
 SECTOR_SIZE = 512
 MAX_WORKERS = 64
 INLINE_MAX_BYTES = 128 * 1024
-"""Largest read or write served on the event-loop thread (page-cache hits on an idle device)."""
+"""Largest read or write served on the event-loop thread (page-cache hits while no request of the device waits)."""
 
 IOPRIO_CLASS_NONE = 0
 IOPRIO_CLASS_RT = 1
@@ -364,7 +365,10 @@ class BlockBackend:
     def serve_now(self, request: BlockRequest) -> bool:
         """Do a READ or WRITE on the calling thread, at once, if the page cache can serve it.
 
-        Only on an idle device and within the limits of :meth:`_try_inline`;
+        Only while none of the device's requests waits (queued for a thread,
+        held by its limits, a flush behind earlier requests, or during a
+        swap; requests running on a thread are no reason to wait) and within
+        the limits of :meth:`_try_inline`;
         True when the request is done (and counted). False means nothing was
         done: :meth:`submit` it. A request that fails its checks is never
         served here, so that :meth:`submit` reports it. A ``sparse`` READ
@@ -373,7 +377,7 @@ class BlockBackend:
         with self._lock:
             service_time = self._service_time
             started = self._clock() if service_time is not None else 0.0
-            busy = self._paused or self._counters.in_flight
+            busy = self._paused or self._ready or self._barriers or self._in_throttle
             if busy or self._check(request) is not None:
                 return False
             throttle = self.throttle
@@ -479,9 +483,9 @@ class BlockBackend:
     def _try_inline(self, request: BlockRequest) -> bool:
         """Serve a checked read or write from the page cache on the spot; True if every byte moved.
 
-        Callers ask only when the device is otherwise idle (no request in
-        flight, so no request of any priority is overtaken and priorities keep
-        their meaning under load). Never for durable writes or big transfers,
+        Callers ask only when none of the device's requests waits (so no
+        queued request of any priority is overtaken and priorities keep their
+        meaning under load; one running on a thread is not overtaken). Never for durable writes or big transfers,
         and only if the store can do it without waiting (see
         :meth:`RawFileStore.transfer_nowait`: RWF_NOWAIT, or a whole-page write
         while host dirty memory is low); otherwise the request takes the
