@@ -1,4 +1,4 @@
-"""Two NBD exports driven at once: ``pvcore serve --workers 2`` against one process, and against nbdkit.
+"""NBD over several cores: two exports, or two connections to one spread export, against one process and nbdkit.
 
     .venv/bin/python bench/nbd_workers.py [--rounds 5] [--seconds 4] [--depth 16]
 
@@ -13,6 +13,13 @@ export alone. It prints the medians of total IOPS and of server CPU
 microseconds per I/O (utime+stime of the server and its worker processes),
 and the ratios the performance issue asks for: two exports with ``--workers
 2`` over pvcore's own one-export figure (target >= 1.7), and over nbdkit.
+
+The same is run for two connections to one export (two fio jobs on one
+socket): served by ``pvcore serve --workers 2`` with ``spread=on`` (each
+worker serves the export, the parent hands the connections out in turn), by
+``--workers 1`` (both connections in one process) and by one nbdkit; the
+ratio the issue names is two connections to the spread export over one
+connection to one export (target >= 1.7).
 Needs fio and nbdkit (Debian: fio, nbdkit).
 """
 
@@ -53,7 +60,8 @@ def wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], what: str
 
 
 def fio(sockets: list[Path], depth: int, seconds: float, servers: list[int]) -> tuple[float, float]:
-    """Total IOPS of one fio job per socket, run at once, and server CPU microseconds per I/O."""
+    """Total IOPS of one fio job (one connection) per entry of ``sockets``, run at once, and server CPU
+    microseconds per I/O."""
     jobs = []
     for index, sock in enumerate(sockets):
         jobs += [f"--name=export{index}", f"--uri=nbd+unix:///?socket={sock}"]
@@ -99,6 +107,15 @@ def main() -> None:
                 procs.append(proc)
                 pids[name] = [proc.pid]
                 wait_for_sockets(sockets[name], proc, name)
+            spread = "pvcore --workers 2 spread=on"
+            sockets[spread] = [directory / "spread.sock"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar", "--workers", "2",
+                 f"block:name=s,path={images[0]},socket={sockets[spread][0]},spread=on"],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PVCORE_RUN_DIR=str(directory / "runs")))
+            procs.append(proc)
+            pids[spread] = [proc.pid]
+            wait_for_sockets(sockets[spread], proc, spread)
             sockets["nbdkit x2"] = [directory / f"nbdkit-{i}.sock" for i in (0, 1)]
             pids["nbdkit x2"] = []
             for i in (0, 1):
@@ -111,23 +128,32 @@ def main() -> None:
                                    text=True).stdout.splitlines()[1]
             print(f"pvcore {build}; {os.cpu_count()} CPUs; 4 KiB random reads at depth {args.depth}, "
                   f"{args.rounds} rounds x {args.seconds} s, medians")
-            runs = {"one export, pvcore --workers 1": ("pvcore --workers 1", 1),
-                    **{f"two exports, {name}": (name, 2) for name in sockets}}
+            runs = {"one export, pvcore --workers 1": ("pvcore --workers 1", [0]),
+                    **{f"two exports, {name}": (name, [0, 1]) for name in sockets if name != spread},
+                    **{f"one export 2 conns, {name}": (name, [0, 0])
+                       for name in ("pvcore --workers 1", spread, "nbdkit x2")}}
             results: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
             labels = list(runs)
             for round_ in range(args.rounds):
                 for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
-                    name, count = runs[label]
-                    results[label].append(fio(sockets[name][:count], args.depth, args.seconds, pids[name]))
+                    name, indexes = runs[label]
+                    results[label].append(fio([sockets[name][i] for i in indexes], args.depth, args.seconds,
+                                              pids[name]))
             medians = {label: [statistics.median(r[i] for r in rs) for i in (0, 1)] for label, rs in results.items()}
-            print(f"{'':>36} {'IOPS':>9} {'cpu us/IO':>10}")
+            print(f"{'':>50} {'IOPS':>9} {'cpu us/IO':>10}")
             for label, (iops, cpu) in medians.items():
-                print(f"{label:>36} {iops:>9.0f} {cpu:>10.1f}")
+                print(f"{label:>50} {iops:>9.0f} {cpu:>10.1f}")
             alone = medians["one export, pvcore --workers 1"][0]
             two = medians["two exports, pvcore --workers 2"][0]
             print(f"two exports --workers 2 / one export: {two / alone:.2f} (target >= 1.7)")
             print(f"two exports --workers 2 / --workers 1: {two / medians['two exports, pvcore --workers 1'][0]:.2f}")
             print(f"two exports --workers 2 / nbdkit x2: {two / medians['two exports, nbdkit x2'][0]:.2f}")
+            conns = medians[f"one export 2 conns, {spread}"][0]
+            print(f"one export 2 conns spread=on --workers 2 / one conn: {conns / alone:.2f} (target >= 1.7)")
+            print(f"one export 2 conns spread=on --workers 2 / --workers 1: "
+                  f"{conns / medians['one export 2 conns, pvcore --workers 1'][0]:.2f}")
+            print(f"one export 2 conns spread=on --workers 2 / nbdkit: "
+                  f"{conns / medians['one export 2 conns, nbdkit x2'][0]:.2f}")
         finally:
             for proc in procs:
                 proc.terminate()

@@ -1,7 +1,7 @@
 """One worker process of ``pvcore serve --workers N``: serves its share of the devices for its parent.
 
 :class:`~pvcore.workers.WorkerPool` starts ``python -m pvcore.worker
-CONTROL_FD LISTEN_FD PARENT_PID`` with two sockets inherited from it:
+CONTROL_FD LISTEN_FD HAND_FD PARENT_PID`` with three sockets inherited from it:
 
 * CONTROL_FD (a stream): first the parent's pickled
   :class:`~pvcore.workers.WorkerSpec` (8-byte length, then the bytes); then
@@ -21,6 +21,12 @@ CONTROL_FD LISTEN_FD PARENT_PID`` with two sockets inherited from it:
   that path, after a restart) and passes it with SCM_RIGHTS. The parent keeps
   every socket, so a path stays connectable while a worker restarts; a
   device removed says ``{"release": PATH}`` and the parent removes its socket.
+  A stream listener first asks ``{"hand": PATH, "what": ...}``: the answer's
+  ``handed`` says whether the parent accepts that path's connections itself
+  (an export spread over the workers, :mod:`pvcore.spread`);
+* HAND_FD (a seqpacket socket): the connections of spread exports the parent
+  hands this worker, one per message ``{"path": PATH}`` with its descriptor
+  (:class:`~pvcore.spread.HandedConnections`).
 
 A worker dies with its parent (PR_SET_PDEATHSIG): a daemon killed with
 SIGKILL leaves no worker behind. SIGTERM stops it cleanly (in-flight
@@ -42,6 +48,7 @@ import pickle
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,7 @@ from pvcore.contract import DeviceConfig
 from pvcore.control import ControlError, ControlServer
 from pvcore.daemon import Daemon
 from pvcore.registry import default_registry
+from pvcore.spread import HandedConnections
 from pvcore.streams.unix import ListenerError, set_listener_source
 from pvcore.devices.block.iopool import set_thread_bound, share_cpus
 from pvcore.workers import MAX_CHANNEL_LINE, PAYLOAD_LENGTH, WorkerSpec
@@ -65,21 +73,26 @@ class ParentListeners:
     """The listening sockets of a worker, asked of its parent over the seqpacket ``channel``
     (a :class:`~pvcore.streams.unix.ListenerSource`)."""
 
-    def __init__(self, channel: socket.socket) -> None:
+    def __init__(self, channel: socket.socket, handed: HandedConnections) -> None:
         self.channel = channel
         self.channel.settimeout(LISTEN_TIMEOUT)
+        self.handed = handed
         self.exiting = False
 
-    def get(self, path: Path, what: str, kind: int) -> socket.socket:
-        """A listening socket at ``path`` from the parent; a :class:`ListenerError` with its reason if none."""
+    def _ask(self, request: dict[str, Any], what: str, path: Path) -> tuple[dict[str, Any], list[int]]:
+        """The parent's answer to ``request`` and the descriptors that came with it."""
         try:
-            self.channel.send(json.dumps({"path": os.fspath(path), "what": what, "kind": int(kind)}).encode())
+            self.channel.send(json.dumps(request).encode())
             data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_LISTEN_ANSWER, 1)
         except OSError as exc:  # a timeout included: the parent did not answer
             raise ListenerError(f"{what}: no socket for {path} from the parent process: {exc}") from None
         if not data:
             raise ListenerError(f"{what}: the parent process is gone")
-        answer = json.loads(data)
+        return json.loads(data), fds
+
+    def get(self, path: Path, what: str, kind: int) -> socket.socket:
+        """A listening socket at ``path`` from the parent; a :class:`ListenerError` with its reason if none."""
+        answer, fds = self._ask({"path": os.fspath(path), "what": what, "kind": int(kind)}, what, path)
         if not answer.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -88,9 +101,22 @@ class ParentListeners:
         sock.setblocking(False)
         return sock
 
+    def hand_over(self, path: Path, what: str, take: Callable[[socket.socket], None]) -> bool:
+        """Whether the parent hands this worker the connections of ``path`` (then each goes to ``take``)."""
+        answer, fds = self._ask({"hand": os.fspath(path), "what": what}, what, path)
+        for fd in fds:
+            os.close(fd)
+        if not answer.get("ok"):
+            raise ListenerError(answer.get("error") or f"{what}: the parent refused {path}")
+        if not answer.get("handed"):
+            return False
+        self.handed.register(path, take)
+        return True
+
     def release(self, path: Path) -> None:
         """Tell the parent the device listening at ``path`` is gone (not when the whole worker stops:
         the parent keeps its sockets then)."""
+        self.handed.unregister(path)
         if not self.exiting:
             try:
                 self.channel.send(json.dumps({"release": os.fspath(path)}).encode())
@@ -173,6 +199,7 @@ async def serve(spec: WorkerSpec, control: socket.socket, listeners: ParentListe
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reopen_logs)
     reader, writer = await asyncio.open_unix_connection(sock=control, limit=MAX_CHANNEL_LINE)
+    listeners.handed.start()
     try:
         failed = await daemon.start(keep_going=spec.restart)
     except Exception as exc:
@@ -199,24 +226,26 @@ async def serve(spec: WorkerSpec, control: socket.socket, listeners: ParentListe
         channel.cancel()
         listeners.exiting = True  # the parent keeps the sockets of a worker that stops
         await daemon.stop()
+        listeners.handed.stop()
         writer.close()
     return 0
 
 
 def main(argv: list[str]) -> int:
-    """``python -m pvcore.worker CONTROL_FD LISTEN_FD PARENT_PID`` (started by the parent only)."""
-    if len(argv) != 3 or not all(arg.isdigit() for arg in argv):
-        print("usage: python -m pvcore.worker CONTROL_FD LISTEN_FD PARENT_PID (started by pvcore serve)", file=sys.stderr)
+    """``python -m pvcore.worker CONTROL_FD LISTEN_FD HAND_FD PARENT_PID`` (started by the parent only)."""
+    if len(argv) != 4 or not all(arg.isdigit() for arg in argv):
+        print("usage: python -m pvcore.worker CONTROL_FD LISTEN_FD HAND_FD PARENT_PID (started by pvcore serve)",
+              file=sys.stderr)
         return 2
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop reopens logs on it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    control_fd, listen_fd, parent = (int(arg) for arg in argv)
+    control_fd, listen_fd, hand_fd, parent = (int(arg) for arg in argv)
     _die_with_parent(parent)
     control = socket.socket(fileno=control_fd)
     spec = _read_spec(control)
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format=f"%(asctime)s pvcore[w{spec.index}] %(name)s: %(message)s")
-    listeners = ParentListeners(socket.socket(fileno=listen_fd))
+    listeners = ParentListeners(socket.socket(fileno=listen_fd), HandedConnections(socket.socket(fileno=hand_fd)))
     set_listener_source(listeners)
     return asyncio.run(serve(spec, control, listeners))
 

@@ -59,6 +59,7 @@ from pvcore.contract import DeviceConfig
 from pvcore.daemon import DaemonError, serve_until_stopped, start_metrics
 from pvcore.devices.block.iopool import thread_bound_setting
 from pvcore.registry import Registry
+from pvcore.spread import SpreadExports, is_spread
 from pvcore.streams.unix import ListenerError, bind_private_socket, remove_socket_file
 from pvcore.systemd_notify import ready, reloading
 
@@ -104,10 +105,14 @@ def partition(configs: Sequence[DeviceConfig], count: int) -> list[list[DeviceCo
 
     Sets of devices bound together are placed largest first, each in the
     share with the fewest devices so far; the order of devices within a share
-    is their order in ``configs``.
+    is their order in ``configs``. A device with ``spread=on``
+    (:mod:`pvcore.spread`) is in every share, after the others, and makes
+    ``count`` shares.
     """
     if count < 1:
         raise ValueError(f"workers={count} must be at least 1")
+    spread = [config for config in configs if is_spread(config.options)]
+    configs = [config for config in configs if not is_spread(config.options)]
     owner: dict[tuple[str, str], int] = {}
     parent = list(range(len(configs)))
 
@@ -126,10 +131,10 @@ def partition(configs: Sequence[DeviceConfig], count: int) -> list[list[DeviceCo
     sets: dict[int, list[int]] = {}
     for i in range(len(configs)):
         sets.setdefault(root(i), []).append(i)
-    shares: list[list[int]] = [[] for _ in range(min(count, len(sets)))]
+    shares: list[list[int]] = [[] for _ in range(count if spread else min(count, len(sets)))]
     for members in sorted(sets.values(), key=len, reverse=True):
         min(shares, key=len).extend(members)
-    return [[configs[i] for i in sorted(share)] for share in shares if share]
+    return [[configs[i] for i in sorted(share)] + spread for share in shares if share or spread]
 
 
 @attrs.frozen
@@ -161,6 +166,8 @@ class ListenerBroker:
 
     def __init__(self) -> None:
         self._held: dict[Path, tuple[socket.socket, tuple[int, int]]] = {}
+        self.spread = SpreadExports(lambda path, what: self.socket_for(path, what, socket.SOCK_STREAM))
+        """The paths whose connections the parent accepts and hands out (:mod:`pvcore.spread`)."""
 
     def socket_for(self, path: Path, what: str, kind: int) -> socket.socket:
         """The listening socket at ``path`` (a :class:`ListenerError` if none can be made there)."""
@@ -184,6 +191,7 @@ class ListenerBroker:
 
     def close(self) -> None:
         """Close every socket and remove its file if the file is still that socket."""
+        self.spread.close()
         for path, (sock, inode) in list(self._held.items()):
             remove_socket_file(path, inode)
             sock.close()
@@ -200,6 +208,24 @@ def _inode(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return (info.st_dev, info.st_ino)
+
+
+def _merge_spread(devices: list[dict[str, Any]], spread: set[str]) -> list[dict[str, Any]]:
+    """``devices`` with each spread device once: its workers joined (``w0,w1``), its counters added up."""
+    merged: dict[str, dict[str, Any]] = {}
+    listed = []
+    for device in devices:
+        first = merged.get(device["name"]) if device["name"] in spread else None
+        if first is None:
+            merged[device["name"]] = device
+            listed.append(device)
+            continue
+        first["worker"] = f"{first['worker']},{device['worker']}"
+        counters = first.get("counters") or {}
+        for key, value in (device.get("counters") or {}).items():
+            if isinstance(value, (int, float)) and isinstance(counters.get(key), (int, float)):
+                counters[key] += value
+    return listed
 
 
 class WorkerDown(Exception):
@@ -223,6 +249,9 @@ class Worker:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._listen: socket.socket | None = None
+        self.hand_channel: socket.socket | None = None
+        """The parent's end of the channel of handed connections (:mod:`pvcore.spread`)."""
+        self._spread: SpreadExports | None = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
 
@@ -259,19 +288,25 @@ class Worker:
         loop = asyncio.get_running_loop()
         control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen, listen_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hand, hand_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        children = (control_child, listen_child, hand_child)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pvcore.worker", str(control_child.fileno()), str(listen_child.fileno()),
-                str(os.getpid()), pass_fds=(control_child.fileno(), listen_child.fileno()),
+                sys.executable, "-m", "pvcore.worker", *(str(child.fileno()) for child in children),
+                str(os.getpid()), pass_fds=tuple(child.fileno() for child in children),
                 env={key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"},  # the parent notifies
             )
         except BaseException:
             control.close()
             listen.close()
+            hand.close()
             raise
         finally:
-            control_child.close()
-            listen_child.close()
+            for child in children:
+                child.close()
+        hand.setblocking(False)
+        self.hand_channel = hand
+        self._spread = broker.spread
         listen.setblocking(False)
         self._listen = listen
         loop.add_reader(listen.fileno(), self._give_listener, listen, broker)
@@ -305,9 +340,19 @@ class Worker:
         try:
             request = json.loads(data)
             if "release" in request:
-                broker.release(Path(request["release"]))
+                path = Path(request["release"])
+                if broker.spread.spread(path):
+                    broker.spread.drop(self, path)  # the others go on serving it
+                else:
+                    broker.release(path)
+                return
+            if "hand" in request:
+                self._hand_over(listen, broker, Path(request["hand"]), str(request["what"]))
                 return
             path, what, kind = Path(request["path"]), str(request["what"]), int(request["kind"])
+            if broker.spread.spread(path):
+                raise ListenerError(f"{what}: {path} is spread over the workers (spread=on), which only an NBD "
+                                    "export can be; remove spread=on")
             sock = broker.socket_for(path, what, kind)
         except Exception as exc:  # every request gets an answer: the worker waits for one
             error = str(exc) if isinstance(exc, ListenerError) else f"no listening socket: {type(exc).__name__}: {exc}"
@@ -318,6 +363,13 @@ class Worker:
             socket.send_fds(listen, [json.dumps({"ok": True}).encode()], [sock.fileno()])
         except OSError as exc:  # the worker went away while asking: its watcher starts it again
             log.warning("worker %s: could not answer its request for %s: %s", self.name, path, exc)
+
+    def _hand_over(self, listen: socket.socket, broker: ListenerBroker, path: Path, what: str) -> None:
+        """Answer whether the parent hands this worker the connections of ``path`` (and from now on do)."""
+        handed = broker.spread.spread(path)
+        if handed:
+            broker.spread.take(path, what, self)
+        listen.send(json.dumps({"ok": True, "handed": handed}).encode())
 
     def _close_listen(self, listen: socket.socket | None = None) -> None:
         listen = listen or self._listen
@@ -372,9 +424,14 @@ class Worker:
         self.close_channels()
 
     def close_channels(self) -> None:
-        """Drop both channels to the process."""
+        """Drop the channels to the process."""
         self.serving = False
         self._close_listen()
+        if self._spread is not None:
+            self._spread.drop(self)  # its connections wait for the other workers, or in the backlog
+        if self.hand_channel is not None:
+            self.hand_channel.close()
+            self.hand_channel = None
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
@@ -406,6 +463,8 @@ class WorkerPool:
         self.metrics = metrics
         self.workers = [Worker(index, list(share)) for index, share in enumerate(shares)]
         self.broker = ListenerBroker()
+        for config in self._all_configs():
+            self._declare_spread(config)
         self._stop = asyncio.Event()
         self._stopping = False
         self._watchers: list[asyncio.Task[None]] = []
@@ -420,7 +479,15 @@ class WorkerPool:
     @property
     def device_count(self) -> int:
         """How many devices the workers serve."""
-        return sum(len(worker.configs) for worker in self.workers)
+        return len(self._all_configs())
+
+    def _all_configs(self) -> list[DeviceConfig]:
+        """Every device once (a spread one is in every worker)."""
+        return list({config.name: config for worker in self.workers for config in worker.configs}.values())
+
+    def _declare_spread(self, config: DeviceConfig) -> None:
+        if is_spread(config.options) and config.get("socket"):
+            self.broker.spread.declare(Path(config.get("socket")))
 
     async def start(self) -> None:
         """Start every worker (in parallel) and wait until each serves; on any failure stop them all."""
@@ -501,12 +568,16 @@ class WorkerPool:
         return families
 
     def _owner(self, name: str) -> Worker:
+        return self._owners(name)[0]
+
+    def _owners(self, name: str) -> list[Worker]:
+        """The workers serving device ``name``: one, or every worker for a spread device."""
         from pvcore.control import ControlError
 
-        for worker in self.workers:
-            if worker.owns(name):
-                return worker
-        known = ", ".join(config.name for worker in self.workers for config in worker.configs) or "none"
+        owners = [worker for worker in self.workers if worker.owns(name)]
+        if owners:
+            return owners
+        known = ", ".join(config.name for config in self._all_configs()) or "none"
         raise ControlError(f"no device named {name!r}; devices: {known}")
 
     async def _forward(self, worker: Worker, body: dict[str, Any]) -> dict[str, Any]:
@@ -546,7 +617,7 @@ class WorkerPool:
                  "worker": worker.name, "state": "not served", "error": worker.failed[config.name]}
                 for config in worker.configs if config.name in worker.failed
             )
-        return devices
+        return _merge_spread(devices, {c.name for c in self._all_configs() if is_spread(c.options)})
 
     async def add_device(self, spec: str) -> str:
         """Serve one more device from ``CLASS:key=value,...`` (:meth:`add`); its name."""
@@ -579,25 +650,34 @@ class WorkerPool:
         from pvcore.control import ControlError
 
         try:
-            check_unique([c for worker in self.workers for c in worker.configs] + list(configs))
+            check_unique(self._all_configs() + list(configs))
         except ConfigError as exc:
             raise ControlError(str(exc)) from None
-        worker = self.place(configs)
-        await worker.settled()
-        if not worker.serving:
-            worker.configs.extend(configs)
-            return
+        spread = [config for config in configs if is_spread(config.options)]
+        if spread and len(configs) > 1:
+            raise ControlError(f"{spread[0].name}: a device spread over the workers (spread=on) is added on its own")
+        for config in spread:
+            self._declare_spread(config)
         added: list[DeviceConfig] = []
         try:
-            for config in configs:
-                payload = base64.b64encode(pickle.dumps(config)).decode()
-                await self._forward(worker, {"command": "add-config", "config": payload})
-                worker.configs.append(config)
-                added.append(config)
+            for worker in self.workers if spread else [self.place(configs)]:
+                await worker.settled()
+                if not worker.serving:
+                    worker.configs.extend(configs)
+                    added.extend(config for config in configs if config not in added)
+                    continue
+                for config in configs:
+                    payload = base64.b64encode(pickle.dumps(config)).decode()
+                    await self._forward(worker, {"command": "add-config", "config": payload})
+                    worker.configs.append(config)
+                    if config not in added:
+                        added.append(config)
         except Exception:
             for config in added:
                 with contextlib.suppress(Exception):  # the first error is the answer
                     await self.remove_device(config.name)
+            for config in spread:
+                self._forget_spread(config)
             raise
 
     async def remove(self, names: Sequence[str]) -> None:
@@ -607,18 +687,27 @@ class WorkerPool:
             await self.remove_device(name)
 
     async def remove_device(self, name: str) -> None:
-        """Remove a device from its worker (its socket goes); from a worker that is down, or that could
-        not start it, from what the worker serves when it starts."""
-        worker = self._owner(name)
-        if worker.serving and name not in worker.failed:
-            await self._forward(worker, {"command": "remove", "device": name})
-        else:
-            self._not_starting(worker)
-            config = next(c for c in worker.configs if c.name == name)
-            if config.get("socket"):
-                self.broker.release(Path(config.get("socket")))
-        worker.failed.pop(name, None)
-        worker.configs = [config for config in worker.configs if config.name != name]
+        """Remove a device from its worker (its socket goes), or from every worker if it is spread; from a
+        worker that is down, or that could not start it, from what the worker serves when it starts."""
+        owners = self._owners(name)
+        config = next(c for c in owners[0].configs if c.name == name)
+        for worker in owners:
+            if worker.serving and name not in worker.failed:
+                await self._forward(worker, {"command": "remove", "device": name})
+            else:
+                self._not_starting(worker)
+                if config.get("socket") and not is_spread(config.options):
+                    self.broker.release(Path(config.get("socket")))
+            worker.failed.pop(name, None)
+            worker.configs = [c for c in worker.configs if c.name != name]
+        self._forget_spread(config)
+
+    def _forget_spread(self, config: DeviceConfig) -> None:
+        """A spread device is gone: stop handing out its connections and remove its socket."""
+        if is_spread(config.options) and config.get("socket"):
+            path = Path(config.get("socket"))
+            self.broker.spread.forget(path)
+            self.broker.release(path)
 
     @staticmethod
     def _not_starting(worker: Worker) -> None:
@@ -633,25 +722,33 @@ class WorkerPool:
         return str(answer["rate"])
 
     async def set_limits(self, name: str, limits: str) -> dict[str, object]:
-        """Change a device's I/O limits, in its worker."""
-        answer = await self._forward(self._owner(name), {"command": "set-limits", "device": name, "limits": limits})
+        """Change a device's I/O limits, in its worker (not of a spread device: each worker would apply them)."""
+        from pvcore.control import ControlError
+
+        owners = self._owners(name)
+        if len(owners) > 1:
+            raise ControlError(f"{name} is spread over the workers (spread=on) and takes no I/O limits: each "
+                               "worker would apply them to its own connections")
+        answer = await self._forward(owners[0], {"command": "set-limits", "device": name, "limits": limits})
         return {key: value for key, value in answer.items() if key != "ok"}
 
     async def swap_media(self, name: str, path: str) -> str:
-        """Change a block device's backing file, in its worker; a restarted worker serves the new one.
-        For a worker that is down, or a device it could not start, the file it serves when it starts."""
-        worker = self._owner(name)
-        if worker.serving and name not in worker.failed:
-            answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
-            old = str(answer["old"])
-        else:
-            self._not_starting(worker)
-            old = str(next(c for c in worker.configs if c.name == name).get("path"))
-        worker.configs = [
-            DeviceConfig(c.device_class, c.name, {**c.options, "path": path}) if c.name == name else c
-            for c in worker.configs
-        ]
-        return old
+        """Change a block device's backing file, in its worker (every worker, if it is spread); a restarted
+        worker serves the new one. For a worker that is down, or a device it could not start, the file it
+        serves when it starts."""
+        olds = []
+        for worker in self._owners(name):
+            if worker.serving and name not in worker.failed:
+                answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
+                olds.append(str(answer["old"]))
+            else:
+                self._not_starting(worker)
+                olds.append(str(next(c for c in worker.configs if c.name == name).get("path")))
+            worker.configs = [
+                DeviceConfig(c.device_class, c.name, {**c.options, "path": path}) if c.name == name else c
+                for c in worker.configs
+            ]
+        return olds[0]
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""

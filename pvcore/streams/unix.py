@@ -11,7 +11,10 @@ but only if it is still the one this listener created.
 
 In a worker process of ``pvcore serve --workers N`` the parent holds every
 listening socket, so that a socket outlives a worker that dies:
-:func:`set_listener_source` routes :func:`bind_private_socket` to it.
+:func:`set_listener_source` routes :func:`bind_private_socket` to it. For an
+export spread over the workers the parent accepts the connections itself and
+hands them out (:mod:`pvcore.spread`): the listener then serves the ones
+handed to it (:meth:`UnixListener.adopt`) instead of listening.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class ListenerSource(Protocol):
 
     def release(self, path: Path) -> None:
         """The socket at ``path`` is no longer listened on here (its device is gone)."""
+
+    def hand_over(self, path: Path, what: str, take: Callable[[socket.socket], None]) -> bool:
+        """True if the connections of ``path`` are accepted elsewhere and handed to this process one by
+        one (an NBD export spread over workers, :mod:`pvcore.spread`): each then goes to ``take``, until
+        :meth:`release`. False: listen on the socket :meth:`get` gives."""
 
 
 _listener_source: ListenerSource | None = None
@@ -160,6 +168,7 @@ class UnixListener:
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handed = False
 
     @property
     def connection_count(self) -> int:
@@ -167,8 +176,11 @@ class UnixListener:
         return len(self._tasks)
 
     async def start(self) -> None:
-        """Create the socket and begin accepting connections."""
-        if self._server is not None:
+        """Create the socket and begin accepting connections (or taking those handed to this process)."""
+        if self._server is not None or self._handed:
+            return
+        if _listener_source is not None and _listener_source.hand_over(self.path, self.what, self.adopt):
+            self._handed = True
             return
         sock = bind_private_socket(self.path, self.what)
         info = self.path.stat()
@@ -186,11 +198,29 @@ class UnixListener:
         if server is not None:
             server.close()
             self._remove_socket_file()
+        if self._handed:
+            self._handed = False
+            remove_socket_file(self.path, None)  # the source hands no more connections here
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def adopt(self, connection: socket.socket) -> None:
+        """Serve ``connection``, accepted by another process and handed to this one, as if accepted here."""
+        task = asyncio.get_running_loop().create_task(self._serve_adopted(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_adopted(self, connection: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=connection, limit=self._limit)
+        except OSError as exc:
+            connection.close()
+            log.info("%s: a handed connection could not be served: %s", self.what, exc.strerror or exc)
+            return
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

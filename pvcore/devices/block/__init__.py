@@ -62,6 +62,8 @@ OPTIONS = {
     "serial": f"disk serial returned by GET_ID, up to {VIRTIO_BLK_ID_BYTES} ASCII characters (default empty)",
     "workers": f"most requests of this disk the shared I/O threads run at once, 1..{MAX_WORKERS} "
     f"(default {DEFAULT_WORKERS})",
+    "spread": "on: under pvcore serve --workers N every worker serves this disk's NBD export and the daemon "
+    "hands its connections to them in turn; no I/O limits or group then (default off)",
     **THROTTLE_OPTIONS,
 }
 """Every option :func:`create_block_device` accepts, with what it means."""
@@ -128,6 +130,9 @@ def create_block_device(
         groups.check(group, limits)
     except ThrottleError as exc:
         raise DeviceError(f"{prefix}: {exc}") from None
+    if _parse_bool(prefix, "spread", options.get("spread", "off")) and set(options) & set(THROTTLE_OPTIONS):
+        raise DeviceError(f"{prefix}: spread=on takes no I/O limits or group (each worker would apply them to its "
+                          "own connections); remove spread=on or the limits")
     try:
         store = RawFileStore(path, readonly=readonly)
     except StoreError as exc:

@@ -1,0 +1,215 @@
+"""An NBD export spread over the worker processes (``spread=on``): every worker serves it, the parent
+hands out its connections.
+
+Under ``pvcore serve --workers N`` a device lives in one worker, so one disk
+gets one core however many connections its client opens. A block device
+exported over NBD with ``spread=on`` is started in every worker instead, each
+with its own block engine on the same file, and its connections are spread
+over them:
+
+* the parent holds the export's listening socket, as it holds every socket,
+  but accepts its connections itself (:class:`SpreadExports`) and passes each
+  with SCM_RIGHTS, in turn, to the workers whose export is up, over a
+  seqpacket channel of each worker's own; with no worker up, connections wait
+  in the socket's backlog;
+* a worker's listener for that path (:class:`~pvcore.streams.unix.UnixListener`)
+  asks its parent (:meth:`~pvcore.streams.unix.ListenerSource.hand_over`)
+  instead of listening, and serves each connection handed to it
+  (:class:`HandedConnections`) as if it had accepted it.
+
+Every connection sees one disk: the engines read and write the one file
+through the one page cache, and a FLUSH (or FUA) is an ``fdatasync`` of that
+file, which covers the writes every process completed before it. So
+``NBD_FLAG_CAN_MULTI_CONN`` stays true, and a client such as nbdcopy
+(``--connections``) or fio with several jobs drives several cores. What
+lives in one process cannot be shared this way: a spread disk takes no I/O
+limits and no throttle group (refused when the device is created), and its
+counters and metrics are per worker (``pvcore ctl list`` and ``/metrics``
+add them up). Only a socket served by a stream front door (NBD) can be
+spread: any other front door asking for the socket is refused with a message
+that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+log = logging.getLogger("pvcore.spread")
+
+MAX_HAND_MESSAGE = 4096
+"""The longest message on a worker's channel of handed connections (a JSON object naming the path)."""
+
+
+def is_spread(options: dict[str, str]) -> bool:
+    """Whether a device's options ask for ``spread=on`` (its value checked where the device is created)."""
+    return options.get("spread", "off").strip().lower() in ("on", "true", "yes", "1")
+
+
+@attrs.define
+class _Export:
+    """One spread export in the parent: its listening socket and the workers that take its connections."""
+
+    path: Path
+    sock: socket.socket | None = None
+    takers: list[Any] = attrs.field(factory=list)
+    """Workers (:class:`~pvcore.workers.Worker`) whose export is up, in the order they came up."""
+    turn: int = 0
+    accepting: bool = False
+
+
+class SpreadExports:
+    """The parent's side: the spread exports by path, each accepted here and handed out in turn.
+
+    ``listening_socket(path, what)`` makes or returns the listening socket the
+    parent holds for a path (its :class:`~pvcore.workers.ListenerBroker`).
+    """
+
+    def __init__(self, listening_socket: Callable[[Path, str], socket.socket]) -> None:
+        self._listening_socket = listening_socket
+        self._exports: dict[Path, _Export] = {}
+
+    def declare(self, path: Path) -> None:
+        """The device at ``path`` is spread: its connections will be handed out."""
+        self._exports.setdefault(path, _Export(path))
+
+    def forget(self, path: Path) -> None:
+        """The device at ``path`` is gone: stop accepting for it (its socket is the broker's to release)."""
+        export = self._exports.pop(path, None)
+        if export is not None:
+            self._set_accepting(export, False)
+
+    def spread(self, path: Path) -> bool:
+        """Whether connections to ``path`` are handed out."""
+        return path in self._exports
+
+    def take(self, path: Path, what: str, worker: Any) -> None:
+        """``worker``'s export at ``path`` is up: hand it connections (a :class:`ListenerError` if the
+        socket cannot be made)."""
+        export = self._exports[path]
+        if export.sock is None or export.sock.fileno() == -1:
+            export.sock = self._listening_socket(path, what)
+        if worker not in export.takers:
+            export.takers.append(worker)
+        self._set_accepting(export, True)
+
+    def drop(self, worker: Any, path: Path | None = None) -> None:
+        """``worker`` takes no more connections of ``path`` (its export stopped), or of any (it died)."""
+        for export in self._exports.values():
+            if (path is None or export.path == path) and worker in export.takers:
+                export.takers.remove(worker)
+                if not export.takers:
+                    self._set_accepting(export, False)  # connections wait in the backlog for a worker
+
+    def close(self) -> None:
+        """Stop accepting for every export (the sockets are the broker's)."""
+        for export in self._exports.values():
+            self._set_accepting(export, False)
+        self._exports.clear()
+
+    def _set_accepting(self, export: _Export, accepting: bool) -> None:
+        if accepting == export.accepting or export.sock is None or export.sock.fileno() == -1:
+            export.accepting = accepting and export.sock is not None and export.sock.fileno() != -1
+            return
+        loop = asyncio.get_running_loop()
+        if accepting:
+            loop.add_reader(export.sock.fileno(), self._accept, export)
+        else:
+            loop.remove_reader(export.sock.fileno())
+        export.accepting = accepting
+
+    def _accept(self, export: _Export) -> None:
+        """Accept every waiting connection and hand each to the next worker in turn."""
+        assert export.sock is not None
+        while export.takers:
+            try:
+                connection, _ = export.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("spread export %s: accept failed: %s", export.path, exc.strerror or exc)
+                return
+            with connection:
+                self._hand(export, connection)
+
+    def _hand(self, export: _Export, connection: socket.socket) -> None:
+        message = json.dumps({"path": os.fspath(export.path)}).encode()
+        for _ in range(len(export.takers)):
+            worker = export.takers[export.turn % len(export.takers)]
+            export.turn += 1
+            channel = worker.hand_channel
+            if channel is None:
+                continue
+            try:
+                socket.send_fds(channel, [message], [connection.fileno()])
+                return
+            except OSError as exc:  # gone, or not reading its channel: the next worker takes it
+                log.warning("spread export %s: worker %s did not take a connection: %s", export.path, worker.name,
+                            exc.strerror or exc)
+        log.warning("spread export %s: no worker took a connection; closed", export.path)
+
+
+class HandedConnections:
+    """A worker's side: connections its parent hands it on ``channel``, each given to the listener that
+    registered its path (:meth:`register`); one for no listener is closed."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.channel.setblocking(False)
+        self._takers: dict[Path, Callable[[socket.socket], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Read the channel on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.channel.fileno(), self._receive)
+
+    def stop(self) -> None:
+        """Read it no more."""
+        if self._loop is not None and self.channel.fileno() != -1:
+            self._loop.remove_reader(self.channel.fileno())
+        self.channel.close()
+
+    def register(self, path: Path, take: Callable[[socket.socket], None]) -> None:
+        """Give each connection handed for ``path`` to ``take``."""
+        self._takers[path] = take
+
+    def unregister(self, path: Path) -> None:
+        """Connections handed for ``path`` from now on are closed."""
+        self._takers.pop(path, None)
+
+    def _receive(self) -> None:
+        try:
+            data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_HAND_MESSAGE, 1)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("handed connections: the parent's channel failed: %s", exc.strerror or exc)
+            data, fds = b"", []
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            if self._loop is not None:
+                self._loop.remove_reader(self.channel.fileno())
+            return
+        connections = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            path = Path(json.loads(data)["path"])
+        except (ValueError, KeyError, TypeError):
+            path = None
+        take = self._takers.get(path) if path is not None else None
+        for connection in connections:
+            if take is None or connection.family != socket.AF_UNIX:
+                log.warning("handed connections: a connection for %s, which is not served here; closed", path)
+                connection.close()
+                continue
+            connection.setblocking(False)
+            take(connection)

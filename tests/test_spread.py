@@ -1,0 +1,171 @@
+"""An NBD export spread over the workers (``spread=on``): every worker serves it, the parent hands out
+its connections in turn.
+
+End to end with a real ``pvcore serve --workers 2 --hypervisor lpar`` and raw
+NBD clients: four connections land two on each worker; a write through one
+worker, flushed through the other, is on disk and read back through any
+(``NBD_FLAG_CAN_MULTI_CONN`` holds across processes); a killed worker takes
+only its own connections, new ones go to the other meanwhile and alternate
+again once it is back; ``ctl`` lists the export once with its counters added
+up, swaps its medium in both workers, refuses limits for it and removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pvcore.contract import DeviceConfig
+from pvcore.streams import nbd
+from pvcore.testing.serve_process import ServeProcess
+from pvcore.workers import partition
+from test_nbd import RawClient
+from test_workers import alive, ctl, listed, wait_for
+
+SIZE = 1 << 20
+
+
+def test_a_spread_device_is_in_every_share_and_makes_as_many_shares_as_workers() -> None:
+    spread = DeviceConfig("block", "s", {"spread": "on"})
+    alone = partition([spread], 3)
+    assert [[c.name for c in share] for share in alone] == [["s"], ["s"], ["s"]]
+    mixed = partition([DeviceConfig("console", "c"), spread], 2)
+    assert sorted([c.name for c in share] for share in mixed) == [["c", "s"], ["s"]]
+    assert partition([spread], 1) == [[spread]]
+
+
+def connected_by_worker(daemon: ServeProcess) -> dict[str, int]:
+    """How many clients each worker has logged as connected so far."""
+    counts: dict[str, int] = {}
+    for worker in re.findall(r"pvcore\[(w\d)\] pvcore\.nbd: nbd disk: client \d+ \([^)]*\) connected", daemon.text()):
+        counts[worker] = counts.get(worker, 0) + 1
+    return counts
+
+
+def open_clients(path: Path, count: int) -> list[RawClient]:
+    clients = []
+    for _ in range(count):
+        client = RawClient(str(path))
+        client.go()
+        clients.append(client)
+    return clients
+
+
+def closed(client: RawClient) -> bool:
+    """Whether the server closed ``client``'s connection (it has nothing else to say unasked)."""
+    if not select.select([client.sock], [], [], 2.0)[0]:
+        return False
+    try:
+        return client.sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def spread_daemon(tmp_path: Path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(SIZE))
+    daemon = ServeProcess(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar", "--workers", "2", "--run-dir",
+         str(tmp_path / "run"), f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on"],
+        tmp_path / "serve.log",
+    )
+    daemon.start()
+    yield daemon, image, tmp_path / "disk.sock"
+    daemon.terminate()
+
+
+def test_connections_alternate_over_the_workers_and_see_one_disk(tmp_path, spread_daemon) -> None:
+    daemon, image, sock = spread_daemon
+    clients = open_clients(sock, 4)
+    wait_for(lambda: sum(connected_by_worker(daemon).values()) == 4, "four connections to be served")
+    assert connected_by_worker(daemon) == {"w0": 2, "w1": 2}
+
+    payload = os.urandom(8192)
+    first, second = clients[0], clients[1]  # handed out in turn: on different workers
+    first.send_request(nbd.NBD_CMD_WRITE, 1, 4096, len(payload), payload=payload)
+    assert first.reply() == (0, 1, b"")
+    second.send_request(nbd.NBD_CMD_FLUSH, 2, 0, 0)
+    assert second.reply() == (0, 2, b"")
+    assert image.read_bytes()[4096 : 4096 + len(payload)] == payload
+    for client in clients:
+        assert client.read(4096, len(payload)) == payload
+
+    device = listed(tmp_path)["disk"]
+    assert device["worker"] == "w0,w1"
+    assert device["counters"]["writes"] == 1 and device["counters"]["reads"] == 4 and device["counters"]["flushes"] == 1
+
+    refused = ctl(tmp_path, "set-limits", "disk", "iops=100")
+    assert refused.returncode != 0 and "spread over the workers" in refused.stderr
+
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\x5a" * SIZE)
+    swapped = ctl(tmp_path, "swap-media", "disk", str(other))
+    assert swapped.returncode == 0, swapped.stderr
+    for client in open_clients(sock, 2):  # one new connection on each worker: both serve the new medium
+        assert client.read(0, 512) == b"\x5a" * 512
+        client.close()
+    for client in clients:
+        client.close()
+
+    removed = ctl(tmp_path, "remove", "disk")
+    assert removed.returncode == 0, removed.stderr
+    assert not sock.exists() and listed(tmp_path) == {}
+
+
+def test_a_killed_worker_takes_only_its_connections_and_shares_again_when_back(tmp_path, spread_daemon) -> None:
+    daemon, image, sock = spread_daemon
+    content = image.read_bytes()
+    clients = open_clients(sock, 2)
+    wait_for(lambda: connected_by_worker(daemon) == {"w0": 1, "w1": 1}, "one connection on each worker")
+    worker_pids = [int(line.split()[0]) for line in subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(daemon.proc.pid)], capture_output=True, text=True
+    ).stdout.splitlines() if "pvcore.worker" in line]
+    assert len(worker_pids) == 2
+    victim = worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not alive(victim), "the killed worker to go")
+
+    survivors = [client for client in clients if not closed(client)]
+    assert len(survivors) == 1  # the other worker's connection goes on
+    assert survivors[0].read(0, 4096) == content[:4096]
+
+    wait_for(lambda: "serves again" in daemon.text(), "the killed worker to be started again")
+    before = connected_by_worker(daemon)
+    more = open_clients(sock, 4)
+    wait_for(lambda: sum(connected_by_worker(daemon).values()) == sum(before.values()) + 4, "four more connections")
+    after = connected_by_worker(daemon)
+    assert {worker: after[worker] - before.get(worker, 0) for worker in after} == {"w0": 2, "w1": 2}
+    for client in more:
+        assert client.read(8192, 512) == content[8192:8704]
+        client.close()
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("hypervisor", "extra", "message"),
+    [
+        ("lpar", ",iops=100", "spread=on takes no I/O limits or group"),
+        ("kvm", "", "only an NBD export can be"),
+    ],
+)
+def test_a_spread_device_with_limits_or_without_an_nbd_door_is_refused(tmp_path, hypervisor, extra, message) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", hypervisor, "--workers", "2", "--run-dir",
+         str(tmp_path / "run"), f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on{extra}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - started < 100 and not (tmp_path / "disk.sock").exists()
