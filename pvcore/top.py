@@ -6,7 +6,9 @@ requests per second, bytes per second, requests in flight now, interrupts
 per completion (vhost-user rings) and, for block devices of a daemon that
 keeps the service-time histogram (``--metrics``), the 50th and 99th
 percentile of service time over the interval (the upper bound of the
-histogram bucket the percentile falls in). ``--once`` prints one table,
+histogram bucket the percentile falls in), and the worker process serving
+it (``pvcore serve --workers N``; ``w0,w1`` for an export spread over
+workers; ``-`` in a daemon without workers). ``--once`` prints one table,
 over one interval, and exits (for scripts and tests).
 """
 
@@ -39,6 +41,8 @@ class DeviceRates:
     interrupts_per_completion: float | None
     p50: float | None
     p99: float | None
+    worker: str = "-"
+    """The worker process serving the device (``w0``; ``w0,w1`` if spread), or ``-`` without workers."""
 
 
 def _requests(counters: Mapping[str, Any]) -> int:
@@ -97,6 +101,7 @@ def rates(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]
             interrupts_per_completion=interrupts / completions if "completions" in now and completions > 0 else None,
             p50=p50,
             p99=p99,
+            worker=str(device.get("worker") or "-"),
         ))
     return rows
 
@@ -120,12 +125,12 @@ def _size(value: float) -> str:
 def render(rows: Sequence[DeviceRates]) -> str:
     """The table of one refresh."""
     lines = [f"{'DEVICE':<20} {'CLASS':<8} {'DOMAIN':<10} {'IOPS':>9} {'BW/s':>10} {'INFL':>5} {'IRQ/C':>6} "
-             f"{'P50':>8} {'P99':>8}"]
+             f"{'P50':>8} {'P99':>8} WORKER"]
     for row in rows:
         irq = "-" if row.interrupts_per_completion is None else f"{row.interrupts_per_completion:.2f}"
         lines.append(
             f"{row.name:<20} {row.device_class:<8} {row.domain:<10} {row.iops:>9.0f} {_size(row.bytes_per_second):>10} "
-            f"{row.in_flight:>5} {irq:>6} {_seconds(row.p50):>8} {_seconds(row.p99):>8}"
+            f"{row.in_flight:>5} {irq:>6} {_seconds(row.p50):>8} {_seconds(row.p99):>8} {row.worker}"
         )
     return "\n".join(lines) + "\n"
 

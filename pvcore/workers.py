@@ -211,7 +211,8 @@ def _inode(path: Path) -> tuple[int, int] | None:
 
 
 def _merge_spread(devices: list[dict[str, Any]], spread: set[str]) -> list[dict[str, Any]]:
-    """``devices`` with each spread device once: its workers joined (``w0,w1``), its counters added up."""
+    """``devices`` with each spread device once: its workers joined (``w0,w1``), its counters (and service-time
+    histogram) added up."""
     merged: dict[str, dict[str, Any]] = {}
     listed = []
     for device in devices:
@@ -225,6 +226,10 @@ def _merge_spread(devices: list[dict[str, Any]], spread: set[str]) -> list[dict[
         for key, value in (device.get("counters") or {}).items():
             if isinstance(value, (int, float)) and isinstance(counters.get(key), (int, float)):
                 counters[key] += value
+            elif key == "service_time" and isinstance(counters.get(key), dict):
+                mine, theirs = counters[key].get("counts"), value.get("counts")
+                if isinstance(mine, list) and isinstance(theirs, list) and len(mine) == len(theirs):
+                    counters[key]["counts"] = [a + b for a, b in zip(mine, theirs)]
     return listed
 
 

@@ -169,3 +169,18 @@ def test_a_spread_device_with_limits_or_without_an_nbd_door_is_refused(tmp_path,
     )
     assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
     assert time.monotonic() - started < 100 and not (tmp_path / "disk.sock").exists()
+
+
+def test_a_spread_device_is_listed_once_with_its_counters_and_histogram_added_up() -> None:
+    from pvcore.workers import _merge_spread
+
+    def entry(worker: str, reads: int, counts: list[int]) -> dict:
+        return {"name": "disk", "worker": worker, "counters": {"reads": reads, "in_flight": 1,
+                                                               "service_time": {"bounds": [0.001], "counts": counts}}}
+
+    other = {"name": "nic", "worker": "w1", "counters": {"rx_frames": 3}}
+    merged = _merge_spread([entry("w0", 5, [1, 2]), other, entry("w1", 7, [3, 4])], {"disk"})
+    assert [device["name"] for device in merged] == ["disk", "nic"]
+    disk = merged[0]
+    assert disk["worker"] == "w0,w1" and disk["counters"]["reads"] == 12 and disk["counters"]["in_flight"] == 2
+    assert disk["counters"]["service_time"] == {"bounds": [0.001], "counts": [4, 6]}

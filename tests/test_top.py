@@ -56,8 +56,8 @@ def test_top_rates_are_what_the_client_did_between_two_answers(tmp_path: Path) -
     assert done.returncode == 0 and "bytes_written=1048576" in done.stdout
     assert table.returncode == 0, table.stderr
     header, line = table.stdout.splitlines()
-    assert header.split() == ["DEVICE", "CLASS", "DOMAIN", "IOPS", "BW/s", "INFL", "IRQ/C", "P50", "P99"]
-    assert line.split()[:6] == ["vm1-disk", "block", "vm1", "0", "0B", "0"]
+    assert header.split() == ["DEVICE", "CLASS", "DOMAIN", "IOPS", "BW/s", "INFL", "IRQ/C", "P50", "P99", "WORKER"]
+    assert line.split()[:6] == ["vm1-disk", "block", "vm1", "0", "0B", "0"] and line.split()[-1] == "-"
 
 
 def test_percentiles_and_ring_ratio_from_counters() -> None:
@@ -73,7 +73,9 @@ def test_percentiles_and_ring_ratio_from_counters() -> None:
                                    "interrupts": 30, "completions": 110}}]
     (row,) = rates(before, after, 1.0)
     assert (row.iops, row.bytes_per_second, row.in_flight, row.interrupts_per_completion) == (100, 409600, 3, 0.25)
-    assert "0.25" in render([row])
+    assert "0.25" in render([row]) and render([row]).splitlines()[1].split()[-1] == "-"
+    (spread,) = rates(before, [{**after[0], "worker": "w0,w1"}], 1.0)
+    assert spread.worker == "w0,w1" and render([spread]).splitlines()[1].split()[-1] == "w0,w1"
     with pytest.raises(ValueError):
         rates(before, after, 0)
 
