@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -227,32 +228,63 @@ def families_as_json(collector: Collector) -> list[dict[str, Any]]:
     ]
 
 
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+"""A sample's name and its sorted labels."""
+
+
 class MergedCollector(Collector):
     """The families of several processes (``pvcore serve --workers N``), merged by name at each scrape.
 
-    ``fetch()`` returns, per worker that answered, what :func:`families_as_json`
-    made of its :class:`DeviceCollector`; a family two workers both yield is
-    one family with the samples of both, as Prometheus's text format wants,
-    and a series two workers both yield (a switch whose NICs moved from one
-    worker to another) is their sum.
+    ``fetch()`` returns, per worker that answered, its name and what
+    :func:`families_as_json` made of its :class:`DeviceCollector`; a family
+    two workers both yield is one family with the samples of both, as
+    Prometheus's text format wants, and a series two workers both yield (the
+    I/O pool's, an NBD export spread over the workers, a switch whose NICs
+    moved from one worker to another) is their sum.
+
+    A counter's sum must never go down, or ``rate()`` reads a reset: each
+    worker's part of a counter series is kept as it last was, so a worker
+    that misses a scrape still counts with its last value, and one that
+    started again (its counters from zero) counts on top of what it had
+    counted before. A series an answering worker no longer has (its device
+    removed) is forgotten.
     """
 
-    def __init__(self, fetch: Callable[[], list[list[dict[str, Any]]]]) -> None:
+    def __init__(self, fetch: Callable[[], list[tuple[str, list[dict[str, Any]]]]]) -> None:
         self.fetch = fetch
+        self._counted: dict[tuple[str, str, SeriesKey], tuple[float, float]] = {}
+        """(worker, family, series): (the worker's last value, what it counted before it last started again)."""
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Any]:
         """The merged families (called by prometheus-client's HTTP thread)."""
-        merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
-        for families in self.fetch():
-            for family in families:
-                if family["name"] not in merged:
-                    merged[family["name"]] = (
-                        Metric(family["name"], family["documentation"], family["type"], family["unit"]), {}
-                    )
-                series = merged[family["name"]][1]
-                for name, labels, value in family["samples"]:
-                    key = (name, tuple(sorted(labels.items())))
-                    series[key] = series.get(key, 0.0) + value
+        answers = self.fetch()
+        merged: dict[str, tuple[Metric, dict[SeriesKey, float]]] = {}
+        with self._lock:
+            answered = {worker for worker, _ in answers}
+            kept = {key: value for key, value in self._counted.items() if key[0] not in answered}
+            for worker, families in answers:
+                for family in families:
+                    if family["name"] not in merged:
+                        merged[family["name"]] = (
+                            Metric(family["name"], family["documentation"], family["type"], family["unit"]), {}
+                        )
+                    series = merged[family["name"]][1]
+                    counter = family["type"] == "counter"
+                    for name, labels, value in family["samples"]:
+                        key = (name, tuple(sorted(labels.items())))
+                        if counter and name.endswith("_total"):
+                            last, before = self._counted.get((worker, family["name"], key), (0.0, 0.0))
+                            if value < last:
+                                before += last  # the worker started again: its counters went back to zero
+                            kept[(worker, family["name"], key)] = (value, before)
+                            value += before
+                        series[key] = series.get(key, 0.0) + value
+            for (worker, family_name, key), (last, before) in kept.items():
+                if worker not in answered and family_name in merged:
+                    series = merged[family_name][1]
+                    series[key] = series.get(key, 0.0) + last + before
+            self._counted = kept
         for metric, series in merged.values():
             for (name, labels), value in series.items():
                 metric.add_sample(name, dict(labels), value)

@@ -554,13 +554,13 @@ class WorkerPool:
             self._metrics_server.stop()
             self._metrics_server = None
 
-    def _fetch_metrics(self) -> list[list[dict[str, Any]]]:
-        """Every running worker's families (called on the metrics server's thread)."""
+    def _fetch_metrics(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """Every running worker's name and families (called on the metrics server's thread)."""
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._gather_metrics(), self._loop)
         return future.result(ASK_TIMEOUT + 5)
 
-    async def _gather_metrics(self) -> list[list[dict[str, Any]]]:
+    async def _gather_metrics(self) -> list[tuple[str, list[dict[str, Any]]]]:
         families = []
         for worker in self.workers:
             try:
@@ -569,7 +569,7 @@ class WorkerPool:
                 log.warning("metrics: %s", exc)
                 continue
             if answer.get("ok"):
-                families.append(answer["families"])
+                families.append((worker.name, answer["families"]))
         return families
 
     def _owner(self, name: str) -> Worker:
@@ -585,13 +585,17 @@ class WorkerPool:
         known = ", ".join(config.name for config in self._all_configs()) or "none"
         raise ControlError(f"no device named {name!r}; devices: {known}")
 
-    async def _forward(self, worker: Worker, body: dict[str, Any]) -> dict[str, Any]:
-        """``body`` answered by ``worker``; its error as a ``ControlError``."""
+    async def _forward(self, worker: Worker, body: dict[str, Any], *, when_down: Any = None) -> dict[str, Any]:
+        """``body`` answered by ``worker``; its error as a ``ControlError``. If the worker does not answer:
+        a ``ControlError``, or with ``when_down``, ``await when_down(worker)`` and the :class:`WorkerDown`."""
         from pvcore.control import ControlError
 
         try:
             answer = await worker.ask(body)
         except WorkerDown as exc:
+            if when_down is not None:
+                await when_down(worker)
+                raise
             raise ControlError(str(exc)) from None
         if not answer.get("ok"):
             raise ControlError(answer.get("error") or "the worker refused")
@@ -673,7 +677,11 @@ class WorkerPool:
                     continue
                 for config in configs:
                     payload = base64.b64encode(pickle.dumps(config)).decode()
-                    await self._forward(worker, {"command": "add-config", "config": payload})
+                    try:
+                        await self._forward(worker, {"command": "add-config", "config": payload},
+                                            when_down=self._lost)
+                    except WorkerDown as exc:  # it starts again with this device among its own
+                        log.warning("add %s: %s; it serves it when it starts again", config.name, exc)
                     worker.configs.append(config)
                     if config not in added:
                         added.append(config)
@@ -697,15 +705,28 @@ class WorkerPool:
         owners = self._owners(name)
         config = next(c for c in owners[0].configs if c.name == name)
         for worker in owners:
-            if worker.serving and name not in worker.failed:
-                await self._forward(worker, {"command": "remove", "device": name})
-            else:
+            down = not worker.serving or name in worker.failed
+            if not down:
+                try:
+                    await self._forward(worker, {"command": "remove", "device": name}, when_down=self._lost)
+                except WorkerDown as exc:
+                    log.warning("remove %s: %s; it is gone from what the worker serves when it starts again", name, exc)
+                    down = True
+            if down:
                 self._not_starting(worker)
                 if config.get("socket") and not is_spread(config.options):
                     self.broker.release(Path(config.get("socket")))
             worker.failed.pop(name, None)
             worker.configs = [c for c in worker.configs if c.name != name]
         self._forget_spread(config)
+
+    async def _lost(self, worker: Worker) -> None:
+        """``worker`` did not answer (it died, or hangs): make sure it is down, so that its watcher starts it
+        again with the devices it should serve (what the caller changes now included)."""
+        if worker.proc is not None and worker.proc.returncode is None:
+            log.error("worker %s did not answer; killing it so that it starts again", worker.name)
+            await worker.kill()
+        worker.close_channels()
 
     def _forget_spread(self, config: DeviceConfig) -> None:
         """A spread device is gone: stop handing out its connections and remove its socket."""

@@ -814,6 +814,8 @@ def test_serve_now_only_while_no_request_waits_and_never_for_a_bad_request(disk:
         beside, beside_buffer = read_request(16384, 4096)
         assert backend.serve_now(beside)  # one running on a thread is overtaken by no one: served on the spot
         assert bytes(beside_buffer) == expected[16384:20480]
+        write = BlockRequest(BlockOp.WRITE, offset=20480, length=4096, buffers=(memoryview(bytearray(4096)),))
+        assert not backend.serve_now(write)  # a write only on an idle device: it could wait for a lock on the loop
         queued: asyncio.Future[BlockResult] = loop.create_future()
         backend.submit(huge, queued.set_result)  # workers=1: this one waits for the thread
         busy_request, busy_buffer = read_request(8192, 4096)

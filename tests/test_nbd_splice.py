@@ -215,3 +215,25 @@ def test_big_writes_reuse_buffers_and_land_in_order(serve, image, connect, tmp_p
     source.write_bytes(os.urandom(IMAGE_SIZE))
     client("nbdcopy", "--request-size=1048576", "--flush", str(source), uri)
     assert md5(image) == md5(source)
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_client_cannot_make_a_connection_keep_payload_buffers_without_bound(serve, image, connect):
+    """Refused writes' buffers are dropped and kept ones are bounded, whatever lengths a client picks."""
+    door, uri = serve(image)
+    raw = connect(uri)
+    raw.go()
+    before = resident_bytes()
+    for handle in range(20):  # 8 MiB and more each, past the end of the export: refused
+        length = (8 << 20) + handle * 4096
+        raw.send_request(nbd.NBD_CMD_WRITE, handle, 0, length, payload=bytes(length))
+        assert raw.reply() == (nbd.NBD_ENOSPC, handle, b"")
+    for handle in range(20, 60):  # forty lengths of 512 KiB and more, each written once
+        length = (512 << 10) + handle * 4096
+        raw.send_request(nbd.NBD_CMD_WRITE, handle, 0, length, payload=bytes(length))
+        assert raw.reply() == (0, handle, b"")
+    grown = resident_bytes() - before
+    assert grown < 48 << 20, f"the daemon grew by {grown >> 20} MiB"

@@ -276,8 +276,22 @@ def test_merged_metrics_have_each_family_once_and_sum_a_series_two_workers_both_
     worker0 = [family("pvcore_switch_frames", [["pvcore_switch_frames_total", {"switch": "lan0"}, 3.0]])]
     worker1 = [family("pvcore_switch_frames", [["pvcore_switch_frames_total", {"switch": "lan0"}, 4.0],
                                                ["pvcore_switch_frames_total", {"switch": "lan1"}, 1.0]])]
-    (merged,) = MergedCollector(lambda: [worker0, worker1]).collect()
+    (merged,) = MergedCollector(lambda: [("w0", worker0), ("w1", worker1)]).collect()
     assert {(s.labels["switch"], s.value) for s in merged.samples} == {("lan0", 7.0), ("lan1", 1.0)}
+
+
+def test_a_summed_counter_never_goes_down_when_a_worker_restarts_or_misses_a_scrape() -> None:
+    def turns(value: float) -> list[dict]:
+        return [{"name": "pvcore_io_pool_turns", "documentation": "d", "type": "counter", "unit": "",
+                 "samples": [["pvcore_io_pool_turns_total", {}, value]]}]
+
+    answers = [[("w0", turns(5000)), ("w1", turns(1000))],
+               [("w1", turns(1010))],  # w0 missed this scrape: its last 5000 still counts
+               [("w0", turns(13)), ("w1", turns(1020))],  # w0 started again from zero: 5000 + 13
+               [("w0", turns(20)), ("w1", turns(1030))]]
+    collector = MergedCollector(lambda: answers.pop(0))
+    seen = [next(iter(collector.collect())).samples[0].value for _ in range(4)]
+    assert seen == [6000, 6010, 6033, 6050]
 
 
 def inode(path: Path) -> int:
@@ -333,3 +347,41 @@ def test_a_worker_that_cannot_start_a_device_serves_the_rest_and_the_sockets_out
         assert len(listed(tmp_path)) == 302
     finally:
         daemon.terminate()
+
+
+def test_a_remove_or_add_racing_a_worker_death_is_kept_for_its_restart(tmp_path: Path) -> None:
+    """A device removed (or added) just as its worker dies is not served again, nor lost, when it restarts."""
+    import asyncio
+
+    from pvcore.registry import default_registry
+
+    async def scenario() -> None:
+        pool = WorkerPool(default_registry(), "kvm", [[], []], run_dir=tmp_path / "run")
+        await pool.start()
+        try:
+            rng = config("rng", "vm1-rng0", socket=str(tmp_path / "r.sock"), domain="vm1")
+            await pool.add([rng])
+            owner = pool._owner("vm1-rng0")
+            os.kill(owner.proc.pid, signal.SIGKILL)
+            await pool.remove(["vm1-rng0"])  # the domain stops in the same moment
+            assert all(not worker.configs for worker in pool.workers) and not (tmp_path / "r.sock").exists()
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if owner.serving:
+                    break
+            assert owner.serving and owner.configs == [] and not (tmp_path / "r.sock").exists()
+
+            os.kill(owner.proc.pid, signal.SIGKILL)
+            await pool.add([rng])  # placed on the worker with the fewest devices: maybe the dying one
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if all(worker.serving for worker in pool.workers) and (tmp_path / "r.sock").exists():
+                    break
+            assert [c.name for worker in pool.workers for c in worker.configs] == ["vm1-rng0"]
+            assert (tmp_path / "r.sock").exists()
+            devices = await pool.describe_devices()
+            assert [(d["name"], d.get("state", "served")) for d in devices] == [("vm1-rng0", "served")]
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())

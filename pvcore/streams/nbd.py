@@ -100,7 +100,8 @@ that has :data:`MAX_PIPES` pipes busy, takes the buffer path.
 A WRITE payload of :data:`POOLED_WRITE_BYTES` or more is read into a buffer
 the connection kept from an earlier write of that length, and given back when
 the write completes: a fresh megabyte costs a page fault and a zeroed page per
-4 KiB, a kept one only the copy.
+4 KiB, a kept one only the copy. A connection keeps at most
+:data:`MAX_KEPT_PAYLOAD_BYTES` of them, and never a refused write's.
 
 Each connection is served by its own task, so a misbehaving client affects
 no other. The task runs the handshake; then the connection's socket is handed
@@ -238,6 +239,8 @@ INPUT_BUFFER_BYTES = 64 * 1024
 """Bytes of requests a connection takes from its socket at a time (WRITE payloads go to their own buffers)."""
 MAX_POOLED_PER_SIZE = 8
 """Reused payload buffers a connection keeps per payload length."""
+MAX_KEPT_PAYLOAD_BYTES = 8 * 1024 * 1024
+"""Bytes of reused payload buffers a connection keeps in all (so a client cannot make it keep more)."""
 CLOSE_FLUSH_TIMEOUT = 5.0
 """Seconds a closing connection gives its queued replies to reach a client that has stopped reading."""
 MAX_LOGGED_REFUSALS = 10
@@ -479,6 +482,7 @@ class _Connection:
         self._pipes: list[_Pipe] = []
         self._free_pipes: list[_Pipe] = []
         self._payload_buffers: dict[int, list[bytearray]] = {}
+        self._kept_bytes = 0
         self._out: collections.deque[bytes | bytearray | memoryview | _Splice] = collections.deque()
         self._out_bytes = 0
         self._watch_fd = -1
@@ -685,15 +689,21 @@ class _Connection:
         if length >= POOLED_WRITE_BYTES:
             kept = self._payload_buffers.get(length)
             if kept:
+                self._kept_bytes -= length
                 return kept.pop()
         return bytearray(length)
 
     def _release_payload(self, payload: bytes | bytearray) -> None:
-        """Keep a big WRITE payload buffer for the next write of its length (a few per length)."""
-        if isinstance(payload, bytearray) and len(payload) >= POOLED_WRITE_BYTES:
-            kept = self._payload_buffers.setdefault(len(payload), [])
+        """Keep a big WRITE payload buffer for the next write of its length (a few per length, at most
+        :data:`MAX_KEPT_PAYLOAD_BYTES` in all)."""
+        length = len(payload)
+        if isinstance(payload, bytearray) and length >= POOLED_WRITE_BYTES:
+            if self._kept_bytes + length > MAX_KEPT_PAYLOAD_BYTES:
+                return
+            kept = self._payload_buffers.setdefault(length, [])
             if len(kept) < MAX_POOLED_PER_SIZE:
                 kept.append(payload)
+                self._kept_bytes += length
 
     def _may_read(self) -> bool:
         """Whether the client's next request may be read: its replies are being taken off the socket."""
@@ -739,8 +749,7 @@ class _Connection:
             where = f"command {command}, {request.offset}+{length}"
             self._log_refusal(f"request {request.handle:#x} ({where}) refused: {reason}")
             self._reply(request, error, reason)
-            self._release_payload(payload)
-            return True
+            return True  # a refused write's payload buffer is not kept: it would let a client pile them up
         if not self._has_room(request):
             return False
         cost = length if command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0

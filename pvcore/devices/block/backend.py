@@ -3,9 +3,10 @@
 :class:`BlockBackend` knows nothing of virtio or NBD. A front door builds a
 :class:`BlockRequest` (guest buffers as memoryviews, so reads and writes go
 between the backing store and guest memory without a copy) and first offers
-it to :meth:`BlockBackend.serve_now`, which does a small read or write at once
-when none of the device's requests waits for a thread (those already running
-on one do not count) and the page cache can serve it without waiting;
+it to :meth:`BlockBackend.serve_now`, which does a small read at once when
+none of the device's requests waits for a thread (those already running on
+one do not count), or a small write on an idle device, when the page cache
+can serve it without waiting;
 otherwise it calls :meth:`BlockBackend.submit` from its event loop, and the
 callback gets a :class:`BlockResult` back on that same loop.
 
@@ -365,9 +366,13 @@ class BlockBackend:
     def serve_now(self, request: BlockRequest) -> bool:
         """Do a READ or WRITE on the calling thread, at once, if the page cache can serve it.
 
-        Only while none of the device's requests waits (queued for a thread,
-        held by its limits, a flush behind earlier requests, or during a
-        swap; requests running on a thread are no reason to wait) and within
+        A READ only while none of the device's requests waits (queued for a
+        thread, held by its limits, a flush behind earlier requests, or
+        during a swap; requests running on a thread are no reason to wait: a
+        read is served from the page cache with ``RWF_NOWAIT`` or not at
+        all), a WRITE only on an idle device (where buffered writes cannot
+        be asked not to wait, ext4's, a write would wait on the loop thread
+        for the inode lock a running discard or write holds), and within
         the limits of :meth:`_try_inline`;
         True when the request is done (and counted). False means nothing was
         done: :meth:`submit` it. A request that fails its checks is never
@@ -377,7 +382,9 @@ class BlockBackend:
         with self._lock:
             service_time = self._service_time
             started = self._clock() if service_time is not None else 0.0
-            busy = self._paused or self._ready or self._barriers or self._in_throttle
+            busy = self._paused or self._ready or self._barriers or self._in_throttle or (
+                request.op is not BlockOp.READ and self._counters.in_flight
+            )
             if busy or self._check(request) is not None:
                 return False
             throttle = self.throttle
