@@ -230,6 +230,8 @@ def families_as_json(collector: Collector) -> list[dict[str, Any]]:
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its sorted labels."""
+_CUMULATIVE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+"""By family type, the samples that only ever grow in one process."""
 
 
 class MergedCollector(Collector):
@@ -242,8 +244,9 @@ class MergedCollector(Collector):
     I/O pool's, an NBD export spread over the workers, a switch whose NICs
     moved from one worker to another) is their sum.
 
-    A counter's sum must never go down, or ``rate()`` reads a reset: each
-    worker's part of a counter series is kept as it last was, so a worker
+    A counter's sum (and a histogram's buckets, count and sum) must never go
+    down, or ``rate()`` reads a reset: each worker's part of such a series is
+    kept as it last was, so a worker
     that misses a scrape still counts with its last value, and one that
     started again (its counters from zero) counts on top of what it had
     counted before. A series an answering worker no longer has (its device
@@ -258,9 +261,9 @@ class MergedCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         """The merged families (called by prometheus-client's HTTP thread)."""
-        answers = self.fetch()
         merged: dict[str, tuple[Metric, dict[SeriesKey, float]]] = {}
-        with self._lock:
+        with self._lock:  # scrapes one at a time: a late answer merged after a newer one would look like a reset
+            answers = self.fetch()
             answered = {worker for worker, _ in answers}
             kept = {key: value for key, value in self._counted.items() if key[0] not in answered}
             for worker, families in answers:
@@ -270,10 +273,10 @@ class MergedCollector(Collector):
                             Metric(family["name"], family["documentation"], family["type"], family["unit"]), {}
                         )
                     series = merged[family["name"]][1]
-                    counter = family["type"] == "counter"
+                    cumulative = _CUMULATIVE_SUFFIXES.get(family["type"], ())
                     for name, labels, value in family["samples"]:
                         key = (name, tuple(sorted(labels.items())))
-                        if counter and name.endswith("_total"):
+                        if name.endswith(cumulative):
                             last, before = self._counted.get((worker, family["name"], key), (0.0, 0.0))
                             if value < last:
                                 before += last  # the worker started again: its counters went back to zero

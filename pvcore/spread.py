@@ -32,11 +32,16 @@ that says so.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import termios
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,15 @@ log = logging.getLogger("pvcore.spread")
 
 MAX_HAND_MESSAGE = 4096
 """The longest message on a worker's channel of handed connections (a JSON object naming the path)."""
+MAX_ACCEPTS_PER_WAKEUP = 64
+"""Connections accepted at one wake-up of the parent's loop (the rest wait in the backlog for the next)."""
+ACCEPT_RETRY_SECONDS = 1.0
+"""How long the parent leaves the backlog alone after accept failed for want of resources, or no worker
+could take a connection."""
+STALLED_SECONDS = 0.5
+"""A worker that has left a handed connection unread this long gets no new one while another can take it."""
+WARNING_INTERVAL = 10.0
+"""Seconds between two warnings of the same kind for one export (a flood of connections is one warning)."""
 
 
 def is_spread(options: dict[str, str]) -> bool:
@@ -64,6 +78,12 @@ class _Export:
     """Workers (:class:`~pvcore.workers.Worker`) whose export is up, in the order they came up."""
     turn: int = 0
     accepting: bool = False
+    resting: bool = False
+    """Accepting waits for :data:`ACCEPT_RETRY_SECONDS` (accept failed for want of resources, or no worker
+    took a connection)."""
+    warned: dict[str, float] = attrs.field(factory=dict)
+    unread_since: dict[Any, float] = attrs.field(factory=dict)
+    """By worker: since when what it was handed has been waiting unread on its channel."""
 
 
 class SpreadExports:
@@ -106,6 +126,7 @@ class SpreadExports:
         for export in self._exports.values():
             if (path is None or export.path == path) and worker in export.takers:
                 export.takers.remove(worker)
+                export.unread_since.pop(worker, None)
                 if not export.takers:
                     self._set_accepting(export, False)  # connections wait in the backlog for a worker
 
@@ -116,45 +137,94 @@ class SpreadExports:
         self._exports.clear()
 
     def _set_accepting(self, export: _Export, accepting: bool) -> None:
-        if accepting == export.accepting or export.sock is None or export.sock.fileno() == -1:
-            export.accepting = accepting and export.sock is not None and export.sock.fileno() != -1
+        reading = accepting and not export.resting
+        if export.sock is None or export.sock.fileno() == -1:
+            export.accepting = False
             return
-        loop = asyncio.get_running_loop()
-        if accepting:
-            loop.add_reader(export.sock.fileno(), self._accept, export)
-        else:
-            loop.remove_reader(export.sock.fileno())
-        export.accepting = accepting
+        if reading != export.accepting:
+            loop = asyncio.get_running_loop()
+            if reading:
+                loop.add_reader(export.sock.fileno(), self._accept, export)
+            else:
+                loop.remove_reader(export.sock.fileno())
+        export.accepting = reading
+
+    def _rest(self, export: _Export) -> None:
+        """Leave the backlog alone for :data:`ACCEPT_RETRY_SECONDS`, then accept again if a worker takes."""
+        export.resting = True
+        self._set_accepting(export, False)
+
+        def wake() -> None:
+            export.resting = False
+            if self._exports.get(export.path) is export:
+                self._set_accepting(export, bool(export.takers))
+
+        asyncio.get_running_loop().call_later(ACCEPT_RETRY_SECONDS, wake)
+
+    def _warn(self, export: _Export, kind: str, message: str, *args: object) -> None:
+        """Log ``message``, but one of each ``kind`` per export every :data:`WARNING_INTERVAL` at most."""
+        now = time.monotonic()
+        if now - export.warned.get(kind, -WARNING_INTERVAL) >= WARNING_INTERVAL:
+            export.warned[kind] = now
+            log.warning("spread export %s: " + message, export.path, *args)
 
     def _accept(self, export: _Export) -> None:
-        """Accept every waiting connection and hand each to the next worker in turn."""
+        """Accept the waiting connections (a bounded number) and hand each to the next worker in turn."""
         assert export.sock is not None
-        while export.takers:
+        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+            if not export.takers or export.resting:
+                return
             try:
                 connection, _ = export.sock.accept()
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as exc:
-                log.warning("spread export %s: accept failed: %s", export.path, exc.strerror or exc)
+            except OSError as exc:  # out of descriptors or memory: the backlog waits, as asyncio's servers do
+                self._warn(export, "accept", "accept failed: %s; trying again in %g s", exc.strerror or exc,
+                           ACCEPT_RETRY_SECONDS)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._rest(export)
                 return
             with connection:
-                self._hand(export, connection)
+                if not self._hand(export, connection):
+                    self._warn(export, "full", "no worker took a connection (closed); accepting again in %g s",
+                               ACCEPT_RETRY_SECONDS)
+                    self._rest(export)
 
-    def _hand(self, export: _Export, connection: socket.socket) -> None:
+    def _hand(self, export: _Export, connection: socket.socket) -> bool:
+        """Pass ``connection`` to the next worker in turn, passing over one that has left what it was handed
+        unread for :data:`STALLED_SECONDS` (stopped, or hung) while another can take it; whether one took it."""
         message = json.dumps({"path": os.fspath(export.path)}).encode()
-        for _ in range(len(export.takers)):
-            worker = export.takers[export.turn % len(export.takers)]
-            export.turn += 1
+        count = len(export.takers)
+        takers = export.takers[export.turn % count:] + export.takers[: export.turn % count]
+        export.turn += 1
+        now = time.monotonic()
+        for worker in takers:
+            if worker.hand_channel is None or not _unread(worker.hand_channel):
+                export.unread_since.pop(worker, None)
+        fresh = [w for w in takers if now - export.unread_since.get(w, now) < STALLED_SECONDS]
+        for worker in fresh + [worker for worker in takers if worker not in fresh]:
             channel = worker.hand_channel
             if channel is None:
                 continue
             try:
                 socket.send_fds(channel, [message], [connection.fileno()])
-                return
-            except OSError as exc:  # gone, or not reading its channel: the next worker takes it
-                log.warning("spread export %s: worker %s did not take a connection: %s", export.path, worker.name,
-                            exc.strerror or exc)
-        log.warning("spread export %s: no worker took a connection; closed", export.path)
+            except OSError as exc:  # gone, or its channel is full: the next worker takes it
+                self._warn(export, f"hand {worker.name}", "worker %s did not take a connection: %s", worker.name,
+                           exc.strerror or exc)
+                continue
+            export.unread_since.setdefault(worker, now)
+            return True
+        return False
+
+
+def _unread(channel: socket.socket) -> bool:
+    """Whether the worker has not yet read everything handed to it on ``channel``."""
+    pending = array.array("i", [0])
+    try:
+        fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, pending)
+    except OSError:
+        return False
+    return pending[0] > 0
 
 
 class HandedConnections:

@@ -211,26 +211,43 @@ def _inode(path: Path) -> tuple[int, int] | None:
 
 
 def _merge_spread(devices: list[dict[str, Any]], spread: set[str]) -> list[dict[str, Any]]:
-    """``devices`` with each spread device once: its workers joined (``w0,w1``), its counters (and service-time
-    histogram) added up."""
-    merged: dict[str, dict[str, Any]] = {}
-    listed = []
+    """``devices`` with each spread device once: described as a worker serving it describes it (if any
+    does), its workers joined (``w0,w1``), its counters (and service-time histogram) added up."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    listed: list[dict[str, Any] | str] = []
     for device in devices:
-        first = merged.get(device["name"]) if device["name"] in spread else None
-        if first is None:
-            merged[device["name"]] = device
+        if device["name"] not in spread:
             listed.append(device)
+        elif device["name"] not in groups:
+            groups[device["name"]] = [device]
+            listed.append(device["name"])
+        else:
+            groups[device["name"]].append(device)
+    merged = []
+    for item in listed:
+        if not isinstance(item, str):
+            merged.append(item)
             continue
-        first["worker"] = f"{first['worker']},{device['worker']}"
-        counters = first.get("counters") or {}
-        for key, value in (device.get("counters") or {}).items():
-            if isinstance(value, (int, float)) and isinstance(counters.get(key), (int, float)):
-                counters[key] += value
-            elif key == "service_time" and isinstance(counters.get(key), dict):
-                mine, theirs = counters[key].get("counts"), value.get("counts")
-                if isinstance(mine, list) and isinstance(theirs, list) and len(mine) == len(theirs):
-                    counters[key]["counts"] = [a + b for a, b in zip(mine, theirs)]
-    return listed
+        entries = groups[item]
+        serving = [entry for entry in entries if entry.get("state", "served") == "served"]
+        base = dict((serving or entries)[0])
+        base["worker"] = ",".join(str(entry["worker"]) for entry in entries)
+        counters: dict[str, Any] = {}
+        for entry in serving:
+            for key, value in (entry.get("counters") or {}).items():
+                if isinstance(value, (int, float)) and isinstance(counters.get(key, 0), (int, float)):
+                    counters[key] = counters.get(key, 0) + value
+                elif key == "service_time" and isinstance(value, dict):
+                    mine = counters.get(key)
+                    if mine is None:
+                        counters[key] = {**value, "counts": list(value.get("counts") or [])}
+                    elif len(mine["counts"]) == len(value.get("counts") or []):
+                        mine["counts"] = [a + b for a, b in zip(mine["counts"], value["counts"])]
+                elif key not in counters:
+                    counters[key] = value
+        base["counters"] = counters
+        merged.append(base)
+    return merged
 
 
 class WorkerDown(Exception):
@@ -696,7 +713,8 @@ class WorkerPool:
     async def remove(self, names: Sequence[str]) -> None:
         """Stop and remove the devices ``names`` (:meth:`remove_device` each, once its worker is not starting)."""
         for name in names:
-            await self._owner(name).settled()
+            for worker in self._owners(name):
+                await worker.settled()
             await self.remove_device(name)
 
     async def remove_device(self, name: str) -> None:
@@ -704,13 +722,22 @@ class WorkerPool:
         worker that is down, or that could not start it, from what the worker serves when it starts."""
         owners = self._owners(name)
         config = next(c for c in owners[0].configs if c.name == name)
+        spread = len(owners) > 1
         for worker in owners:
+            if spread:
+                await worker.settled()
             down = not worker.serving or name in worker.failed
             if not down:
                 try:
                     await self._forward(worker, {"command": "remove", "device": name}, when_down=self._lost)
                 except WorkerDown as exc:
                     log.warning("remove %s: %s; it is gone from what the worker serves when it starts again", name, exc)
+                    down = True
+                except Exception as exc:
+                    if not spread:
+                        raise
+                    log.error("remove %s: worker %s refused (%s); starting it again without it", name, worker.name, exc)
+                    await self._lost(worker)
                     down = True
             if down:
                 self._not_starting(worker)
@@ -721,10 +748,11 @@ class WorkerPool:
         self._forget_spread(config)
 
     async def _lost(self, worker: Worker) -> None:
-        """``worker`` did not answer (it died, or hangs): make sure it is down, so that its watcher starts it
-        again with the devices it should serve (what the caller changes now included)."""
+        """``worker`` did not answer (it died, or hangs), or could not do for a spread device what its peers
+        did: make sure it is down, so that its watcher starts it again with the devices it should serve
+        (what the caller changes now included)."""
         if worker.proc is not None and worker.proc.returncode is None:
-            log.error("worker %s did not answer; killing it so that it starts again", worker.name)
+            log.error("worker %s: killing it so that it starts again as it should serve", worker.name)
             await worker.kill()
         worker.close_channels()
 
@@ -763,10 +791,21 @@ class WorkerPool:
         worker serves the new one. For a worker that is down, or a device it could not start, the file it
         serves when it starts."""
         olds = []
-        for worker in self._owners(name):
+        owners = self._owners(name)
+        for worker in owners:
+            if len(owners) > 1:
+                await worker.settled()
             if worker.serving and name not in worker.failed:
-                answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
-                olds.append(str(answer["old"]))
+                try:
+                    answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
+                    olds.append(str(answer["old"]))
+                except Exception as exc:
+                    if not olds:
+                        raise  # the first worker refused: nothing changed anywhere
+                    # an export of two files would be two disks to one client: this one starts again with the new
+                    log.error("swap-media %s: worker %s refused (%s); starting it again with %s", name, worker.name,
+                              exc, path)
+                    await self._lost(worker)
             else:
                 self._not_starting(worker)
                 olds.append(str(next(c for c in worker.configs if c.name == name).get("path")))

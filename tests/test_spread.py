@@ -184,3 +184,56 @@ def test_a_spread_device_is_listed_once_with_its_counters_and_histogram_added_up
     disk = merged[0]
     assert disk["worker"] == "w0,w1" and disk["counters"]["reads"] == 12 and disk["counters"]["in_flight"] == 2
     assert disk["counters"]["service_time"] == {"bounds": [0.001], "counts": [4, 6]}
+
+    restarting = {"name": "disk", "worker": "w0", "state": "restarting", "counters": {}}
+    (disk,) = _merge_spread([restarting, {**entry("w1", 100, [5, 5]), "state": "served"}], {"disk"})
+    assert disk["state"] == "served" and disk["worker"] == "w0,w1" and disk["counters"]["reads"] == 100
+
+
+def test_a_swap_one_worker_refuses_after_another_did_restarts_that_worker_with_the_new_file() -> None:
+    """One export must never be two files: a worker that cannot follow is started again as it should be."""
+    import asyncio
+
+    from pvcore.workers import WorkerPool
+
+    spread = DeviceConfig("block", "disk", {"path": "/old.img", "socket": "/nonexistent/disk.sock", "spread": "on"})
+    pool = WorkerPool(None, "lpar", [[spread], [spread]], run_dir=Path("/nonexistent"))
+    lost = []
+
+    async def ask(worker, body):
+        if worker.name == "w1":
+            return {"ok": False, "error": "cannot open /new.img"}
+        return {"ok": True, "old": "/old.img"}
+
+    async def scenario() -> str:
+        for worker in pool.workers:
+            worker.serving = True
+            worker.ask = lambda body, worker=worker: ask(worker, body)
+
+        async def lose(worker) -> None:
+            lost.append(worker.name)
+
+        pool._lost = lose
+        return await pool.swap_media("disk", "/new.img")
+
+    assert asyncio.run(scenario()) == "/old.img"
+    assert lost == ["w1"] and [w.configs[0].get("path") for w in pool.workers] == ["/new.img", "/new.img"]
+
+
+def test_a_stopped_worker_is_passed_over_for_new_connections(tmp_path, spread_daemon) -> None:
+    daemon, image, sock = spread_daemon
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(daemon.proc.pid)], capture_output=True,
+                              text=True).stdout.splitlines()
+    stopped = int(next(line.split()[0] for line in children if "pvcore.worker" in line))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        clients = [RawClient(str(sock)) for _ in range(2)]  # one for each worker, in turn
+        time.sleep(1.0)  # the stopped worker has left its connection unread for longer than the parent allows
+        clients += [RawClient(str(sock)) for _ in range(6)]
+        greeted = [bool(select.select([client.sock], [], [], 3.0)[0]) for client in clients]
+        assert greeted.count(False) == 1, greeted  # the one handed to it before it was seen not to read
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    for client in clients:  # the one it held is served once it runs again
+        client.greeting()
+        client.close()

@@ -130,7 +130,8 @@ def create_block_device(
         groups.check(group, limits)
     except ThrottleError as exc:
         raise DeviceError(f"{prefix}: {exc}") from None
-    if _parse_bool(prefix, "spread", options.get("spread", "off")) and set(options) & set(THROTTLE_OPTIONS):
+    spread = _parse_bool(prefix, "spread", options.get("spread", "off"))
+    if spread and set(options) & set(THROTTLE_OPTIONS):
         raise DeviceError(f"{prefix}: spread=on takes no I/O limits or group (each worker would apply them to its "
                           "own connections); remove spread=on or the limits")
     try:
@@ -154,5 +155,6 @@ def create_block_device(
     except ThrottleError as exc:
         store.close()
         raise DeviceError(f"{prefix}: {exc}") from None
-    backend = BlockBackend(store, cache=cache, workers=workers, name=name or "block", throttle=throttle)
+    backend = BlockBackend(store, cache=cache, workers=workers, name=name or "block", throttle=throttle,
+                           inline_writes=not spread)  # other workers write the file too: never wait on their lock
     return backend, VirtioBlock(backend, name=name or "block", queues=queues, serial=serial)

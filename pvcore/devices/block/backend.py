@@ -276,7 +276,10 @@ class BlockBackend:
     given) run at once. ``ageing`` is the seconds of waiting worth one
     priority step, and ``clock`` the monotonic clock that measures it (see the
     module docstring). ``throttle`` (also settable later, :attr:`throttle`)
-    limits its requests.
+    limits its requests. ``inline_writes`` False keeps writes off the
+    calling thread even on an idle device (:meth:`serve_now`): for a file
+    other processes write too (an export spread over workers), whose inode
+    lock a write on the event loop could wait for.
     """
 
     def __init__(
@@ -290,6 +293,7 @@ class BlockBackend:
         clock: Callable[[], float] = time.monotonic,
         throttle: Throttle | None = None,
         pool: IOPool | None = None,
+        inline_writes: bool = True,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"{name}: workers={workers} must be between 1 and {MAX_WORKERS}")
@@ -298,6 +302,7 @@ class BlockBackend:
         self.store = store
         self.cache = cache
         self.name = name
+        self.inline_writes = inline_writes
         self._ageing = ageing
         self._clock = clock
         self._lock = threading.Lock()
@@ -383,7 +388,7 @@ class BlockBackend:
             service_time = self._service_time
             started = self._clock() if service_time is not None else 0.0
             busy = self._paused or self._ready or self._barriers or self._in_throttle or (
-                request.op is not BlockOp.READ and self._counters.in_flight
+                request.op is not BlockOp.READ and (self._counters.in_flight or not self.inline_writes)
             )
             if busy or self._check(request) is not None:
                 return False
