@@ -237,3 +237,43 @@ def test_a_stopped_worker_is_passed_over_for_new_connections(tmp_path, spread_da
     for client in clients:  # the one it held is served once it runs again
         client.greeting()
         client.close()
+
+
+def test_the_parent_rests_the_backlog_when_accept_lacks_descriptors(tmp_path) -> None:
+    """EMFILE leaves the connection in the backlog and the parent idle for a second, not spinning on it."""
+    import asyncio
+    import errno
+    import socket
+
+    from pvcore.spread import ACCEPT_RETRY_SECONDS, SpreadExports
+
+    class Starved(socket.socket):
+        calls = 0
+
+        def accept(self):
+            Starved.calls += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    path = tmp_path / "disk.sock"
+    listening = Starved(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(4)
+    listening.setblocking(False)
+    worker = type("FakeWorker", (), {"name": "w0", "hand_channel": None})()
+
+    async def scenario() -> tuple[int, int]:
+        exports = SpreadExports(lambda p, what: listening)
+        exports.declare(path)
+        exports.take(path, "disk", worker)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        await asyncio.sleep(ACCEPT_RETRY_SECONDS / 2)
+        first = Starved.calls
+        await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+        exports.close()
+        client.close()
+        return first, Starved.calls
+
+    first, later = asyncio.run(scenario())
+    listening.close()
+    assert first == 1 and later == 2
