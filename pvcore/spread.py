@@ -82,6 +82,7 @@ class _Export:
     """Accepting waits for :data:`ACCEPT_RETRY_SECONDS` (accept failed for want of resources, or no worker
     took a connection)."""
     warned: dict[str, float] = attrs.field(factory=dict)
+    """By kind of warning: when it was last logged (see :meth:`SpreadExports._warn`)."""
     unread_since: dict[Any, float] = attrs.field(factory=dict)
     """By worker: since when what it was handed has been waiting unread on its channel."""
 
