@@ -788,32 +788,65 @@ class WorkerPool:
 
     async def swap_media(self, name: str, path: str) -> str:
         """Change a block device's backing file, in its worker (every worker, if it is spread); a restarted
-        worker serves the new one. For a worker that is down, or a device it could not start, the file it
-        serves when it starts."""
-        olds = []
+        worker serves the new one. For a worker that is down, the file it serves when it starts; a worker
+        that could not start the device starts it again with the new file.
+
+        A refusal by the first worker that answers changes nothing anywhere (a ``ControlError``). For a
+        spread export, a worker that does not answer, or refuses after another worker swapped, is started
+        again (it may have swapped, or not: it restarts with the new file, as the others serve it), so
+        that one export is never two files.
+        """
         owners = self._owners(name)
+        spread = len(owners) > 1
+        old = str(next(c for c in owners[0].configs if c.name == name).get("path"))
+        swapped = False
+        retry: list[Worker] = []
         for worker in owners:
-            if len(owners) > 1:
+            if spread:
                 await worker.settled()
-            if worker.serving and name not in worker.failed:
-                try:
-                    answer = await self._forward(worker, {"command": "swap-media", "device": name, "path": path})
-                    olds.append(str(answer["old"]))
-                except Exception as exc:
-                    if not olds:
-                        raise  # the first worker refused: nothing changed anywhere
-                    # an export of two files would be two disks to one client: this one starts again with the new
-                    log.error("swap-media %s: worker %s refused (%s); starting it again with %s", name, worker.name,
-                              exc, path)
-                    await self._lost(worker)
-            else:
+            if not worker.serving:
                 self._not_starting(worker)
-                olds.append(str(next(c for c in worker.configs if c.name == name).get("path")))
+                continue
+            if name in worker.failed:
+                retry.append(worker)
+                continue
+            body = {"command": "swap-media", "device": name, "path": path}
+            try:
+                answer = await self._forward(worker, body, when_down=self._lost if spread else None)
+            except WorkerDown:
+                continue  # killed: it starts again with the path given below
+            except Exception as exc:
+                if not swapped:
+                    raise  # refused before any worker swapped: nothing changed (a lost one restarts as it was)
+                log.error("swap-media %s: worker %s refused (%s); starting it again with %s", name, worker.name,
+                          exc, path)
+                await self._lost(worker)
+                continue
+            if not swapped:
+                old = str(answer["old"])
+            swapped = True
+        for worker in owners:
             worker.configs = [
                 DeviceConfig(c.device_class, c.name, {**c.options, "path": path}) if c.name == name else c
                 for c in worker.configs
             ]
-        return olds[0]
+        for worker in retry:
+            await self._start_failed(worker, name)
+        return old
+
+    async def _start_failed(self, worker: Worker, name: str) -> None:
+        """Ask ``worker`` (serving) to start device ``name`` again, as its config now says; listed as not
+        served, with the new error, if it still cannot."""
+        config = next(c for c in worker.configs if c.name == name)
+        payload = base64.b64encode(pickle.dumps(config)).decode()
+        try:
+            await self._forward(worker, {"command": "add-config", "config": payload})
+        except Exception as exc:
+            worker.failed[name] = str(exc)
+            log.error("worker %s: device %s still not served: %s", worker.name, name, exc)
+            return
+        worker.failed.pop(name, None)
+        log.info("worker %s: device %s served again", worker.name, name)
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (as SIGTERM does)."""

@@ -277,3 +277,42 @@ def test_the_parent_rests_the_backlog_when_accept_lacks_descriptors(tmp_path) ->
     first, later = asyncio.run(scenario())
     listening.close()
     assert first == 1 and later == 2
+
+
+def test_a_swap_is_all_or_restarts_every_worker_that_may_differ() -> None:
+    """A worker that does not answer is restarted with the new file; a refusal before any swap changes nothing."""
+    import asyncio
+
+    from pvcore.control import ControlError
+    from pvcore.workers import WorkerDown, WorkerPool
+
+    def pool_with(answers: dict[str, object], serving: dict[str, bool]):
+        spread = DeviceConfig("block", "disk", {"path": "/old.img", "socket": "/nonexistent/d.sock", "spread": "on"})
+        pool = WorkerPool(None, "lpar", [[spread], [spread]], run_dir=Path("/nonexistent"))
+        lost: list[str] = []
+
+        async def ask(worker, body):
+            answer = answers[worker.name]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        async def lose(worker) -> None:
+            lost.append(worker.name)
+
+        for worker in pool.workers:
+            worker.serving = serving[worker.name]
+            worker.ask = lambda body, worker=worker: ask(worker, body)
+        pool._lost = lose
+        return pool, lost
+
+    timed_out = WorkerDown("worker w0 did not answer: timed out")
+    pool, lost = pool_with({"w0": timed_out, "w1": {"ok": True, "old": "/old.img"}}, {"w0": True, "w1": True})
+    assert asyncio.run(pool.swap_media("disk", "/new.img")) == "/old.img"
+    assert lost == ["w0"] and [w.configs[0].get("path") for w in pool.workers] == ["/new.img", "/new.img"]
+
+    refused = {"ok": False, "error": "cannot open /missing.img"}
+    pool, lost = pool_with({"w0": {"ok": True, "old": "/old.img"}, "w1": refused}, {"w0": False, "w1": True})
+    with pytest.raises(ControlError, match="missing"):  # w0 is down and did nothing: w1's refusal is the answer
+        asyncio.run(pool.swap_media("disk", "/missing.img"))
+    assert lost == [] and [w.configs[0].get("path") for w in pool.workers] == ["/old.img", "/old.img"]

@@ -336,6 +336,10 @@ def test_a_worker_that_cannot_start_a_device_serves_the_rest_and_the_sockets_out
         frontend.start(num_queues=1, queue_size=64)
         assert frontend.request(0, write(1, 0x41), [1]).data == bytes([VIRTIO_BLK_S_OK])
         frontend.close()
+        (tmp_path / "d2-new.img").write_bytes(bytes(DISK))
+        swapped = ctl(tmp_path, "swap-media", "d2", str(tmp_path / "d2-new.img"))
+        assert swapped.returncode == 0, swapped.stderr
+        assert "state" not in listed(tmp_path)["d2"]  # served again, at once, from the new file
         removed = ctl(tmp_path, "remove", "d2")
         assert removed.returncode == 0, removed.stderr
         assert "d2" not in listed(tmp_path) and not (tmp_path / "d2.sock").exists()
