@@ -480,7 +480,9 @@ def real(tmp_path_factory: pytest.TempPathFactory):
         log.write_text("")  # the serial log is appended to (so that it survives the restore): boot 1's lines go
         domain.create()
         wait_for_text(log, "PVCORE-WAITING", 120, domain)
-        facts["listed_running"] = listed(run_dir)
+        facts["listed_running"] = {  # this domain's: the host may hold others (a run killed before its clean-up)
+            device: entry for device, entry in listed(run_dir).items() if entry.get("domain") == name
+        }
         facts["daemon_pid"] = host_daemon.proc.pid
         facts["worker_parents"] = {
             device: parent_of(entry["worker_pid"]) for device, entry in facts["listed_running"].items()
