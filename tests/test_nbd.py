@@ -190,6 +190,10 @@ class RawClient:
         """Handshake with NBD_OPT_GO; returns (size, transmission flags)."""
         self.greeting()
         self.sock.sendall(struct.pack(">I", nbd.NBD_FLAG_C_FIXED_NEWSTYLE | nbd.NBD_FLAG_C_NO_ZEROES))
+        return self.choose(name)
+
+    def choose(self, name: bytes = b"") -> tuple[int, int]:
+        """NBD_OPT_GO for export ``name``, ending the handshake; returns (size, transmission flags)."""
         self.option(nbd.NBD_OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
         size = flags = None
         while True:

@@ -85,14 +85,7 @@ class StructuredClient(RawClient):
                 struct.pack(">I", nbd.ALLOCATION_CONTEXT_ID) + nbd.BASE_ALLOCATION,
             )
             assert self.option_reply()[1] == nbd.NBD_REP_ACK
-        self.option(nbd.NBD_OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-        size = flags = None
-        while True:
-            _, reply, data = self.option_reply()
-            if reply == nbd.NBD_REP_ACK:
-                return size, flags
-            if struct.unpack_from(">H", data)[0] == nbd.NBD_INFO_EXPORT:
-                size, flags = struct.unpack_from(">QH", data, 2)
+        return self.choose(name)
 
     def chunk(self) -> tuple[int, int, int, bytes]:
         """(flags, type, handle, payload) of the next structured reply chunk."""

@@ -59,6 +59,14 @@ def open_clients(path: Path, count: int) -> list[RawClient]:
     return clients
 
 
+def workers_of(parent: int) -> list[int]:
+    """The worker processes among ``parent``'s children (from /proc: no ps needed)."""
+    children = [int(pid) for task in Path(f"/proc/{parent}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return sorted(pid for pid in children
+                  if b"pvcore.worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+
+
 def closed(client: RawClient) -> bool:
     """Whether the server closed ``client``'s connection (it has nothing else to say unasked)."""
     if not select.select([client.sock], [], [], 2.0)[0]:
@@ -126,9 +134,7 @@ def test_a_killed_worker_takes_only_its_connections_and_shares_again_when_back(t
     content = image.read_bytes()
     clients = open_clients(sock, 2)
     wait_for(lambda: connected_by_worker(daemon) == {"w0": 1, "w1": 1}, "one connection on each worker")
-    worker_pids = [int(line.split()[0]) for line in subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(daemon.proc.pid)], capture_output=True, text=True
-    ).stdout.splitlines() if "pvcore.worker" in line]
+    worker_pids = workers_of(daemon.proc.pid)
     assert len(worker_pids) == 2
     victim = worker_pids[0]
     os.kill(victim, signal.SIGKILL)
@@ -222,9 +228,7 @@ def test_a_swap_one_worker_refuses_after_another_did_restarts_that_worker_with_t
 
 def test_a_stopped_worker_is_passed_over_for_new_connections(tmp_path, spread_daemon) -> None:
     daemon, image, sock = spread_daemon
-    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(daemon.proc.pid)], capture_output=True,
-                              text=True).stdout.splitlines()
-    stopped = int(next(line.split()[0] for line in children if "pvcore.worker" in line))
+    stopped = workers_of(daemon.proc.pid)[0]
     os.kill(stopped, signal.SIGSTOP)
     try:
         clients = [RawClient(str(sock)) for _ in range(2)]  # one for each worker, in turn
