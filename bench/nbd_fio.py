@@ -1,7 +1,7 @@
 """pvcore's NBD door against nbdkit's file plugin, driven by fio's nbd engine (libnbd), no guest.
 
     .venv/bin/python bench/nbd_fio.py [--rounds 5] [--seconds 4] [--workloads randread/4k/1,randread/4k/16,read/1m/4]
-                                      [--placement any|same|split]
+                                      [--placement any|same|split] [--poll-max-us N]
 
 One 64 MiB image in the page cache is served twice: by
 ``pvcore serve --hypervisor lpar block:path=...,socket=...`` (its NBD server)
@@ -19,7 +19,9 @@ servers and fio on one CPU, ``split`` the servers on one and fio on another
 (``any``, the default, leaves it to the scheduler). On a virtual machine a
 request that wakes a process on another, idle CPU costs that CPU's wake-up,
 and the cold caches it finds, so QD1 figures depend on where the scheduler
-put the client and the server.
+put the client and the server. ``--poll-max-us N`` gives pvcore's export that
+option (an idle connection polls its socket for up to N µs before sleeping;
+nbdkit does not poll), so its CPU per I/O includes the polling.
 Needs fio and nbdkit (Debian: fio, nbdkit).
 """
 
@@ -87,6 +89,8 @@ def main() -> None:
                         help="comma-separated fio rw/bs/iodepth triples")
     parser.add_argument("--placement", choices=("any", "same", "split"), default="any",
                         help="servers and fio on CPUs the scheduler picks (any), on one CPU (same), or apart (split)")
+    parser.add_argument("--poll-max-us", type=int, default=0,
+                        help="pvcore's poll-max-us= for its export (default 0: no polling)")
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     if args.placement == "split" and len(cpus) < 2:
@@ -104,7 +108,8 @@ def main() -> None:
         servers = {
             "pvcore": subprocess.Popen(
                 [*pinned(server_cpu), sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar",
-                 f"block:name=bench,path={image},socket={sockets['pvcore']},workers=4"],
+                 f"block:name=bench,path={image},socket={sockets['pvcore']},workers=4,"
+                 f"poll-max-us={args.poll_max_us}"],
                 stdout=log, stderr=subprocess.STDOUT, env=env),
             "nbdkit": subprocess.Popen(
                 [*pinned(server_cpu), "nbdkit", "--foreground", "--unix", str(sockets["nbdkit"]), "--threads", "4", "file", str(image)],
@@ -116,7 +121,7 @@ def main() -> None:
             build = subprocess.run([sys.executable, "-m", "pvcore.cli", "--version"], capture_output=True, text=True,
                                    env=env).stdout.splitlines()[1]
             print(f"pvcore {build}; 64 MiB image, {args.rounds} rounds x {args.seconds} s, medians; "
-                  f"placement {args.placement}")
+                  f"placement {args.placement}; pvcore poll-max-us={args.poll_max_us}")
             print(f"{'workload':>16} {'pvcore IOPS':>12} {'nbdkit IOPS':>12} {'ratio':>6} {'pvcore cpu us':>14} "
                   f"{'nbdkit cpu us':>14} {'ratio':>6}")
             for workload in workloads:

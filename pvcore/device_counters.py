@@ -5,7 +5,8 @@ the service-time histogram when it is kept), a NIC's switch-port counters
 (and its tap uplink's, under ``uplink``),
 an rng's per-domain entropy counts, a vhost-user ring's interrupts and
 completions over its current connection (and, when it polls, its polling
-windows: ``polls``, ``polls_caught``, ``poll_ns``), and the seconds a block device's or
+windows: ``polls``, ``polls_caught``, ``poll_ns``; an NBD export that polls its
+connections' sockets has the same three, over every connection it served), and the seconds a block device's or
 NIC's limits held requests back (``throttled_seconds``).
 """
 
@@ -49,6 +50,12 @@ def ring_counts(door: FrontDoor) -> dict[str, int]:
     return counts
 
 
+def socket_poll_counts(door: FrontDoor) -> dict[str, int]:
+    """``polls``, ``polls_caught`` and ``poll_ns`` of a stream door that polls its sockets ({} otherwise)."""
+    poll_counts = getattr(door, "poll_counts", None)
+    return {} if poll_counts is None else poll_counts()
+
+
 def device_counters(instance: DeviceInstance, door: FrontDoor) -> dict[str, Any]:
     """The counters of one served device, by name (JSON-ready)."""
     engine = instance.engine
@@ -71,4 +78,5 @@ def device_counters(instance: DeviceInstance, door: FrontDoor) -> dict[str, Any]
     if throttle is not None:
         counters["throttled_seconds"] = round(throttle.throttled_seconds(), 3)
     counters.update(ring_counts(door))
+    counters.update(socket_poll_counts(door))
     return counters

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from pvcore.contract import DeviceInstance, FrontDoor
-from pvcore.device_counters import ring_counts
+from pvcore.device_counters import ring_counts, socket_poll_counts
 from pvcore.device_limits import device_throttle
 from pvcore.devices.block.backend import BlockBackend
 from pvcore.devices.block.iopool import shared_pool
@@ -112,6 +112,15 @@ class DeviceCollector(Collector):
         poll_seconds = CounterMetricFamily(
             "pvcore_ring_poll_seconds", "Time the rings spent in polling windows", labels=LABELS
         )
+        socket_polls = CounterMetricFamily(
+            "pvcore_nbd_polls", "Polling windows of an NBD export's idle connections (poll-max-us > 0)", labels=LABELS
+        )
+        socket_polls_caught = CounterMetricFamily(
+            "pvcore_nbd_polls_caught", "Polling windows in which the client sent its next request", labels=LABELS
+        )
+        socket_poll_seconds = CounterMetricFamily(
+            "pvcore_nbd_poll_seconds", "Time an NBD export's connections spent in polling windows", labels=LABELS
+        )
         errors = CounterMetricFamily("pvcore_errors", "Requests or frames that failed or were dropped, by reason", labels=(*LABELS, "reason"))
         switch_frames = CounterMetricFamily(
             "pvcore_switch_frames", "Frames the switch handled, by outcome", labels=("switch", "outcome")
@@ -147,6 +156,11 @@ class DeviceCollector(Collector):
                     poll_seconds.add_metric(labels, ring["poll_ns"] / 1e9)
                 if not isinstance(engine, BlockBackend):
                     inflight.add_metric(labels, ring["ring_in_flight"])
+            polled = socket_poll_counts(entry.door)
+            if polled:
+                socket_polls.add_metric(labels, polled["polls"])
+                socket_polls_caught.add_metric(labels, polled["polls_caught"])
+                socket_poll_seconds.add_metric(labels, polled["poll_ns"] / 1e9)
         for switch in switches.values():
             counts = switch.counters
             for outcome in ("forwarded", "flooded", "dropped_forged"):
@@ -154,8 +168,8 @@ class DeviceCollector(Collector):
         for source in sources.values():
             rng_bytes.add_metric((source.name,), source.bytes_delivered)
         yield from (
-            requests, request_bytes, seconds, inflight, interrupts, completions, polls, polls_caught, poll_seconds, errors,
-            switch_frames, rng_bytes, throttled,
+            requests, request_bytes, seconds, inflight, interrupts, completions, polls, polls_caught, poll_seconds,
+            socket_polls, socket_polls_caught, socket_poll_seconds, errors, switch_frames, rng_bytes, throttled,
         )
         yield from self._io_pool()
 

@@ -20,6 +20,12 @@ The window adapts to what polling catches, bounded by ``max_ns``:
 
 So an idle device does not poll at all, and a busy one spends at most
 ``max_ns`` per pass looking for work. ``max_ns`` 0 turns polling off.
+
+The NBD door's connections (:class:`pvcore.streams.nbd.NbdFrontDoor`) use
+the same window with QEMU's rule for one that passes empty
+(:meth:`PollWindow.expired`): the window is kept, and the wait is judged as
+a whole when the request comes (:meth:`PollWindow.woke`: within ``max_ns``
+it grows, later it closes).
 """
 
 from __future__ import annotations
@@ -91,6 +97,14 @@ class PollWindow:
         self.poll_ns += elapsed_ns
         window = self.window_ns // 2
         self.window_ns = window if window >= POLL_START_NS else 0
+
+    def expired(self, elapsed_ns: int) -> None:
+        """The window passed (``elapsed_ns``) with nothing arriving; the window is left to :meth:`woke`.
+
+        For a waiter that learns when its work came after the window (QEMU's rule: a wait that ended
+        within ``max_ns`` grows the window, a longer one sets it to 0), where :meth:`missed` halves at once.
+        """
+        self.poll_ns += elapsed_ns
 
     def counts(self) -> dict[str, int]:
         """``polls``, ``polls_caught``, ``poll_ns`` and the current ``poll_window_ns``."""

@@ -110,6 +110,12 @@ arrive (a WRITE's payload is received straight into its own buffer) and
 starts each at once: a request costs no task wake-up, and the replies of a
 batch of requests served on the spot leave in one ``send``. Stopping the door closes the socket, lets in-flight requests finish
 and send their replies, then closes every connection.
+
+An export made with ``poll_max_ns`` (the lpar plugin's ``poll-max-us=``)
+polls: a connection left idle keeps the event loop turning for an adaptive
+window (:class:`~pvcore.ring.poll.PollWindow`) instead of sleeping, so a
+client that sends its next request within it is read without a wake-up;
+:meth:`NbdFrontDoor.poll_counts` says what the windows did.
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -128,6 +135,7 @@ import attrs
 
 from pvcore.devices.block.backend import BlockBackend, BlockOp, BlockRequest, BlockResult, BlockStatus
 from pvcore.devices.block.extents import Extent
+from pvcore.ring.poll import PollWindow
 from pvcore.streams.unix import UnixListener, peer_description
 
 log = logging.getLogger("pvcore.nbd")
@@ -397,7 +405,10 @@ class NbdFrontDoor:
         readonly: bool = False,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        poll_max_ns: int = 0,
     ) -> None:
+        if poll_max_ns < 0:
+            raise ValueError(f"poll_max_ns must be >= 0, not {poll_max_ns}")
         self.backend = backend
         self.socket_path = Path(socket_path)
         self.export_name = export_name
@@ -413,6 +424,10 @@ class NbdFrontDoor:
         """Reads answered by splicing from the page cache to the socket (see the module docstring)."""
         self.socket_full_waits = 0
         """Times a connection's replies had to wait in its output queue for the socket to take more."""
+        self.poll_max_ns = poll_max_ns
+        """The longest window in which an idle connection polls its socket for the next request (0: never)."""
+        self._polling: set[PollWindow] = set()
+        self._past_polls = {"polls": 0, "polls_caught": 0, "poll_ns": 0}
 
     def __repr__(self) -> str:
         return f"NbdFrontDoor({self.description})"
@@ -438,6 +453,33 @@ class NbdFrontDoor:
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish and reply, close every connection."""
         await self._listener.stop()
+
+    def poll_window(self) -> PollWindow | None:
+        """A new connection's polling window (None when the export does not poll), counted by :meth:`poll_counts`."""
+        if not self.poll_max_ns:
+            return None
+        window = PollWindow(self.poll_max_ns)
+        self._polling.add(window)
+        return window
+
+    def poll_ended(self, window: PollWindow) -> None:
+        """A connection's window is closed for good: keep its counts."""
+        if window in self._polling:
+            self._polling.discard(window)
+            for key, value in window.counts().items():
+                if key in self._past_polls:
+                    self._past_polls[key] += value
+
+    def poll_counts(self) -> dict[str, int]:
+        """``polls``, ``polls_caught`` and ``poll_ns`` of every connection this export served ({} if it does not poll)."""
+        if not self.poll_max_ns:
+            return {}
+        counts = dict(self._past_polls)
+        for window in list(self._polling):
+            counts["polls"] += window.polls
+            counts["polls_caught"] += window.caught
+            counts["poll_ns"] += window.poll_ns
+        return counts
 
     def export_matches(self, name: bytes) -> bool:
         """Whether a client asking for export ``name`` gets this export (the empty name is the default)."""
@@ -1071,6 +1113,14 @@ class _RequestStream(asyncio.BufferedProtocol):
     client that does not read them, and at the end; :meth:`resume` goes on
     when one of those clears. :attr:`ended` gets why the stream ended: DISC,
     the client's end of the socket, or a protocol violation (logged here).
+
+    On an export that polls (``poll-max-us``), a connection left with nothing
+    to do (no bytes buffered, no request in flight) keeps the event loop
+    turning for its adaptive :attr:`poll` window instead of letting it sleep:
+    each turn looks at every socket without blocking (``epoll_wait`` with a
+    zero timeout), so a request that arrives within the window is read
+    without the process, and its CPU, being woken (see :mod:`pvcore.ring.poll`
+    for how the window grows and shrinks).
     """
 
     def __init__(self, connection: _Connection, transport: asyncio.BaseTransport) -> None:
@@ -1089,6 +1139,13 @@ class _RequestStream(asyncio.BufferedProtocol):
         self._write_paused = False
         self._reading = True
         self._parsing = False
+        self._loop = asyncio.get_running_loop()
+        self.poll = connection.door.poll_window()
+        """The connection's adaptive polling window and its counters (None: the export does not poll)."""
+        self._poll_handle: asyncio.Handle | None = None
+        self._poll_start = 0
+        self._poll_deadline = 0
+        self._idle_since = 0
 
     def receive(self, data: bytes) -> None:
         """Take bytes read before this stream had the socket (requests the client sent behind its handshake)."""
@@ -1114,6 +1171,8 @@ class _RequestStream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Bytes arrived where :meth:`get_buffer` said: start every request they complete."""
+        if self.poll is not None:
+            self._arrived()
         if self._payload is not None:
             self._payload_received += nbytes
             if self._payload_received < len(self._payload):
@@ -1146,12 +1205,63 @@ class _RequestStream(asyncio.BufferedProtocol):
         """Go on if reading was paused and what paused it has cleared (a request finished, replies left)."""
         if not self._reading and not self.ended.done():
             self._parse()
+        elif self.poll is not None:
+            self._idle()
 
     def end(self, reason: str) -> None:
         """Read no more requests (those started still reply); :attr:`ended` gets ``reason`` if it has none yet."""
         if not self.ended.done():
             self.ended.set_result(reason)
         self._set_reading(False)
+        if self.poll is not None:
+            if self._poll_handle is not None:
+                self._poll_handle.cancel()
+                self._poll_handle = None
+                self.poll.expired(time.monotonic_ns() - self._poll_start)
+            self.connection.door.poll_ended(self.poll)
+
+    def _idle(self) -> None:
+        """If the connection has nothing to do, open its polling window, or note when its sleep begins."""
+        poll = self.poll
+        assert poll is not None
+        if (self._poll_handle is not None or self._start != self._end or self._payload is not None
+                or self.connection.in_flight or not self._reading or self.ended.done()):
+            return
+        now = time.monotonic_ns()
+        if poll.window_ns:
+            poll.started()
+            self._poll_start = now
+            self._poll_deadline = now + poll.window_ns
+            self._poll_handle = self._loop.call_soon(self._poll_once)
+        elif not self._idle_since:
+            self._idle_since = now
+
+    def _poll_once(self) -> None:
+        """One turn of the window: let the loop look at the sockets again, or close the window when it is over.
+
+        Between turns the loop thread yields the CPU, and with it the GIL, to the
+        I/O threads (as the ring's polling does).
+        """
+        assert self.poll is not None
+        self._poll_handle = None
+        now = time.monotonic_ns()
+        if now < self._poll_deadline:
+            os.sched_yield()
+            self._poll_handle = self._loop.call_soon(self._poll_once)
+            return
+        self.poll.expired(now - self._poll_start)
+        self._idle_since = self._poll_start  # the wait began with the window: woke() judges it whole
+
+    def _arrived(self) -> None:
+        """Bytes came: a window that was open caught them; after a sleep, grow the window if one would have."""
+        assert self.poll is not None
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+            self.poll.hit(time.monotonic_ns() - self._poll_start)
+        elif self._idle_since:
+            self.poll.woke(time.monotonic_ns() - self._idle_since)
+        self._idle_since = 0
 
     def _blocked(self) -> bool:
         return self._write_paused or not self.connection._may_read() or self.ended.done()
@@ -1180,6 +1290,8 @@ class _RequestStream(asyncio.BufferedProtocol):
             self._parsing = False
             connection._uncork()
         self._set_reading(self._waiting is None and not self._blocked())
+        if self.poll is not None:
+            self._idle()
 
     def _parse_requests(self, connection: _Connection) -> None:
         data = self._input

@@ -35,6 +35,7 @@ from pvcore.contract import (
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
+from pvcore.ring.poll import parse_poll_max_us
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.fifo import RngFifoFrontDoor
 from pvcore.streams.nbd import NbdFrontDoor, block_export
@@ -57,6 +58,13 @@ SOCKET_HELP = {
 }
 """What ``socket=`` names for each device class the lpar plugin serves."""
 
+_NBD_POLL_MAX = OptionSpec(
+    "longest time in microseconds an idle NBD connection polls its socket for the next request before sleeping "
+    "(adaptive: 0 while polling catches nothing); default 0, no polling",
+    parse=parse_poll_max_us,
+    default=0,
+)
+
 
 @hookimpl
 def pvcore_plugin_info() -> PluginInfo:
@@ -73,8 +81,14 @@ def pvcore_plugin_info() -> PluginInfo:
 
 @hookimpl
 def pvcore_device_options() -> Mapping[str, Mapping[str, OptionSpec]]:
-    """``socket=`` is required, and names what QEMU pseries reaches for each class (:data:`SOCKET_HELP`)."""
-    return {device_class: {"socket": OptionSpec(f"{text}; required", required=True)} for device_class, text in SOCKET_HELP.items()}
+    """``socket=`` is required, and names what QEMU pseries reaches for each class (:data:`SOCKET_HELP`);
+    ``poll-max-us=`` for the classes served over NBD (block, scsi)."""
+    options: dict[str, dict[str, OptionSpec]] = {
+        device_class: {"socket": OptionSpec(f"{text}; required", required=True)} for device_class, text in SOCKET_HELP.items()
+    }
+    for device_class in ("block", "scsi"):
+        options[device_class]["poll-max-us"] = _NBD_POLL_MAX
+    return options
 
 
 @hookimpl
@@ -150,7 +164,7 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
     if config.device_class == "rng":
         return RngFifoFrontDoor(device.engine, path)
     if config.device_class in ("block", "scsi"):
-        return NbdFrontDoor(block_export(device), path)
+        return NbdFrontDoor(block_export(device), path, poll_max_ns=config.get("poll-max-us", 0))
     endpoint = device.engine
     return NetdevStreamFrontDoor(endpoint.switch, path, endpoint.mac, name=config.name, throttle=endpoint.throttle)
 
