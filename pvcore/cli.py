@@ -36,6 +36,7 @@ from pvcore.daemon import Daemon, DaemonError, default_run_dir
 from pvcore.metrics import MetricsAddress
 from pvcore.libvirt import LibvirtError
 from pvcore.registry import Registry, default_registry
+from pvcore.spread import check_spread
 from pvcore.virtio import DeviceError
 from pvcore.workers import WorkerPool, default_worker_count, partition
 
@@ -419,6 +420,11 @@ def cmd_serve(registry: Registry, args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"config {args.config}: {exc}") from None
     set_thread_bound(io_threads)  # with workers: each worker's (WorkerPool passes it on)
+    for config in configs:
+        try:
+            check_spread(config.name, config.options)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     shares = partition(configs, workers or default_worker_count())
     if len(shares) > 1:
         pool = WorkerPool(registry, hypervisor, shares, run_dir=run_dir, metrics=metrics)

@@ -39,7 +39,9 @@ def ring_counts(door: FrontDoor) -> dict[str, int]:
         if polling:
             for key, value in connection.polled.items():
                 counts[key] += value
-        for queue in list(connection.session.running.values()):
+    hosted = [host.session for host in list(getattr(door, "hosted", ()))]  # queues of another worker's connection
+    for session in [connection.session for connection in list(live)] + hosted:
+        for queue in list(session.running.values()):
             counts["interrupts"] += queue.interrupts
             counts["completions"] += queue.completions
             counts["ring_in_flight"] += queue.in_flight

@@ -52,6 +52,8 @@ log = logging.getLogger("pvcore.spread")
 
 MAX_HAND_MESSAGE = 4096
 """The longest message on a worker's channel of handed connections (a JSON object naming the path)."""
+MAX_HANDED_FDS = 64
+"""The most descriptors one hand-over carries: a connection and a queue channel to each other worker."""
 MAX_ACCEPTS_PER_WAKEUP = 64
 """Connections accepted at one wake-up of the parent's loop (the rest wait in the backlog for the next)."""
 ACCEPT_RETRY_SECONDS = 1.0
@@ -66,6 +68,14 @@ WARNING_INTERVAL = 10.0
 def is_spread(options: dict[str, str]) -> bool:
     """Whether a device's options ask for ``spread=on`` (its value checked where the device is created)."""
     return options.get("spread", "off").strip().lower() in ("on", "true", "yes", "1")
+
+
+def check_spread(name: str, options: dict[str, str]) -> None:
+    """A ``ValueError`` naming the fix if a device asks for ``spread=on`` without the ``socket=`` whose
+    connections the parent would hand out."""
+    if is_spread(options) and not options.get("socket"):
+        raise ValueError(f"{name}: spread=on needs socket=PATH (the daemon accepts that socket's connections and "
+                         "hands them to its workers); add socket= or remove spread=on")
 
 
 @attrs.define
@@ -85,6 +95,9 @@ class _Export:
     """By kind of warning: when it was last logged (see :meth:`SpreadExports._warn`)."""
     unread_since: dict[Any, float] = attrs.field(factory=dict)
     """By worker: since when what it was handed has been waiting unread on its channel."""
+    queues: bool = False
+    """A vhost-user disk's socket: each connection goes with a queue channel to every other worker
+    (:mod:`pvcore.transports.vhost_user.queue_spread`)."""
 
 
 class SpreadExports:
@@ -112,10 +125,11 @@ class SpreadExports:
         """Whether connections to ``path`` are handed out."""
         return path in self._exports
 
-    def take(self, path: Path, what: str, worker: Any) -> None:
+    def take(self, path: Path, what: str, worker: Any, *, queues: bool = False) -> None:
         """``worker``'s export at ``path`` is up: hand it connections (a :class:`ListenerError` if the
-        socket cannot be made)."""
+        socket cannot be made); with ``queues``, each with queue channels to the other workers."""
         export = self._exports[path]
+        export.queues = queues
         if export.sock is None or export.sock.fileno() == -1:
             export.sock = self._listening_socket(path, what)
         if worker not in export.takers:
@@ -207,15 +221,45 @@ class SpreadExports:
             channel = worker.hand_channel
             if channel is None:
                 continue
+            peers = self._queue_channels(export, worker, fresh) if export.queues else []
             try:
-                socket.send_fds(channel, [message], [connection.fileno()])
+                if export.queues:
+                    names = [name for name, _ in peers]
+                    leader = json.dumps({"path": os.fspath(export.path), "peers": names}).encode()
+                    socket.send_fds(channel, [leader], [connection.fileno(), *(end.fileno() for _, end in peers)])
+                else:
+                    socket.send_fds(channel, [message], [connection.fileno()])
             except OSError as exc:  # gone, or its channel is full: the next worker takes it
                 self._warn(export, f"hand {worker.name}", "worker %s did not take a connection: %s", worker.name,
                            exc.strerror or exc)
                 continue
+            finally:
+                for _, end in peers:
+                    end.close()
             export.unread_since.setdefault(worker, now)
             return True
         return False
+
+    def _queue_channels(self, export: _Export, leader: Any, takers: list[Any]) -> list[tuple[str, socket.socket]]:
+        """A queue channel from ``leader`` to every other worker in ``takers`` that took its end: each
+        worker's name and the leader's end, in the order that places the queues."""
+        ends = []
+        message = json.dumps({"path": os.fspath(export.path), "host": True}).encode()
+        for worker in takers:
+            if worker is leader or worker.hand_channel is None:
+                continue
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                socket.send_fds(worker.hand_channel, [message], [theirs.fileno()])
+            except OSError as exc:
+                self._warn(export, f"host {worker.name}", "worker %s did not take a queue channel: %s", worker.name,
+                           exc.strerror or exc)
+                mine.close()
+                continue
+            finally:
+                theirs.close()
+            ends.append((worker.name, mine))
+        return ends
 
 
 def _unread(channel: socket.socket) -> bool:
@@ -230,12 +274,15 @@ def _unread(channel: socket.socket) -> bool:
 
 class HandedConnections:
     """A worker's side: connections its parent hands it on ``channel``, each given to the listener that
-    registered its path (:meth:`register`); one for no listener is closed."""
+    registered its path (:meth:`register`); one for no listener is closed. A vhost-user door that spreads
+    its queues registers a ``host`` too: it gets each queue channel another worker's connection opens to
+    it, and its ``take`` gets each connection with the channels to the other workers."""
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
         self.channel.setblocking(False)
-        self._takers: dict[Path, Callable[[socket.socket], None]] = {}
+        self._takers: dict[Path, Callable[..., None]] = {}
+        self._hosts: dict[Path, Callable[[socket.socket], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -249,17 +296,22 @@ class HandedConnections:
             self._loop.remove_reader(self.channel.fileno())
         self.channel.close()
 
-    def register(self, path: Path, take: Callable[[socket.socket], None]) -> None:
-        """Give each connection handed for ``path`` to ``take``."""
+    def register(self, path: Path, take: Callable[..., None],
+                 host: Callable[[socket.socket], None] | None = None) -> None:
+        """Give each connection handed for ``path`` to ``take``; with ``host``, ``take(connection, peers)``
+        gets the connection's queue channels too, and ``host`` each queue channel opened to this worker."""
         self._takers[path] = take
+        if host is not None:
+            self._hosts[path] = host
 
     def unregister(self, path: Path) -> None:
         """Connections handed for ``path`` from now on are closed."""
         self._takers.pop(path, None)
+        self._hosts.pop(path, None)
 
     def _receive(self) -> None:
         try:
-            data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_HAND_MESSAGE, 1)
+            data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_HAND_MESSAGE, MAX_HANDED_FDS)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -273,14 +325,27 @@ class HandedConnections:
             return
         connections = [socket.socket(fileno=fd) for fd in fds]
         try:
-            path = Path(json.loads(data)["path"])
+            message = json.loads(data)
+            path = Path(message["path"])
+            peers = [str(name) for name in message.get("peers", [])]
+            hosting = bool(message.get("host"))
         except (ValueError, KeyError, TypeError):
-            path = None
+            path, peers, hosting = None, [], False
         take = self._takers.get(path) if path is not None else None
-        for connection in connections:
-            if take is None or connection.family != socket.AF_UNIX:
-                log.warning("handed connections: a connection for %s, which is not served here; closed", path)
+        host = self._hosts.get(path) if path is not None else None
+        if (take is None or (peers or hosting) and host is None or len(connections) != 1 + len(peers)
+                or any(connection.family != socket.AF_UNIX for connection in connections)):
+            log.warning("handed connections: a connection for %s, which is not served here; closed", path)
+            for connection in connections:
                 connection.close()
-                continue
+            return
+        for connection in connections:
             connection.setblocking(False)
-            take(connection)
+        if hosting and host is not None:
+            for channel in connections:
+                host(channel)
+        elif host is not None:
+            take(connections[0], list(zip(peers, connections[1:])))
+        else:
+            for connection in connections:
+                take(connection)

@@ -64,6 +64,7 @@ from pvcore.workers import MAX_CHANNEL_LINE, PAYLOAD_LENGTH, WorkerSpec
 log = logging.getLogger("pvcore.worker")
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 MAX_LISTEN_ANSWER = 4096
 LISTEN_TIMEOUT = 30.0
 """Seconds a worker waits for its parent to answer a request for a listening socket."""
@@ -101,16 +102,19 @@ class ParentListeners:
         sock.setblocking(False)
         return sock
 
-    def hand_over(self, path: Path, what: str, take: Callable[[socket.socket], None]) -> bool:
-        """Whether the parent hands this worker the connections of ``path`` (then each goes to ``take``)."""
-        answer, fds = self._ask({"hand": os.fspath(path), "what": what}, what, path)
+    def hand_over(self, path: Path, what: str, take: Callable[..., None],
+                  host: Callable[[socket.socket], None] | None = None) -> bool:
+        """Whether the parent hands this worker the connections of ``path`` (then each goes to ``take``;
+        with ``host``, with queue channels, see :class:`~pvcore.spread.HandedConnections`)."""
+        request = {"hand": os.fspath(path), "what": what, "queues": host is not None}
+        answer, fds = self._ask(request, what, path)
         for fd in fds:
             os.close(fd)
         if not answer.get("ok"):
             raise ListenerError(answer.get("error") or f"{what}: the parent refused {path}")
         if not answer.get("handed"):
             return False
-        self.handed.register(path, take)
+        self.handed.register(path, take, host)
         return True
 
     def release(self, path: Path) -> None:
@@ -131,6 +135,12 @@ def _die_with_parent(parent: int) -> None:
         log.warning("worker: PR_SET_PDEATHSIG failed (errno %d); it may outlive a killed parent", ctypes.get_errno())
     if os.getppid() != parent:
         sys.exit(1)
+
+
+def _name_process(index: int) -> None:
+    """Name the process ``pvcore-wN`` (``/proc/PID/comm``, what ps and top show), as the logs name it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"pvcore-w{index}".encode()), 0, 0, 0)
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -245,6 +255,7 @@ def main(argv: list[str]) -> int:
     spec = _read_spec(control)
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format=f"%(asctime)s pvcore[w{spec.index}] %(name)s: %(message)s")
+    _name_process(spec.index)
     listeners = ParentListeners(socket.socket(fileno=listen_fd), HandedConnections(socket.socket(fileno=hand_fd)))
     set_listener_source(listeners)
     return asyncio.run(serve(spec, control, listeners))

@@ -59,7 +59,7 @@ from pvcore.contract import DeviceConfig
 from pvcore.daemon import DaemonError, serve_until_stopped, start_metrics
 from pvcore.devices.block.iopool import thread_bound_setting
 from pvcore.registry import Registry
-from pvcore.spread import SpreadExports, is_spread
+from pvcore.spread import SpreadExports, check_spread, is_spread
 from pvcore.streams.unix import ListenerError, bind_private_socket, remove_socket_file
 from pvcore.systemd_notify import ready, reloading
 
@@ -369,12 +369,13 @@ class Worker:
                     broker.release(path)
                 return
             if "hand" in request:
-                self._hand_over(listen, broker, Path(request["hand"]), str(request["what"]))
+                self._hand_over(listen, broker, Path(request["hand"]), str(request["what"]),
+                                bool(request.get("queues")))
                 return
             path, what, kind = Path(request["path"]), str(request["what"]), int(request["kind"])
             if broker.spread.spread(path):
                 raise ListenerError(f"{what}: {path} is spread over the workers (spread=on), which only an NBD "
-                                    "export can be; remove spread=on")
+                                    "export or a vhost-user disk can be; remove spread=on")
             sock = broker.socket_for(path, what, kind)
         except Exception as exc:  # every request gets an answer: the worker waits for one
             error = str(exc) if isinstance(exc, ListenerError) else f"no listening socket: {type(exc).__name__}: {exc}"
@@ -386,11 +387,12 @@ class Worker:
         except OSError as exc:  # the worker went away while asking: its watcher starts it again
             log.warning("worker %s: could not answer its request for %s: %s", self.name, path, exc)
 
-    def _hand_over(self, listen: socket.socket, broker: ListenerBroker, path: Path, what: str) -> None:
-        """Answer whether the parent hands this worker the connections of ``path`` (and from now on do)."""
+    def _hand_over(self, listen: socket.socket, broker: ListenerBroker, path: Path, what: str, queues: bool) -> None:
+        """Answer whether the parent hands this worker the connections of ``path`` (and from now on do);
+        ``queues``: with queue channels (a vhost-user disk)."""
         handed = broker.spread.spread(path)
         if handed:
-            broker.spread.take(path, what, self)
+            broker.spread.take(path, what, self, queues=queues)
         listen.send(json.dumps({"ok": True, "handed": handed}).encode())
 
     def _close_listen(self, listen: socket.socket | None = None) -> None:
@@ -682,6 +684,11 @@ class WorkerPool:
         spread = [config for config in configs if is_spread(config.options)]
         if spread and len(configs) > 1:
             raise ControlError(f"{spread[0].name}: a device spread over the workers (spread=on) is added on its own")
+        for config in spread:
+            try:
+                check_spread(config.name, config.options)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
         for config in spread:
             self._declare_spread(config)
         added: list[DeviceConfig] = []

@@ -161,10 +161,10 @@ def test_a_killed_worker_takes_only_its_connections_and_shares_again_when_back(t
     ("hypervisor", "extra", "message"),
     [
         ("lpar", ",iops=100", "spread=on takes no I/O limits or group"),
-        ("kvm", "", "only an NBD export can be"),
+        ("kvm", ",iops=100", "spread=on takes no I/O limits or group"),
     ],
 )
-def test_a_spread_device_with_limits_or_without_an_nbd_door_is_refused(tmp_path, hypervisor, extra, message) -> None:
+def test_a_spread_device_with_limits_is_refused(tmp_path, hypervisor, extra, message) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(SIZE))
     started = time.monotonic()

@@ -50,10 +50,13 @@ class ListenerSource(Protocol):
     def release(self, path: Path) -> None:
         """The socket at ``path`` is no longer listened on here (its device is gone)."""
 
-    def hand_over(self, path: Path, what: str, take: Callable[[socket.socket], None]) -> bool:
+    def hand_over(self, path: Path, what: str, take: Callable[..., None],
+                  host: Callable[[socket.socket], None] | None = None) -> bool:
         """True if the connections of ``path`` are accepted elsewhere and handed to this process one by
-        one (an NBD export spread over workers, :mod:`pvcore.spread`): each then goes to ``take``, until
-        :meth:`release`. False: listen on the socket :meth:`get` gives."""
+        one (a device spread over workers, :mod:`pvcore.spread`): each then goes to ``take``, until
+        :meth:`release`. False: listen on the socket :meth:`get` gives. With ``host`` (a vhost-user disk
+        whose queues are spread) ``take(connection, peers)`` also gets the connection's queue channels to
+        the other workers, and ``host(channel)`` each queue channel another worker's connection opens here."""
 
 
 _listener_source: ListenerSource | None = None
@@ -119,6 +122,13 @@ def _check_target(path: Path, what: str) -> None:
     if _socket_in_use(path):
         raise ListenerError(f"{what}: {path} is in use by another server; stop it or choose another path")
     log.info("%s: replacing stale socket %s", what, path)
+
+
+def handed_over(path: Path, what: str, take: Callable[..., None],
+                host: Callable[[socket.socket], None] | None = None) -> bool:
+    """Whether this process gets the connections of ``path`` handed to it instead of listening (see
+    :meth:`ListenerSource.hand_over`; never without a :func:`set_listener_source`)."""
+    return _listener_source is not None and _listener_source.hand_over(path, what, take, host)
 
 
 def bind_private_socket(path: Path, what: str, *, kind: int = socket.SOCK_STREAM) -> socket.socket:

@@ -34,6 +34,7 @@ from pvcore.contract import (
     PluginInfo,
 )
 from pvcore.hookspecs import hookimpl
+from pvcore.spread import is_spread
 from pvcore.streams.chardev import ChardevFrontDoor
 from pvcore.streams.egd import QEMU_UNASKED_BYTES, EgdFrontDoor
 from pvcore.transports.vhost_user import VhostUserFrontDoor
@@ -118,6 +119,9 @@ def pvcore_front_door(device: DeviceInstance, context: DaemonContext) -> FrontDo
             f"{config.name}: kvm serves block, net, rng and scsi over vhost-user and console over a chardev "
             f"socket, not {config.device_class}"
         )
+    if config.get("socket-mode") == "client" and is_spread(config.options):
+        raise ValueError(f"{config.name}: spread=on needs the daemon to listen (its parent hands the connection "
+                         "out); drop socket-mode=client or spread=on")
     return VhostUserFrontDoor(
         device.virtio, socket_path, primitives=context.primitives, name=config.name,
         client=config.get("socket-mode") == "client", poll_max_ns=config.get("poll-max-us", 0),

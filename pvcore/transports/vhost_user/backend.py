@@ -47,8 +47,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pvcore.contract import EventFdChannel, FdMemoryLayout, FdRegion, Primitives
 from pvcore.ring.dirtylog import ATOMIC_OR_AVAILABLE, DirtyLog
@@ -57,7 +58,8 @@ from pvcore.ring.memory import GuestMemory, GuestMemoryError
 from pvcore.ring.notify import Notifier
 from pvcore.ring.session import SessionError, VirtioSession
 from pvcore.ring.virtqueue import ring_sizes
-from pvcore.streams.unix import bind_private_socket, remove_socket_file
+from pvcore.streams.unix import bind_private_socket, handed_over, remove_socket_file
+from pvcore.transports.vhost_user.queue_spread import QueueChannelError, QueueHost, QueuePeer, memory_message
 from pvcore.virtio import DeviceError, VirtioDevice, bit
 from pvcore.transports.vhost_user.protocol import (
     F_LOG_ALL,
@@ -105,7 +107,7 @@ MAX_CONNECTIONS = 2
 """Front ends a server-mode device takes at once: a guest's VMM, and during a live migration
 the destination's beside the source's. One more is refused with one log line."""
 
-_HANDLER_ERRORS = (SessionError, GuestMemoryError, DeviceError, ValueError, OSError)
+_HANDLER_ERRORS = (SessionError, GuestMemoryError, DeviceError, ValueError, OSError, QueueChannelError)
 
 SHORT_CONNECTION = 1.0
 """A client-mode connection that ends sooner than this many seconds makes the next attempt wait."""
@@ -120,8 +122,14 @@ class VhostUserConnection:
     def __init__(
         self, device: VirtioDevice, sock: socket.socket, *, primitives: Primitives, name: str, number: int = 1,
         alone: Callable[[VhostUserConnection], bool] | None = None, poll_max_ns: int = 0,
+        peers: Sequence[QueuePeer] = (),
     ) -> None:
         self.device = device
+        self.peers = list(peers)
+        """Queue channels to the workers that serve some of this connection's queues (``spread=on``):
+        queue ``i`` is served by ``peers[i % (len(peers) + 1) - 1]``, or here when that is -1."""
+        self.lost: str | None = None
+        """Why a worker hosting queues of this connection was lost (the connection then ends)."""
         self.poll_max_ns = poll_max_ns
         """Each queue's longest polling window in ns (0: off; see :mod:`pvcore.ring.poll`)."""
         self.alone = alone or (lambda connection: True)
@@ -146,6 +154,8 @@ class VhostUserConnection:
         self.interrupts = [0] * queues
         self.polled = {"polls": 0, "polls_caught": 0, "poll_ns": 0}
         """What the polling of this connection's stopped queues did (live queues keep their own counts)."""
+        for peer in self.peers:
+            peer.watch(self._peer_lost)
 
     def __repr__(self) -> str:
         return f"VhostUserConnection({self.name!r})"
@@ -156,7 +166,7 @@ class VhostUserConnection:
         try:
             while (message := await read_message(self.loop, self.sock)) is not None:
                 await self._dispatch(message)
-            reason = "frontend closed the connection"
+            reason = self.lost or "frontend closed the connection"
         except ProtocolError as exc:
             reason, level = f"protocol error: {exc}", logging.WARNING
         except ConnectionError as exc:
@@ -170,6 +180,8 @@ class VhostUserConnection:
                 await self._end_session()
             finally:
                 self.sock.close()
+                for peer in self.peers:
+                    peer.close()
                 counts = "; ".join(
                     f"queue {index}: {done} completions, {irqs} interrupts"
                     for index, (done, irqs) in enumerate(zip(self.completions, self.interrupts))
@@ -180,6 +192,28 @@ class VhostUserConnection:
                 log.log(
                     level, "%s: frontend disconnected (connection %d): %s; %s", self.name, self.number, reason, counts
                 )
+
+    def _peer_lost(self, reason: str) -> None:
+        """A worker hosting queues went away: end this connection (the front end reconnects, and its next
+        connection is spread over the workers then serving)."""
+        if self.closing or self.lost:
+            return
+        self.lost = f"{reason}; its queues cannot go on"
+        log.warning("%s: %s; ending the connection", self.name, self.lost)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _host(self, index: int) -> QueuePeer | None:
+        """The worker that serves queue ``index`` (None: this one)."""
+        turn = index % (len(self.peers) + 1)
+        return self.peers[turn - 1] if turn else None
+
+    async def _tell_hosts(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send a request to every worker hosting queues of this connection and wait for their answers."""
+        for peer in self.peers:
+            await peer.request(message, fds)
 
     async def _dispatch(self, message: Message) -> None:
         request, body = decode(message)
@@ -226,6 +260,9 @@ class VhostUserConnection:
                 raise ProtocolError("VHOST_F_LOG_ALL was never offered")
             session.negotiate(body & ~(bit(F_PROTOCOL_FEATURES) | bit(F_LOG_ALL)))
             self._set_logging(bool(body & bit(F_LOG_ALL)))
+            if self.peers:
+                await self._tell_hosts({"op": "features", "features": session.features})
+                await self._tell_hosts({"op": "logging", "on": self.log_all})
             if not body & bit(F_PROTOCOL_FEATURES):
                 for index in range(len(self.enabled)):
                     self.enabled[index] = True
@@ -243,6 +280,7 @@ class VhostUserConnection:
             await self._stop_rings()
         elif request is Request.RESET_DEVICE:
             await self._end_session()
+            await self._tell_hosts({"op": "reset"})
             self.session = VirtioSession(self.device, name=self.name, loop=self.loop, poll_max_ns=self.poll_max_ns)
             self.enabled = [False] * len(self.enabled)
         elif request is Request.GET_INFLIGHT_FD:
@@ -250,20 +288,21 @@ class VhostUserConnection:
             await self._get_inflight(body)
         elif request is Request.SET_INFLIGHT_FD:
             assert isinstance(body, InflightDesc)
-            self._set_inflight(body, message)
+            await self._set_inflight(body, message)
         elif request is Request.SET_LOG_BASE:
             assert isinstance(body, LogDesc)
-            self._set_log_base(body, message)
+            await self._set_log_base(body, message)
             return b""  # LOG_SHMFD: an empty reply once the log is in place
         elif request is Request.SET_MEM_TABLE:
             assert isinstance(body, MemoryTable)
-            self._set_memory(body, message)
+            await self._set_memory(body, message)
         elif request is Request.SET_VRING_NUM:
             assert isinstance(body, VringState)
             session.set_queue_size(body.index, body.num)
         elif request is Request.SET_VRING_ADDR:
             assert isinstance(body, VringAddr)
             self._set_addresses(body)
+            await self._tell_running_host(body.index, "addresses")
         elif request is Request.SET_VRING_BASE:
             assert isinstance(body, VringState)
             session.queue_setup(body.index)
@@ -297,9 +336,10 @@ class VhostUserConnection:
             if body.flags not in (0, 1):
                 raise ProtocolError(f"SET_CONFIG flags {body.flags:#x} are neither frontend (0) nor migration (1)")
             self.device.write_config(body.offset, body.payload)
+            await self._tell_hosts({"op": "config", "offset": body.offset, "data": bytes(body.payload).hex()})
         return None
 
-    def _set_memory(self, table: MemoryTable, message: Message) -> None:
+    async def _set_memory(self, table: MemoryTable, message: Message) -> None:
         fds, message.fds = message.fds, []
         try:
             layout = FdMemoryLayout(
@@ -309,6 +349,11 @@ class VhostUserConnection:
                 )
             )
             memory = self.primitives.map_memory(layout)
+            try:
+                await self._tell_hosts(memory_message(layout.regions), [region.fd for region in layout.regions])
+            except BaseException:
+                _close_memory(memory)
+                raise
         finally:
             for fd in fds:
                 os.close(fd)
@@ -328,12 +373,13 @@ class VhostUserConnection:
         area, fd = InflightArea.create(desc.num_queues, desc.queue_size)
         try:
             self._use_inflight(area)
+            await self._tell_hosts(_inflight_message(area.size, 0, desc), [fd])
             reply = InflightDesc(area.size, 0, desc.num_queues, desc.queue_size)
             await self._reply_with_fd(Request.GET_INFLIGHT_FD, encode_inflight(reply), fd)
         finally:
             os.close(fd)
 
-    def _set_inflight(self, desc: InflightDesc, message: Message) -> None:
+    async def _set_inflight(self, desc: InflightDesc, message: Message) -> None:
         """SET_INFLIGHT_FD: the region a front end kept; rings started from now on resume from it."""
         self._check_inflight_queues(desc)
         fd = message.fds.pop()
@@ -342,9 +388,10 @@ class VhostUserConnection:
                 fd, size=desc.mmap_size, offset=desc.mmap_offset, num_queues=desc.num_queues,
                 queue_size=desc.queue_size,
             )
+            self._use_inflight(area)
+            await self._tell_hosts(_inflight_message(desc.mmap_size, desc.mmap_offset, desc), [fd])
         finally:
             os.close(fd)
-        self._use_inflight(area)
 
     def _use_inflight(self, area: InflightArea | None) -> None:
         old, self.inflight = self.inflight, area
@@ -352,13 +399,18 @@ class VhostUserConnection:
         if old is not None:
             old.close()
 
-    def _set_log_base(self, desc: LogDesc, message: Message) -> None:
+    async def _set_log_base(self, desc: LogDesc, message: Message) -> None:
         """Map the dirty log (it may replace one in use while rings run: QEMU resizes it so)."""
         if not self.protocol_features & bit(ProtocolFeature.LOG_SHMFD):
             raise ProtocolError("SET_LOG_BASE without LOG_SHMFD negotiated")
         fd = message.fds.pop()
         try:
             log_ = DirtyLog(fd, desc.size, desc.offset)
+            try:
+                await self._tell_hosts({"op": "log", "size": desc.size, "offset": desc.offset}, [fd])
+            except BaseException:
+                log_.close()
+                raise
         finally:
             os.close(fd)
         try:
@@ -429,6 +481,7 @@ class VhostUserConnection:
             if which == "kick":
                 raise ProtocolError(f"queue {index}: polling without a kick fd is not supported")
             self.session.clear_notifier(index, which)
+            await self._tell_running_host(index, which)
             return
         notifier = self._open_notifier(message.fds.pop())
         try:
@@ -436,6 +489,7 @@ class VhostUserConnection:
         except BaseException:
             notifier.close()
             raise
+        await self._tell_running_host(index, which)
         if which == "kick":
             self.kick_ready[index] = True
             await self._update_ring(index)
@@ -449,13 +503,52 @@ class VhostUserConnection:
 
     async def _update_ring(self, index: int) -> None:
         wanted = self.enabled[index] and self.kick_ready[index]
-        running = index in self.session.running
+        host = self._host(index)
+        running = index in (self.session.running if host is None else host.running)
         if wanted and not running:
-            self.session.start_queue(index)
+            if host is None:
+                self.session.start_queue(index)
+            else:
+                await self._start_hosted(index, host)
         elif running and not wanted:
             await self._stop_ring(index)
 
+    async def _start_hosted(self, index: int, host: QueuePeer) -> None:
+        """Start queue ``index`` on the worker ``host``: what the front end set up, checked here, goes there."""
+        session = self.session
+        if session.broken:
+            raise SessionError(f"{self.name}: device needs reset ({session.broken})")
+        setup = session.queue_setup(index)
+        if session.memory is None or not setup.size or setup.desc_addr is None or setup.kick is None:
+            raise SessionError(f"{self.name}: queue {index} cannot start before its memory, size, rings and kick")
+        message = {"op": "start", "index": index, "size": setup.size, "desc": setup.desc_addr,
+                   "avail": setup.avail_addr or 0, "used": setup.used_addr or 0, "base": setup.base,
+                   "log_addr": setup.log_addr}
+        notifiers = {which: getattr(setup, which) for which in ("kick", "call", "err")}
+        message["notifiers"] = [which for which, notifier in notifiers.items() if notifier is not None]
+        await host.request(message, [notifier.fileno() for notifier in notifiers.values() if notifier is not None])
+        host.running.add(index)
+        log.info("%s: queue %d served by %s", self.name, index, host.name)
+
+    async def _tell_running_host(self, index: int, what: str) -> None:
+        """Queue ``index`` runs on another worker: send it the ring addresses or notifier the front end changed."""
+        host = self._host(index)
+        if host is None or index not in host.running:
+            return
+        setup = self.session.queue_setup(index)
+        if what == "addresses":
+            await host.request({"op": "addresses", "index": index, "desc": setup.desc_addr,
+                                "avail": setup.avail_addr or 0, "used": setup.used_addr or 0,
+                                "log_addr": setup.log_addr})
+            return
+        notifier = getattr(setup, what)
+        await host.request({"op": "notifier", "index": index, "which": what},
+                           [] if notifier is None else [notifier.fileno()])
+
     async def _stop_ring(self, index: int) -> int:
+        host = self._host(index)
+        if host is not None:
+            return await self._stop_hosted(index, host)
         queue = self.session.running.get(index)
         base = await self.session.stop_queue(index)
         if queue is not None:
@@ -467,9 +560,34 @@ class VhostUserConnection:
                 self.polled["poll_ns"] += queue.poll.poll_ns
         return base
 
+    async def _stop_hosted(self, index: int, host: QueuePeer) -> int:
+        """Stop queue ``index`` on the worker ``host`` after its in-flight requests; where it stopped."""
+        setup = self.session.queue_setup(index)
+        if index not in host.running:
+            return setup.base
+        host.running.discard(index)
+        reply = await host.request({"op": "stop", "index": index})
+        base, counts = reply.get("base"), reply.get("counts")
+        if not isinstance(base, int) or not 0 <= base <= 0xFFFF or not isinstance(counts, dict):
+            raise QueueChannelError(f"{host.name}: queue {index} stopped with a bad answer {reply!r}")
+        setup.base = base
+        self.completions[index] += int(counts.get("completions", 0))
+        self.interrupts[index] += int(counts.get("interrupts", 0))
+        for key in self.polled:
+            self.polled[key] += int(counts.get(key, 0))
+        if reply.get("broken"):
+            log.error("%s: queue %d on %s: device needs reset: %s", self.name, index, host.name, reply["broken"])
+        return base
+
     async def _stop_rings(self) -> None:
         for index in list(self.session.running):
             await self._stop_ring(index)
+        for host in self.peers:
+            for index in sorted(host.running):
+                try:
+                    await self._stop_hosted(index, host)
+                except QueueChannelError as exc:
+                    log.warning("%s: queue %d not stopped on its worker: %s", self.name, index, exc)
         self.kick_ready = [False] * len(self.kick_ready)
 
     async def _end_session(self) -> None:
@@ -483,6 +601,11 @@ class VhostUserConnection:
             self._close_log(self.dirty_log)
             self.dirty_log = None
             self.log_all = False
+
+
+def _inflight_message(size: int, offset: int, desc: InflightDesc) -> dict[str, Any]:
+    return {"op": "inflight", "size": size, "offset": offset, "num_queues": desc.num_queues,
+            "queue_size": desc.queue_size}
 
 
 def _close_memory(memory: GuestMemory | None) -> None:
@@ -519,6 +642,9 @@ class VhostUserFrontDoor:
         self.max_connections = max_connections
         self.live: dict[VhostUserConnection, asyncio.Task[None]] = {}
         """Connections being served (a closing one stays until its clean-up is done)."""
+        self.hosted: dict[QueueHost, asyncio.Task[None]] = {}
+        """Queues of other workers' connections served here (``spread=on``), by queue channel."""
+        self._handed = False
         self._serving: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._socket_inode: tuple[int, int] | None = None
@@ -534,13 +660,19 @@ class VhostUserFrontDoor:
         return next(reversed(self.live), None) if self.live else None
 
     def _alone(self, connection: VhostUserConnection) -> bool:
-        return not any(other is not connection and not other.closing for other in self.live)
+        """Whether nothing else uses the device: no other connection, no queue hosted for another worker."""
+        return not self.hosted and not any(other is not connection and not other.closing for other in self.live)
 
     async def start(self) -> None:
         """Listen on the socket (server) or start connecting to it (client)."""
         loop = asyncio.get_running_loop()
         if self.client:
             self._task = loop.create_task(self._connect_loop())
+            return
+        if handed_over(self.socket_path, f"vhost-user {self.name}", self._adopt, self._host_queues):
+            self._handed = True
+            log.info("vhost-user %s: serving the connections and queues handed to this worker for %s", self.name,
+                     self.socket_path)
             return
         self._listener = self._listen()
         self._task = loop.create_task(self._accept_loop())
@@ -549,7 +681,7 @@ class VhostUserFrontDoor:
     async def stop(self) -> None:
         """Stop accepting, end the connection (finishing in-flight requests), remove the socket."""
         try:
-            for task in (self._task, self._connection_task, *self._serving):
+            for task in (self._task, self._connection_task, *self._serving, *self.hosted.values()):
                 if task is not None:
                     task.cancel()
                     try:
@@ -560,6 +692,9 @@ class VhostUserFrontDoor:
                         log.exception("vhost-user %s: a front door task had failed before the stop", self.name)
         finally:
             self._task = self._connection_task = None
+            if self._handed:
+                self._handed = False
+                remove_socket_file(Path(self.socket_path), None)  # tells the parent: no more connections here
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
@@ -596,6 +731,35 @@ class VhostUserFrontDoor:
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
+    def _adopt(self, sock: socket.socket, peers: list[tuple[str, socket.socket]]) -> None:
+        """A connection the parent accepted and handed here, with queue channels to the other workers."""
+        connected = sum(not connection.closing for connection in self.live)
+        if connected >= self.max_connections:
+            log.warning("vhost-user %s: refused a frontend (%s): %d connected, the limit is %d", self.name,
+                        _peer(sock), connected, self.max_connections)
+            sock.close()
+            for _, channel in peers:
+                channel.close()
+            return
+        queue_peers = [QueuePeer(channel, f"worker {name}") for name, channel in peers]
+        task = asyncio.get_running_loop().create_task(self._serve(sock, queue_peers))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    def _host_queues(self, channel: socket.socket) -> None:
+        """Another worker's connection opened a queue channel here: serve the queues it places here."""
+        try:
+            host = QueueHost(channel, self.device, primitives=self.primitives,
+                             name=f"vhost-user {self.name} (queues of another worker's connection)",
+                             poll_max_ns=self.poll_max_ns)
+        except Exception:
+            channel.close()
+            log.exception("vhost-user %s: a queue channel could not be set up", self.name)
+            return
+        task = asyncio.get_running_loop().create_task(host.serve())
+        self.hosted[host] = task
+        task.add_done_callback(lambda _: self.hosted.pop(host, None))
+
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
         failed_errno: int | None = None
@@ -628,7 +792,7 @@ class VhostUserFrontDoor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.retry_interval, MAX_RECONNECT_DELAY))
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, peers: Sequence[QueuePeer] = ()) -> None:
         """Serve one connection to its end; whatever it raises is logged here, so the
         accept or connect loop that waits for it always goes on."""
         sock.setblocking(False)
@@ -637,10 +801,12 @@ class VhostUserFrontDoor:
         try:
             connection = VhostUserConnection(
                 self.device, sock, primitives=self.primitives, name=f"vhost-user {self.name}", number=number,
-                alone=self._alone, poll_max_ns=self.poll_max_ns,
+                alone=self._alone, poll_max_ns=self.poll_max_ns, peers=peers,
             )
         except Exception:
             sock.close()
+            for peer in peers:
+                peer.close()
             log.exception("vhost-user %s: connection %d could not be set up", self.name, number)
             return
         task = asyncio.current_task()
