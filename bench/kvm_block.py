@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args
@@ -108,8 +109,12 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> Non
         time.sleep(0.05)
 
 
-def collect(guest: Guest, pids: dict[str, int], timeout: float) -> list[dict[str, object]]:
-    """Follow the guest's markers, sampling backend CPU at each; one record per finished workload."""
+def collect(guest: Guest, pids: dict[str, int], timeout: float, *, cpu: Callable[[int], float] = cpu_seconds,
+            line_pattern: re.Pattern[str] = LINE, labels: dict[str, str] = LABELS) -> list[dict[str, object]]:
+    """Follow the guest's markers, sampling backend CPU (``cpu(pid)``) at each; one record per finished workload.
+
+    ``line_pattern`` matches the markers (BEGIN/END, round, side, workload; then t0, t1 and interrupts on END).
+    """
     records: list[dict[str, object]] = []
     started: dict[tuple[str, str, str], float] = {}
     seen = 0
@@ -119,20 +124,20 @@ def collect(guest: Guest, pids: dict[str, int], timeout: float) -> list[dict[str
         lines = guest.output.split("\n")
         complete = lines if not running else lines[:-1]
         for line in complete[seen:]:
-            match = LINE.search(line)
+            match = line_pattern.search(line)
             if match is None:
                 continue
             kind, round_, side, workload = match.group(1, 2, 3, 4)
             key = (round_, side, workload)
             if kind == "BEGIN":
-                started[key] = cpu_seconds(pids[side])
+                started[key] = cpu(pids[side])
                 continue
             t0, t1, irqs = float(match.group(5)), float(match.group(6)), int(match.group(7))
             records.append({
                 "round": int(round_), "side": side, "workload": workload, "seconds": t1 - t0,
-                "cpu": cpu_seconds(pids[side]) - started.pop(key), "interrupts": irqs,
+                "cpu": cpu(pids[side]) - started.pop(key), "interrupts": irqs,
             })
-            print(f"  round {round_} {side:6} {LABELS[workload]:12} {t1 - t0:6.2f} s", flush=True)
+            print(f"  round {round_} {side:6} {labels[workload]:12} {t1 - t0:6.2f} s", flush=True)
         seen = max(seen, len(complete))
         if not running:
             return records

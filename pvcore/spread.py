@@ -1,5 +1,5 @@
-"""An NBD export spread over the worker processes (``spread=on``): every worker serves it, the parent
-hands out its connections.
+"""A disk spread over the worker processes (``spread=on``): every worker serves it, the parent hands
+out its connections (an NBD export's), or each connection with queue channels (a vhost-user disk's).
 
 Under ``pvcore serve --workers N`` a device lives in one worker, so one disk
 gets one core however many connections its client opens. A block device
@@ -25,9 +25,16 @@ file, which covers the writes every process completed before it. So
 lives in one process cannot be shared this way: a spread disk takes no I/O
 limits and no throttle group (refused when the device is created), and its
 counters and metrics are per worker (``pvcore ctl list`` and ``/metrics``
-add them up). Only a socket served by a stream front door (NBD) can be
-spread: any other front door asking for the socket is refused with a message
-that says so.
+add them up). ``spread=on`` needs ``socket=``.
+
+A vhost-user disk has one connection per guest: the connection is handed to
+one worker as above, and with it one queue channel (a SOCK_SEQPACKET pair
+the parent makes) to each other worker whose disk is up, whose other end
+goes to that worker first (``{"path": ..., "host": true}``); the leader's
+message names the workers in the order that places the queues
+(``{"path": ..., "peers": [...]}``). What goes over a queue channel is
+:mod:`pvcore.transports.vhost_user.queue_spread`'s. Any other front door
+asking for a spread socket is refused with a message that says so.
 """
 
 from __future__ import annotations

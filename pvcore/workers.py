@@ -210,6 +210,11 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino)
 
 
+def _add_config_request(config: DeviceConfig) -> dict[str, str]:
+    """The control request that has a worker serve ``config`` (pickled: the worker is this program)."""
+    return {"command": "add-config", "config": base64.b64encode(pickle.dumps(config)).decode()}
+
+
 def _merge_spread(devices: list[dict[str, Any]], spread: set[str]) -> list[dict[str, Any]]:
     """``devices`` with each spread device once: described as a worker serving it describes it (if any
     does), its workers joined (``w0,w1``), its counters (and service-time histogram) added up."""
@@ -700,10 +705,8 @@ class WorkerPool:
                     added.extend(config for config in configs if config not in added)
                     continue
                 for config in configs:
-                    payload = base64.b64encode(pickle.dumps(config)).decode()
                     try:
-                        await self._forward(worker, {"command": "add-config", "config": payload},
-                                            when_down=self._lost)
+                        await self._forward(worker, _add_config_request(config), when_down=self._lost)
                     except WorkerDown as exc:  # it starts again with this device among its own
                         log.warning("add %s: %s; it serves it when it starts again", config.name, exc)
                     worker.configs.append(config)
@@ -845,9 +848,8 @@ class WorkerPool:
         """Ask ``worker`` (serving) to start device ``name`` again, as its config now says; listed as not
         served, with the new error, if it still cannot."""
         config = next(c for c in worker.configs if c.name == name)
-        payload = base64.b64encode(pickle.dumps(config)).decode()
         try:
-            await self._forward(worker, {"command": "add-config", "config": payload})
+            await self._forward(worker, _add_config_request(config))
         except Exception as exc:
             worker.failed[name] = str(exc)
             log.error("worker %s: device %s still not served: %s", worker.name, name, exc)

@@ -62,8 +62,9 @@ OPTIONS = {
     "serial": f"disk serial returned by GET_ID, up to {VIRTIO_BLK_ID_BYTES} ASCII characters (default empty)",
     "workers": f"most requests of this disk the shared I/O threads run at once, 1..{MAX_WORKERS} "
     f"(default {DEFAULT_WORKERS})",
-    "spread": "on: under pvcore serve --workers N every worker serves this disk's NBD export and the daemon "
-    "hands its connections to them in turn; no I/O limits or group then (default off)",
+    "spread": "on: under pvcore serve --workers N every worker serves this disk (its NBD export's connections "
+    "in turn, a vhost-user disk's queues spread over them); needs socket=; no I/O limits or group then "
+    "(default off)",
     **THROTTLE_OPTIONS,
 }
 """Every option :func:`create_block_device` accepts, with what it means."""
