@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,23 @@ def test_poll_max_us_on_a_served_export_reaches_ctl_list_and_the_metrics(image, 
         assert float(caught[0].rsplit(" ", 1)[1]) >= counters["polls_caught"]
     finally:
         daemon.terminate()
+
+
+def test_a_reply_drained_slowly_opens_one_window_not_one_per_send(serve, image, connect):
+    """Replies leaving the socket bit by bit do not make a request more likely: after a window passes
+    empty, none opens again until the client sends something."""
+    door, uri = serve(image, poll_max_ns=WINDOW_NS)
+    raw = connect(uri)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    raw.go()
+    for _ in range(40):
+        raw.read(0, 4096)
+    assert _window(door).window_ns == WINDOW_NS
+    polls = door.poll_counts()["polls"]
+    length = 1 << 20
+    raw.send_request(0, 5, 0, length)  # READ of 1 MiB: more than the socket holds
+    received = 0
+    while received < 16 + length:
+        received += len(raw.sock.recv(65536))
+        time.sleep(0.1)  # 1.6 s in all: eight windows' worth, and many sends by the server
+    assert door.poll_counts()["polls"] - polls <= 2, door.poll_counts()

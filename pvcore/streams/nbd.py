@@ -127,6 +127,7 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -428,6 +429,8 @@ class NbdFrontDoor:
         """The longest window in which an idle connection polls its socket for the next request (0: never)."""
         self._polling: set[PollWindow] = set()
         self._past_polls = {"polls": 0, "polls_caught": 0, "poll_ns": 0}
+        self._poll_lock = threading.Lock()
+        """Held while a window's counts move to the past ones, and while the metrics thread adds them up."""
 
     def __repr__(self) -> str:
         return f"NbdFrontDoor({self.description})"
@@ -459,26 +462,29 @@ class NbdFrontDoor:
         if not self.poll_max_ns:
             return None
         window = PollWindow(self.poll_max_ns)
-        self._polling.add(window)
+        with self._poll_lock:
+            self._polling.add(window)
         return window
 
     def poll_ended(self, window: PollWindow) -> None:
         """A connection's window is closed for good: keep its counts."""
-        if window in self._polling:
-            self._polling.discard(window)
-            for key, value in window.counts().items():
-                if key in self._past_polls:
-                    self._past_polls[key] += value
+        with self._poll_lock:
+            if window in self._polling:
+                self._polling.discard(window)
+                for key, value in window.counts().items():
+                    if key in self._past_polls:
+                        self._past_polls[key] += value
 
     def poll_counts(self) -> dict[str, int]:
         """``polls``, ``polls_caught`` and ``poll_ns`` of every connection this export served ({} if it does not poll)."""
         if not self.poll_max_ns:
             return {}
-        counts = dict(self._past_polls)
-        for window in list(self._polling):
-            counts["polls"] += window.polls
-            counts["polls_caught"] += window.caught
-            counts["poll_ns"] += window.poll_ns
+        with self._poll_lock:
+            counts = dict(self._past_polls)
+            for window in self._polling:
+                counts["polls"] += window.polls
+                counts["polls_caught"] += window.caught
+                counts["poll_ns"] += window.poll_ns
         return counts
 
     def export_matches(self, name: bytes) -> bool:
@@ -1146,6 +1152,9 @@ class _RequestStream(asyncio.BufferedProtocol):
         self._poll_start = 0
         self._poll_deadline = 0
         self._idle_since = 0
+        self._waited_out = False
+        """A window passed with nothing from the client: no other opens until it sends (replies leaving
+        the socket do not make a request more likely)."""
 
     def receive(self, data: bytes) -> None:
         """Take bytes read before this stream had the socket (requests the client sent behind its handshake)."""
@@ -1224,8 +1233,8 @@ class _RequestStream(asyncio.BufferedProtocol):
         """If the connection has nothing to do, open its polling window, or note when its sleep begins."""
         poll = self.poll
         assert poll is not None
-        if (self._poll_handle is not None or self._start != self._end or self._payload is not None
-                or self.connection.in_flight or not self._reading or self.ended.done()):
+        if (self._poll_handle is not None or self._waited_out or self._start != self._end
+                or self._payload is not None or self.connection.in_flight or not self._reading or self.ended.done()):
             return
         now = time.monotonic_ns()
         if poll.window_ns:
@@ -1251,6 +1260,7 @@ class _RequestStream(asyncio.BufferedProtocol):
             return
         self.poll.expired(now - self._poll_start)
         self._idle_since = self._poll_start  # the wait began with the window: woke() judges it whole
+        self._waited_out = True
 
     def _arrived(self) -> None:
         """Bytes came: a window that was open caught them; after a sleep, grow the window if one would have."""
@@ -1262,6 +1272,7 @@ class _RequestStream(asyncio.BufferedProtocol):
         elif self._idle_since:
             self.poll.woke(time.monotonic_ns() - self._idle_since)
         self._idle_since = 0
+        self._waited_out = False
 
     def _blocked(self) -> bool:
         return self._write_paused or not self.connection._may_read() or self.ended.done()

@@ -60,7 +60,8 @@ SOCKET_HELP = {
 
 _NBD_POLL_MAX = OptionSpec(
     "longest time in microseconds an idle NBD connection polls its socket for the next request before sleeping "
-    "(adaptive: 0 while polling catches nothing); default 0, no polling",
+    "(adaptive: grows while requests come within it of the last reply, 0 once the client is quiet for longer); "
+    "default 0, no polling",
     parse=parse_poll_max_us,
     default=0,
 )
