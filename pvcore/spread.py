@@ -132,6 +132,11 @@ class SpreadExports:
         """Whether connections to ``path`` are handed out."""
         return path in self._exports
 
+    def spreads_queues(self, path: Path) -> bool:
+        """Whether ``path``'s connections go with queue channels (a vhost-user disk's queues are spread)."""
+        export = self._exports.get(path)
+        return export is not None and export.queues
+
     def take(self, path: Path, what: str, worker: Any, *, queues: bool = False) -> None:
         """``worker``'s export at ``path`` is up: hand it connections (a :class:`ListenerError` if the
         socket cannot be made); with ``queues``, each with queue channels to the other workers."""
@@ -265,6 +270,7 @@ class SpreadExports:
                 continue
             finally:
                 theirs.close()
+            export.unread_since.setdefault(worker, time.monotonic())  # a hung host is passed over too
             ends.append((worker.name, mine))
         return ends
 

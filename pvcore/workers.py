@@ -806,9 +806,15 @@ class WorkerPool:
         again (it may have swapped, or not: it restarts with the new file, as the others serve it), so
         that one export is never two files.
         """
+        from pvcore.control import ControlError
+
         owners = self._owners(name)
         spread = len(owners) > 1
-        old = str(next(c for c in owners[0].configs if c.name == name).get("path"))
+        config = next(c for c in owners[0].configs if c.name == name)
+        if config.get("socket") and self.broker.spread.spreads_queues(Path(config.get("socket"))):
+            raise ControlError(f"{name}: its queues are spread over the workers (spread=on), which cannot change "
+                               "the file of every queue at one instant; remove the disk and add it with the new file")
+        old = str(config.get("path"))
         swapped = False
         retry: list[Worker] = []
         for worker in owners:

@@ -147,6 +147,50 @@ def test_a_dead_host_ends_the_connection_which_comes_back_spread_again(tmp_path,
     assert image.read_bytes()[8 * SECTOR : 10 * SECTOR] == b"\x5a" * SECTOR + b"\xa5" * SECTOR
 
 
+@pytest.mark.parametrize("bad", [0, 1])
+def test_a_ring_broken_on_either_worker_stops_the_whole_device(spread_disk, bad) -> None:
+    """As without spreading: a bad head on one queue signals every queue's error fd and stops them all."""
+    daemon, image, sock = spread_disk
+    with VhostUserFrontend.connect(sock, ram_size=RAM, timeout=30.0) as frontend:
+        frontend.start(num_queues=2, queue_size=32)
+        write(frontend, 1 - bad, 1, b"\x11" * SECTOR)
+        frontend.queues[bad].post_head(200)  # past the descriptor table
+        os.eventfd_write(frontend.kicks[bad], 1)
+        wait_for(lambda: frontend.error_signalled(0) and frontend.error_signalled(1), "both error fds")
+        frontend.submit(1 - bad, [REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 2), b"\x22" * SECTOR], [1])
+        with pytest.raises(FrontendError, match="0 of 1 chains used"):
+            frontend.wait_used(1 - bad, 1, timeout=3)
+    assert image.read_bytes()[SECTOR : 3 * SECTOR] == b"\x11" * SECTOR + bytes(SECTOR)
+    assert "device needs reset" in daemon.text()
+
+
+def test_a_one_queue_disk_needs_no_other_worker_and_refuses_a_media_swap(tmp_path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK))
+    sock = tmp_path / "d.sock"
+    daemon = ServeProcess(
+        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
+         str(tmp_path / "run"), f"block:name=d,path={image},socket={sock},spread=on"], tmp_path / "serve.log",
+    )
+    daemon.start()
+    try:
+        with VhostUserFrontend.connect(sock, ram_size=RAM, timeout=30.0) as frontend:
+            frontend.start(num_queues=1, queue_size=32)
+            write(frontend, 0, 3, b"\x33" * SECTOR)
+            (leader,) = re.findall(r"pvcore\[(w\d)\] pvcore\.vhost_user: vhost-user d: frontend connected", daemon.text())
+            other = next(name for name in worker_pids(daemon.proc.pid) if name != leader)
+            os.kill(worker_pids(daemon.proc.pid)[other], signal.SIGKILL)  # serves none of its queues
+            wait_for(lambda: f"worker {other} (d) ended with signal 9" in daemon.text(), "the parent to see it")
+            write(frontend, 0, 4, b"\x44" * SECTOR)
+            assert read(frontend, 0, 3) == b"\x33" * SECTOR
+            swap = subprocess.run([sys.executable, "-m", "pvcore.cli", "ctl", "--run-dir", str(tmp_path / "run"),
+                                   "swap-media", "d", str(image)], capture_output=True, text=True, timeout=60)
+            assert swap.returncode != 0 and "queues are spread over the workers" in swap.stderr, swap.stderr
+    finally:
+        daemon.terminate()
+    assert "went away" not in daemon.text()
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (",socket-mode=client", "spread=on needs the daemon to listen"),
     ("", "spread=on needs socket=PATH"),

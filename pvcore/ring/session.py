@@ -50,6 +50,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -418,6 +419,9 @@ class VirtioSession:
         """While a migration logs dirty pages: every guest write of this session is marked in it."""
         self.inflight: InflightArea | None = None
         """Where queues started from now on record what they have in flight (and resume from it)."""
+        self.on_fail: Callable[[str], None] | None = None
+        """Called with the reason once :meth:`fail` has stopped the session (queues spread over workers
+        tell each other, :mod:`pvcore.transports.vhost_user.queue_spread`)."""
 
     def set_inflight(self, area: InflightArea | None) -> None:
         """Track in-flight requests in ``area`` (None: do not) for queues started from now on.
@@ -620,6 +624,8 @@ class VirtioSession:
         for setup in self.setups:
             if setup.err is not None:
                 setup.err.signal()
+        if self.on_fail is not None:
+            self.on_fail(reason)
 
     async def shutdown(self) -> None:
         """Stop every running queue (letting in-flight requests finish), then :meth:`close`."""

@@ -125,9 +125,12 @@ class VhostUserConnection:
         peers: Sequence[QueuePeer] = (),
     ) -> None:
         self.device = device
-        self.peers = list(peers)
+        self.peers = list(peers)[: max(device.num_queues() - 1, 0)]
         """Queue channels to the workers that serve some of this connection's queues (``spread=on``):
-        queue ``i`` is served by ``peers[i % (len(peers) + 1) - 1]``, or here when that is -1."""
+        queue ``i`` is served by ``peers[i % (len(peers) + 1) - 1]``, or here when that is -1. Channels
+        to workers beyond the device's queues are closed at once: they would serve nothing."""
+        for idle in list(peers)[len(self.peers):]:
+            idle.close()
         self.lost: str | None = None
         """Why a worker hosting queues of this connection was lost (the connection then ends)."""
         self.poll_max_ns = poll_max_ns
@@ -154,8 +157,10 @@ class VhostUserConnection:
         self.interrupts = [0] * queues
         self.polled = {"polls": 0, "polls_caught": 0, "poll_ns": 0}
         """What the polling of this connection's stopped queues did (live queues keep their own counts)."""
+        self._failing: asyncio.Task[None] | None = None
+        self.session.on_fail = self._session_failed
         for peer in self.peers:
-            peer.watch(self._peer_lost)
+            peer.watch(self._peer_lost, self._host_broke)
 
     def __repr__(self) -> str:
         return f"VhostUserConnection({self.name!r})"
@@ -166,7 +171,7 @@ class VhostUserConnection:
         try:
             while (message := await read_message(self.loop, self.sock)) is not None:
                 await self._dispatch(message)
-            reason = self.lost or "frontend closed the connection"
+            reason = "frontend closed the connection"
         except ProtocolError as exc:
             reason, level = f"protocol error: {exc}", logging.WARNING
         except ConnectionError as exc:
@@ -176,6 +181,8 @@ class VhostUserConnection:
             reason, level = f"internal error: {exc}", logging.ERROR
         finally:
             self.closing = True
+            if self.lost:
+                reason, level = self.lost, logging.WARNING
             try:
                 await self._end_session()
             finally:
@@ -204,6 +211,22 @@ class VhostUserConnection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _host_broke(self, reason: str) -> None:
+        """The guest broke a ring another worker serves: the whole device needs reset, as without spreading."""
+        self.session.fail(reason)
+
+    def _session_failed(self, reason: str) -> None:
+        """The device needs reset: the workers hosting its other queues stop them too."""
+        if self.peers and self._failing is None:
+            self._failing = self.loop.create_task(self._fail_hosts(reason))
+
+    async def _fail_hosts(self, reason: str) -> None:
+        for peer in self.peers:
+            try:
+                await peer.request({"op": "fail", "reason": reason})
+            except QueueChannelError as exc:
+                log.warning("%s: %s", self.name, exc)
 
     def _host(self, index: int) -> QueuePeer | None:
         """The worker that serves queue ``index`` (None: this one)."""
@@ -282,6 +305,8 @@ class VhostUserConnection:
             await self._end_session()
             await self._tell_hosts({"op": "reset"})
             self.session = VirtioSession(self.device, name=self.name, loop=self.loop, poll_max_ns=self.poll_max_ns)
+            self.session.on_fail = self._session_failed
+            self._failing = None
             self.enabled = [False] * len(self.enabled)
         elif request is Request.GET_INFLIGHT_FD:
             assert isinstance(body, InflightDesc)
@@ -407,21 +432,17 @@ class VhostUserConnection:
         try:
             log_ = DirtyLog(fd, desc.size, desc.offset)
             try:
+                if self.memory is not None:
+                    log_.check_covers(self.memory)
+                for index, setup in enumerate(self.session.setups):
+                    if setup.log_addr is not None and not log_.covers(setup.log_addr, self._used_len(index)):
+                        raise ProtocolError(f"queue {index}: used ring log address {setup.log_addr:#x} is past the log")
                 await self._tell_hosts({"op": "log", "size": desc.size, "offset": desc.offset}, [fd])
             except BaseException:
                 log_.close()
                 raise
         finally:
             os.close(fd)
-        try:
-            if self.memory is not None:
-                log_.check_covers(self.memory)
-            for index, setup in enumerate(self.session.setups):
-                if setup.log_addr is not None and not log_.covers(setup.log_addr, self._used_len(index)):
-                    raise ProtocolError(f"queue {index}: used ring log address {setup.log_addr:#x} is past the log")
-        except BaseException:
-            log_.close()
-            raise
         old, self.dirty_log = self.dirty_log, log_
         self._set_logging(self.log_all)
         self._close_log(old)

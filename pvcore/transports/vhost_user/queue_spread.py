@@ -139,6 +139,7 @@ class QueuePeer:
         """The queues started on this host and not stopped since."""
         self._lock = asyncio.Lock()
         self._lost: Callable[[str], None] | None = None
+        self._broken: Callable[[str], None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def __repr__(self) -> str:
@@ -150,27 +151,50 @@ class QueuePeer:
         :class:`QueueChannelError` if the host refused it, is gone or did not answer in time.
         """
         async with self._lock:
+            if self.sock.fileno() == -1:
+                raise QueueChannelError(f"{self.name}: the channel is closed")
             try:
                 async with asyncio.timeout(REPLY_TIMEOUT):
                     await _send(self.sock, message, fds)
-                    answer = await _receive(self.sock)
+                    reply = await self._answer()
             except TimeoutError:
-                raise QueueChannelError(f"{self.name}: no answer to {message.get('op')} in {REPLY_TIMEOUT:g} s") from None
+                reason = f"no answer to {message.get('op')} in {REPLY_TIMEOUT:g} s"
             except OSError as exc:
-                raise QueueChannelError(f"{self.name}: {exc.strerror or exc}") from None
-            finally:
+                reason = f"channel failed: {exc.strerror or exc}"
+            except QueueChannelError as exc:
+                reason = str(exc)
+            except BaseException:  # cancelled between a request and its answer: the channel is out of step
+                self._fail("a request was abandoned")
+                raise
+            else:
                 self._watch()
-        if answer is None:
-            raise QueueChannelError(f"{self.name}: the worker hosting queues went away")
-        reply, extra = answer
-        _close_all(extra)
-        if not reply.get("ok"):
-            raise QueueChannelError(f"{self.name}: {message.get('op')} refused: {reply.get('error')}")
-        return reply
+                if not reply.get("ok"):
+                    raise QueueChannelError(f"{self.name}: {message.get('op')} refused: {reply.get('error')}")
+                return reply
+            self._fail(reason)  # an answer may still come, to be taken for the next request's: never reuse
+            raise QueueChannelError(f"{self.name}: {reason}")
 
-    def watch(self, lost: Callable[[str], None]) -> None:
-        """Call ``lost(reason)`` once if the host goes away (or speaks unasked) between requests."""
+    async def _answer(self) -> dict[str, Any]:
+        """The answer to the request just sent; a host's notice that came first is acted on."""
+        while True:
+            received = await _receive(self.sock)
+            if received is None:
+                raise QueueChannelError("the worker hosting queues went away")
+            message, fds = received
+            _close_all(fds)
+            if message.get("op") != "broken":
+                return message
+            self._notice(message)
+
+    def _notice(self, message: dict[str, Any]) -> None:
+        if self._broken is not None:
+            self._broken(f"{self.name}: {message.get('reason')}")
+
+    def watch(self, lost: Callable[[str], None], broken: Callable[[str], None]) -> None:
+        """Call ``lost(reason)`` once if the host goes away (or speaks out of turn), and ``broken(reason)``
+        when the guest broke a ring the host serves (the device needs a reset)."""
         self._lost = lost
+        self._broken = broken
         self._watch()
 
     def _watch(self) -> None:
@@ -181,15 +205,26 @@ class QueuePeer:
         if self._lock.locked():
             return  # a request is reading its answer
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data, fds, _flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
-            reason = f"channel failed: {exc.strerror or exc}"
+            self._fail(f"channel failed: {exc.strerror or exc}")
+            return
+        _close_all(fds)
+        try:
+            message = json.loads(data) if data else None
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and message.get("op") == "broken":
+            self._notice(message)
         else:
-            reason = "the worker hosting queues went away" if not data else "a message nobody asked for"
-        self._loop.remove_reader(self.sock.fileno())
+            self._fail("the worker hosting queues went away" if not data else "a message nobody asked for")
+
+    def _fail(self, reason: str) -> None:
+        """The channel cannot be used any more: close it and tell the leader once."""
         lost, self._lost = self._lost, None
+        self.close()
         if lost is not None:
             lost(f"{self.name}: {reason}")
 
@@ -218,7 +253,9 @@ class QueueHost:
         self.device = device
         self.primitives = primitives
         self.name = name
-        self.session = VirtioSession(device, name=name, loop=asyncio.get_running_loop(), poll_max_ns=poll_max_ns)
+        self.poll_max_ns = poll_max_ns
+        self._told_to_fail = False
+        self.session = self._new_session()
         self.memory: GuestMemory | None = None
         self.inflight: InflightArea | None = None
         self.dirty_log: DirtyLog | None = None
@@ -226,6 +263,22 @@ class QueueHost:
 
     def __repr__(self) -> str:
         return f"QueueHost({self.name!r})"
+
+    def _new_session(self) -> VirtioSession:
+        session = VirtioSession(self.device, name=self.name, loop=asyncio.get_running_loop(),
+                                poll_max_ns=self.poll_max_ns)
+        session.on_fail = self._report_broken
+        self._told_to_fail = False
+        return session
+
+    def _report_broken(self, reason: str) -> None:
+        """The guest broke a ring served here: tell the leader, which stops the whole device (unasked)."""
+        if self._told_to_fail:
+            return
+        try:
+            self.sock.send(json.dumps({"op": "broken", "reason": reason}).encode(), socket.MSG_DONTWAIT)
+        except OSError as exc:  # the leader is gone, or its end is full: the channel ends either way
+            log.warning("%s: could not tell the leader the device needs reset: %s", self.name, exc.strerror or exc)
 
     async def serve(self) -> None:
         """Answer the leader's requests until the channel ends; then stop and forget every queue."""
@@ -285,6 +338,9 @@ class QueueHost:
             return await self._stop(_int(message, "index"))
         elif op == "reset":
             self._reset()
+        elif op == "fail":
+            self._told_to_fail = True
+            session.fail(str(message.get("reason", "the leader's device needs reset")))
         else:
             raise ValueError(f"unknown request {op!r}")
         return {"ok": True}
@@ -294,8 +350,7 @@ class QueueHost:
         if self.session.running:
             raise ValueError(f"reset with queues {sorted(self.session.running)} running")
         self.session.close(reset_device=False)
-        self.session = VirtioSession(self.device, name=self.name, loop=self.session.loop,
-                                     poll_max_ns=self.session.poll_max_ns)
+        self.session = self._new_session()
         self._use_memory(None)
         self._use_inflight(None)
         self._use_log(None)
