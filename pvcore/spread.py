@@ -260,6 +260,8 @@ class SpreadExports:
         for worker in takers:
             if worker is leader or worker.hand_channel is None:
                 continue
+            if len(ends) == MAX_HANDED_FDS - 1:
+                break  # with the connection, all one hand-over carries (more workers than a disk has queues)
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 socket.send_fds(worker.hand_channel, [message], [theirs.fileno()])
