@@ -184,6 +184,7 @@ class VhostUserConnection:
             if self.lost:
                 reason, level = self.lost, logging.WARNING
             try:
+                await self._end_failing()
                 await self._end_session()
             finally:
                 self.sock.close()
@@ -222,11 +223,17 @@ class VhostUserConnection:
             self._failing = self.loop.create_task(self._fail_hosts(reason))
 
     async def _fail_hosts(self, reason: str) -> None:
+        """Tell every worker hosting queues that the device needs reset (a task: a ring broke mid-pass)."""
         for peer in self.peers:
             try:
                 await peer.request({"op": "fail", "reason": reason})
             except QueueChannelError as exc:
-                log.warning("%s: %s", self.name, exc)
+                log.log(logging.DEBUG if self.closing else logging.WARNING, "%s: %s", self.name, exc)
+
+    async def _end_failing(self) -> None:
+        """Let the hosts hear of a failure before anything else is said to them (a reset, the end)."""
+        if self._failing is not None:
+            await self._failing
 
     def _host(self, index: int) -> QueuePeer | None:
         """The worker that serves queue ``index`` (None: this one)."""
@@ -303,6 +310,7 @@ class VhostUserConnection:
             await self._stop_rings()
         elif request is Request.RESET_DEVICE:
             await self._end_session()
+            await self._end_failing()  # a failure told after the reset would break the new session
             await self._tell_hosts({"op": "reset"})
             self.session = VirtioSession(self.device, name=self.name, loop=self.loop, poll_max_ns=self.poll_max_ns)
             self.session.on_fail = self._session_failed
@@ -596,8 +604,6 @@ class VhostUserConnection:
         self.interrupts[index] += int(counts.get("interrupts", 0))
         for key in self.polled:
             self.polled[key] += int(counts.get(key, 0))
-        if reply.get("broken"):
-            log.error("%s: queue %d on %s: device needs reset: %s", self.name, index, host.name, reply["broken"])
         return base
 
     async def _stop_rings(self) -> None:

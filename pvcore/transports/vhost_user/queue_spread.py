@@ -20,7 +20,14 @@ hosting a queue what that queue needs, in the order the front end said it:
   (QEMU switches a queue's call fd, and turns on used-ring logging when a
   migration starts);
 * ``stop`` (GET_VRING_BASE, the end of the connection): the host stops the
-  queue after its in-flight requests and answers where it stopped.
+  queue after its in-flight requests and answers where it stopped;
+* ``reset`` (RESET_DEVICE): the host forgets the session, its memory,
+  in-flight region and log;
+* ``fail``: the device needs reset (the guest broke a ring the leader
+  serves): the host stops its queues and signals their error fds. The other
+  way, a host whose ring the guest broke sends the leader an unasked
+  ``broken`` notice, and the leader fails the whole device, as one process
+  would.
 
 Each request waits for the host's answer, so the front end's ack means the
 host has done it too. The host serves its queues with its own instance of
@@ -41,6 +48,7 @@ as for a front end's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -115,7 +123,8 @@ async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writab
     try:
         await ready
     finally:
-        remove(fd)
+        if sock.fileno() == fd:  # a descriptor closed meanwhile may be another socket's by now
+            remove(fd)
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -140,6 +149,7 @@ class QueuePeer:
         self._lock = asyncio.Lock()
         self._lost: Callable[[str], None] | None = None
         self._broken: Callable[[str], None] | None = None
+        self._closed = False
         self._loop = asyncio.get_running_loop()
 
     def __repr__(self) -> str:
@@ -151,7 +161,7 @@ class QueuePeer:
         :class:`QueueChannelError` if the host refused it, is gone or did not answer in time.
         """
         async with self._lock:
-            if self.sock.fileno() == -1:
+            if self._closed:
                 raise QueueChannelError(f"{self.name}: the channel is closed")
             try:
                 async with asyncio.timeout(REPLY_TIMEOUT):
@@ -163,11 +173,15 @@ class QueuePeer:
                 reason = f"channel failed: {exc.strerror or exc}"
             except QueueChannelError as exc:
                 reason = str(exc)
-            except BaseException:  # cancelled between a request and its answer: the channel is out of step
-                self._fail("a request was abandoned")
+            except BaseException:  # cancelled between a request and its answer: out of step, nobody to tell
+                self._lost = None
+                self._close_socket()
                 raise
             else:
-                self._watch()
+                if self._closed:  # closed while the answer came: finish the close now
+                    self._close_socket()
+                else:
+                    self._watch()
                 if not reply.get("ok"):
                     raise QueueChannelError(f"{self.name}: {message.get('op')} refused: {reply.get('error')}")
                 return reply
@@ -187,6 +201,7 @@ class QueuePeer:
             self._notice(message)
 
     def _notice(self, message: dict[str, Any]) -> None:
+        """A host's unasked notice: the guest broke a ring it serves."""
         if self._broken is not None:
             self._broken(f"{self.name}: {message.get('reason')}")
 
@@ -224,16 +239,26 @@ class QueuePeer:
     def _fail(self, reason: str) -> None:
         """The channel cannot be used any more: close it and tell the leader once."""
         lost, self._lost = self._lost, None
-        self.close()
+        self._closed = True
+        self._close_socket()
         if lost is not None:
             lost(f"{self.name}: {reason}")
 
     def close(self) -> None:
-        """End the channel: the host stops whatever it still runs."""
+        """End the channel: the host stops whatever it still runs. A request waiting for its answer
+        ends at once (the channel is shut down under it) and closes the socket on its way out."""
+        self._lost = None
+        self._closed = True
+        if self._lock.locked():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            return
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self.sock.fileno() != -1:
             self._loop.remove_reader(self.sock.fileno())
-        self._lost = None
-        self.sock.close()
+            self.sock.close()
 
 
 class QueueHost:
@@ -255,6 +280,7 @@ class QueueHost:
         self.name = name
         self.poll_max_ns = poll_max_ns
         self._told_to_fail = False
+        """The leader said the device needs reset: not to be reported back to it."""
         self.session = self._new_session()
         self.memory: GuestMemory | None = None
         self.inflight: InflightArea | None = None
@@ -265,6 +291,7 @@ class QueueHost:
         return f"QueueHost({self.name!r})"
 
     def _new_session(self) -> VirtioSession:
+        """A fresh session of the device (at the start, and when the front end resets it)."""
         session = VirtioSession(self.device, name=self.name, loop=asyncio.get_running_loop(),
                                 poll_max_ns=self.poll_max_ns)
         session.on_fail = self._report_broken
@@ -277,8 +304,10 @@ class QueueHost:
             return
         try:
             self.sock.send(json.dumps({"op": "broken", "reason": reason}).encode(), socket.MSG_DONTWAIT)
-        except OSError as exc:  # the leader is gone, or its end is full: the channel ends either way
+        except OSError as exc:  # the leader is gone, or its end is full: end the channel, so that it ends the connection
             log.warning("%s: could not tell the leader the device needs reset: %s", self.name, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     async def serve(self) -> None:
         """Answer the leader's requests until the channel ends; then stop and forget every queue."""
@@ -451,7 +480,7 @@ class QueueHost:
             if queue.poll is not None:
                 counts.update(polls=queue.poll.polls, polls_caught=queue.poll.caught, poll_ns=queue.poll.poll_ns)
             log.info("%s: queue %d stopped here at %d", self.name, index, base)
-        return {"ok": True, "base": base, "counts": counts, "broken": self.session.broken}
+        return {"ok": True, "base": base, "counts": counts}
 
 
 def _int_value(value: object) -> int:
