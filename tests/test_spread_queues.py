@@ -157,6 +157,7 @@ def test_a_ring_broken_on_either_worker_stops_the_whole_device(spread_disk, bad)
         frontend.queues[bad].post_head(200)  # past the descriptor table
         os.eventfd_write(frontend.kicks[bad], 1)
         wait_for(lambda: frontend.error_signalled(0) and frontend.error_signalled(1), "both error fds")
+        wait_for(lambda: daemon.text().count("device needs reset") >= 2, "both workers to stop their queues")
         frontend.submit(1 - bad, [REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 2), b"\x22" * SECTOR], [1])
         with pytest.raises(FrontendError, match="0 of 1 chains used"):
             frontend.wait_used(1 - bad, 1, timeout=3)
