@@ -19,7 +19,8 @@ demo: setup
 PURE_TESTS := tests/test_build.py tests/test_virtqueue.py tests/test_session.py tests/test_memory.py \
 	tests/test_fdmemory.py tests/test_inflight.py tests/test_loopback.py tests/test_block.py tests/test_rng.py \
 	tests/test_net.py tests/test_nbd.py tests/test_nbd_splice.py tests/test_vhost_user.py tests/test_guest_lengths.py \
-	tests/test_shrunk_memory.py tests/test_fuzz_findings.py tests/test_throttle.py
+	tests/test_shrunk_memory.py tests/test_fuzz_findings.py tests/test_throttle.py tests/test_nbd_polling.py \
+	tests/test_spread_queues.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests $(wildcard plugins/*/tests)
