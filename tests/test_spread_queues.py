@@ -165,6 +165,23 @@ def test_a_ring_broken_on_either_worker_stops_the_whole_device(spread_disk, bad)
     assert "device needs reset" in daemon.text()
 
 
+def test_a_reset_right_after_a_broken_ring_serves_both_queues_again(spread_disk) -> None:
+    """RESET_DEVICE sent at once after a ring broke on the hosting worker (the host's notice then reaches the
+    leader during the reset): the reset device serves on both workers, round after round."""
+    daemon, image, sock = spread_disk
+    for round_ in range(6):
+        with VhostUserFrontend.connect(sock, ram_size=RAM, timeout=30.0) as frontend:
+            frontend.start(num_queues=2, queue_size=32)
+            write(frontend, 1, 2, b"\x22" * SECTOR)
+            frontend.queues[1].post_head(200)
+            os.eventfd_write(frontend.kicks[1], 1)
+            frontend.call(Request.RESET_DEVICE)
+            frontend.start(num_queues=2, queue_size=32)
+            write(frontend, 0, 3, bytes([round_ + 1]) * SECTOR)
+            write(frontend, 1, 4, bytes([round_ + 1]) * SECTOR)
+    assert image.read_bytes()[3 * SECTOR : 5 * SECTOR] == bytes([6]) * (2 * SECTOR)
+
+
 def test_a_one_queue_disk_needs_no_other_worker_and_refuses_a_media_swap(tmp_path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(DISK))
