@@ -89,6 +89,8 @@ class Daemon:
         self.metrics = metrics
         self.measure_service_time = measure_service_time or metrics is not None
         self.served: list[tuple[DeviceInstance, FrontDoor]] = []
+        self._adding: list[DeviceConfig] = []
+        """Devices a control ``add`` is starting: their names and sockets are taken already."""
         self._metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
 
@@ -221,14 +223,25 @@ class Daemon:
         """Build and start one more device from its parsed ``config``; its name. A ``ControlError`` changes nothing."""
         from pvcore.config import ConfigError, check_unique
         from pvcore.control import ControlError
+
+        try:
+            check_unique([instance.config for instance, _ in self.served] + self._adding + [config])
+        except ConfigError as exc:
+            raise ControlError(str(exc)) from None
+        self._adding.append(config)
+        try:
+            return await self._add_config(config)
+        finally:
+            self._adding.remove(config)
+
+    async def _add_config(self, config: DeviceConfig) -> str:
+        """:meth:`add_config` once the name and socket of ``config`` are taken."""
+        from pvcore.config import ConfigError
+        from pvcore.control import ControlError
         from pvcore.devices.net import get_switch
         from pvcore.streams.unix import ListenerError
         from pvcore.virtio import DeviceError
 
-        try:
-            check_unique([instance.config for instance, _ in self.served] + [config])
-        except ConfigError as exc:
-            raise ControlError(str(exc)) from None
         hypervisor = config.get("hypervisor") or self.hypervisor
         if hypervisor not in self.registry.hypervisors():
             raise ControlError(f"{config.name}: no plugin serves hypervisor {hypervisor!r}")

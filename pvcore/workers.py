@@ -492,6 +492,8 @@ class WorkerPool:
         self.metrics = metrics
         self.workers = [Worker(index, list(share)) for index, share in enumerate(shares)]
         self.broker = ListenerBroker()
+        self._adding: list[DeviceConfig] = []
+        """Devices an ``add`` is starting: their names and sockets are taken already."""
         for config in self._all_configs():
             self._declare_spread(config)
         self._stop = asyncio.Event()
@@ -683,9 +685,20 @@ class WorkerPool:
         from pvcore.control import ControlError
 
         try:
-            check_unique(self._all_configs() + list(configs))
+            check_unique(self._all_configs() + self._adding + list(configs))
         except ConfigError as exc:
             raise ControlError(str(exc)) from None
+        self._adding.extend(configs)
+        try:
+            await self._add(configs)
+        finally:
+            for config in configs:
+                self._adding.remove(config)
+
+    async def _add(self, configs: Sequence[DeviceConfig]) -> None:
+        """:meth:`add` once the names and sockets of ``configs`` are taken."""
+        from pvcore.control import ControlError
+
         spread = [config for config in configs if is_spread(config.options)]
         if spread and len(configs) > 1:
             raise ControlError(f"{spread[0].name}: a device spread over the workers (spread=on) is added on its own")

@@ -22,7 +22,8 @@ class RecordingDoor:
         self.name, self.stopped, self.fail = name, stopped, fail
 
     async def start(self) -> None:
-        return None
+        if self.name.startswith("slow"):
+            await asyncio.sleep(0.2)  # a door that takes a while to come up: adds overlap
 
     async def stop(self) -> None:
         self.stopped.append(self.name)
@@ -93,3 +94,24 @@ def test_a_log_that_cannot_be_reopened_is_reported_and_the_rest_reopen(
         asyncio.run(scenario())
     assert "a.log" in caplog.text
     assert (kept / "b.log").exists(), "the second console's log was not reopened"
+
+
+def test_two_adds_of_one_name_at_once_serve_one_device(registry, tmp_path: Path) -> None:
+    """A second ``ctl add`` arriving while the first still starts its device is refused, not served twice."""
+    from pvcore.control import ControlError
+
+    registry, _ = registry
+    daemon = Daemon(registry, "testhv", parse_devices(["rng:name=first"], registry.device_classes()),
+                    run_dir=tmp_path / "run")
+    twins = parse_devices(["rng:name=slow"], registry.device_classes()) * 2
+
+    async def scenario() -> list[object]:
+        await daemon.start()
+        try:
+            return await asyncio.gather(*(daemon.add_config(config) for config in twins), return_exceptions=True)
+        finally:
+            await daemon.stop()
+
+    results = asyncio.run(scenario())
+    assert sorted(map(type, results), key=str) == sorted([str, ControlError], key=str), results
+    assert "two devices are named 'slow'" in str(next(r for r in results if isinstance(r, ControlError)))

@@ -389,3 +389,31 @@ def test_a_remove_or_add_racing_a_worker_death_is_kept_for_its_restart(tmp_path:
             await pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_two_adds_of_one_name_at_once_serve_one_device() -> None:
+    """A second ``ctl add`` arriving while a worker still starts the first is refused, not served twice."""
+    import asyncio
+
+    from pvcore.contract import DeviceConfig
+    from pvcore.control import ControlError
+    from pvcore.workers import WorkerPool
+
+    pool = WorkerPool(None, "lpar", [[DeviceConfig("rng", "r0", {})], [DeviceConfig("rng", "r1", {})]],
+                      run_dir=Path("/nonexistent"))
+    twin = DeviceConfig("rng", "twin", {"socket": "/nonexistent/twin.fifo"})
+
+    async def slow_ok(body):
+        await asyncio.sleep(0.2)  # the worker takes a while to start the device
+        return {"ok": True}
+
+    async def scenario() -> list[object]:
+        for worker in pool.workers:
+            worker.serving = True
+            worker.ask = slow_ok
+        return await asyncio.gather(pool.add([twin]), pool.add([twin]), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert results.count(None) == 1 and "two devices are named 'twin'" in str(
+        next(r for r in results if isinstance(r, ControlError))), results
+    assert sum(config.name == "twin" for worker in pool.workers for config in worker.configs) == 1
