@@ -175,6 +175,7 @@ class QueuePeer:
                 reason = str(exc)
             except BaseException:  # cancelled between a request and its answer: out of step, nobody to tell
                 self._lost = None
+                self._closed = True
                 self._close_socket()
                 raise
             else:
@@ -327,6 +328,9 @@ class QueueHost:
             reason = str(exc)
         except OSError as exc:
             reason = f"channel failed: {exc.strerror or exc}"
+        except Exception as exc:  # a bug must cost these queues only, never the worker
+            log.exception("%s: internal error", self.name)
+            reason = f"internal error: {exc}"
         finally:
             try:
                 for index in list(self.session.running):
