@@ -46,11 +46,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from proc_cpu import cpu_seconds
+
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args
 
 IMAGE_MIB = 64
 CHUNK = 128
-TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("read1", "read8", "write1")
 LABELS = {"read1": "read 4K QD1", "read8": "read 4K QD8", "write1": "write 4K QD1"}
 SIDES = ("pvcore", "peer")
@@ -92,12 +93,6 @@ done
 
 class BenchError(Exception):
     """The benchmark cannot run here; the message says why."""
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (every thread it ever had), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -183,6 +178,18 @@ def report(table: dict[tuple[str, str], tuple[float, float, float]], rounds: int
     print(f"  read 4K QD8   interrupts per completion <= 0.5: {'met' if irq <= 0.5 else 'MISSED'} ({irq:.2f})")
 
 
+def can_run(parser: argparse.ArgumentParser, args: argparse.Namespace, bench: str) -> bool:
+    """Refuse bad ``--rounds``/``--ios`` (exits); False, with the package to install, if QEMU or
+    qemu-storage-daemon is missing."""
+    if args.ios % (CHUNK * 8) or args.ios <= 0 or args.rounds <= 0:
+        parser.error(f"--ios must be a positive multiple of {CHUNK * 8} and --rounds positive")
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-storage-daemon", "qemu-system-common")):
+        if shutil.which(tool) is None:
+            print(f"{bench}: {tool} not found: sudo apt-get install -y {package}", file=sys.stderr)
+            return False
+    return True
+
+
 def main() -> int:
     """Run the benchmark; 0 when it ran (targets missed or not), 2 when it could not run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -191,12 +198,8 @@ def main() -> int:
     parser.add_argument("--poll-max-us", type=int, default=None,
                         help="pvcore's poll-max-us= (0: no polling; default: pvcore's own default)")
     args = parser.parse_args()
-    if args.ios % (CHUNK * 8) or args.ios <= 0 or args.rounds <= 0:
-        parser.error(f"--ios must be a positive multiple of {CHUNK * 8} and --rounds positive")
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-storage-daemon", "qemu-system-common")):
-        if shutil.which(tool) is None:
-            print(f"kvm_block: {tool} not found: sudo apt-get install -y {package}", file=sys.stderr)
-            return 2
+    if not can_run(parser, args, "kvm_block"):
+        return 2
     try:
         table = run(args.rounds, args.ios, args.poll_max_us)
     except BenchError as exc:

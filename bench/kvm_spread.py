@@ -40,12 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvm_block import BenchError, _stop, collect, cpu_seconds, wait_for_socket
+from kvm_block import CHUNK, BenchError, _stop, can_run, collect, wait_for_socket
+from proc_cpu import tree_cpu_seconds
 
 from pvcore.testing.guest import Guest, build_initramfs, fetch_kernel, plugin_qemu_args
 
 IMAGE_MIB = 64
-CHUNK = 128
 SIDES = ("spread", "one", "peer")
 WORKLOADS = ("read2", "read8")
 LABELS = {"read2": "read 4K QD2", "read8": "read 4K QD8"}
@@ -87,16 +87,6 @@ while [ $r -le {rounds} ]; do
   r=$((r + 1))
 done
 """
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and of its children now alive (a pvcore parent and its workers)."""
-    total = cpu_seconds(pid)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += cpu_seconds(int(child))
-    return total
 
 
 def run(rounds: int, ios: int) -> list[dict[str, object]]:
@@ -152,12 +142,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (each: 2 workloads on each disk)")
     parser.add_argument("--ios", type=int, default=4096, help=f"4 KiB I/Os per workload per round (multiple of {CHUNK * 8})")
     args = parser.parse_args()
-    if args.ios % (CHUNK * 8) or args.ios <= 0 or args.rounds <= 0:
-        parser.error(f"--ios must be a positive multiple of {CHUNK * 8} and --rounds positive")
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-storage-daemon", "qemu-system-common")):
-        if shutil.which(tool) is None:
-            print(f"kvm_spread: {tool} not found: sudo apt-get install -y {package}", file=sys.stderr)
-            return 2
+    if not can_run(parser, args, "kvm_spread"):
+        return 2
     try:
         records = run(args.rounds, args.ios)
     except BenchError as exc:

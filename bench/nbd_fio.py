@@ -37,14 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_cpu import cpu_seconds
+
 IMAGE_SIZE = 64 << 20
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:

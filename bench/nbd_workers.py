@@ -35,18 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_cpu import tree_cpu_seconds
+
 IMAGE_SIZE = 64 << 20
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime+stime of ``pid`` and of its live descendants (every thread of each)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / TICK
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += tree_cpu_seconds(int(child))
-    return total
 
 
 def wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], what: str) -> None:
