@@ -150,7 +150,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         "--workers", type=worker_count, metavar="N",
         help="worker processes to spread the devices over (default: the number of CPUs; 1: serve in this "
         "process). NICs of one switch, disks of one throttle group and rng devices of one domain share a worker; "
-        "never more workers than such sets, unless an NBD export is spread over them (spread=on)",
+        "never more workers than such sets, unless a disk is spread over them (spread=on)",
     )
     serve.add_argument("--io-threads", type=io_thread_count, metavar="N", help=IO_THREADS_HELP)
     serve.add_argument(

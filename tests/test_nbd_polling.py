@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from test_io_threads import free_port
 from test_nbd import RawClient, client, image, open_clients, run, serve  # noqa: F401
+from test_workers import wait_for
 
 from pvcore.ring.poll import POLL_START_NS, PollWindow
 from pvcore.testing.serve_process import ServeProcess
@@ -25,13 +26,6 @@ WINDOW_NS = 200_000_000
 @pytest.fixture
 def connect():
     yield from open_clients(RawClient)
-
-
-def _wait(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_an_expired_window_leaves_the_verdict_to_when_the_request_came() -> None:
@@ -78,11 +72,11 @@ def test_a_prompt_client_is_caught_by_the_window_and_a_quiet_one_ends_it(serve, 
     assert door.poll_counts()["polls"] == polls, "a window opened with nothing to wait for"
 
     assert raw.read(0, 4096) == content[:4096]  # after a wait longer than poll-max: no more windows
-    _wait(lambda: window.window_ns == 0)
+    wait_for(lambda: window.window_ns == 0, "the window to close")
     assert door.poll_counts()["polls"] == polls
 
     raw.close()
-    _wait(lambda: not door._polling)  # the connection's counts outlive it
+    wait_for(lambda: not door._polling, "the connection to end")  # the connection's counts outlive it
     assert door.poll_counts()["polls_caught"] == counts["polls_caught"]
 
 
@@ -106,7 +100,7 @@ def test_writes_and_requests_in_flight_open_no_window_until_the_connection_is_id
     polls = door.poll_counts()["polls"]
     raw.send_request(3, 99, 0, 0)  # FLUSH: finished on an I/O thread, after which the connection is idle
     assert raw.reply()[:2] == (0, 99)
-    _wait(lambda: door.poll_counts()["polls"] == polls + 1)  # the window opens when the flush completes
+    wait_for(lambda: door.poll_counts()["polls"] == polls + 1, "a window")  # the window opens when the flush completes
 
 
 def test_an_export_that_does_not_poll_has_no_window(serve, image, connect):

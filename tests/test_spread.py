@@ -42,6 +42,12 @@ def test_a_spread_device_is_in_every_share_and_makes_as_many_shares_as_workers()
     assert partition([spread], 1) == [[spread]]
 
 
+def two_workers_serve(tmp_path: Path, hypervisor: str, device: str) -> list[str]:
+    """The command line of ``pvcore serve --workers 2`` serving ``device`` with its run directory in ``tmp_path``."""
+    return [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", hypervisor, "--workers", "2", "--run-dir",
+            str(tmp_path / "run"), device]
+
+
 def connected_by_worker(daemon: ServeProcess) -> dict[str, int]:
     """How many clients each worker has logged as connected so far."""
     counts: dict[str, int] = {}
@@ -81,11 +87,8 @@ def closed(client: RawClient) -> bool:
 def spread_daemon(tmp_path: Path):
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(SIZE))
-    daemon = ServeProcess(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "lpar", "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on"],
-        tmp_path / "serve.log",
-    )
+    device = f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on"
+    daemon = ServeProcess(two_workers_serve(tmp_path, "lpar", device), tmp_path / "serve.log")
     daemon.start()
     yield daemon, image, tmp_path / "disk.sock"
     daemon.terminate()
@@ -169,8 +172,7 @@ def test_a_spread_device_with_limits_is_refused(tmp_path, hypervisor, extra, mes
     image.write_bytes(bytes(SIZE))
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", hypervisor, "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on{extra}"],
+        two_workers_serve(tmp_path, hypervisor, f"block:name=disk,path={image},socket={tmp_path / 'disk.sock'},spread=on{extra}"),
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]

@@ -26,6 +26,7 @@ from pvcore.testing.vhost_user_frontend import FrontendError, VhostUserFrontend
 from pvcore.transports.vhost_user.protocol import Request, encode_u64
 from tests.test_vhost_user_migration import RAM, Log, pages_of, used_ring_pages
 from tests.test_guest_harness import GUEST_LIMIT
+from tests.test_spread import two_workers_serve
 from tests.test_workers import listed, wait_for
 
 SECTOR = 512
@@ -69,8 +70,7 @@ def spread_disk(tmp_path: Path):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(DISK))
     daemon = ServeProcess(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), f"block:name=d,path={image},socket={tmp_path / 'd.sock'},queues=2,spread=on"],
+        two_workers_serve(tmp_path, "kvm", f"block:name=d,path={image},socket={tmp_path / 'd.sock'},queues=2,spread=on"),
         tmp_path / "serve.log",
     )
     daemon.start()
@@ -187,8 +187,7 @@ def test_a_one_queue_disk_needs_no_other_worker_and_refuses_a_media_swap(tmp_pat
     image.write_bytes(bytes(DISK))
     sock = tmp_path / "d.sock"
     daemon = ServeProcess(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), f"block:name=d,path={image},socket={sock},spread=on"], tmp_path / "serve.log",
+        two_workers_serve(tmp_path, "kvm", f"block:name=d,path={image},socket={sock},spread=on"), tmp_path / "serve.log",
     )
     daemon.start()
     try:
@@ -219,8 +218,7 @@ def test_spread_queues_need_a_listening_socket(tmp_path, extra, message) -> None
     socket_option = f",socket={tmp_path / 'd.sock'}" if extra else ""
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), f"block:name=d,path={image},queues=2,spread=on{socket_option}{extra}"],
+        two_workers_serve(tmp_path, "kvm", f"block:name=d,path={image},queues=2,spread=on{socket_option}{extra}"),
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0 and message in done.stderr, done.stderr[-3000:]
@@ -246,8 +244,7 @@ def test_a_real_two_cpu_guest_drives_both_queues_on_two_workers(tmp_path) -> Non
     image.write_bytes(content)
     device = f"block:name=d,path={image},socket={tmp_path / 'd.sock'},queues=2,spread=on"
     daemon = ServeProcess(
-        [sys.executable, "-m", "pvcore.cli", "serve", "--hypervisor", "kvm", "--workers", "2", "--run-dir",
-         str(tmp_path / "run"), device], tmp_path / "serve.log",
+        two_workers_serve(tmp_path, "kvm", device), tmp_path / "serve.log",
     )
     daemon.start()
     try:
